@@ -1,0 +1,386 @@
+#!/usr/bin/env node
+// run.js: nbd-client vs libnbd, side by side, on one nbdkit server.
+//
+//   node bench/run.js [--rows name,...|all] [--runs N] [--quick]
+//                     [--only ours|libnbd] [--json FILE] [--verbose]
+//
+// Builds bench/build/libnbd-bench from bench/libnbd-bench.c when needed,
+// starts `nbdkit memory 1G` on a private Unix socket, fills the export with
+// non-zero data once, then for each row alternates fresh processes
+// (ours, libnbd, ours, libnbd, ...) and reports the median of each side and
+// the ratio ours/libnbd. See bench/README.md.
+'use strict';
+
+const { spawn, spawnSync } = require('node:child_process');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+
+const BENCH_DIR = __dirname;
+const ROOT = path.join(BENCH_DIR, '..');
+const C_SOURCE = path.join(BENCH_DIR, 'libnbd-bench.c');
+const C_BINARY = path.join(BENCH_DIR, 'build', 'libnbd-bench');
+const OURS = path.join(BENCH_DIR, 'ours.js');
+const DIST = path.join(ROOT, 'dist', 'index.js');
+
+const EXPORT_SIZE = 1024 * 1024 * 1024; // nbdkit memory 1G
+const KiB = 1024;
+
+// Op counts are sized so that one libnbd run takes roughly 1-3 s on a
+// 2-core machine (see README.md for the figures they were tuned on).
+const ROWS = [
+  { name: 'pread-4k-qd1', label: 'pread 4 KiB QD1', op: 'pread', bs: 4 * KiB, depth: 1, ops: 40000 },
+  { name: 'pread-4k-qd64', label: 'pread 4 KiB QD64', op: 'pread', bs: 4 * KiB, depth: 64, ops: 200000 },
+  { name: 'pread-256k-qd16', label: 'pread 256 KiB QD16', op: 'pread', bs: 256 * KiB, depth: 16, ops: 25000 },
+  { name: 'pwrite-256k-qd16', label: 'pwrite 256 KiB QD16', op: 'pwrite', bs: 256 * KiB, depth: 16, ops: 25000 },
+  {
+    name: 'pread-4k-qd64-into',
+    label: 'pread 4 KiB QD64 (preadInto)',
+    op: 'pread', bs: 4 * KiB, depth: 64, ops: 200000, into: true, optional: true,
+  },
+];
+
+const WARMUP = 300;
+const QUICK_DIVISOR = 10;
+
+class BenchError extends Error {}
+
+function usage() {
+  const names = ROWS.map((r) => `  ${r.name.padEnd(20)} ${r.label}${r.optional ? ' (not run by default)' : ''}`);
+  return [
+    'usage: node bench/run.js [options]',
+    '',
+    '  --rows a,b,...   rows to run (default: all but the optional ones; "all" for every row)',
+    '  --runs N         runs per side per row, alternating ours/libnbd (default 5; 3 with --quick)',
+    '  --quick          a tenth of the operations per run: a smoke test, not a measurement',
+    '  --only SIDE      run only "ours" or only "libnbd"',
+    '  --json FILE      also write the results as JSON to FILE',
+    '  --verbose        print every run as it finishes',
+    '',
+    'rows:',
+    ...names,
+    '',
+  ].join('\n');
+}
+
+function parseArgs(argv) {
+  const o = { rows: null, runs: null, quick: false, only: null, json: null, verbose: false };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const eq = a.indexOf('=');
+    const key = eq >= 0 ? a.slice(0, eq) : a;
+    const value = () => {
+      if (eq >= 0) return a.slice(eq + 1);
+      if (i + 1 >= argv.length) throw new BenchError(`${key} needs a value`);
+      return argv[++i];
+    };
+    switch (key) {
+      case '--rows': o.rows = value(); break;
+      case '--runs': {
+        const v = value();
+        o.runs = Number(v);
+        if (!Number.isInteger(o.runs) || o.runs < 1) throw new BenchError(`--runs: expected a positive integer, got '${v}'`);
+        break;
+      }
+      case '--quick': o.quick = true; break;
+      case '--only': {
+        o.only = value();
+        if (o.only !== 'ours' && o.only !== 'libnbd') throw new BenchError(`--only must be "ours" or "libnbd", got '${o.only}'`);
+        break;
+      }
+      case '--json': o.json = value(); break;
+      case '--verbose': case '-v': o.verbose = true; break;
+      case '--help': case '-h': process.stdout.write(usage()); process.exit(0); break;
+      default: throw new BenchError(`unknown argument '${a}'\n\n${usage()}`);
+    }
+  }
+  if (o.runs === null) o.runs = o.quick ? 3 : 5;
+  let rows;
+  if (o.rows === null) rows = ROWS.filter((r) => !r.optional);
+  else if (o.rows === 'all') rows = ROWS.slice();
+  else {
+    rows = o.rows.split(',').filter(Boolean).map((n) => {
+      const r = ROWS.find((x) => x.name === n);
+      if (!r) throw new BenchError(`unknown row '${n}'; known rows: ${ROWS.map((x) => x.name).join(', ')}`);
+      return r;
+    });
+    if (rows.length === 0) throw new BenchError('--rows: no rows given');
+  }
+  o.rowList = rows;
+  return o;
+}
+
+function which(cmd) {
+  for (const dir of (process.env.PATH || '').split(path.delimiter)) {
+    if (!dir) continue;
+    const p = path.join(dir, cmd);
+    try {
+      fs.accessSync(p, fs.constants.X_OK);
+      return p;
+    } catch {
+      // keep looking
+    }
+  }
+  return null;
+}
+
+function buildCBinary() {
+  let upToDate = false;
+  try {
+    upToDate = fs.statSync(C_BINARY).mtimeMs >= fs.statSync(C_SOURCE).mtimeMs;
+  } catch {
+    upToDate = false;
+  }
+  if (upToDate) return;
+
+  if (!which('pkg-config')) throw new BenchError('pkg-config not found: install pkg-config and libnbd-dev to build bench/libnbd-bench.c');
+  const pc = spawnSync('pkg-config', ['--cflags', '--libs', 'libnbd'], { encoding: 'utf8' });
+  if (pc.status !== 0) {
+    throw new BenchError(`pkg-config cannot find libnbd (install libnbd-dev):\n${(pc.stderr || '').trim()}`);
+  }
+  const cc = process.env.CC || 'cc';
+  if (!which(cc)) throw new BenchError(`C compiler '${cc}' not found (set CC or install gcc)`);
+  fs.mkdirSync(path.dirname(C_BINARY), { recursive: true });
+  const args = ['-O2', '-Wall', '-o', C_BINARY, C_SOURCE, ...pc.stdout.trim().split(/\s+/).filter(Boolean)];
+  process.stderr.write(`building ${path.relative(ROOT, C_BINARY)}: ${cc} ${args.join(' ')}\n`);
+  const r = spawnSync(cc, args, { stdio: 'inherit' });
+  if (r.error) throw new BenchError(`running ${cc}: ${r.error.message}`);
+  if (r.status !== 0) throw new BenchError(`building ${path.relative(ROOT, C_BINARY)} failed (exit ${r.status})`);
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+// Start nbdkit in the foreground as our child. It writes the pid file only
+// once it accepts connections, which is what we wait for.
+async function startNbdkit(tmp) {
+  if (!which('nbdkit')) throw new BenchError('nbdkit not found on PATH (install nbdkit)');
+  const sock = path.join(tmp, 'nbd.sock');
+  const pidFile = path.join(tmp, 'nbdkit.pid');
+  const logFile = path.join(tmp, 'nbdkit.log');
+  const logFd = fs.openSync(logFile, 'w');
+  const child = spawn(
+    'nbdkit',
+    ['--foreground', '--exit-with-parent', '--pidfile', pidFile, '--unix', sock, 'memory', String(EXPORT_SIZE)],
+    { stdio: ['ignore', logFd, logFd] },
+  );
+  fs.closeSync(logFd);
+  const server = { child, sock, logFile, exited: false, exitInfo: null };
+  child.on('exit', (code, signal) => {
+    server.exited = true;
+    server.exitInfo = signal ? `signal ${signal}` : `exit code ${code}`;
+  });
+  child.on('error', (err) => {
+    server.exited = true;
+    server.exitInfo = err.message;
+  });
+
+  const deadline = Date.now() + 15000;
+  for (;;) {
+    if (server.exited) throw new BenchError(`nbdkit exited during startup (${server.exitInfo})${logTail(server)}`);
+    if (fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '' && fs.existsSync(sock)) break;
+    if (Date.now() > deadline) throw new BenchError(`nbdkit did not become ready within 15 s${logTail(server)}`);
+    await sleep(20);
+  }
+  return server;
+}
+
+function logTail(server) {
+  try {
+    const text = fs.readFileSync(server.logFile, 'utf8').trim();
+    if (!text) return '';
+    return `\nnbdkit log (last lines):\n${text.split('\n').slice(-20).join('\n')}`;
+  } catch {
+    return '';
+  }
+}
+
+function stopNbdkit(server) {
+  if (!server || server.exited) return;
+  try {
+    server.child.kill('SIGTERM');
+  } catch {
+    // already gone
+  }
+}
+
+// Stop nbdkit and wait for it to exit (so it is reaped, not left a zombie);
+// SIGKILL if it has not gone within 5 s.
+async function stopNbdkitAndWait(server) {
+  if (!server || server.exited) return;
+  const gone = new Promise((resolve) => server.child.once('exit', resolve));
+  stopNbdkit(server);
+  const timer = setTimeout(() => {
+    try {
+      server.child.kill('SIGKILL');
+    } catch {
+      // already gone
+    }
+  }, 5000);
+  await gone;
+  clearTimeout(timer);
+}
+
+// One benchmark process; returns its parsed JSON line.
+function runOnce(side, row, sock, ops, server) {
+  const common = ['--socket', sock, '--op', row.op, '--bs', String(row.bs), '--depth', String(row.depth),
+    '--ops', String(ops), '--size', String(EXPORT_SIZE), '--warmup', String(WARMUP)];
+  let cmd;
+  let args;
+  if (side === 'ours') {
+    cmd = process.execPath;
+    args = [OURS, ...common, ...(row.into ? ['--into'] : [])];
+  } else {
+    cmd = C_BINARY;
+    args = common;
+  }
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 300000, maxBuffer: 16 * 1024 * 1024 });
+  const what = `${row.name} (${side})`;
+  if (r.error) throw new BenchError(`${what}: ${r.error.message}`);
+  if (r.status !== 0) {
+    const why = r.signal ? `killed by ${r.signal}` : `exit code ${r.status}`;
+    const extra = server.exited ? `\nnbdkit has exited (${server.exitInfo})${logTail(server)}` : '';
+    throw new BenchError(`${what} failed (${why}):\n${(r.stderr || '').trim()}${extra}\n  command: ${cmd} ${args.join(' ')}`);
+  }
+  const lines = r.stdout.trim().split('\n');
+  let result;
+  try {
+    result = JSON.parse(lines[lines.length - 1]);
+  } catch {
+    throw new BenchError(`${what}: could not parse output as JSON:\n${r.stdout}`);
+  }
+  for (const k of ['ops', 'seconds', 'opsPerSec', 'mibPerSec']) {
+    if (typeof result[k] !== 'number' || !Number.isFinite(result[k])) {
+      throw new BenchError(`${what}: output lacks a numeric "${k}": ${lines[lines.length - 1]}`);
+    }
+  }
+  if (result.ops !== ops) throw new BenchError(`${what}: ran ${result.ops} operations, expected ${ops}`);
+  return result;
+}
+
+function median(xs) {
+  if (xs.length === 0) return null;
+  const s = xs.slice().sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+function fmtNum(x, digits = 0) {
+  if (x === null || x === undefined) return '-';
+  return x.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
+}
+
+function printTable(results) {
+  const header = ['row', 'ours ops/s', 'libnbd ops/s', 'ours MiB/s', 'libnbd MiB/s', 'ours/libnbd'];
+  const body = results.map((r) => [
+    r.label,
+    fmtNum(r.ours.medianOpsPerSec),
+    fmtNum(r.libnbd.medianOpsPerSec),
+    fmtNum(r.ours.medianMibPerSec, 1),
+    fmtNum(r.libnbd.medianMibPerSec, 1),
+    r.ratio === null ? '-' : r.ratio.toFixed(2),
+  ]);
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
+  const line = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ');
+  const out = [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)];
+  process.stdout.write(out.join('\n') + '\n');
+}
+
+async function main() {
+  const opts = parseArgs(process.argv.slice(2));
+  const sides = opts.only ? [opts.only] : ['ours', 'libnbd'];
+
+  if (sides.includes('ours') && !fs.existsSync(DIST)) {
+    throw new BenchError(`${path.relative(process.cwd(), DIST) || DIST} not found: run \`npm run build\` first (or use --only libnbd)`);
+  }
+  // The C binary is also used to prefill the export, so build it either way.
+  buildCBinary();
+
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-bench-'));
+  let server = null;
+  const cleanup = () => {
+    stopNbdkit(server);
+    try {
+      fs.rmSync(tmp, { recursive: true, force: true });
+    } catch {
+      // best effort
+    }
+  };
+  process.on('exit', cleanup);
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+    process.on(sig, () => {
+      cleanup();
+      process.exit(128 + os.constants.signals[sig]);
+    });
+  }
+
+  try {
+    server = await startNbdkit(tmp);
+
+    // Fill the whole export once with non-zero data so reads return real
+    // bytes (nbdkit's memory plugin would otherwise serve sparse zeroes).
+    process.stderr.write('prefilling the 1 GiB export ...\n');
+    const fillBs = 256 * KiB;
+    const fill = spawnSync(C_BINARY, ['--socket', server.sock, '--op', 'pwrite', '--bs', String(fillBs),
+      '--depth', '16', '--ops', String(EXPORT_SIZE / fillBs), '--warmup', '0'],
+    { encoding: 'utf8', timeout: 300000 });
+    if (fill.error || fill.status !== 0) {
+      throw new BenchError(`prefill failed: ${fill.error ? fill.error.message : (fill.stderr || '').trim()}${logTail(server)}`);
+    }
+
+    const results = [];
+    for (const row of opts.rowList) {
+      const ops = opts.quick ? Math.max(1000, Math.round(row.ops / QUICK_DIVISOR)) : row.ops;
+      const runs = { ours: [], libnbd: [] };
+      for (let i = 0; i < opts.runs; i++) {
+        for (const side of sides) {
+          const r = runOnce(side, row, server.sock, ops, server);
+          runs[side].push(r);
+          if (opts.verbose) {
+            process.stderr.write(`  ${row.name} ${side.padEnd(6)} run ${i + 1}/${opts.runs}: ` +
+              `${fmtNum(r.opsPerSec)} ops/s, ${fmtNum(r.mibPerSec, 1)} MiB/s, ${r.seconds.toFixed(2)} s\n`);
+          }
+        }
+      }
+      const summarize = (list) => ({
+        runs: list,
+        medianOpsPerSec: median(list.map((r) => r.opsPerSec)),
+        medianMibPerSec: median(list.map((r) => r.mibPerSec)),
+      });
+      const ours = summarize(runs.ours);
+      const libnbd = summarize(runs.libnbd);
+      const ratio = ours.medianOpsPerSec !== null && libnbd.medianOpsPerSec ? ours.medianOpsPerSec / libnbd.medianOpsPerSec : null;
+      results.push({
+        name: row.name, label: row.label, op: row.op, blockSize: row.bs, depth: row.depth,
+        preadInto: !!row.into, opsPerRun: ops, ours, libnbd, ratio,
+      });
+      process.stderr.write(`${row.label}: done (${opts.runs} run${opts.runs === 1 ? '' : 's'} per side)\n`);
+    }
+
+    process.stdout.write('\n');
+    printTable(results);
+    process.stdout.write(`\nmedians of ${opts.runs} alternating runs per side; ratio = ours/libnbd ops/s (>1: ours faster)` +
+      `${opts.quick ? '; --quick: smoke run, not a measurement' : ''}\n`);
+
+    if (opts.json) {
+      const doc = {
+        date: new Date().toISOString(),
+        host: { cpus: os.cpus().length, cpuModel: (os.cpus()[0] || {}).model, node: process.version, platform: `${os.platform()} ${os.release()}` },
+        server: `nbdkit memory ${EXPORT_SIZE} over a Unix socket`,
+        runsPerSide: opts.runs, quick: opts.quick, warmup: WARMUP, sides,
+        rows: results,
+      };
+      fs.writeFileSync(opts.json, JSON.stringify(doc, null, 2) + '\n');
+      process.stderr.write(`wrote ${opts.json}\n`);
+    }
+  } finally {
+    await stopNbdkitAndWait(server);
+    cleanup();
+  }
+}
+
+main().catch((err) => {
+  process.stderr.write(`bench: ${err instanceof BenchError ? err.message : err.stack || err}\n`);
+  process.exitCode = 1;
+});

@@ -1,0 +1,60 @@
+//! Settings of a handle, as libnbd's `nbd_set_*` calls.
+
+use std::time::Duration;
+
+use nbd_proto::consts::{FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, STRICT_MASK};
+use nbd_proto::handshake::HandshakeConfig;
+
+/// How a handle connects and behaves. `Default` gives libnbd's defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Export to attach to (`nbd_set_export_name`).
+    pub export_name: String,
+    /// Name used in messages (`nbd_set_handle_name`).
+    pub handle_name: String,
+    /// Strict-mode bits (`nbd_set_strict_mode`), all by default.
+    pub strict: u32,
+    /// Zero read buffers before reading (`nbd_set_pread_initialize`), on by default.
+    pub pread_initialize: bool,
+    /// Ask for structured replies (`nbd_set_request_structured_replies`).
+    pub request_structured_replies: bool,
+    /// Ask for block size constraints (`nbd_set_request_block_size`).
+    pub request_block_size: bool,
+    /// Ask for the canonical name and description (`nbd_set_full_info`).
+    pub full_info: bool,
+    /// Handshake flags the client may use (`nbd_set_handshake_flags`).
+    pub handshake_flags: u32,
+    /// Limit on the whole connect and handshake; `None` waits as long as the OS does.
+    pub connect_timeout: Option<Duration>,
+    /// Commands on the wire at once; more are queued.
+    pub max_in_flight: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            export_name: String::new(),
+            handle_name: String::new(),
+            strict: STRICT_MASK,
+            pread_initialize: true,
+            request_structured_replies: true,
+            request_block_size: true,
+            full_info: false,
+            handshake_flags: FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES,
+            connect_timeout: None,
+            max_in_flight: 64,
+        }
+    }
+}
+
+impl Config {
+    pub(crate) fn handshake(&self) -> HandshakeConfig {
+        HandshakeConfig {
+            export_name: self.export_name.clone(),
+            request_structured_replies: self.request_structured_replies,
+            request_block_size: self.request_block_size,
+            full_info: self.full_info,
+            handshake_flags: self.handshake_flags,
+        }
+    }
+}

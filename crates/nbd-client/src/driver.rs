@@ -1,0 +1,703 @@
+//! The connection driver: a writer task and a reader task per connection.
+//!
+//! The writer takes requests from an unbounded channel (the queue never refuses), waits for
+//! one of `max_in_flight` permits, registers the command with the reader, and writes the
+//! request; requests that arrive together share one system call, and large write payloads
+//! are sent straight from the caller's buffer. The reader owns the `nbd-proto` reply
+//! decoder and the table of commands in flight; it moves read data from the socket into
+//! each command's destination and completes commands through oneshot channels.
+//!
+//! Either task ending for a reason other than a requested disconnect marks the connection
+//! dead, and every command still pending is failed: nothing waits forever.
+
+use std::future::poll_fn;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use nbd_proto::transmission::{Command, CommandKind, Decoded, Event, Fatal, ReplyDecoder, Session};
+use nbd_proto::{Errno, Error, Result};
+
+use crate::buffer::{DestBuf, SourceBuf};
+use crate::cancel::CancelToken;
+use crate::transport::{io_error, Reader, Writer};
+
+/// Where a command's data lives.
+pub(crate) enum Payload {
+    None,
+    /// A read into a buffer the driver allocated.
+    ReadOwned(Vec<u8>),
+    /// A read into the application's buffer.
+    ReadInto(Box<dyn DestBuf>),
+    /// A write from the application's buffer.
+    Write(Box<dyn SourceBuf>),
+}
+
+impl Payload {
+    fn dest(&mut self) -> Option<(*mut u8, usize)> {
+        match self {
+            Payload::ReadOwned(v) => Some((v.as_mut_ptr(), v.len())),
+            Payload::ReadInto(b) => Some((b.as_mut_ptr(), b.len())),
+            _ => None,
+        }
+    }
+}
+
+/// Counters shared by the handle and its driver.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub in_flight: AtomicUsize,
+    pub bytes_sent: AtomicU64,
+    pub chunks_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub chunks_received: AtomicU64,
+}
+
+/// Counts a command as in flight for as long as it lives.
+pub(crate) struct InFlightGuard(Arc<Shared>);
+
+impl InFlightGuard {
+    pub(crate) fn new(shared: &Arc<Shared>) -> InFlightGuard {
+        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(shared.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub(crate) type Reply = oneshot::Sender<Result<Payload>>;
+
+/// A command on its way to the writer.
+pub(crate) struct CommandRequest {
+    pub cmd: Command,
+    pub flags: u16,
+    pub payload: Payload,
+    pub cancel: Option<CancelToken>,
+    pub reply: Reply,
+    pub guard: InFlightGuard,
+}
+
+pub(crate) enum Request {
+    Command(CommandRequest),
+    /// Send NBD_CMD_DISC (after the commands in flight finish, unless `abandon`), then
+    /// close the write side.
+    Disconnect {
+        abandon: bool,
+        done: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// A command the reader is waiting for.
+struct InFlight {
+    reply: Reply,
+    payload: Payload,
+    cancel: Option<CancelToken>,
+    _permit: OwnedSemaphorePermit,
+    _guard: InFlightGuard,
+}
+
+impl InFlight {
+    fn complete(self, result: Result<()>) {
+        let InFlight { reply, payload, .. } = self;
+        let _ = reply.send(result.map(|()| payload));
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Ended {
+    pub error: Error,
+    /// True when the application asked for the disconnect.
+    pub requested: bool,
+}
+
+/// The end of a connection, observed by the handle and both tasks.
+#[derive(Debug)]
+pub(crate) struct Lifeline {
+    ended: Mutex<Option<Ended>>,
+    signal: watch::Sender<bool>,
+    disconnecting: AtomicBool,
+}
+
+impl Lifeline {
+    fn new() -> Arc<Lifeline> {
+        Arc::new(Lifeline {
+            ended: Mutex::new(None),
+            signal: watch::channel(false).0,
+            disconnecting: AtomicBool::new(false),
+        })
+    }
+
+    /// Records the end (the first reason wins).
+    fn end(&self, error: Error) {
+        let requested = self.disconnecting.load(Ordering::SeqCst);
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if ended.is_none() {
+            *ended = Some(Ended { error, requested });
+        }
+        drop(ended);
+        self.signal.send_replace(true);
+    }
+
+    pub(crate) fn ended(&self) -> Option<Ended> {
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn wait(&self) {
+        let mut rx = self.signal.subscribe();
+        let _ = rx.wait_for(|ended| *ended).await;
+    }
+
+    /// The error for a command that cannot be answered because the connection ended.
+    pub(crate) fn pending_error(&self) -> Error {
+        match self.ended() {
+            Some(Ended { requested: true, .. }) => Error::io(
+                Errno::ESHUTDOWN,
+                "the handle was shut down before the server answered",
+            ),
+            Some(Ended { error, .. }) => Error::io(
+                Errno::ENOTCONN,
+                format!("the connection is dead: {}", error.message()),
+            ),
+            None => Error::io(Errno::ENOTCONN, "the connection is closed"),
+        }
+    }
+}
+
+/// A running connection: the way in (the request channel) and the tasks.
+pub(crate) struct Driver {
+    pub session: Arc<Session>,
+    pub requests: mpsc::UnboundedSender<Request>,
+    pub lifeline: Arc<Lifeline>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Driver {
+    /// Starts the tasks on the current tokio runtime. `early` holds bytes the handshake
+    /// read past its end.
+    pub(crate) fn start(
+        session: Session,
+        reader: Reader,
+        writer: Writer,
+        early: Vec<u8>,
+        max_in_flight: usize,
+        shared: Arc<Shared>,
+    ) -> Driver {
+        let session = Arc::new(session);
+        let lifeline = Lifeline::new();
+        let (requests, request_rx) = mpsc::unbounded_channel();
+        let (register, register_rx) = mpsc::unbounded_channel();
+        let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        let decoder = ReplyDecoder::new(&session.negotiated);
+        let reader_task = tokio::spawn(
+            ReaderTask {
+                reader,
+                decoder,
+                register: register_rx,
+                input: InputBuffer::with_leftover(early),
+                shared: shared.clone(),
+                lifeline: lifeline.clone(),
+            }
+            .run(),
+        );
+        let writer_task = tokio::spawn(
+            WriterTask {
+                writer,
+                session: session.clone(),
+                requests: request_rx,
+                register,
+                permits: Arc::new(Semaphore::new(max_in_flight)),
+                max_in_flight: max_in_flight as u32,
+                shared,
+                lifeline: lifeline.clone(),
+                next_cookie: 1,
+                out: Vec::with_capacity(OUT_BATCH),
+            }
+            .run(),
+        );
+        Driver {
+            session,
+            requests,
+            lifeline,
+            tasks: vec![reader_task, writer_task],
+        }
+    }
+
+    /// Stops both tasks and waits until they are gone (their sockets closed, their
+    /// commands failed).
+    pub(crate) async fn stop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Requests are gathered into one write up to this many bytes.
+const OUT_BATCH: usize = 256 * 1024;
+/// Write payloads up to this size are copied next to their header (one system call for
+/// many small writes); larger ones are sent from the caller's buffer.
+const COPY_PAYLOAD_MAX: usize = 16 * 1024;
+
+struct WriterTask {
+    writer: Writer,
+    session: Arc<Session>,
+    requests: mpsc::UnboundedReceiver<Request>,
+    register: mpsc::UnboundedSender<(u64, Command, InFlight)>,
+    permits: Arc<Semaphore>,
+    max_in_flight: u32,
+    shared: Arc<Shared>,
+    lifeline: Arc<Lifeline>,
+    next_cookie: u64,
+    out: Vec<u8>,
+}
+
+impl WriterTask {
+    async fn run(mut self) {
+        let lifeline = self.lifeline.clone();
+        let result = tokio::select! {
+            r = self.serve() => r,
+            () = lifeline.wait() => Ok(()),
+        };
+        if let Err(e) = result {
+            self.lifeline.end(e);
+        }
+        // Whatever is still queued can no longer be sent.
+        self.requests.close();
+        while let Ok(req) = self.requests.try_recv() {
+            match req {
+                Request::Command(c) => {
+                    let _ = c.reply.send(Err(self.lifeline.pending_error()));
+                }
+                Request::Disconnect { done, .. } => {
+                    let _ = done.send(Err(self.lifeline.pending_error()));
+                }
+            }
+        }
+    }
+
+    async fn serve(&mut self) -> Result<()> {
+        while let Some(mut req) = self.requests.recv().await {
+            loop {
+                match req {
+                    Request::Command(c) => self.command(c).await?,
+                    Request::Disconnect { abandon, done } => {
+                        let r = self.disconnect(abandon).await;
+                        let failed = r.is_err();
+                        let _ = done.send(r);
+                        if failed {
+                            return Err(self.lifeline.pending_error());
+                        }
+                        // Nothing may follow NBD_CMD_DISC on the wire.
+                        return Ok(());
+                    }
+                }
+                if self.out.len() >= OUT_BATCH {
+                    self.flush().await?;
+                }
+                match self.requests.try_recv() {
+                    Ok(next) => req = next,
+                    Err(_) => break,
+                }
+            }
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn command(&mut self, c: CommandRequest) -> Result<()> {
+        if c.cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+            // The caller has already been told; never send it.
+            return Ok(());
+        }
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Replies free permits, and the server only replies to what it has seen.
+                self.flush().await?;
+                self.permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed")
+            }
+        };
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let CommandRequest {
+            cmd,
+            flags,
+            payload,
+            cancel,
+            reply,
+            guard,
+        } = c;
+        let header_at = self.out.len();
+        self.session.encode_request(cookie, &cmd, flags, &mut self.out);
+        let mut sent = (self.out.len() - header_at) as u64;
+        // The writer keeps a write's source until it is sent, whatever the reader does:
+        // a server may answer (or the connection fail) before the payload is out.
+        let (payload, source) = match payload {
+            Payload::Write(src) => (Payload::None, Some(src)),
+            other => (other, None),
+        };
+        // Register before writing: an honest server cannot answer an unsent request.
+        let in_flight = InFlight {
+            reply,
+            payload,
+            cancel,
+            _permit: permit,
+            _guard: guard,
+        };
+        if self.register.send((cookie, cmd, in_flight)).is_err() {
+            return Err(self.lifeline.pending_error());
+        }
+        if let Some(src) = source {
+            // SAFETY: `src` promises `len` readable bytes for as long as it lives, and it
+            // lives until the end of this block.
+            let data = unsafe { std::slice::from_raw_parts(src.as_ptr(), src.len()) };
+            sent += data.len() as u64;
+            if data.len() <= COPY_PAYLOAD_MAX {
+                self.out.extend_from_slice(data);
+            } else {
+                self.write_with(data).await?;
+            }
+        }
+        self.shared.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+        self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn disconnect(&mut self, abandon: bool) -> Result<()> {
+        self.flush().await?;
+        if !abandon {
+            // All permits back means every command sent has been answered.
+            let all = self
+                .permits
+                .acquire_many(self.max_in_flight)
+                .await
+                .expect("the semaphore is never closed");
+            drop(all);
+        }
+        self.lifeline.disconnecting.store(true, Ordering::SeqCst);
+        let cmd = Command {
+            kind: CommandKind::Disconnect,
+            offset: 0,
+            length: 0,
+            flags: 0,
+        };
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        self.session.encode_request(cookie, &cmd, 0, &mut self.out);
+        self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        self.flush().await?;
+        let _ = self.writer.shutdown().await;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.writer.write_all(&self.out).await;
+        self.out.clear();
+        r.map_err(|e| io_error("writing to the server", e))
+    }
+
+    /// Writes the batched bytes followed by `data`, gathering both into as few system
+    /// calls as the socket allows.
+    async fn write_with(&mut self, mut data: &[u8]) -> Result<()> {
+        let mut head = std::mem::take(&mut self.out);
+        let mut head_pos = 0;
+        let result = async {
+            while head_pos < head.len() || !data.is_empty() {
+                let bufs = [IoSlice::new(&head[head_pos..]), IoSlice::new(data)];
+                let n = self.writer.write_vectored(&bufs).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                let from_head = n.min(head.len() - head_pos);
+                head_pos += from_head;
+                data = &data[n - from_head..];
+            }
+            Ok::<(), std::io::Error>(())
+        }
+        .await;
+        head.clear();
+        self.out = head;
+        result.map_err(|e| io_error("writing to the server", e))
+    }
+}
+
+/// The reader's buffer: bytes read but not yet decoded are `buf[start..end]`.
+struct InputBuffer {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+const INPUT_SIZE: usize = 256 * 1024;
+/// Read payload still to come beyond this is read straight into the destination.
+const DIRECT_READ_MIN: usize = 32 * 1024;
+
+impl InputBuffer {
+    fn with_leftover(early: Vec<u8>) -> InputBuffer {
+        let mut buf = vec![0; INPUT_SIZE.max(early.len())];
+        buf[..early.len()].copy_from_slice(&early);
+        InputBuffer {
+            end: early.len(),
+            buf,
+            start: 0,
+        }
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Makes room for at least `want` more bytes after the pending ones.
+    fn make_room(&mut self, want: usize) {
+        if self.buf.len() - self.end >= want {
+            return;
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        if self.buf.len() - self.end < want {
+            self.buf.resize(self.end + want, 0);
+        }
+    }
+
+    /// Reads once from the socket; returns the byte count (0 at end of stream).
+    async fn fill(&mut self, reader: &mut Reader, shared: &Shared) -> std::io::Result<usize> {
+        self.make_room(4096);
+        let n = reader.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+struct ReaderTask {
+    reader: Reader,
+    decoder: ReplyDecoder<InFlight>,
+    register: mpsc::UnboundedReceiver<(u64, Command, InFlight)>,
+    input: InputBuffer,
+    shared: Arc<Shared>,
+    lifeline: Arc<Lifeline>,
+}
+
+impl ReaderTask {
+    async fn run(mut self) {
+        let lifeline = self.lifeline.clone();
+        let error = tokio::select! {
+            e = self.serve() => e,
+            () = lifeline.wait() => lifeline.pending_error(),
+        };
+        self.lifeline.end(error);
+        let pending = self.lifeline.pending_error();
+        self.register.close();
+        while let Ok((cookie, cmd, f)) = self.register.try_recv() {
+            self.decoder.register(cookie, cmd, f);
+        }
+        for (_, f) in self.decoder.take_all() {
+            f.complete(Err(pending.clone()));
+        }
+    }
+
+    fn take_registrations(&mut self) {
+        while let Ok((cookie, cmd, f)) = self.register.try_recv() {
+            self.decoder.register(cookie, cmd, f);
+        }
+    }
+
+    /// Runs until the connection ends; returns why.
+    async fn serve(&mut self) -> Error {
+        loop {
+            self.take_registrations();
+            let decoded = match self.decoder.decode(self.input.pending()) {
+                Ok(d) => d,
+                Err(Fatal { error, command }) => {
+                    if let Some((_, f)) = command {
+                        f.complete(Err(error.clone()));
+                    }
+                    return error;
+                }
+            };
+            match decoded {
+                Decoded {
+                    consumed: 0,
+                    event: None,
+                } => match self.input.fill(&mut self.reader, &self.shared).await {
+                    Ok(0) => return self.end_of_stream(),
+                    Ok(_) => {}
+                    Err(e) => return io_error("reading from the server", e),
+                },
+                Decoded { consumed, event } => {
+                    self.input.consume(consumed);
+                    if let Some(event) = event {
+                        if let Err(e) = self.event(event).await {
+                            return e;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn end_of_stream(&self) -> Error {
+        if self.lifeline.disconnecting.load(Ordering::SeqCst) {
+            Error::io(Errno::ESHUTDOWN, "the server closed the connection after NBD_CMD_DISC")
+        } else {
+            Error::io(Errno::ECONNRESET, "the server closed the connection")
+        }
+    }
+
+    async fn event(&mut self, event: Event<InFlight>) -> Result<()> {
+        match event {
+            Event::Done { user, result, .. } => {
+                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
+                user.complete(result);
+            }
+            Event::ReadHole {
+                cookie,
+                buf_offset,
+                len,
+            } => {
+                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
+                let f = self.decoder.user_mut(cookie).expect("decoder names a command in flight");
+                if let Some((ptr, dest_len)) = f.payload.dest() {
+                    let _guard = f.cancel.as_ref().map(CancelToken::lock);
+                    if !_guard.as_ref().is_some_and(|cancelled| **cancelled) {
+                        assert!(buf_offset + len <= dest_len);
+                        // SAFETY: in range (checked by the decoder against the command's
+                        // length, which is the destination's length), and the
+                        // destination is live and ours while the command is in flight.
+                        unsafe { std::ptr::write_bytes(ptr.add(buf_offset), 0, len) };
+                    }
+                }
+            }
+            Event::ReadData {
+                cookie,
+                buf_offset,
+                len,
+            } => {
+                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
+                self.read_payload(cookie, buf_offset, len).await?;
+                self.decoder.payload_done();
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the next `len` bytes of the stream into command `cookie`'s destination at
+    /// `buf_offset`: first what is already buffered, then straight from the socket.
+    async fn read_payload(&mut self, cookie: u64, buf_offset: usize, len: usize) -> Result<()> {
+        let f = self.decoder.user_mut(cookie).expect("decoder names a command in flight");
+        let (ptr, dest_len) = f.payload.dest().expect("reads have a destination");
+        assert!(buf_offset + len <= dest_len);
+        let cancel = f.cancel.clone();
+        // SAFETY (for every use of `dest` below): in range, as asserted; the destination
+        // belongs to the InFlight entry, which stays in the decoder's table until this
+        // payload is consumed; writes happen only under the cancel lock, after checking
+        // the command was not cancelled.
+        let dest = ptr as usize;
+        let copy_in = |at: usize, data: &[u8]| {
+            let guard = cancel.as_ref().map(CancelToken::lock);
+            if !guard.as_ref().is_some_and(|cancelled| **cancelled) {
+                unsafe {
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), (dest as *mut u8).add(at), data.len())
+                };
+            }
+        };
+
+        let mut done = 0;
+        while done < len {
+            let buffered = self.input.pending().len().min(len - done);
+            if buffered > 0 {
+                copy_in(buf_offset + done, &self.input.pending()[..buffered]);
+                self.input.consume(buffered);
+                done += buffered;
+                continue;
+            }
+            let left = len - done;
+            if left < DIRECT_READ_MIN {
+                match self.input.fill(&mut self.reader, &self.shared).await {
+                    Ok(0) => return Err(self.end_of_stream()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(io_error("reading from the server", e)),
+                }
+            }
+            // Straight from the socket into the destination, one read at a time, each
+            // under the cancel lock so that a cancellation is never overtaken.
+            let at = buf_offset + done;
+            let reader = &mut self.reader;
+            let n = poll_fn(|cx| {
+                let guard = cancel.as_ref().map(CancelToken::lock);
+                if guard.as_ref().is_some_and(|cancelled| **cancelled) {
+                    return Poll::Ready(Ok(None));
+                }
+                let slice = unsafe { std::slice::from_raw_parts_mut((dest as *mut u8).add(at), left) };
+                let mut rb = ReadBuf::new(slice);
+                match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(rb.filled().len()))),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+            .map_err(|e| io_error("reading from the server", e))?;
+            match n {
+                Some(0) => return Err(self.end_of_stream()),
+                Some(n) => {
+                    self.shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                    done += n;
+                }
+                // Cancelled: the rest goes through the input buffer and is dropped.
+                None => {
+                    while done < len {
+                        let buffered = self.input.pending().len().min(len - done);
+                        if buffered == 0 {
+                            match self.input.fill(&mut self.reader, &self.shared).await {
+                                Ok(0) => return Err(self.end_of_stream()),
+                                Ok(_) => continue,
+                                Err(e) => return Err(io_error("reading from the server", e)),
+                            }
+                        }
+                        self.input.consume(buffered);
+                        done += buffered;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,39 @@
+//! An asynchronous NBD client on tokio.
+//!
+//! [`Handle`] is the client: cheap to clone, safe to share between tasks. It connects over
+//! a socket it is given ([`Handle::connect_socket`], taking ownership of the fd) or one it
+//! opens itself ([`Handle::connect_unix`], [`Handle::connect_tcp`]), runs the handshake
+//! with the `nbd-proto` engine, then hands the socket to a driver: a writer task and a
+//! reader task that run concurrently, so a reply can be read while a large write is still
+//! being sent.
+//!
+//! # Pipelining
+//!
+//! Every command method may be called many times without waiting: commands are queued on
+//! a channel (never refused for being too many), up to [`Config::max_in_flight`] are on the
+//! wire at once, and replies are matched to commands by cookie in whatever order the server
+//! sends them. Small requests submitted together are written with one system call.
+//! Read data goes from the socket straight into the destination buffer.
+//!
+//! # Errors
+//!
+//! Every failure is an [`Error`] with an errno ([`Errno`]) as libnbd would report it, and a
+//! [`Fault`] telling who caused it. Server error replies fail one command and leave the
+//! connection usable; a protocol violation or a lost connection fails every pending command
+//! and leaves the handle `Dead`.
+
+mod buffer;
+mod cancel;
+mod config;
+mod driver;
+mod handle;
+mod transport;
+
+pub use buffer::{DestBuf, SourceBuf};
+pub use cancel::CancelToken;
+pub use config::Config;
+pub use handle::{Handle, Stats};
+pub use nbd_proto::consts;
+pub use nbd_proto::handshake::{BlockSize, ExportInfo, Protocol};
+pub use nbd_proto::state::State;
+pub use nbd_proto::{Errno, Error, Fault, Result};

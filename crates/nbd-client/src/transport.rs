@@ -1,0 +1,167 @@
+//! Sockets: checking an fd the application hands over, opening Unix and TCP connections,
+//! and turning a socket into the reader and writer the driver uses.
+//!
+//! The handle keeps the socket's original fd for as long as it lives and gives tokio a
+//! duplicate, so the fd number the application passed in stays open until the handle is
+//! closed (as the `connectSocket` contract promises), whatever happens to the connection.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use nbd_proto::{Errno, Error, Result};
+
+pub(crate) type Reader = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn os_error(context: &str, e: io::Error) -> Error {
+    let errno = e
+        .raw_os_error()
+        .map(Errno::from_raw_os_error)
+        .unwrap_or(Errno::EIO);
+    Error::io(errno, format!("{context}: {e}"))
+}
+
+fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are valid for writes of the sizes given.
+    let rc = unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Checks that `fd` is an open, connected stream socket, without taking it. Returns its
+/// address family.
+pub(crate) fn check_connected_stream(fd: RawFd) -> Result<libc::c_int> {
+    let refuse = |errno: Errno, why: String| Error::usage(errno, format!("fd {fd} {why}"));
+    if fd < 0 {
+        return Err(refuse(Errno::EBADF, "is negative".into()));
+    }
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: st is valid for a write of one stat.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(refuse(Errno::EBADF, format!("is not an open file descriptor ({e})")));
+    }
+    // SAFETY: fstat succeeded and filled st.
+    let mode = unsafe { st.assume_init() }.st_mode;
+    if mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(refuse(Errno::ENOTSOCK, "is not a socket".into()));
+    }
+    let kind = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+        .map_err(|e| refuse(Errno::ENOTSOCK, format!("cannot be queried as a socket ({e})")))?;
+    if kind != libc::SOCK_STREAM {
+        return Err(refuse(Errno::EINVAL, "is not a stream socket".into()));
+    }
+    if getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 0 {
+        return Err(refuse(Errno::EINVAL, "is a listening socket, not a connected one".into()));
+    }
+    let mut addr = MaybeUninit::<libc::sockaddr_storage>::uninit();
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: addr and len describe a writable sockaddr_storage.
+    if unsafe { libc::getpeername(fd, addr.as_mut_ptr().cast(), &mut len) } != 0 {
+        return Err(refuse(Errno::ENOTCONN, "is a socket that is not connected".into()));
+    }
+    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
+        .map_err(|e| refuse(Errno::EINVAL, format!("has no readable address family ({e})")))
+}
+
+/// Takes ownership of `fd` (already checked) so that it is closed when the result drops.
+///
+/// # Safety
+///
+/// `fd` must be open and owned by nobody else from now on.
+pub(crate) unsafe fn adopt(fd: RawFd) -> OwnedFd {
+    OwnedFd::from_raw_fd(fd)
+}
+
+/// A reader and writer over a duplicate of `socket` (close-on-exec, non-blocking).
+pub(crate) fn split(socket: &OwnedFd) -> Result<(Reader, Writer)> {
+    let domain = getsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
+        .map_err(|e| os_error("querying the socket", e))?;
+    let dup = socket
+        .try_clone()
+        .map_err(|e| os_error("duplicating the socket", e))?;
+    let set_nonblocking = |fd: RawFd| -> io::Result<()> {
+        // SAFETY: plain fcntl calls on an fd we own.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    set_nonblocking(dup.as_raw_fd()).map_err(|e| os_error("making the socket non-blocking", e))?;
+    if domain == libc::AF_INET || domain == libc::AF_INET6 {
+        let std_stream = std::net::TcpStream::from(dup);
+        // Requests are small and latency-bound; never wait to coalesce them.
+        let _ = std_stream.set_nodelay(true);
+        let stream = tokio::net::TcpStream::from_std(std_stream)
+            .map_err(|e| os_error("registering the socket", e))?;
+        let (r, w) = stream.into_split();
+        Ok((Box::new(r), Box::new(w)))
+    } else {
+        // Unix sockets, and any other stream socket (e.g. vsock), through the Unix type:
+        // it only needs read, write and shutdown on the fd.
+        let std_stream = std::os::unix::net::UnixStream::from(dup);
+        let stream = tokio::net::UnixStream::from_std(std_stream)
+            .map_err(|e| os_error("registering the socket", e))?;
+        let (r, w) = stream.into_split();
+        Ok((Box::new(r), Box::new(w)))
+    }
+}
+
+/// Connects to a Unix domain socket.
+pub(crate) async fn connect_unix(path: &str) -> Result<OwnedFd> {
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|e| os_error(&format!("connecting to {path}"), e))?;
+    let std_stream = stream
+        .into_std()
+        .map_err(|e| os_error("detaching the socket", e))?;
+    Ok(OwnedFd::from(std_stream))
+}
+
+/// Connects over TCP, trying each address `host` resolves to.
+pub(crate) async fn connect_tcp(host: &str, port: &str) -> Result<OwnedFd> {
+    let port_num: u16 = match port.parse() {
+        Ok(p) => p,
+        Err(_) => service_port(port).ok_or_else(|| {
+            Error::usage(Errno::EINVAL, format!("port {port:?} is not a number or a known service"))
+        })?,
+    };
+    let addrs = tokio::net::lookup_host((host, port_num))
+        .await
+        .map_err(|e| Error::io(Errno::ENOENT, format!("cannot resolve host {host:?}: {e}")))?;
+    let mut last = Error::io(Errno::ENOENT, format!("host {host:?} resolved to no address"));
+    for addr in addrs {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(stream) => {
+                let std_stream = stream
+                    .into_std()
+                    .map_err(|e| os_error("detaching the socket", e))?;
+                return Ok(OwnedFd::from(std_stream));
+            }
+            Err(e) => last = os_error(&format!("connecting to {addr}"), e),
+        }
+    }
+    Err(last)
+}
+
+fn service_port(name: &str) -> Option<u16> {
+    match name {
+        "nbd" => Some(nbd_proto::consts::DEFAULT_PORT),
+        _ => None,
+    }
+}
+
+pub(crate) fn io_error(context: &str, e: io::Error) -> Error {
+    os_error(context, e)
+}

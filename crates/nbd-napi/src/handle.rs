@@ -1,0 +1,490 @@
+//! `NativeHandle` and `NativeCancel`: the classes `index.ts` builds `Handle` on.
+
+use std::time::Duration;
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+use nbd_client::consts::*;
+use nbd_client::{CancelToken, DestBuf, Handle, SourceBuf};
+
+use crate::{invalid, to_js};
+
+/// A JavaScript buffer lent to a command for its lifetime.
+struct Lent(Buffer);
+
+// SAFETY: napi's Buffer keeps a reference to its JavaScript memory for as long as it lives
+// (released on the JavaScript thread even when dropped elsewhere); the API contract says
+// the caller does not touch the buffer until the command settles.
+unsafe impl DestBuf for Lent {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.0.as_mut_ptr()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+// SAFETY: as for DestBuf.
+unsafe impl SourceBuf for Lent {
+    fn as_ptr(&self) -> *const u8 {
+        self.0.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// An offset: a number (a safe integer, checked by index.ts) or a bigint.
+fn offset(v: Either<f64, BigInt>) -> Result<u64> {
+    match v {
+        Either::A(n) if n >= 0.0 && n.fract() == 0.0 && n <= 9_007_199_254_740_991.0 => Ok(n as u64),
+        Either::A(n) => Err(invalid(format!("offset {n} is not a non-negative safe integer"))),
+        Either::B(b) => {
+            let (negative, value, lossless) = b.get_u64();
+            if negative || !lossless {
+                Err(invalid("bigint offset must be between 0 and 2^64-1"))
+            } else {
+                Ok(value)
+            }
+        }
+    }
+}
+
+fn count(n: f64) -> Result<u64> {
+    if n >= 0.0 && n.fract() == 0.0 && n <= 9_007_199_254_740_991.0 {
+        Ok(n as u64)
+    } else {
+        Err(invalid(format!("count {n} is not a non-negative safe integer")))
+    }
+}
+
+fn token(cancel: Option<&NativeCancel>) -> Option<CancelToken> {
+    cancel.map(|c| c.token.clone())
+}
+
+/// Cancels the commands it is passed to (the Rust side of an `AbortSignal`).
+#[napi]
+pub struct NativeCancel {
+    token: CancelToken,
+}
+
+#[napi]
+impl NativeCancel {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        NativeCancel {
+            token: CancelToken::new(),
+        }
+    }
+
+    /// Cancels; once this returns no destination buffer is written any more.
+    #[napi]
+    pub fn cancel(&self) {
+        self.token.cancel();
+    }
+}
+
+impl Default for NativeCancel {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Byte and chunk counters.
+#[napi(object)]
+pub struct NativeStats {
+    pub bytes_sent: BigInt,
+    pub chunks_sent: BigInt,
+    pub bytes_received: BigInt,
+    pub chunks_received: BigInt,
+}
+
+/// The handle, as `nbd-client` implements it. Wrapped by `Handle` in index.ts.
+#[napi]
+pub struct NativeHandle {
+    handle: Handle,
+}
+
+macro_rules! spawn {
+    ($env:expr, $fut:expr) => {
+        $env.spawn_future(async move { $fut.await.map_err(to_js) })
+    };
+}
+
+#[napi]
+impl NativeHandle {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        NativeHandle {
+            handle: Handle::default(),
+        }
+    }
+
+    // ---- settings ----
+
+    #[napi]
+    pub fn set_export_name(&self, name: String) -> Result<()> {
+        self.handle.set_export_name(&name).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_export_name(&self) -> String {
+        self.handle.config().export_name
+    }
+
+    #[napi]
+    pub fn set_handle_name(&self, name: String) {
+        self.handle.set_handle_name(&name)
+    }
+
+    #[napi]
+    pub fn get_handle_name(&self) -> String {
+        self.handle.config().handle_name
+    }
+
+    #[napi]
+    pub fn set_strict_mode(&self, flags: u32) -> Result<()> {
+        self.handle.set_strict_mode(flags).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_strict_mode(&self) -> u32 {
+        self.handle.config().strict
+    }
+
+    #[napi]
+    pub fn set_pread_initialize(&self, on: bool) {
+        self.handle.set_pread_initialize(on)
+    }
+
+    #[napi]
+    pub fn get_pread_initialize(&self) -> bool {
+        self.handle.config().pread_initialize
+    }
+
+    #[napi]
+    pub fn set_request_structured_replies(&self, on: bool) -> Result<()> {
+        self.handle
+            .configure(|c| c.request_structured_replies = on)
+            .map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_request_structured_replies(&self) -> bool {
+        self.handle.config().request_structured_replies
+    }
+
+    #[napi]
+    pub fn set_request_block_size(&self, on: bool) -> Result<()> {
+        self.handle.configure(|c| c.request_block_size = on).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_request_block_size(&self) -> bool {
+        self.handle.config().request_block_size
+    }
+
+    #[napi]
+    pub fn set_full_info(&self, on: bool) -> Result<()> {
+        self.handle.configure(|c| c.full_info = on).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_full_info(&self) -> bool {
+        self.handle.config().full_info
+    }
+
+    #[napi]
+    pub fn set_handshake_flags(&self, flags: u32) -> Result<()> {
+        if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return Err(invalid(format!("handshake flags {flags:#x} include unknown bits")));
+        }
+        self.handle.configure(|c| c.handshake_flags = flags).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_handshake_flags(&self) -> u32 {
+        self.handle.config().handshake_flags
+    }
+
+    /// Milliseconds for the whole connect and handshake; 0 means no limit.
+    #[napi]
+    pub fn set_connect_timeout(&self, ms: f64) -> Result<()> {
+        if !(ms >= 0.0 && ms.is_finite()) {
+            return Err(invalid(format!("connectTimeout {ms} is not a non-negative number")));
+        }
+        let limit = (ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+        self.handle.configure(|c| c.connect_timeout = limit).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn set_max_in_flight(&self, n: u32) -> Result<()> {
+        if n == 0 {
+            return Err(invalid("maxInFlight must be at least 1"));
+        }
+        self.handle.configure(|c| c.max_in_flight = n as usize).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_max_in_flight(&self) -> u32 {
+        self.handle.config().max_in_flight as u32
+    }
+
+    // ---- state ----
+
+    #[napi(getter)]
+    pub fn state(&self) -> &'static str {
+        self.handle.state().name()
+    }
+
+    #[napi(getter)]
+    pub fn in_flight(&self) -> u32 {
+        self.handle.in_flight() as u32
+    }
+
+    #[napi]
+    pub fn stats(&self) -> NativeStats {
+        let s = self.handle.stats();
+        NativeStats {
+            bytes_sent: BigInt::from(s.bytes_sent),
+            chunks_sent: BigInt::from(s.chunks_sent),
+            bytes_received: BigInt::from(s.bytes_received),
+            chunks_received: BigInt::from(s.chunks_received),
+        }
+    }
+
+    // ---- connecting ----
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn connect_socket<'env>(&self, env: &'env Env, fd: i32) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        spawn!(env, h.connect_socket(fd))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn connect_unix<'env>(&self, env: &'env Env, path: String) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        spawn!(env, h.connect_unix(&path))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn connect_tcp<'env>(
+        &self,
+        env: &'env Env,
+        host: String,
+        port: String,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        spawn!(env, h.connect_tcp(&host, &port))
+    }
+
+    // ---- commands ----
+
+    #[napi(ts_return_type = "Promise<Buffer>")]
+    pub fn pread<'env>(
+        &self,
+        env: &'env Env,
+        count_: f64,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Result<PromiseRaw<'env, Buffer>> {
+        let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
+        env.spawn_future(async move {
+            h.pread(n, off, flags, t).await.map(Buffer::from).map_err(to_js)
+        })
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn pread_into<'env>(
+        &self,
+        env: &'env Env,
+        buf: Buffer,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let (h, off, t) = (self.handle.clone(), offset(offset_)?, token(cancel));
+        spawn!(env, h.pread_into(Box::new(Lent(buf)), off, flags, t))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn pwrite<'env>(
+        &self,
+        env: &'env Env,
+        buf: Buffer,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let (h, off, t) = (self.handle.clone(), offset(offset_)?, token(cancel));
+        spawn!(env, h.pwrite(Box::new(Lent(buf)), off, flags, t))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn flush<'env>(
+        &self,
+        env: &'env Env,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let (h, t) = (self.handle.clone(), token(cancel));
+        spawn!(env, h.flush(flags, t))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn trim<'env>(
+        &self,
+        env: &'env Env,
+        count_: f64,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
+        spawn!(env, h.trim(n, off, flags, t))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn cache<'env>(
+        &self,
+        env: &'env Env,
+        count_: f64,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
+        spawn!(env, h.cache(n, off, flags, t))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn zero<'env>(
+        &self,
+        env: &'env Env,
+        count_: f64,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
+        spawn!(env, h.zero(n, off, flags, t))
+    }
+
+    // ---- ending ----
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn shutdown<'env>(&self, env: &'env Env, abandon_pending: bool) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        spawn!(env, h.shutdown(abandon_pending))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn close<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        env.spawn_future(async move {
+            h.close().await;
+            Ok(())
+        })
+    }
+
+    // ---- information ----
+
+    /// The export size in bytes.
+    #[napi]
+    pub fn get_size(&self) -> Result<BigInt> {
+        let n = self.handle.negotiated().map_err(to_js)?;
+        Ok(BigInt::from(n.export.size))
+    }
+
+    /// `minimum`, `preferred`, `maximum` (0 when the server sent none) or `payload`.
+    #[napi]
+    pub fn get_block_size(&self, kind: String) -> Result<u32> {
+        let n = self.handle.negotiated().map_err(to_js)?;
+        let bs = n.export.block_size;
+        match kind.as_str() {
+            "minimum" => Ok(bs.map_or(0, |b| b.minimum)),
+            "preferred" => Ok(bs.map_or(0, |b| b.preferred)),
+            "maximum" => Ok(bs.map_or(0, |b| b.maximum)),
+            "payload" => Ok(n.export.payload_max()),
+            other => Err(invalid(format!(
+                "block size kind {other:?} is not one of minimum, preferred, maximum, payload"
+            ))),
+        }
+    }
+
+    /// Whether the server set transmission flag `flag` (one of the `FLAG_*` values).
+    fn flag(&self, flag: u16) -> Result<bool> {
+        let n = self.handle.negotiated().map_err(to_js)?;
+        Ok(n.export.has(flag))
+    }
+
+    #[napi]
+    pub fn is_read_only(&self) -> Result<bool> {
+        self.flag(FLAG_READ_ONLY)
+    }
+
+    #[napi]
+    pub fn is_rotational(&self) -> Result<bool> {
+        self.flag(FLAG_ROTATIONAL)
+    }
+
+    #[napi]
+    pub fn can_flush(&self) -> Result<bool> {
+        self.flag(FLAG_SEND_FLUSH)
+    }
+
+    #[napi]
+    pub fn can_fua(&self) -> Result<bool> {
+        self.flag(FLAG_SEND_FUA)
+    }
+
+    #[napi]
+    pub fn can_trim(&self) -> Result<bool> {
+        self.flag(FLAG_SEND_TRIM)
+    }
+
+    #[napi]
+    pub fn can_zero(&self) -> Result<bool> {
+        self.flag(FLAG_SEND_WRITE_ZEROES)
+    }
+
+    #[napi]
+    pub fn can_fast_zero(&self) -> Result<bool> {
+        self.flag(FLAG_SEND_FAST_ZERO)
+    }
+
+    /// DF needs structured replies as well as the server's flag (as libnbd).
+    #[napi]
+    pub fn can_df(&self) -> Result<bool> {
+        let n = self.handle.negotiated().map_err(to_js)?;
+        Ok(n.structured_replies && n.export.has(FLAG_SEND_DF))
+    }
+
+    #[napi]
+    pub fn can_multi_conn(&self) -> Result<bool> {
+        self.flag(FLAG_CAN_MULTI_CONN)
+    }
+
+    #[napi]
+    pub fn can_cache(&self) -> Result<bool> {
+        self.flag(FLAG_SEND_CACHE)
+    }
+
+    #[napi]
+    pub fn get_protocol(&self) -> Result<&'static str> {
+        Ok(self.handle.negotiated().map_err(to_js)?.protocol.name())
+    }
+
+    #[napi]
+    pub fn get_structured_replies_negotiated(&self) -> Result<bool> {
+        Ok(self.handle.negotiated().map_err(to_js)?.structured_replies)
+    }
+}
+
+impl Default for NativeHandle {
+    fn default() -> Self {
+        Self::new()
+    }
+}

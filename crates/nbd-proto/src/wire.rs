@@ -1,0 +1,92 @@
+//! Big-endian field readers and writers shared by the handshake and transmission codecs.
+//!
+//! Encoders append to the caller's `Vec<u8>`; readers take from a slice and never panic:
+//! a short slice is reported as `None` so a decoder can ask for more bytes.
+
+/// Appends a `u16` in network byte order.
+pub fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// Appends a `u32` in network byte order.
+pub fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// Appends a `u64` in network byte order.
+pub fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// A forward-only reader over a byte slice.
+#[derive(Debug, Clone, Copy)]
+pub struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    /// Reads from the start of `bytes`.
+    pub fn new(bytes: &'a [u8]) -> Reader<'a> {
+        Reader { bytes }
+    }
+
+    /// Bytes not yet read.
+    pub fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The next `n` bytes, or `None` if fewer are left.
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.bytes.len() < n {
+            return None;
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Some(head)
+    }
+
+    /// Everything left.
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
+    }
+
+    pub fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    pub fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+    }
+
+    pub fn u64(&mut self) -> Option<u64> {
+        self.take(8).map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+    }
+}
+
+/// Text sent by a server (names, descriptions, error messages), made printable:
+/// invalid UTF-8 is replaced, never refused.
+pub fn server_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_reports_short_input() {
+        let mut r = Reader::new(&[0, 1, 2]);
+        assert_eq!(r.u16(), Some(1));
+        assert_eq!(r.u16(), None);
+        assert_eq!(r.remaining(), 1);
+    }
+
+    #[test]
+    fn writers_are_big_endian() {
+        let mut v = Vec::new();
+        put_u16(&mut v, 0x0102);
+        put_u32(&mut v, 0x03040506);
+        put_u64(&mut v, 0x0708090a0b0c0d0e);
+        assert_eq!(v, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+    }
+}
