@@ -415,10 +415,23 @@ impl<T> ReplyDecoder<T> {
                 let length = r.u64().unwrap();
                 self.chunk(input, EXTENDED_HEADER, flags, kind, cookie, length)
             }
-            STRUCTURED_REPLY_MAGIC | EXTENDED_REPLY_MAGIC => Err(self.fatal(
-                None,
-                format!("server sent a reply with magic {magic:#010x}, a framing that was not negotiated"),
-            )),
+            STRUCTURED_REPLY_MAGIC | EXTENDED_REPLY_MAGIC => {
+                // Every reply framing has the cookie at bytes 8..16: blame that command.
+                let cookie = input
+                    .get(8..16)
+                    .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+                    .filter(|c| self.table.contains_key(c));
+                if cookie.is_none() && input.len() < 16 {
+                    return Ok(need_more());
+                }
+                Err(self.fatal(
+                    cookie,
+                    format!(
+                        "server sent a reply with magic {magic:#010x}, a framing that was not \
+                         negotiated"
+                    ),
+                ))
+            }
             _ => Err(self.fatal(None, format!("server sent a reply with unknown magic {magic:#010x}"))),
         }
     }
