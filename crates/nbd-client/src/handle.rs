@@ -1,5 +1,6 @@
 //! The handle: configuration, state, connecting, commands, ending.
 
+use std::future::Future;
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,6 +56,8 @@ enum Phase {
     },
     /// The connect failed; the socket (if one was adopted) stays open until close.
     Failed {
+        // Never read: held so the fd stays open until the handle is closed.
+        #[allow(dead_code)]
         socket: Option<OwnedFd>,
         negotiated: Option<Arc<Session>>,
     },
@@ -325,109 +328,154 @@ impl Handle {
     }
 
     // ---- commands ----
+    //
+    // Each command has a `start_*` form that checks and queues it at once, on the calling
+    // thread, and returns a future of its outcome (what the Node binding uses: the request
+    // reaches the writer without a detour through another task), and an async form.
 
     /// `nbd_pread` into a new buffer of `count` bytes.
-    pub async fn pread(
+    pub async fn pread(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<Vec<u8>> {
+        self.start_pread(count, offset, flags, cancel)?.await
+    }
+
+    /// Queues [`Handle::pread`]; the future resolves to the bytes read.
+    pub fn start_pread(
         &self,
         count: u64,
         offset: u64,
         flags: u32,
         cancel: Option<CancelToken>,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<impl Future<Output = Result<Vec<u8>>> + Send + 'static> {
         let cmd = command(CommandKind::Read, offset, count, flags);
-        let session = self.session()?;
-        session.check(&cmd, self.inner.strict.load(Ordering::Relaxed))?;
+        let (session, flags) = self.checked(&cmd)?;
+        drop(session);
         // Zeroed memory from the allocator costs nothing extra; it also makes bytes a
         // server fails to send read as zero, as libnbd's pread_initialize does.
         let buf = vec![0u8; count as usize];
-        match self.submit(cmd, Payload::ReadOwned(buf), cancel).await? {
-            Payload::ReadOwned(v) => Ok(v),
-            _ => unreachable!("a read completes with its buffer"),
-        }
+        let pending = self.start(cmd, flags, Payload::ReadOwned(buf), cancel)?;
+        Ok(async move {
+            match pending.await? {
+                Payload::ReadOwned(v) => Ok(v),
+                _ => unreachable!("a read completes with its buffer"),
+            }
+        })
     }
 
     /// `nbd_pread` into the caller's buffer (all of it, starting at `offset`).
-    pub async fn pread_into(
+    pub async fn pread_into(&self, dest: Box<dyn DestBuf>, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
+        self.start_pread_into(dest, offset, flags, cancel)?.await
+    }
+
+    /// Queues [`Handle::pread_into`].
+    pub fn start_pread_into(
         &self,
         mut dest: Box<dyn DestBuf>,
         offset: u64,
         flags: u32,
         cancel: Option<CancelToken>,
-    ) -> Result<()> {
+    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
         let cmd = command(CommandKind::Read, offset, dest.len() as u64, flags);
-        let session = self.session()?;
-        session.check(&cmd, self.inner.strict.load(Ordering::Relaxed))?;
+        let (_, flags) = self.checked(&cmd)?;
         if self.config().pread_initialize && !dest.is_empty() {
             // SAFETY: DestBuf promises len writable bytes.
             unsafe { std::ptr::write_bytes(dest.as_mut_ptr(), 0, dest.len()) };
         }
-        self.submit(cmd, Payload::ReadInto(dest), cancel).await.map(drop)
+        let pending = self.start(cmd, flags, Payload::ReadInto(dest), cancel)?;
+        Ok(async move { pending.await.map(drop) })
     }
 
     /// `nbd_pwrite` of the caller's buffer at `offset`.
-    pub async fn pwrite(
+    pub async fn pwrite(&self, src: Box<dyn SourceBuf>, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
+        self.start_pwrite(src, offset, flags, cancel)?.await
+    }
+
+    /// Queues [`Handle::pwrite`].
+    pub fn start_pwrite(
         &self,
         src: Box<dyn SourceBuf>,
         offset: u64,
         flags: u32,
         cancel: Option<CancelToken>,
-    ) -> Result<()> {
+    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
         let cmd = command(CommandKind::Write, offset, src.len() as u64, flags);
-        self.simple_command(cmd, Payload::Write(src), cancel).await
+        self.start_simple(cmd, Payload::Write(src), cancel)
     }
 
     /// `nbd_flush`.
     pub async fn flush(&self, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        let cmd = command(CommandKind::Flush, 0, 0, flags);
-        self.simple_command(cmd, Payload::None, cancel).await
+        self.start_other(CommandKind::Flush, 0, 0, flags, cancel)?.await
     }
 
     /// `nbd_trim`.
     pub async fn trim(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        let cmd = command(CommandKind::Trim, offset, count, flags);
-        self.simple_command(cmd, Payload::None, cancel).await
+        self.start_other(CommandKind::Trim, count, offset, flags, cancel)?.await
     }
 
     /// `nbd_cache`.
     pub async fn cache(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        let cmd = command(CommandKind::Cache, offset, count, flags);
-        self.simple_command(cmd, Payload::None, cancel).await
+        self.start_other(CommandKind::Cache, count, offset, flags, cancel)?.await
     }
 
     /// `nbd_zero`.
     pub async fn zero(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        let cmd = command(CommandKind::WriteZeroes, offset, count, flags);
-        self.simple_command(cmd, Payload::None, cancel).await
+        self.start_other(CommandKind::WriteZeroes, count, offset, flags, cancel)?.await
     }
 
-    async fn simple_command(
+    /// Queues a command without a data payload (flush, trim, cache, zero).
+    pub fn start_other(
+        &self,
+        kind: CommandKind,
+        count: u64,
+        offset: u64,
+        flags: u32,
+        cancel: Option<CancelToken>,
+    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
+        if matches!(kind, CommandKind::Read | CommandKind::Write | CommandKind::Disconnect) {
+            return Err(Error::usage(Errno::EINVAL, "start_other takes flush, trim, cache or zero"));
+        }
+        self.start_simple(command(kind, offset, count, flags), Payload::None, cancel)
+    }
+
+    fn start_simple(
         &self,
         cmd: Command,
         payload: Payload,
         cancel: Option<CancelToken>,
-    ) -> Result<()> {
-        let session = self.session()?;
-        session.check(&cmd, self.inner.strict.load(Ordering::Relaxed))?;
-        self.submit(cmd, payload, cancel).await.map(drop)
+    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
+        let (_, flags) = self.checked(&cmd)?;
+        let pending = self.start(cmd, flags, payload, cancel)?;
+        Ok(async move { pending.await.map(drop) })
     }
 
-    fn session(&self) -> Result<Arc<Session>> {
+    /// The state check and libnbd's client-side checks; the wire flags.
+    fn checked(&self, cmd: &Command) -> Result<(Arc<Session>, u16)> {
         let state = self.state();
         state::check(Call::Command, state)?;
-        match &*self.phase() {
+        let session = match &*self.phase() {
             Phase::Connected {
                 driver,
                 shutting_down: false,
                 ..
-            } => Ok(driver.session.clone()),
-            _ => Err(Error::usage(
-                Errno::EINVAL,
-                "invalid state: the handle is shutting down",
-            )),
-        }
+            } => driver.session.clone(),
+            _ => {
+                return Err(Error::usage(
+                    Errno::EINVAL,
+                    "invalid state: the handle is shutting down",
+                ))
+            }
+        };
+        let flags = session.check(cmd, self.inner.strict.load(Ordering::Relaxed))?;
+        Ok((session, flags))
     }
 
-    async fn submit(&self, cmd: Command, payload: Payload, cancel: Option<CancelToken>) -> Result<Payload> {
+    /// Hands a checked command to the driver; the future resolves with its payload.
+    fn start(
+        &self,
+        cmd: Command,
+        flags: u16,
+        payload: Payload,
+        cancel: Option<CancelToken>,
+    ) -> Result<impl Future<Output = Result<Payload>> + Send + 'static> {
         let cancelled = || {
             Error::new(
                 nbd_proto::Fault::Cancelled,
@@ -438,11 +486,9 @@ impl Handle {
         if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
             return Err(cancelled());
         }
-        let session = self.session()?;
-        let flags = session.check(&cmd, self.inner.strict.load(Ordering::Relaxed))?;
         let (requests, lifeline) = match &*self.phase() {
             Phase::Connected { driver, .. } => (driver.requests.clone(), driver.lifeline.clone()),
-            _ => unreachable!("session() checked the phase"),
+            _ => return Err(Error::usage(Errno::EINVAL, "invalid state: the handle is not connected")),
         };
         let (reply, answer) = oneshot::channel();
         let request = Request::Command(CommandRequest {
@@ -456,14 +502,16 @@ impl Handle {
         if requests.send(request).is_err() {
             return Err(lifeline.pending_error());
         }
-        let result = match cancel {
-            None => answer.await,
-            Some(token) => tokio::select! {
-                r = answer => r,
-                () = token.cancelled() => return Err(cancelled()),
-            },
-        };
-        result.unwrap_or_else(|_| Err(closed_error()))
+        Ok(async move {
+            let result = match cancel {
+                None => answer.await,
+                Some(token) => tokio::select! {
+                    r = answer => r,
+                    () = token.cancelled() => return Err(cancelled()),
+                },
+            };
+            result.unwrap_or_else(|_| Err(closed_error()))
+        })
     }
 
     // ---- ending ----

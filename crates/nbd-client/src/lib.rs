@@ -36,4 +36,5 @@ pub use handle::{Handle, Stats};
 pub use nbd_proto::consts;
 pub use nbd_proto::handshake::{BlockSize, ExportInfo, Protocol};
 pub use nbd_proto::state::State;
+pub use nbd_proto::transmission::CommandKind;
 pub use nbd_proto::{Errno, Error, Fault, Result};

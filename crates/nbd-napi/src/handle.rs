@@ -6,7 +6,7 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use nbd_client::consts::*;
-use nbd_client::{CancelToken, DestBuf, Handle, SourceBuf};
+use nbd_client::{CancelToken, CommandKind, DestBuf, Handle, SourceBuf};
 
 use crate::{invalid, to_js};
 
@@ -291,9 +291,8 @@ impl NativeHandle {
         cancel: Option<&NativeCancel>,
     ) -> Result<PromiseRaw<'env, Buffer>> {
         let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
-        env.spawn_future(async move {
-            h.pread(n, off, flags, t).await.map(Buffer::from).map_err(to_js)
-        })
+        let read = h.start_pread(n, off, flags, t).map_err(to_js)?;
+        env.spawn_future(async move { read.await.map(Buffer::from).map_err(to_js) })
     }
 
     #[napi(ts_return_type = "Promise<void>")]
@@ -306,7 +305,7 @@ impl NativeHandle {
         cancel: Option<&NativeCancel>,
     ) -> Result<PromiseRaw<'env, ()>> {
         let (h, off, t) = (self.handle.clone(), offset(offset_)?, token(cancel));
-        spawn!(env, h.pread_into(Box::new(Lent(buf)), off, flags, t))
+        spawn!(env, h.start_pread_into(Box::new(Lent(buf)), off, flags, t).map_err(to_js)?)
     }
 
     #[napi(ts_return_type = "Promise<void>")]
@@ -319,7 +318,7 @@ impl NativeHandle {
         cancel: Option<&NativeCancel>,
     ) -> Result<PromiseRaw<'env, ()>> {
         let (h, off, t) = (self.handle.clone(), offset(offset_)?, token(cancel));
-        spawn!(env, h.pwrite(Box::new(Lent(buf)), off, flags, t))
+        spawn!(env, h.start_pwrite(Box::new(Lent(buf)), off, flags, t).map_err(to_js)?)
     }
 
     #[napi(ts_return_type = "Promise<void>")]
@@ -330,7 +329,7 @@ impl NativeHandle {
         cancel: Option<&NativeCancel>,
     ) -> Result<PromiseRaw<'env, ()>> {
         let (h, t) = (self.handle.clone(), token(cancel));
-        spawn!(env, h.flush(flags, t))
+        spawn!(env, h.start_other(CommandKind::Flush, 0, 0, flags, t).map_err(to_js)?)
     }
 
     #[napi(ts_return_type = "Promise<void>")]
@@ -343,7 +342,7 @@ impl NativeHandle {
         cancel: Option<&NativeCancel>,
     ) -> Result<PromiseRaw<'env, ()>> {
         let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
-        spawn!(env, h.trim(n, off, flags, t))
+        spawn!(env, h.start_other(CommandKind::Trim, n, off, flags, t).map_err(to_js)?)
     }
 
     #[napi(ts_return_type = "Promise<void>")]
@@ -356,7 +355,7 @@ impl NativeHandle {
         cancel: Option<&NativeCancel>,
     ) -> Result<PromiseRaw<'env, ()>> {
         let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
-        spawn!(env, h.cache(n, off, flags, t))
+        spawn!(env, h.start_other(CommandKind::Cache, n, off, flags, t).map_err(to_js)?)
     }
 
     #[napi(ts_return_type = "Promise<void>")]
@@ -369,7 +368,7 @@ impl NativeHandle {
         cancel: Option<&NativeCancel>,
     ) -> Result<PromiseRaw<'env, ()>> {
         let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
-        spawn!(env, h.zero(n, off, flags, t))
+        spawn!(env, h.start_other(CommandKind::WriteZeroes, n, off, flags, t).map_err(to_js)?)
     }
 
     // ---- ending ----
