@@ -266,6 +266,82 @@ const asyncDispose: typeof Symbol.asyncDispose =
   (Symbol as { asyncDispose?: typeof Symbol.asyncDispose }).asyncDispose ??
   (Symbol.for('nodejs.asyncDispose') as typeof Symbol.asyncDispose)
 
+// ---- completion of commands ----
+//
+// Every native command is started with an id and reports back once through one callback,
+// shared by all handles (so the callback keeps no handle alive and garbage collection can
+// close forgotten handles). The native side's notification channel does not hold the event
+// loop open by itself; `keepAlive` does while any command is pending.
+
+interface Settle {
+  resolve(value: unknown): void
+  reject(reason: unknown): void
+  operation: string
+}
+
+const pending = new Map<number, Settle>()
+let lastId = 0
+let started = 0
+const keepAlive = setInterval(() => {}, 0x3fffffff)
+keepAlive.unref()
+
+function onComplete(id: number, error: string | null, data: Buffer | null): void {
+  if (--started === 0) keepAlive.unref()
+  const settle = pending.get(id)
+  if (settle === undefined) return // aborted: already rejected
+  pending.delete(id)
+  if (error === null) settle.resolve(data ?? undefined)
+  else settle.reject(toNbdError(new Error(error), settle.operation))
+}
+
+function nextId(): number {
+  do lastId = (lastId + 1) >>> 0
+  while (pending.has(lastId))
+  return lastId
+}
+
+/**
+ * Starts a native command; the promise settles when it completes, or at once with an
+ * `AbortError` when `signal` aborts (the native side stops writing to any buffer first).
+ */
+function startCommand<T>(
+  operation: string,
+  signal: AbortSignal | undefined,
+  start: (id: number, cancel: Binding.NativeCancel | undefined) => void,
+): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const id = nextId()
+    if (signal === undefined) {
+      start(id, undefined)
+      pending.set(id, { resolve: resolve as (v: unknown) => void, reject, operation })
+    } else {
+      if (signal.aborted) throw new AbortError(signal.reason)
+      const cancel = new native.NativeCancel()
+      start(id, cancel)
+      const onAbort = (): void => {
+        cancel.cancel()
+        pending.delete(id)
+        reject(new AbortError(signal.reason))
+      }
+      signal.addEventListener('abort', onAbort, { once: true })
+      pending.set(id, {
+        resolve: (v) => {
+          signal.removeEventListener('abort', onAbort)
+          resolve(v as T)
+        },
+        reject: (e) => {
+          signal.removeEventListener('abort', onAbort)
+          reject(e)
+        },
+        operation,
+      })
+    }
+    if (started++ === 0) keepAlive.ref()
+  }).catch((e: unknown) => {
+    throw toNbdError(e, operation)
+  })
+}
+
 /**
  * A connection to one NBD export (libnbd's `struct nbd_handle`).
  *
@@ -281,7 +357,7 @@ export class Handle {
 
   /** A newly created handle (`nbd_create`); `options` calls the matching setters. */
   constructor(options?: HandleOptions) {
-    this.#native = new native.NativeHandle()
+    this.#native = new native.NativeHandle(onComplete)
     if (options === undefined) return
     const op = 'create'
     if (options === null || typeof options !== 'object') {
@@ -312,39 +388,21 @@ export class Handle {
     }
   }
 
+  /** Runs an async native call, turning its errors into `NbdError`s. */
+  async #async<T>(op: string, f: () => Promise<T>): Promise<T> {
+    try {
+      return await f()
+    } catch (e) {
+      throw toNbdError(e, op)
+    }
+  }
+
   /** Runs a synchronous native call, turning its errors into `NbdError`s. */
   #sync<T>(op: string, f: () => T): T {
     try {
       return f()
     } catch (e) {
       throw toNbdError(e, op)
-    }
-  }
-
-  /** Runs a native command with an optional abort signal. */
-  async #command<T>(
-    op: string,
-    signal: AbortSignal | undefined,
-    start: (cancel: Binding.NativeCancel | undefined) => Promise<T>,
-  ): Promise<T> {
-    if (signal === undefined) {
-      try {
-        return await start(undefined)
-      } catch (e) {
-        throw toNbdError(e, op)
-      }
-    }
-    if (signal.aborted) throw new AbortError(signal.reason)
-    const cancel = new native.NativeCancel()
-    const onAbort = (): void => cancel.cancel()
-    signal.addEventListener('abort', onAbort, { once: true })
-    try {
-      return await start(cancel)
-    } catch (e) {
-      if (signal.aborted) throw new AbortError(signal.reason)
-      throw toNbdError(e, op)
-    } finally {
-      signal.removeEventListener('abort', onAbort)
     }
   }
 
@@ -378,7 +436,7 @@ export class Handle {
    */
   async connectSocket(fd: number): Promise<void> {
     const op = 'connectSocket'
-    return this.#command(op, undefined, async () => {
+    return this.#async(op, async () => {
       if (typeof fd !== 'number' || !Number.isInteger(fd) || fd < 0 || fd > 0x7fffffff) {
         throw invalid(op, `fd must be a non-negative integer, got ${describe(fd)}`, typeof fd === 'number' ? 'EBADF' : 'EINVAL')
       }
@@ -389,7 +447,7 @@ export class Handle {
   /** Connects to a server listening on the Unix socket `path` (`nbd_connect_unix`). */
   async connectUnix(path: string): Promise<void> {
     const op = 'connectUnix'
-    return this.#command(op, undefined, async () => this.#native.connectUnix(checkString(op, 'path', path)))
+    return this.#async(op, async () => this.#native.connectUnix(checkString(op, 'path', path)))
   }
 
   /**
@@ -398,7 +456,7 @@ export class Handle {
    */
   async connectTcp(host: string, port: number | string): Promise<void> {
     const op = 'connectTcp'
-    return this.#command(op, undefined, async () => {
+    return this.#async(op, async () => {
       checkString(op, 'host', host)
       let p: string
       if (typeof port === 'number') {
@@ -416,13 +474,11 @@ export class Handle {
   /** Reads `count` bytes at `offset` into a new Buffer (`nbd_pread`). */
   async pread(count: number, offset: number | bigint, opts?: CmdOptions): Promise<Buffer> {
     const op = 'pread'
-    let signal: AbortSignal | undefined
     try {
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
-      const checked = checkOptions(op, opts, [])
-      signal = checked.signal
-      return await this.#command(op, signal, (cancel) => this.#native.pread(c, o, checked.flags, cancel))
+      const { flags, signal } = checkOptions(op, opts, [])
+      return await startCommand<Buffer>(op, signal, (id, cancel) => this.#native.pread(id, c, o, flags, cancel))
     } catch (e) {
       throw toNbdError(e, op)
     }
@@ -439,7 +495,7 @@ export class Handle {
       const b = checkBuffer(op, buf)
       const o = checkOffset(op, offset)
       const { flags, signal } = checkOptions(op, opts, [])
-      return await this.#command(op, signal, (cancel) => this.#native.preadInto(b, o, flags, cancel))
+      return await startCommand<void>(op, signal, (id, cancel) => this.#native.preadInto(id, b, o, flags, cancel))
     } catch (e) {
       throw toNbdError(e, op)
     }
@@ -452,7 +508,7 @@ export class Handle {
       const b = checkBuffer(op, buf)
       const o = checkOffset(op, offset)
       const { flags, signal } = checkOptions(op, opts, ['fua'])
-      return await this.#command(op, signal, (cancel) => this.#native.pwrite(b, o, flags, cancel))
+      return await startCommand<void>(op, signal, (id, cancel) => this.#native.pwrite(id, b, o, flags, cancel))
     } catch (e) {
       throw toNbdError(e, op)
     }
@@ -463,7 +519,7 @@ export class Handle {
     const op = 'flush'
     try {
       const { flags, signal } = checkOptions(op, opts, [])
-      return await this.#command(op, signal, (cancel) => this.#native.flush(flags, cancel))
+      return await startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, 0, 0, flags, cancel))
     } catch (e) {
       throw toNbdError(e, op)
     }
@@ -476,7 +532,7 @@ export class Handle {
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
       const { flags, signal } = checkOptions(op, opts, ['fua'])
-      return await this.#command(op, signal, (cancel) => this.#native.trim(c, o, flags, cancel))
+      return await startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
     } catch (e) {
       throw toNbdError(e, op)
     }
@@ -489,7 +545,7 @@ export class Handle {
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
       const { flags, signal } = checkOptions(op, opts, [])
-      return await this.#command(op, signal, (cancel) => this.#native.cache(c, o, flags, cancel))
+      return await startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
     } catch (e) {
       throw toNbdError(e, op)
     }
@@ -509,7 +565,7 @@ export class Handle {
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
       const { flags, signal } = checkOptions(op, opts, ['fua', 'noHole', 'fastZero'])
-      return await this.#command(op, signal, (cancel) => this.#native.zero(c, o, flags, cancel))
+      return await startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
     } catch (e) {
       throw toNbdError(e, op)
     }

@@ -75,16 +75,66 @@ impl Drop for InFlightGuard {
     }
 }
 
-pub(crate) type Reply = oneshot::Sender<Result<Payload>>;
+/// A command's outcome, boxed for a callback.
+pub(crate) type Callback = Box<dyn FnOnce(Result<Payload>) + Send>;
+
+/// Where a command's outcome goes: a channel (async API) or a callback (called exactly
+/// once: if the command is dropped unanswered, say because the handle closed, the callback
+/// hears of it).
+pub(crate) enum Reply {
+    Channel(oneshot::Sender<Result<Payload>>),
+    Callback(CallbackReply),
+}
+
+pub(crate) struct CallbackReply(Option<Callback>);
+
+impl CallbackReply {
+    pub(crate) fn new(f: Callback) -> CallbackReply {
+        CallbackReply(Some(f))
+    }
+
+    /// Takes the callback back uncalled (the command was never queued).
+    pub(crate) fn disarm(mut self) -> Callback {
+        self.0.take().expect("armed")
+    }
+}
+
+impl Drop for CallbackReply {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(Error::io(
+                Errno::ENOTCONN,
+                "the handle was closed before the command finished",
+            )));
+        }
+    }
+}
+
+impl Reply {
+    pub(crate) fn send(self, result: Result<Payload>) {
+        match self {
+            Reply::Channel(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Callback(mut cb) => {
+                if let Some(f) = cb.0.take() {
+                    f(result)
+                }
+            }
+        }
+    }
+}
 
 /// A command on its way to the writer.
 pub(crate) struct CommandRequest {
+    // Declared first so that it drops first: a request dropped unsent stops counting as in
+    // flight before its callback (if any) reports it.
+    pub guard: InFlightGuard,
     pub cmd: Command,
     pub flags: u16,
     pub payload: Payload,
     pub cancel: Option<CancelToken>,
     pub reply: Reply,
-    pub guard: InFlightGuard,
 }
 
 pub(crate) enum Request {
@@ -99,17 +149,28 @@ pub(crate) enum Request {
 
 /// A command the reader is waiting for.
 struct InFlight {
+    // Dropped first (declaration order) when an entry is dropped unanswered, for the same
+    // reason as in CommandRequest.
+    _guard: InFlightGuard,
+    _permit: OwnedSemaphorePermit,
     reply: Reply,
     payload: Payload,
     cancel: Option<CancelToken>,
-    _permit: OwnedSemaphorePermit,
-    _guard: InFlightGuard,
 }
 
 impl InFlight {
     fn complete(self, result: Result<()>) {
-        let InFlight { reply, payload, .. } = self;
-        let _ = reply.send(result.map(|()| payload));
+        let InFlight {
+            reply,
+            payload,
+            cancel,
+            _permit,
+            _guard,
+        } = self;
+        // No longer in flight before anyone hears of the outcome: a caller that looks at
+        // the handle's state right after must see it idle.
+        drop((_permit, _guard, cancel));
+        reply.send(result.map(|()| payload));
     }
 }
 
@@ -286,8 +347,9 @@ impl WriterTask {
         self.requests.close();
         while let Ok(req) = self.requests.try_recv() {
             match req {
-                Request::Command(c) => {
-                    let _ = c.reply.send(Err(self.lifeline.pending_error()));
+                Request::Command(CommandRequest { reply, guard, .. }) => {
+                    drop(guard);
+                    reply.send(Err(self.lifeline.pending_error()));
                 }
                 Request::Disconnect { done, .. } => {
                     let _ = done.send(Err(self.lifeline.pending_error()));

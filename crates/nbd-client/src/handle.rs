@@ -17,8 +17,22 @@ use nbd_proto::{Errno, Error, Result};
 use crate::buffer::{DestBuf, SourceBuf};
 use crate::cancel::CancelToken;
 use crate::config::Config;
-use crate::driver::{CommandRequest, Driver, InFlightGuard, Payload, Request, Shared};
+use crate::driver::{
+    Callback, CallbackReply, CommandRequest, Driver, InFlightGuard, Payload, Reply, Request, Shared,
+};
 use crate::transport::{self, io_error, Reader, Writer};
+
+/// A command for [`Handle::submit`].
+pub enum Op {
+    /// Read `count` bytes into a new buffer.
+    Read { count: u64, offset: u64, flags: u32 },
+    /// Read into the caller's buffer (all of it).
+    ReadInto { dest: Box<dyn DestBuf>, offset: u64, flags: u32 },
+    /// Write the caller's buffer.
+    Write { src: Box<dyn SourceBuf>, offset: u64, flags: u32 },
+    /// Flush, trim, cache or zero.
+    Other { kind: CommandKind, count: u64, offset: u64, flags: u32 },
+}
 
 /// Byte and chunk counters of a connection (libnbd's `nbd_stats_*`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -376,6 +390,9 @@ impl Handle {
     ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
         let cmd = command(CommandKind::Read, offset, dest.len() as u64, flags);
         let (_, flags) = self.checked(&cmd)?;
+        if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+            return Err(cancelled_error());
+        }
         if self.config().pread_initialize && !dest.is_empty() {
             // SAFETY: DestBuf promises len writable bytes.
             unsafe { std::ptr::write_bytes(dest.as_mut_ptr(), 0, dest.len()) };
@@ -468,6 +485,59 @@ impl Handle {
         Ok((session, flags))
     }
 
+    /// Queues a command whose outcome goes to `done`, called exactly once on some thread
+    /// of the driver (or not at all when this returns an error). For bindings that settle
+    /// many commands through one notification channel; `Some(bytes)` for `Op::Read`.
+    pub fn submit(
+        &self,
+        op: Op,
+        cancel: Option<CancelToken>,
+        done: impl FnOnce(Result<Option<Vec<u8>>>) + Send + 'static,
+    ) -> Result<()> {
+        let (cmd, mut payload) = match op {
+            Op::Read { count, offset, flags } => (
+                command(CommandKind::Read, offset, count, flags),
+                Payload::None,
+            ),
+            Op::ReadInto { dest, offset, flags } => (
+                command(CommandKind::Read, offset, dest.len() as u64, flags),
+                Payload::ReadInto(dest),
+            ),
+            Op::Write { src, offset, flags } => (
+                command(CommandKind::Write, offset, src.len() as u64, flags),
+                Payload::Write(src),
+            ),
+            Op::Other { kind, count, offset, flags } => {
+                if matches!(kind, CommandKind::Read | CommandKind::Write | CommandKind::Disconnect) {
+                    return Err(Error::usage(Errno::EINVAL, "Op::Other takes flush, trim, cache or zero"));
+                }
+                (command(kind, offset, count, flags), Payload::None)
+            }
+        };
+        let (_, flags) = self.checked(&cmd)?;
+        // A cancelled command must not touch its buffer, not even to zero it.
+        if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+            return Err(cancelled_error());
+        }
+        match &mut payload {
+            Payload::None if cmd.kind == CommandKind::Read => {
+                payload = Payload::ReadOwned(vec![0u8; cmd.length as usize]);
+            }
+            Payload::ReadInto(dest) if self.config().pread_initialize && !dest.is_empty() => {
+                // SAFETY: DestBuf promises len writable bytes.
+                unsafe { std::ptr::write_bytes(dest.as_mut_ptr(), 0, dest.len()) };
+            }
+            _ => {}
+        }
+        let callback: Callback = Box::new(move |r: Result<Payload>| {
+            done(r.map(|p| match p {
+                Payload::ReadOwned(v) => Some(v),
+                _ => None,
+            }))
+        });
+        self.enqueue(cmd, flags, payload, cancel, Reply::Callback(CallbackReply::new(callback)))
+    }
+
     /// Hands a checked command to the driver; the future resolves with its payload.
     fn start(
         &self,
@@ -476,42 +546,60 @@ impl Handle {
         payload: Payload,
         cancel: Option<CancelToken>,
     ) -> Result<impl Future<Output = Result<Payload>> + Send + 'static> {
-        let cancelled = || {
-            Error::new(
-                nbd_proto::Fault::Cancelled,
-                Errno::ECANCELED,
-                "the command was cancelled",
-            )
-        };
-        if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
-            return Err(cancelled());
-        }
-        let (requests, lifeline) = match &*self.phase() {
-            Phase::Connected { driver, .. } => (driver.requests.clone(), driver.lifeline.clone()),
-            _ => return Err(Error::usage(Errno::EINVAL, "invalid state: the handle is not connected")),
-        };
         let (reply, answer) = oneshot::channel();
-        let request = Request::Command(CommandRequest {
-            cmd,
-            flags,
-            payload,
-            cancel: cancel.clone(),
-            reply,
-            guard: InFlightGuard::new(&self.inner.shared),
-        });
-        if requests.send(request).is_err() {
-            return Err(lifeline.pending_error());
-        }
+        self.enqueue(cmd, flags, payload, cancel.clone(), Reply::Channel(reply))?;
         Ok(async move {
             let result = match cancel {
                 None => answer.await,
                 Some(token) => tokio::select! {
                     r = answer => r,
-                    () = token.cancelled() => return Err(cancelled()),
+                    () = token.cancelled() => return Err(cancelled_error()),
                 },
             };
             result.unwrap_or_else(|_| Err(closed_error()))
         })
+    }
+
+    fn enqueue(
+        &self,
+        cmd: Command,
+        flags: u16,
+        payload: Payload,
+        cancel: Option<CancelToken>,
+        reply: Reply,
+    ) -> Result<()> {
+        let refuse = |reply: Reply, e: Error| {
+            if let Reply::Callback(cb) = reply {
+                drop(cb.disarm());
+            }
+            Err(e)
+        };
+        if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+            return refuse(reply, cancelled_error());
+        }
+        let (requests, lifeline) = match &*self.phase() {
+            Phase::Connected { driver, .. } => (driver.requests.clone(), driver.lifeline.clone()),
+            _ => {
+                return refuse(
+                    reply,
+                    Error::usage(Errno::EINVAL, "invalid state: the handle is not connected"),
+                )
+            }
+        };
+        let request = Request::Command(CommandRequest {
+            cmd,
+            flags,
+            payload,
+            cancel,
+            reply,
+            guard: InFlightGuard::new(&self.inner.shared),
+        });
+        if let Err(unsent) = requests.send(request) {
+            if let Request::Command(c) = unsent.0 {
+                return refuse(c.reply, lifeline.pending_error());
+            }
+        }
+        Ok(())
     }
 
     // ---- ending ----
@@ -568,17 +656,9 @@ impl Handle {
     /// socket. Idempotent.
     pub async fn close(&self) {
         self.inner.closing.send_replace(true);
-        let old = {
-            let mut phase = self.phase();
-            let negotiated = match &*phase {
-                Phase::Connected { driver, .. } => Some(driver.session.clone()),
-                Phase::Failed { negotiated, .. } | Phase::Closed { negotiated } => {
-                    negotiated.clone()
-                }
-                _ => None,
-            };
-            std::mem::replace(&mut *phase, Phase::Closed { negotiated })
-        };
+        // A closed handle is as good as freed (nbd_close): its details go too, and every
+        // call but close fails with EINVAL.
+        let old = std::mem::replace(&mut *self.phase(), Phase::Closed { negotiated: None });
         if let Phase::Connected {
             socket, mut driver, ..
         } = old
@@ -596,6 +676,14 @@ fn command(kind: CommandKind, offset: u64, length: u64, flags: u32) -> Command {
         length,
         flags,
     }
+}
+
+fn cancelled_error() -> Error {
+    Error::new(
+        nbd_proto::Fault::Cancelled,
+        Errno::ECANCELED,
+        "the command was cancelled",
+    )
 }
 
 fn closed_error() -> Error {

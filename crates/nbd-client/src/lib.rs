@@ -32,7 +32,7 @@ mod transport;
 pub use buffer::{DestBuf, SourceBuf};
 pub use cancel::CancelToken;
 pub use config::Config;
-pub use handle::{Handle, Stats};
+pub use handle::{Handle, Op, Stats};
 pub use nbd_proto::consts;
 pub use nbd_proto::handshake::{BlockSize, ExportInfo, Protocol};
 pub use nbd_proto::state::State;

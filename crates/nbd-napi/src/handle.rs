@@ -6,7 +6,10 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use nbd_client::consts::*;
-use nbd_client::{CancelToken, CommandKind, DestBuf, Handle, SourceBuf};
+use std::sync::Arc;
+
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use nbd_client::{CancelToken, CommandKind, DestBuf, Handle, Op, SourceBuf};
 
 use crate::{invalid, to_js};
 
@@ -100,10 +103,24 @@ pub struct NativeStats {
     pub chunks_received: BigInt,
 }
 
+/// A finished command: its id and outcome (`[CODE:errno] message` on failure).
+type Done = (u32, std::result::Result<Option<Vec<u8>>, String>);
+
+/// One notification channel per handle for every command's outcome: a weak threadsafe
+/// function (index.ts keeps the event loop alive while commands are pending), so finishing
+/// a command costs one queued call, not a promise machinery of its own.
+type Completions =
+    ThreadsafeFunction<Done, (), FnArgs<(u32, Option<String>, Option<Buffer>)>, Status, false, true>;
+
 /// The handle, as `nbd-client` implements it. Wrapped by `Handle` in index.ts.
 #[napi]
 pub struct NativeHandle {
     handle: Handle,
+    completions: Arc<Completions>,
+}
+
+fn error_text(e: &nbd_client::Error) -> String {
+    format!("[{}:{}] {}", e.errno().name(), e.errno().number(), e.message())
 }
 
 macro_rules! spawn {
@@ -114,10 +131,35 @@ macro_rules! spawn {
 
 #[napi]
 impl NativeHandle {
+    /// `on_complete(id, error, data)` is called once for every command started with an id.
     #[napi(constructor)]
-    pub fn new() -> Self {
-        NativeHandle {
+    pub fn new(
+        #[napi(ts_arg_type = "(id: number, error: string | null, data: Buffer | null) => void")]
+        on_complete: Function<FnArgs<(u32, Option<String>, Option<Buffer>)>, ()>,
+    ) -> Result<Self> {
+        let completions = on_complete
+            .build_threadsafe_function::<Done>()
+            .callee_handled::<false>()
+            .weak::<true>()
+            .build_callback(|ctx| {
+                let (id, outcome) = ctx.value;
+                Ok(FnArgs::from(match outcome {
+                    Ok(data) => (id, None, data.map(Buffer::from)),
+                    Err(message) => (id, Some(message), None),
+                }))
+            })?;
+        Ok(NativeHandle {
             handle: Handle::default(),
+            completions: Arc::new(completions),
+        })
+    }
+
+    /// The callback that reports command `id` through the completion channel.
+    fn done(&self, id: u32) -> impl FnOnce(nbd_client::Result<Option<Vec<u8>>>) + Send + 'static {
+        let completions = self.completions.clone();
+        move |outcome| {
+            let outcome = outcome.map_err(|e| error_text(&e));
+            completions.call((id, outcome), ThreadsafeFunctionCallMode::NonBlocking);
         }
     }
 
@@ -280,95 +322,69 @@ impl NativeHandle {
     }
 
     // ---- commands ----
+    //
+    // Each starts the command and returns at once; its outcome arrives through the
+    // completion callback under `id`. Refusals (state, strict checks) throw here instead.
 
-    #[napi(ts_return_type = "Promise<Buffer>")]
-    pub fn pread<'env>(
+    #[napi]
+    pub fn pread(
         &self,
-        env: &'env Env,
+        id: u32,
         count_: f64,
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
-    ) -> Result<PromiseRaw<'env, Buffer>> {
-        let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
-        let read = h.start_pread(n, off, flags, t).map_err(to_js)?;
-        env.spawn_future(async move { read.await.map(Buffer::from).map_err(to_js) })
+    ) -> Result<()> {
+        let op = Op::Read { count: count(count_)?, offset: offset(offset_)?, flags };
+        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
     }
 
-    #[napi(ts_return_type = "Promise<void>")]
-    pub fn pread_into<'env>(
+    #[napi]
+    pub fn pread_into(
         &self,
-        env: &'env Env,
+        id: u32,
         buf: Buffer,
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
-    ) -> Result<PromiseRaw<'env, ()>> {
-        let (h, off, t) = (self.handle.clone(), offset(offset_)?, token(cancel));
-        spawn!(env, h.start_pread_into(Box::new(Lent(buf)), off, flags, t).map_err(to_js)?)
+    ) -> Result<()> {
+        let op = Op::ReadInto { dest: Box::new(Lent(buf)), offset: offset(offset_)?, flags };
+        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
     }
 
-    #[napi(ts_return_type = "Promise<void>")]
-    pub fn pwrite<'env>(
+    #[napi]
+    pub fn pwrite(
         &self,
-        env: &'env Env,
+        id: u32,
         buf: Buffer,
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
-    ) -> Result<PromiseRaw<'env, ()>> {
-        let (h, off, t) = (self.handle.clone(), offset(offset_)?, token(cancel));
-        spawn!(env, h.start_pwrite(Box::new(Lent(buf)), off, flags, t).map_err(to_js)?)
+    ) -> Result<()> {
+        let op = Op::Write { src: Box::new(Lent(buf)), offset: offset(offset_)?, flags };
+        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
     }
 
-    #[napi(ts_return_type = "Promise<void>")]
-    pub fn flush<'env>(
+    /// Flush, trim, cache or zero (`kind`), by their libnbd names.
+    #[napi]
+    pub fn command(
         &self,
-        env: &'env Env,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-    ) -> Result<PromiseRaw<'env, ()>> {
-        let (h, t) = (self.handle.clone(), token(cancel));
-        spawn!(env, h.start_other(CommandKind::Flush, 0, 0, flags, t).map_err(to_js)?)
-    }
-
-    #[napi(ts_return_type = "Promise<void>")]
-    pub fn trim<'env>(
-        &self,
-        env: &'env Env,
+        id: u32,
+        kind: String,
         count_: f64,
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
-    ) -> Result<PromiseRaw<'env, ()>> {
-        let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
-        spawn!(env, h.start_other(CommandKind::Trim, n, off, flags, t).map_err(to_js)?)
-    }
-
-    #[napi(ts_return_type = "Promise<void>")]
-    pub fn cache<'env>(
-        &self,
-        env: &'env Env,
-        count_: f64,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-    ) -> Result<PromiseRaw<'env, ()>> {
-        let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
-        spawn!(env, h.start_other(CommandKind::Cache, n, off, flags, t).map_err(to_js)?)
-    }
-
-    #[napi(ts_return_type = "Promise<void>")]
-    pub fn zero<'env>(
-        &self,
-        env: &'env Env,
-        count_: f64,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-    ) -> Result<PromiseRaw<'env, ()>> {
-        let (h, n, off, t) = (self.handle.clone(), count(count_)?, offset(offset_)?, token(cancel));
-        spawn!(env, h.start_other(CommandKind::WriteZeroes, n, off, flags, t).map_err(to_js)?)
+    ) -> Result<()> {
+        let kind = match kind.as_str() {
+            "flush" => CommandKind::Flush,
+            "trim" => CommandKind::Trim,
+            "cache" => CommandKind::Cache,
+            "zero" => CommandKind::WriteZeroes,
+            other => return Err(invalid(format!("unknown command {other:?}"))),
+        };
+        let op = Op::Other { kind, count: count(count_)?, offset: offset(offset_)?, flags };
+        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
     }
 
     // ---- ending ----
@@ -482,8 +498,3 @@ impl NativeHandle {
     }
 }
 
-impl Default for NativeHandle {
-    fn default() -> Self {
-        Self::new()
-    }
-}

@@ -667,10 +667,10 @@ impl<T> ReplyDecoder<T> {
         len: u64,
         what: &str,
     ) -> Result<usize, Fatal<T>> {
+        // Without strict bounds a request may run past 2^64: saturate, never overflow.
+        let cmd_end = cmd.offset.saturating_add(cmd.length);
         let inside = offset >= cmd.offset
-            && offset
-                .checked_add(len)
-                .is_some_and(|end| end <= cmd.offset + cmd.length);
+            && offset.checked_add(len).is_some_and(|end| end <= cmd_end);
         if inside {
             Ok((offset - cmd.offset) as usize)
         } else {
@@ -681,7 +681,7 @@ impl<T> ReplyDecoder<T> {
                     offset,
                     offset.saturating_add(len),
                     cmd.offset,
-                    cmd.offset + cmd.length
+                    cmd_end
                 ),
             ))
         }

@@ -1,0 +1,693 @@
+//! Integration tests of the Rust client: against the embedded server (socketpair and Unix
+//! socket), and against a server played by hand for what a real server will not do on cue
+//! (stay silent, answer late, hang up mid-flight).
+
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::task::JoinSet;
+
+use nbd_client::consts::*;
+use nbd_client::{CancelToken, Config, DestBuf, Errno, Error, Handle, Protocol, State};
+use nbd_embedded::{MemoryServer, ServerOptions};
+
+const MIB: u64 = 1024 * 1024;
+
+fn server(size: u64) -> MemoryServer {
+    MemoryServer::new(ServerOptions {
+        size,
+        ..Default::default()
+    })
+}
+
+/// Moves `fd` to a number at or above `min`, far above what the rest of the process
+/// allocates, so that "is this number still open?" cannot be answered by someone else's
+/// new descriptor reusing it.
+fn high_fd(fd: OwnedFd, min: RawFd) -> RawFd {
+    // SAFETY: plain fcntl on an fd we own.
+    let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    assert!(high >= min, "F_DUPFD_CLOEXEC: {}", std::io::Error::last_os_error());
+    high
+}
+
+fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+fn fd_is_closed(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries.
+    let rc = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBADF)
+}
+
+/// Closes an fd the test still owns.
+fn close_fd(fd: RawFd) {
+    // SAFETY: the caller owns `fd` and no longer uses it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+}
+
+#[track_caller]
+fn assert_errno<T: std::fmt::Debug>(r: Result<T, Error>, errno: Errno) -> Error {
+    match r {
+        Ok(v) => panic!("expected {errno}, got Ok({v:?})"),
+        Err(e) => {
+            assert_eq!(e.errno(), errno, "{e}");
+            e
+        }
+    }
+}
+
+async fn connected(server: &MemoryServer, config: Config) -> Handle {
+    let h = Handle::new(config);
+    let fd = server.socketpair().unwrap().into_raw_fd();
+    h.connect_socket(fd).await.unwrap();
+    h
+}
+
+fn pattern(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (i * 31 + j * 7 + (j >> 8)) as u8).collect()
+}
+
+/// Waits (briefly) until no command counts as in flight. A returned command may still be
+/// counted for a moment: see state_is_ready_as_soon_as_the_last_command_returns.
+async fn settled(h: &Handle) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while h.in_flight() != 0 {
+        assert!(Instant::now() < deadline, "in_flight stuck at {}", h.in_flight());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Writes `count` distinct 4 KiB blocks, all in flight at once, then reads them back the
+/// same way.
+async fn write_and_read_back(h: &Handle, server: &MemoryServer, count: usize) {
+    const BLOCK: usize = 4096;
+    let mut writes = JoinSet::new();
+    for i in 0..count {
+        let h = h.clone();
+        writes.spawn(async move {
+            h.pwrite(Box::new(pattern(i, BLOCK)), (i * BLOCK) as u64, 0, None)
+                .await
+        });
+    }
+    while let Some(r) = writes.join_next().await {
+        r.unwrap().unwrap();
+    }
+    for i in 0..count {
+        assert_eq!(server.read((i * BLOCK) as u64, BLOCK), pattern(i, BLOCK), "block {i} on the server");
+    }
+    let mut reads = JoinSet::new();
+    for i in 0..count {
+        let h = h.clone();
+        reads.spawn(async move { (i, h.pread(BLOCK as u64, (i * BLOCK) as u64, 0, None).await) });
+    }
+    while let Some(r) = reads.join_next().await {
+        let (i, data) = r.unwrap();
+        assert_eq!(data.unwrap(), pattern(i, BLOCK), "block {i} read back");
+    }
+}
+
+// ---- the embedded server ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socketpair_500_commands_in_flight() {
+    let srv = server(4 * MIB);
+    let h = connected(
+        &srv,
+        Config {
+            max_in_flight: 1024,
+            ..Config::default()
+        },
+    )
+    .await;
+    assert_eq!(h.state(), State::Ready);
+    let n = h.negotiated().unwrap();
+    // The embedded server refuses GO and structured replies: fixed newstyle, simple replies.
+    assert_eq!(n.protocol, Protocol::FixedNewstyle);
+    assert!(!n.structured_replies);
+    assert_eq!(n.export.size, 4 * MIB);
+    assert!(n.export.has(FLAG_SEND_FLUSH));
+    write_and_read_back(&h, &srv, 500).await;
+    h.flush(0, None).await.unwrap();
+    // (That it is 0 at once is checked, and found wanting, by
+    // state_is_ready_as_soon_as_the_last_command_returns.)
+    settled(&h).await;
+    assert_eq!(h.state(), State::Ready);
+    let stats = h.stats();
+    assert!(stats.bytes_sent > 500 * 4096 && stats.bytes_received > 500 * 4096, "{stats:?}");
+    h.shutdown(false).await.unwrap();
+    assert_eq!(h.state(), State::Closed);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_is_ready_as_soon_as_the_last_command_returns() {
+    let srv = server(MIB);
+    let h = connected(&srv, Config::default()).await;
+    let mut stale = 0;
+    for i in 0..300u64 {
+        h.pread(512, (i % 64) * 512, 0, None).await.unwrap();
+        if h.in_flight() != 0 || h.state() != State::Ready {
+            stale += 1;
+        }
+    }
+    assert_eq!(stale, 0, "{stale} of 300 completed reads left the handle looking busy");
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listen_unix_and_connect_unix() {
+    let srv = server(4 * MIB);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let path = std::env::temp_dir().join(format!(
+        "nbd-client-embedded-{}-{nanos}.sock",
+        std::process::id()
+    ));
+    let listener = srv.listen_unix(&path).unwrap();
+    let h = Handle::new(Config {
+        max_in_flight: 1024,
+        ..Config::default()
+    });
+    h.connect_unix(path.to_str().unwrap()).await.unwrap();
+    assert_eq!(h.state(), State::Ready);
+    write_and_read_back(&h, &srv, 500).await;
+
+    // A second client on the same listener sees the first one's data.
+    let h2 = Handle::default();
+    h2.connect_unix(path.to_str().unwrap()).await.unwrap();
+    assert_eq!(h2.pread(4096, 4096 * 7, 0, None).await.unwrap(), pattern(7, 4096));
+    h2.shutdown(false).await.unwrap();
+    h.shutdown(false).await.unwrap();
+    assert_eq!(h.state(), State::Closed);
+    listener.close();
+    assert!(!path.exists());
+
+    // Nothing listens there any more.
+    let h3 = Handle::default();
+    assert!(h3.connect_unix(path.to_str().unwrap()).await.is_err());
+    assert_eq!(h3.state(), State::Dead);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_transitions() {
+    let srv = server(MIB);
+    let h = Handle::default();
+    assert_eq!(h.state(), State::Created);
+    assert_errno(h.pread(512, 0, 0, None).await, Errno::ENOTCONN);
+    assert_errno(h.negotiated(), Errno::ENOTCONN);
+    assert_errno(h.shutdown(false).await, Errno::ENOTCONN);
+
+    h.connect_socket(srv.socketpair().unwrap().into_raw_fd()).await.unwrap();
+    assert_eq!(h.state(), State::Ready);
+    assert_errno(h.configure(|c| c.full_info = true), Errno::EINVAL);
+    assert_errno(h.set_export_name("x"), Errno::EINVAL);
+    h.pwrite(Box::new(vec![1u8; 512]), 0, 0, None).await.unwrap();
+
+    h.shutdown(false).await.unwrap();
+    assert_eq!(h.state(), State::Closed);
+    assert_errno(h.pread(512, 0, 0, None).await, Errno::EINVAL);
+    // Information stays available after the end, as in libnbd.
+    assert_eq!(h.negotiated().unwrap().export.size, MIB);
+    h.close().await;
+    assert_eq!(h.state(), State::Closed);
+    h.close().await; // idempotent
+
+    // close() without shutdown.
+    let h = connected(&srv, Config::default()).await;
+    assert_eq!(h.state(), State::Ready);
+    h.close().await;
+    assert_eq!(h.state(), State::Closed);
+    assert_errno(h.pread(512, 0, 0, None).await, Errno::EINVAL);
+    assert_errno(
+        h.connect_socket(-1).await,
+        Errno::EINVAL,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_connect_is_refused_and_leaves_the_fd_alone() {
+    let srv = server(MIB);
+    let h = connected(&srv, Config::default()).await;
+    let other = high_fd(srv.socketpair().unwrap(), 2000);
+    let e = assert_errno(h.connect_socket(other).await, Errno::EINVAL);
+    assert!(e.message().contains("state"), "{e}");
+    assert!(fd_is_open(other), "a refused connect must not take the fd");
+    // The first connection is unharmed.
+    assert_eq!(h.state(), State::Ready);
+    h.pwrite(Box::new(vec![9u8; 512]), 512, 0, None).await.unwrap();
+    assert_eq!(h.pread(512, 512, 0, None).await.unwrap(), vec![9u8; 512]);
+    h.close().await;
+    // Refused on a closed handle too, still without taking the fd.
+    assert_errno(h.connect_socket(other).await, Errno::EINVAL);
+    assert!(fd_is_open(other));
+    // The fd still works: another handle can use it.
+    let h2 = Handle::default();
+    h2.connect_socket(other).await.unwrap();
+    assert_eq!(h2.pread(512, 512, 0, None).await.unwrap(), vec![9u8; 512]);
+    h2.close().await;
+    assert!(fd_is_closed(other));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_socket_refuses_what_is_not_a_connected_stream_socket() {
+    let srv = server(MIB);
+    let h = Handle::default();
+
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let e = assert_errno(h.connect_socket(fds[0]).await, Errno::ENOTSOCK);
+    assert!(e.message().contains(&fds[0].to_string()), "{e}");
+    assert!(fd_is_open(fds[0]) && fd_is_open(fds[1]));
+    assert_eq!(h.state(), State::Created, "a refused fd leaves the handle as it was");
+
+    // A closed number.
+    let closed = high_fd(srv.socketpair().unwrap(), 3000);
+    close_fd(closed);
+    assert_errno(h.connect_socket(closed).await, Errno::EBADF);
+    assert_errno(h.connect_socket(-5).await, Errno::EBADF);
+
+    // A listening socket, and a stream socket that is not connected.
+    let dir = std::env::temp_dir().join(format!("nbd-client-listen-{}", std::process::id()));
+    let _ = std::fs::remove_file(&dir);
+    let listening = std::os::unix::net::UnixListener::bind(&dir).unwrap();
+    assert_errno(h.connect_socket(listening.as_raw_fd()).await, Errno::EINVAL);
+    assert!(fd_is_open(listening.as_raw_fd()));
+    drop(listening);
+    let _ = std::fs::remove_file(&dir);
+    // SAFETY: plain socket(2).
+    let unconnected = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(unconnected >= 0);
+    assert_errno(h.connect_socket(unconnected).await, Errno::ENOTCONN);
+    assert!(fd_is_open(unconnected));
+    close_fd(unconnected);
+
+    // The handle is still newly created and connects fine.
+    assert_eq!(h.state(), State::Created);
+    h.connect_socket(srv.socketpair().unwrap().into_raw_fd()).await.unwrap();
+    assert_eq!(h.state(), State::Ready);
+    h.close().await;
+    close_fd(fds[0]);
+    close_fd(fds[1]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn close_closes_the_adopted_fd() {
+    let srv = server(MIB);
+    let fd = high_fd(srv.socketpair().unwrap(), 4000);
+    let h = Handle::default();
+    h.connect_socket(fd).await.unwrap();
+    assert!(fd_is_open(fd));
+    h.pwrite(Box::new(vec![3u8; 512]), 0, 0, None).await.unwrap();
+    // Shutting down ends the connection but the handle keeps the fd until closed.
+    h.shutdown(false).await.unwrap();
+    assert!(fd_is_open(fd), "the fd lives until the handle is closed");
+    h.close().await;
+    assert!(fd_is_closed(fd), "close() closes the adopted fd");
+
+    // Without shutdown.
+    let fd = high_fd(srv.socketpair().unwrap(), 4100);
+    let h = Handle::default();
+    h.connect_socket(fd).await.unwrap();
+    h.close().await;
+    assert!(fd_is_closed(fd));
+}
+
+// ---- a server played by hand ----
+
+/// The export the hand-played server announces.
+const HAND_SIZE: u64 = 16 * MIB;
+
+fn oldstyle_greeting(size: u64, flags: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend(NBDMAGIC.to_be_bytes());
+    v.extend(OLDSTYLE_MAGIC.to_be_bytes());
+    v.extend(size.to_be_bytes());
+    v.extend((flags as u32).to_be_bytes());
+    v.extend([0u8; 124]);
+    v
+}
+
+/// A handle connected over a socketpair to the returned end, where the test is the server
+/// (after a valid oldstyle greeting). The client's socket sits at an fd at or above `min_fd`.
+async fn hand_played(config: Config, min_fd: RawFd) -> (Handle, UnixStream, RawFd) {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = high_fd(OwnedFd::from(theirs), min_fd);
+    ours.set_nonblocking(true).unwrap();
+    let mut ours = UnixStream::from_std(ours).unwrap();
+    ours.write_all(&oldstyle_greeting(HAND_SIZE, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH))
+        .await
+        .unwrap();
+    let h = Handle::new(config);
+    h.connect_socket(fd).await.unwrap();
+    assert_eq!(h.negotiated().unwrap().protocol, Protocol::Oldstyle);
+    (h, ours, fd)
+}
+
+#[derive(Debug)]
+struct Request {
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+}
+
+async fn next_request(s: &mut UnixStream) -> Request {
+    let mut b = [0u8; 28];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+        .await
+        .expect("the client sends a request")
+        .unwrap();
+    assert_eq!(&b[..4], &REQUEST_MAGIC.to_be_bytes());
+    Request {
+        kind: u16::from_be_bytes([b[6], b[7]]),
+        cookie: u64::from_be_bytes(b[8..16].try_into().unwrap()),
+        offset: u64::from_be_bytes(b[16..24].try_into().unwrap()),
+        length: u32::from_be_bytes(b[24..28].try_into().unwrap()),
+    }
+}
+
+fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
+    let mut v = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+    v.extend(error.to_be_bytes());
+    v.extend(cookie.to_be_bytes());
+    v
+}
+
+/// A Vec-backed read destination that, when the client drops it, hands the bytes back
+/// through a shared slot: the test looks at them only once the client has let go, so the
+/// buffer is never read while the client may write it.
+struct ReturnedBuf {
+    data: Vec<u8>,
+    home: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+impl ReturnedBuf {
+    fn new(data: Vec<u8>) -> (ReturnedBuf, Arc<Mutex<Option<Vec<u8>>>>) {
+        let home = Arc::new(Mutex::new(None));
+        (
+            ReturnedBuf {
+                data,
+                home: home.clone(),
+            },
+            home,
+        )
+    }
+}
+
+// SAFETY: the pointer is to the Vec's heap block, which is owned by this value alone, never
+// reallocated, and stays put when the value moves; it is released only in Drop.
+unsafe impl DestBuf for ReturnedBuf {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.data.as_mut_ptr()
+    }
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl Drop for ReturnedBuf {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        *self.home.lock().unwrap_or_else(|p| p.into_inner()) = Some(data);
+    }
+}
+
+/// Waits for the client to give a buffer back.
+async fn returned(home: &Arc<Mutex<Option<Vec<u8>>>>) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(v) = home.lock().unwrap().take() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "the client never released the buffer");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Proves that everything the server sent before has been consumed by the client: a read
+/// sent now completes only after the reader has gone past all of it.
+async fn round_trip(h: &Handle, s: &mut UnixStream) {
+    let h2 = h.clone();
+    let task = tokio::spawn(async move { h2.pread(16, 0, 0, None).await });
+    let req = next_request(s).await;
+    assert_eq!((req.kind, req.length), (CMD_READ, 16));
+    let mut reply = simple_reply(0, req.cookie);
+    reply.extend([0x77; 16]);
+    s.write_all(&reply).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+    assert_eq!(got.unwrap(), vec![0x77; 16]);
+}
+
+async fn cancelled_read_is_not_written(len: usize, min_fd: RawFd) {
+    let (h, mut s, _) = hand_played(
+        Config {
+            pread_initialize: false,
+            ..Config::default()
+        },
+        min_fd,
+    )
+    .await;
+    let (buf, home) = ReturnedBuf::new(vec![0xaa; len]);
+    let token = CancelToken::new();
+    let h2 = h.clone();
+    let t2 = token.clone();
+    let task = tokio::spawn(async move { h2.pread_into(Box::new(buf), 4096, 0, Some(t2)).await });
+    let req = next_request(&mut s).await;
+    assert_eq!((req.kind, req.offset, req.length as usize), (CMD_READ, 4096, len));
+    assert_eq!(h.state(), State::Processing);
+
+    let t0 = Instant::now();
+    token.cancel();
+    let r = tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .expect("a cancelled read settles promptly")
+        .unwrap();
+    let e = assert_errno(r, Errno::ECANCELED);
+    assert_eq!(e.fault(), nbd_client::Fault::Cancelled);
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+
+    // The server answers after all.
+    let mut reply = simple_reply(0, req.cookie);
+    reply.extend(vec![0x55; len]);
+    s.write_all(&reply).await.unwrap();
+    round_trip(&h, &mut s).await;
+
+    let data = returned(&home).await;
+    assert_eq!(data.len(), len);
+    assert!(
+        data.iter().all(|&b| b == 0xaa),
+        "a cancelled read wrote {} bytes into its buffer",
+        data.iter().filter(|&&b| b != 0xaa).count()
+    );
+    // The connection survived, and the cancelled read is gone from the books.
+    settled(&h).await;
+    assert_eq!(h.state(), State::Ready);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_small_read_is_not_written_afterwards() {
+    cancelled_read_is_not_written(4096, 5000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_large_read_is_not_written_afterwards() {
+    // Large enough for the reader to read straight into the destination.
+    cancelled_read_is_not_written(MIB as usize, 5100).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_in_the_middle_of_a_payload() {
+    let (h, mut s, _) = hand_played(
+        Config {
+            pread_initialize: false,
+            ..Config::default()
+        },
+        5200,
+    )
+    .await;
+    let len = MIB as usize;
+    let (buf, home) = ReturnedBuf::new(vec![0xaa; len]);
+    let token = CancelToken::new();
+    let (h2, t2) = (h.clone(), token.clone());
+    let task = tokio::spawn(async move { h2.pread_into(Box::new(buf), 0, 0, Some(t2)).await });
+    let req = next_request(&mut s).await;
+    let mut first = simple_reply(0, req.cookie);
+    first.extend(vec![0x55; len / 4]);
+    s.write_all(&first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    token.cancel();
+    assert_errno(tokio::time::timeout(Duration::from_secs(2), task).await.unwrap().unwrap(), Errno::ECANCELED);
+    // Everything sent from now on must not land.
+    s.write_all(&vec![0x66; len - len / 4]).await.unwrap();
+    round_trip(&h, &mut s).await;
+    let data = returned(&home).await;
+    assert!(data[..len / 4].iter().all(|&b| b == 0x55 || b == 0xaa));
+    assert!(
+        data[len / 4..].iter().all(|&b| b == 0xaa),
+        "bytes sent after the cancellation landed in the buffer"
+    );
+    settled(&h).await;
+    assert_eq!(h.state(), State::Ready);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_cancelled_before_it_is_sent_never_goes_out() {
+    let (h, mut s, _) = hand_played(Config::default(), 5300).await;
+    let token = CancelToken::new();
+    token.cancel();
+    assert_errno(h.pread(512, 0, 0, Some(token.clone())).await, Errno::ECANCELED);
+    let (buf, _home) = ReturnedBuf::new(vec![0xaa; 512]);
+    assert_errno(h.pread_into(Box::new(buf), 0, 0, Some(token)).await, Errno::ECANCELED);
+    // The next request on the wire is the round trip's read, not a cancelled one.
+    round_trip(&h, &mut s).await;
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_cancelled_before_the_call_leaves_the_buffer_alone() {
+    // cancel.rs: "once CancelToken::cancel returns, no byte lands in the destination any
+    // more"; API.md: if the call is aborted, `buf` is not written after that moment.
+    let (h, _s, _) = hand_played(Config::default(), 5400).await;
+    let token = CancelToken::new();
+    token.cancel();
+    let (buf, home) = ReturnedBuf::new(vec![0xaa; 512]);
+    assert_errno(h.pread_into(Box::new(buf), 0, 0, Some(token)).await, Errno::ECANCELED);
+    let data = returned(&home).await;
+    assert!(
+        data.iter().all(|&b| b == 0xaa),
+        "{} bytes of a buffer whose read was cancelled before the call were overwritten",
+        data.iter().filter(|&&b| b != 0xaa).count()
+    );
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_hanging_up_fails_every_pending_command() {
+    let (h, mut s, fd) = hand_played(Config::default(), 6000).await;
+    let mut tasks = JoinSet::new();
+    for i in 0..20u64 {
+        let (h1, h2) = (h.clone(), h.clone());
+        tasks.spawn(async move { h1.pread(512, i * 512, 0, None).await.map(drop) });
+        tasks.spawn(async move { h2.pwrite(Box::new(vec![1u8; 512]), i * 512, 0, None).await });
+    }
+    let h2 = h.clone();
+    tasks.spawn(async move { h2.flush(0, None).await });
+    // All 41 submitted, and at least one on the wire.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.in_flight() < 41 {
+        assert!(Instant::now() < deadline, "commands never got submitted");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let _ = next_request(&mut s).await;
+    assert_eq!(h.state(), State::Processing);
+
+    let t0 = Instant::now();
+    drop(s);
+    let mut failures = 0;
+    while let Some(r) = tokio::time::timeout(Duration::from_secs(2), tasks.join_next())
+        .await
+        .expect("pending commands fail promptly")
+    {
+        assert_errno(r.unwrap(), Errno::ENOTCONN);
+        failures += 1;
+    }
+    assert_eq!(failures, 41);
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(h.state(), State::Dead);
+    settled(&h).await;
+    // A dead handle refuses new commands at once, and still knows the export.
+    assert_errno(h.pread(512, 0, 0, None).await, Errno::EINVAL);
+    assert_eq!(h.negotiated().unwrap().export.size, HAND_SIZE);
+    assert!(fd_is_open(fd), "the fd lives until the handle is closed");
+    h.close().await;
+    assert_eq!(h.state(), State::Closed);
+    assert!(fd_is_closed(fd));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_timeout_against_a_silent_peer() {
+    let (silent, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = high_fd(OwnedFd::from(theirs), 7000);
+    let h = Handle::new(Config {
+        connect_timeout: Some(Duration::from_millis(200)),
+        ..Config::default()
+    });
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), h.connect_socket(fd))
+        .await
+        .expect("connect_timeout bounds the connect");
+    let e = assert_errno(r, Errno::ETIMEDOUT);
+    assert!(e.message().contains("200"), "{e}");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(150) && took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(h.state(), State::Dead);
+    // Ownership passed at the call: the handle keeps the fd until closed, then closes it.
+    assert!(fd_is_open(fd));
+    h.close().await;
+    assert!(fd_is_closed(fd));
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn protocol_violation_fails_its_command_with_eproto_and_the_rest_with_enotconn() {
+    let (h, mut s, _) = hand_played(Config::default(), 8000).await;
+    let (h1, h2) = (h.clone(), h.clone());
+    let first = tokio::spawn(async move { h1.pread(512, 0, 0, None).await });
+    let a = next_request(&mut s).await;
+    let second = tokio::spawn(async move { h2.pread(512, 512, 0, None).await });
+    let _b = next_request(&mut s).await;
+    // A structured reply chunk, never negotiated with an oldstyle server, for the first read.
+    let mut chunk = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+    chunk.extend(REPLY_FLAG_DONE.to_be_bytes());
+    chunk.extend(REPLY_TYPE_NONE.to_be_bytes());
+    chunk.extend(a.cookie.to_be_bytes());
+    chunk.extend(0u32.to_be_bytes());
+    s.write_all(&chunk).await.unwrap();
+    let wait = |t| async move { tokio::time::timeout(Duration::from_secs(2), t).await.unwrap() };
+    let e = assert_errno(wait(first).await.unwrap(), Errno::EPROTO);
+    assert_eq!(e.fault(), nbd_client::Fault::Protocol);
+    assert_errno(wait(second).await.unwrap(), Errno::ENOTCONN);
+    assert_eq!(h.state(), State::Dead);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn close_with_a_read_pending_rejects_it_and_releases_the_buffer_untouched() {
+    let (h, mut s, fd) = hand_played(
+        Config {
+            pread_initialize: false,
+            ..Config::default()
+        },
+        8100,
+    )
+    .await;
+    let (buf, home) = ReturnedBuf::new(vec![0xaa; 4096]);
+    let h2 = h.clone();
+    let task = tokio::spawn(async move { h2.pread_into(Box::new(buf), 0, 0, None).await });
+    let _ = next_request(&mut s).await;
+    h.close().await;
+    let r = tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .expect("closing settles pending reads")
+        .unwrap();
+    assert!(r.is_err());
+    assert!(returned(&home).await.iter().all(|&b| b == 0xaa));
+    assert_eq!(h.state(), State::Closed);
+    assert!(fd_is_closed(fd));
+    // The server side sees the connection end.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(n.is_ok() || n.is_err());
+}
