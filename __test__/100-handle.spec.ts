@@ -179,6 +179,18 @@ test('constructor options reach the handle', async (t) => {
   })
   t.is(h.state, 'created')
   t.is(h.getExportName(), 'x')
+  t.is(h.getHandleName(), 'handle-under-test')
+  t.is(h.getStrictMode(), STRICT_COMMANDS | STRICT_FLAGS | STRICT_BOUNDS | STRICT_ZERO_SIZE | STRICT_ALIGN)
+  t.true(h.getPreadInitialize())
+  t.false(h.getRequestStructuredReplies())
+  t.is(h.getHandshakeFlags(), HANDSHAKE_FLAG_FIXED_NEWSTYLE | HANDSHAKE_FLAG_NO_ZEROES)
+  // And the defaults, as libnbd: strict all bits, structured replies requested, both flags.
+  const plain = new Handle()
+  t.true(plain.getRequestStructuredReplies())
+  t.is(plain.getHandshakeFlags(), HANDSHAKE_FLAG_FIXED_NEWSTYLE | HANDSHAKE_FLAG_NO_ZEROES)
+  t.true(plain.getPreadInitialize())
+  const allStrict = STRICT_COMMANDS | STRICT_FLAGS | STRICT_BOUNDS | STRICT_ZERO_SIZE | STRICT_ALIGN
+  t.is(plain.getStrictMode() & allStrict, allStrict)
 
   // Their effects are checked where they matter (200-connect, 400-pread); here, a handle built
   // with all of them still connects.

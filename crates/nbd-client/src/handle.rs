@@ -73,11 +73,9 @@ enum Phase {
         // Never read: held so the fd stays open until the handle is closed.
         #[allow(dead_code)]
         socket: Option<OwnedFd>,
-        negotiated: Option<Arc<Session>>,
     },
-    Closed {
-        negotiated: Option<Arc<Session>>,
-    },
+    /// Closed by the application: as good as freed.
+    Closed,
 }
 
 impl Default for Handle {
@@ -177,7 +175,7 @@ impl Handle {
                 None => State::Ready,
             },
             Phase::Failed { .. } => State::Dead,
-            Phase::Closed { .. } => State::Closed,
+            Phase::Closed => State::Closed,
         }
     }
 
@@ -203,7 +201,6 @@ impl Handle {
         state::check(Call::Info, state)?;
         let session = match &*self.phase() {
             Phase::Connected { driver, .. } => Some(driver.session.clone()),
-            Phase::Failed { negotiated, .. } | Phase::Closed { negotiated } => negotiated.clone(),
             _ => None,
         };
         session.map(|s| s.negotiated.clone()).ok_or_else(|| {
@@ -332,10 +329,7 @@ impl Handle {
                 Ok(())
             }
             Err(e) => {
-                *phase = Phase::Failed {
-                    socket,
-                    negotiated: None,
-                };
+                *phase = Phase::Failed { socket };
                 Err(e)
             }
         }
@@ -343,9 +337,8 @@ impl Handle {
 
     // ---- commands ----
     //
-    // Each command has a `start_*` form that checks and queues it at once, on the calling
-    // thread, and returns a future of its outcome (what the Node binding uses: the request
-    // reaches the writer without a detour through another task), and an async form.
+    // Each async command checks and queues the command at once, on the calling thread (its
+    // `start_*` helper), then awaits the outcome. `submit` is the callback form for bindings.
 
     /// `nbd_pread` into a new buffer of `count` bytes.
     pub async fn pread(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<Vec<u8>> {
@@ -353,7 +346,7 @@ impl Handle {
     }
 
     /// Queues [`Handle::pread`]; the future resolves to the bytes read.
-    pub fn start_pread(
+    fn start_pread(
         &self,
         count: u64,
         offset: u64,
@@ -381,7 +374,7 @@ impl Handle {
     }
 
     /// Queues [`Handle::pread_into`].
-    pub fn start_pread_into(
+    fn start_pread_into(
         &self,
         mut dest: Box<dyn DestBuf>,
         offset: u64,
@@ -407,7 +400,7 @@ impl Handle {
     }
 
     /// Queues [`Handle::pwrite`].
-    pub fn start_pwrite(
+    fn start_pwrite(
         &self,
         src: Box<dyn SourceBuf>,
         offset: u64,
@@ -439,7 +432,7 @@ impl Handle {
     }
 
     /// Queues a command without a data payload (flush, trim, cache, zero).
-    pub fn start_other(
+    fn start_other(
         &self,
         kind: CommandKind,
         count: u64,
@@ -658,7 +651,7 @@ impl Handle {
         self.inner.closing.send_replace(true);
         // A closed handle is as good as freed (nbd_close): its details go too, and every
         // call but close fails with EINVAL.
-        let old = std::mem::replace(&mut *self.phase(), Phase::Closed { negotiated: None });
+        let old = std::mem::replace(&mut *self.phase(), Phase::Closed);
         if let Phase::Connected {
             socket, mut driver, ..
         } = old
