@@ -124,11 +124,13 @@ test('maxInFlight bounds the requests on the wire (delayed server)', async (t) =
 })
 
 test('inFlight counts commands awaiting replies and returns to 0', async (t) => {
-  const h = await patternHandle(t, {}, ['--filter=delay'], ['rdelay=400ms'])
+  const h = await patternHandle(t, {}, ['--filter=delay'], ['rdelay=2'])
   if (!h) return
   t.is(h.inFlight, 0)
-  const reads = Array.from({ length: 4 }, (_, i) => h.pread(512, i * 512))
-  await sleep(100)
+  let settled = 0
+  const reads = Array.from({ length: 4 }, (_, i) => h.pread(512, i * 512).finally(() => settled++))
+  await sleep(200)
+  t.is(settled, 0, 'reads finished before the server delay')
   t.true(h.inFlight >= 1 && h.inFlight <= 4, `inFlight is ${h.inFlight} with 4 reads pending`)
   await Promise.all(reads)
   t.is(h.inFlight, 0)
@@ -234,16 +236,20 @@ test('aborting a pending preadInto rejects it at once and the buffer is not writ
 })
 
 test('closing the handle with a preadInto pending rejects it and the buffer is not written afterwards', async (t) => {
-  const h = await patternHandle(t, {}, ['--filter=delay'], ['rdelay=600ms'])
+  const h = await patternHandle(t, {}, ['--filter=delay'], ['rdelay=1500ms'])
   if (!h) return
   const buf = Buffer.alloc(4096, 0xaa)
-  const pending = h.preadInto(buf, 64 * KiB)
-  const settled = pending.then(() => 'resolved', (e: unknown) => e)
+  let outcome: unknown
+  const pending = h.preadInto(buf, 64 * KiB).then(() => 'resolved', (e: unknown) => e)
+  void pending.then((o) => {
+    outcome = o
+  })
   await sleep(50)
+  t.is(outcome, undefined, 'the read settled before close() was called')
   await h.close()
-  const outcome = await settled
-  t.not(outcome, 'resolved', 'the read resolved although the handle was closed first')
+  t.not(await pending, 'resolved', 'the read resolved although the handle was closed first')
   const snapshot = Buffer.from(buf)
-  await sleep(900)
+  // The server's reply would arrive during this wait.
+  await sleep(1800)
   t.true(buf.equals(snapshot), 'buf was written after close')
 })

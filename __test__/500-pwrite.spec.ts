@@ -130,12 +130,12 @@ test('stats count the bytes and chunks sent by pwrite', async (t) => {
 
 // ---- flags and the other commands on nbdkit memory, observed through the log filter ------------
 
-async function nbdkitWithLog(t: ExecutionContext, readOnly = false) {
+async function nbdkitWithLog(t: ExecutionContext) {
   if (!requireTool(t, 'nbdkit', ...CROSSCHECK_TOOLS)) return undefined
   const dir = makeTempDir('nbdkit-log-')
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }))
   const logfile = path.join(dir, 'log')
-  const server = await useNbdkit(t, ['memory', String(SIZE), `logfile=${logfile}`], { extraArgs: ['--filter=log'], readOnly })
+  const server = await useNbdkit(t, ['memory', String(SIZE), `logfile=${logfile}`], { extraArgs: ['--filter=log'] })
   if (!server) return undefined
   const h = await openHandle(t, server)
   // Waits for a line of the log to match (the filter logs each request as it is handled).
