@@ -312,12 +312,25 @@ function startCommand<T>(
   return new Promise<T>((resolve, reject) => {
     const id = nextId()
     if (signal === undefined) {
-      start(id, undefined)
+      try {
+        start(id, undefined)
+      } catch (e) {
+        reject(toNbdError(e, operation))
+        return
+      }
       pending.set(id, { resolve: resolve as (v: unknown) => void, reject, operation })
     } else {
-      if (signal.aborted) throw new AbortError(signal.reason)
+      if (signal.aborted) {
+        reject(new AbortError(signal.reason))
+        return
+      }
       const cancel = new native.NativeCancel()
-      start(id, cancel)
+      try {
+        start(id, cancel)
+      } catch (e) {
+        reject(toNbdError(e, operation))
+        return
+      }
       const onAbort = (): void => {
         cancel.cancel()
         pending.delete(id)
@@ -337,8 +350,6 @@ function startCommand<T>(
       })
     }
     if (started++ === 0) keepAlive.ref()
-  }).catch((e: unknown) => {
-    throw toNbdError(e, operation)
   })
 }
 
@@ -474,14 +485,10 @@ export class Handle {
   /** Reads `count` bytes at `offset` into a new Buffer (`nbd_pread`). */
   async pread(count: number, offset: number | bigint, opts?: CmdOptions): Promise<Buffer> {
     const op = 'pread'
-    try {
-      const c = checkCount(op, count)
-      const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, [])
-      return await startCommand<Buffer>(op, signal, (id, cancel) => this.#native.pread(id, c, o, flags, cancel))
-    } catch (e) {
-      throw toNbdError(e, op)
-    }
+    const c = checkCount(op, count)
+    const o = checkOffset(op, offset)
+    const { flags, signal } = checkOptions(op, opts, [])
+    return startCommand<Buffer>(op, signal, (id, cancel) => this.#native.pread(id, c, o, flags, cancel))
   }
 
   /**
@@ -491,64 +498,44 @@ export class Handle {
    */
   async preadInto(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions): Promise<void> {
     const op = 'preadInto'
-    try {
-      const b = checkBuffer(op, buf)
-      const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, [])
-      return await startCommand<void>(op, signal, (id, cancel) => this.#native.preadInto(id, b, o, flags, cancel))
-    } catch (e) {
-      throw toNbdError(e, op)
-    }
+    const b = checkBuffer(op, buf)
+    const o = checkOffset(op, offset)
+    const { flags, signal } = checkOptions(op, opts, [])
+    return startCommand<void>(op, signal, (id, cancel) => this.#native.preadInto(id, b, o, flags, cancel))
   }
 
   /** Writes `buf` at `offset` (`nbd_pwrite`). Do not modify `buf` until the promise settles. */
   async pwrite(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions & { fua?: boolean }): Promise<void> {
     const op = 'pwrite'
-    try {
-      const b = checkBuffer(op, buf)
-      const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, ['fua'])
-      return await startCommand<void>(op, signal, (id, cancel) => this.#native.pwrite(id, b, o, flags, cancel))
-    } catch (e) {
-      throw toNbdError(e, op)
-    }
+    const b = checkBuffer(op, buf)
+    const o = checkOffset(op, offset)
+    const { flags, signal } = checkOptions(op, opts, ['fua'])
+    return startCommand<void>(op, signal, (id, cancel) => this.#native.pwrite(id, b, o, flags, cancel))
   }
 
   /** Asks the server to commit all completed writes to stable storage (`nbd_flush`). */
   async flush(opts?: CmdOptions): Promise<void> {
     const op = 'flush'
-    try {
-      const { flags, signal } = checkOptions(op, opts, [])
-      return await startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, 0, 0, flags, cancel))
-    } catch (e) {
-      throw toNbdError(e, op)
-    }
+    const { flags, signal } = checkOptions(op, opts, [])
+    return startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, 0, 0, flags, cancel))
   }
 
   /** Tells the server `count` bytes at `offset` are no longer needed (`nbd_trim`). */
   async trim(count: number, offset: number | bigint, opts?: CmdOptions & { fua?: boolean }): Promise<void> {
     const op = 'trim'
-    try {
-      const c = checkCount(op, count)
-      const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, ['fua'])
-      return await startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
-    } catch (e) {
-      throw toNbdError(e, op)
-    }
+    const c = checkCount(op, count)
+    const o = checkOffset(op, offset)
+    const { flags, signal } = checkOptions(op, opts, ['fua'])
+    return startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
   }
 
   /** Asks the server to prefetch `count` bytes at `offset` (`nbd_cache`). */
   async cache(count: number, offset: number | bigint, opts?: CmdOptions): Promise<void> {
     const op = 'cache'
-    try {
-      const c = checkCount(op, count)
-      const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, [])
-      return await startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
-    } catch (e) {
-      throw toNbdError(e, op)
-    }
+    const c = checkCount(op, count)
+    const o = checkOffset(op, offset)
+    const { flags, signal } = checkOptions(op, opts, [])
+    return startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
   }
 
   /**
@@ -561,14 +548,10 @@ export class Handle {
     opts?: CmdOptions & { fua?: boolean; noHole?: boolean; fastZero?: boolean },
   ): Promise<void> {
     const op = 'zero'
-    try {
-      const c = checkCount(op, count)
-      const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, ['fua', 'noHole', 'fastZero'])
-      return await startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
-    } catch (e) {
-      throw toNbdError(e, op)
-    }
+    const c = checkCount(op, count)
+    const o = checkOffset(op, offset)
+    const { flags, signal } = checkOptions(op, opts, ['fua', 'noHole', 'fastZero'])
+    return startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
   }
 
   // ---- ending ----

@@ -78,14 +78,8 @@ impl Drop for InFlightGuard {
 /// A command's outcome, boxed for a callback.
 pub(crate) type Callback = Box<dyn FnOnce(Result<Payload>) + Send>;
 
-/// Where a command's outcome goes: a channel (async API) or a callback (called exactly
-/// once: if the command is dropped unanswered, say because the handle closed, the callback
-/// hears of it).
-pub(crate) enum Reply {
-    Channel(oneshot::Sender<Result<Payload>>),
-    Callback(CallbackReply),
-}
-
+/// A command's callback, called exactly once: if the command is dropped unanswered (say
+/// because the handle closed), the callback hears of it from the drop.
 pub(crate) struct CallbackReply(Option<Callback>);
 
 impl CallbackReply {
@@ -96,6 +90,12 @@ impl CallbackReply {
     /// Takes the callback back uncalled (the command was never queued).
     pub(crate) fn disarm(mut self) -> Callback {
         self.0.take().expect("armed")
+    }
+
+    pub(crate) fn send(mut self, result: Result<Payload>) {
+        if let Some(f) = self.0.take() {
+            f(result)
+        }
     }
 }
 
@@ -110,21 +110,6 @@ impl Drop for CallbackReply {
     }
 }
 
-impl Reply {
-    pub(crate) fn send(self, result: Result<Payload>) {
-        match self {
-            Reply::Channel(tx) => {
-                let _ = tx.send(result);
-            }
-            Reply::Callback(mut cb) => {
-                if let Some(f) = cb.0.take() {
-                    f(result)
-                }
-            }
-        }
-    }
-}
-
 /// A command on its way to the writer.
 pub(crate) struct CommandRequest {
     // Declared first so that it drops first: a request dropped unsent stops counting as in
@@ -134,7 +119,7 @@ pub(crate) struct CommandRequest {
     pub flags: u16,
     pub payload: Payload,
     pub cancel: Option<CancelToken>,
-    pub reply: Reply,
+    pub reply: CallbackReply,
 }
 
 pub(crate) enum Request {
@@ -153,7 +138,7 @@ struct InFlight {
     // reason as in CommandRequest.
     _guard: InFlightGuard,
     _permit: OwnedSemaphorePermit,
-    reply: Reply,
+    reply: CallbackReply,
     payload: Payload,
     cancel: Option<CancelToken>,
 }
@@ -214,7 +199,7 @@ impl Lifeline {
         self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         let mut rx = self.signal.subscribe();
         let _ = rx.wait_for(|ended| *ended).await;
     }

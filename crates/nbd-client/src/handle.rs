@@ -1,12 +1,11 @@
 //! The handle: configuration, state, connecting, commands, ending.
 
-use std::future::Future;
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use nbd_proto::consts::MAX_STRING;
 use nbd_proto::handshake::{Handshake, Negotiated};
@@ -18,7 +17,8 @@ use crate::buffer::{DestBuf, SourceBuf};
 use crate::cancel::CancelToken;
 use crate::config::Config;
 use crate::driver::{
-    Callback, CallbackReply, CommandRequest, Driver, InFlightGuard, Payload, Reply, Request, Shared,
+    Callback, CallbackReply, CommandRequest, Driver, InFlightGuard, Lifeline, Payload, Request,
+    Shared,
 };
 use crate::transport::{self, io_error, Reader, Writer};
 
@@ -337,145 +337,66 @@ impl Handle {
 
     // ---- commands ----
     //
-    // Each async command checks and queues the command at once, on the calling thread (its
-    // `start_*` helper), then awaits the outcome. `submit` is the callback form for bindings.
+    // Every command goes through `submit`, which checks and queues it at once on the calling
+    // thread; the async forms wait for its callback.
 
     /// `nbd_pread` into a new buffer of `count` bytes.
     pub async fn pread(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<Vec<u8>> {
-        self.start_pread(count, offset, flags, cancel)?.await
-    }
-
-    /// Queues [`Handle::pread`]; the future resolves to the bytes read.
-    fn start_pread(
-        &self,
-        count: u64,
-        offset: u64,
-        flags: u32,
-        cancel: Option<CancelToken>,
-    ) -> Result<impl Future<Output = Result<Vec<u8>>> + Send + 'static> {
-        let cmd = command(CommandKind::Read, offset, count, flags);
-        let (session, flags) = self.checked(&cmd)?;
-        drop(session);
-        // Zeroed memory from the allocator costs nothing extra; it also makes bytes a
-        // server fails to send read as zero, as libnbd's pread_initialize does.
-        let buf = vec![0u8; count as usize];
-        let pending = self.start(cmd, flags, Payload::ReadOwned(buf), cancel)?;
-        Ok(async move {
-            match pending.await? {
-                Payload::ReadOwned(v) => Ok(v),
-                _ => unreachable!("a read completes with its buffer"),
-            }
-        })
+        let data = self.run(Op::Read { count, offset, flags }, cancel).await?;
+        Ok(data.expect("a read completes with its buffer"))
     }
 
     /// `nbd_pread` into the caller's buffer (all of it, starting at `offset`).
     pub async fn pread_into(&self, dest: Box<dyn DestBuf>, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.start_pread_into(dest, offset, flags, cancel)?.await
-    }
-
-    /// Queues [`Handle::pread_into`].
-    fn start_pread_into(
-        &self,
-        mut dest: Box<dyn DestBuf>,
-        offset: u64,
-        flags: u32,
-        cancel: Option<CancelToken>,
-    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
-        let cmd = command(CommandKind::Read, offset, dest.len() as u64, flags);
-        let (_, flags) = self.checked(&cmd)?;
-        if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
-            return Err(cancelled_error());
-        }
-        if self.config().pread_initialize && !dest.is_empty() {
-            // SAFETY: DestBuf promises len writable bytes.
-            unsafe { std::ptr::write_bytes(dest.as_mut_ptr(), 0, dest.len()) };
-        }
-        let pending = self.start(cmd, flags, Payload::ReadInto(dest), cancel)?;
-        Ok(async move { pending.await.map(drop) })
+        self.run(Op::ReadInto { dest, offset, flags }, cancel).await.map(drop)
     }
 
     /// `nbd_pwrite` of the caller's buffer at `offset`.
     pub async fn pwrite(&self, src: Box<dyn SourceBuf>, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.start_pwrite(src, offset, flags, cancel)?.await
-    }
-
-    /// Queues [`Handle::pwrite`].
-    fn start_pwrite(
-        &self,
-        src: Box<dyn SourceBuf>,
-        offset: u64,
-        flags: u32,
-        cancel: Option<CancelToken>,
-    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
-        let cmd = command(CommandKind::Write, offset, src.len() as u64, flags);
-        self.start_simple(cmd, Payload::Write(src), cancel)
+        self.run(Op::Write { src, offset, flags }, cancel).await.map(drop)
     }
 
     /// `nbd_flush`.
     pub async fn flush(&self, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.start_other(CommandKind::Flush, 0, 0, flags, cancel)?.await
+        self.other(CommandKind::Flush, 0, 0, flags, cancel).await
     }
 
     /// `nbd_trim`.
     pub async fn trim(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.start_other(CommandKind::Trim, count, offset, flags, cancel)?.await
+        self.other(CommandKind::Trim, count, offset, flags, cancel).await
     }
 
     /// `nbd_cache`.
     pub async fn cache(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.start_other(CommandKind::Cache, count, offset, flags, cancel)?.await
+        self.other(CommandKind::Cache, count, offset, flags, cancel).await
     }
 
     /// `nbd_zero`.
     pub async fn zero(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.start_other(CommandKind::WriteZeroes, count, offset, flags, cancel)?.await
+        self.other(CommandKind::WriteZeroes, count, offset, flags, cancel).await
     }
 
-    /// Queues a command without a data payload (flush, trim, cache, zero).
-    fn start_other(
-        &self,
-        kind: CommandKind,
-        count: u64,
-        offset: u64,
-        flags: u32,
-        cancel: Option<CancelToken>,
-    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
-        if matches!(kind, CommandKind::Read | CommandKind::Write | CommandKind::Disconnect) {
-            return Err(Error::usage(Errno::EINVAL, "start_other takes flush, trim, cache or zero"));
-        }
-        self.start_simple(command(kind, offset, count, flags), Payload::None, cancel)
+    async fn other(&self, kind: CommandKind, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
+        let op = Op::Other { kind, count, offset, flags };
+        self.run(op, cancel).await.map(drop)
     }
 
-    fn start_simple(
-        &self,
-        cmd: Command,
-        payload: Payload,
-        cancel: Option<CancelToken>,
-    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
-        let (_, flags) = self.checked(&cmd)?;
-        let pending = self.start(cmd, flags, payload, cancel)?;
-        Ok(async move { pending.await.map(drop) })
-    }
-
-    /// The state check and libnbd's client-side checks; the wire flags.
-    fn checked(&self, cmd: &Command) -> Result<(Arc<Session>, u16)> {
-        let state = self.state();
-        state::check(Call::Command, state)?;
-        let session = match &*self.phase() {
-            Phase::Connected {
-                driver,
-                shutting_down: false,
-                ..
-            } => driver.session.clone(),
-            _ => {
-                return Err(Error::usage(
-                    Errno::EINVAL,
-                    "invalid state: the handle is shutting down",
-                ))
-            }
+    /// Submits `op` and waits for its outcome, or for `cancel`.
+    async fn run(&self, op: Op, cancel: Option<CancelToken>) -> Result<Option<Vec<u8>>> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(op, cancel.clone(), move |outcome| {
+            let _ = reply.send(outcome);
+        })?;
+        let outcome = match cancel {
+            None => answer.await,
+            Some(token) => tokio::select! {
+                r = answer => r,
+                () = token.cancelled() => return Err(cancelled_error()),
+            },
         };
-        let flags = session.check(cmd, self.inner.strict.load(Ordering::Relaxed))?;
-        Ok((session, flags))
+        // The callback is always called (CallbackReply guarantees it), so this never waits
+        // on a dropped sender; map it anyway rather than panic.
+        outcome.unwrap_or_else(|_| Err(closed_error()))
     }
 
     /// Queues a command whose outcome goes to `done`, called exactly once on some thread
@@ -507,12 +428,14 @@ impl Handle {
                 (command(kind, offset, count, flags), Payload::None)
             }
         };
-        let (_, flags) = self.checked(&cmd)?;
+        let (requests, lifeline, flags) = self.checked(&cmd)?;
         // A cancelled command must not touch its buffer, not even to zero it.
         if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
             return Err(cancelled_error());
         }
         match &mut payload {
+            // Zeroed memory from the allocator costs nothing extra; it also makes bytes a
+            // server fails to send read as zero, as libnbd's pread_initialize does.
             Payload::None if cmd.kind == CommandKind::Read => {
                 payload = Payload::ReadOwned(vec![0u8; cmd.length as usize]);
             }
@@ -528,71 +451,44 @@ impl Handle {
                 _ => None,
             }))
         });
-        self.enqueue(cmd, flags, payload, cancel, Reply::Callback(CallbackReply::new(callback)))
-    }
-
-    /// Hands a checked command to the driver; the future resolves with its payload.
-    fn start(
-        &self,
-        cmd: Command,
-        flags: u16,
-        payload: Payload,
-        cancel: Option<CancelToken>,
-    ) -> Result<impl Future<Output = Result<Payload>> + Send + 'static> {
-        let (reply, answer) = oneshot::channel();
-        self.enqueue(cmd, flags, payload, cancel.clone(), Reply::Channel(reply))?;
-        Ok(async move {
-            let result = match cancel {
-                None => answer.await,
-                Some(token) => tokio::select! {
-                    r = answer => r,
-                    () = token.cancelled() => return Err(cancelled_error()),
-                },
-            };
-            result.unwrap_or_else(|_| Err(closed_error()))
-        })
-    }
-
-    fn enqueue(
-        &self,
-        cmd: Command,
-        flags: u16,
-        payload: Payload,
-        cancel: Option<CancelToken>,
-        reply: Reply,
-    ) -> Result<()> {
-        let refuse = |reply: Reply, e: Error| {
-            if let Reply::Callback(cb) = reply {
-                drop(cb.disarm());
-            }
-            Err(e)
-        };
-        if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
-            return refuse(reply, cancelled_error());
-        }
-        let (requests, lifeline) = match &*self.phase() {
-            Phase::Connected { driver, .. } => (driver.requests.clone(), driver.lifeline.clone()),
-            _ => {
-                return refuse(
-                    reply,
-                    Error::usage(Errno::EINVAL, "invalid state: the handle is not connected"),
-                )
-            }
-        };
         let request = Request::Command(CommandRequest {
+            guard: InFlightGuard::new(&self.inner.shared),
             cmd,
             flags,
             payload,
             cancel,
-            reply,
-            guard: InFlightGuard::new(&self.inner.shared),
+            reply: CallbackReply::new(callback),
         });
         if let Err(unsent) = requests.send(request) {
+            // Never queued: the callback is not called (the error is returned instead).
             if let Request::Command(c) = unsent.0 {
-                return refuse(c.reply, lifeline.pending_error());
+                drop(c.reply.disarm());
             }
+            return Err(lifeline.pending_error());
         }
         Ok(())
+    }
+
+    /// The state check and libnbd's client-side checks; the way to the driver and the
+    /// wire flags.
+    fn checked(&self, cmd: &Command) -> Result<(mpsc::UnboundedSender<Request>, Arc<Lifeline>, u16)> {
+        let state = self.state();
+        state::check(Call::Command, state)?;
+        let (session, requests, lifeline) = match &*self.phase() {
+            Phase::Connected {
+                driver,
+                shutting_down: false,
+                ..
+            } => (driver.session.clone(), driver.requests.clone(), driver.lifeline.clone()),
+            _ => {
+                return Err(Error::usage(
+                    Errno::EINVAL,
+                    "invalid state: the handle is shutting down",
+                ))
+            }
+        };
+        let flags = session.check(cmd, self.inner.strict.load(Ordering::Relaxed))?;
+        Ok((requests, lifeline, flags))
     }
 
     // ---- ending ----
@@ -636,12 +532,7 @@ impl Handle {
         }
         // Give the server a moment to close its end, as libnbd does; a server that keeps
         // the connection open does not hold the caller up for long.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-            while lifeline.ended().is_none() {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), lifeline.wait()).await;
         Ok(())
     }
 

@@ -16,7 +16,8 @@ use nbd_proto::{Errno, Error, Result};
 pub(crate) type Reader = Box<dyn AsyncRead + Send + Unpin>;
 pub(crate) type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
-fn os_error(context: &str, e: io::Error) -> Error {
+/// An OS error as an NBD error, its errno kept, with `context` before the message.
+pub(crate) fn io_error(context: &str, e: io::Error) -> Error {
     let errno = e
         .raw_os_error()
         .map(Errno::from_raw_os_error)
@@ -84,10 +85,10 @@ pub(crate) unsafe fn adopt(fd: RawFd) -> OwnedFd {
 /// A reader and writer over a duplicate of `socket` (close-on-exec, non-blocking).
 pub(crate) fn split(socket: &OwnedFd) -> Result<(Reader, Writer)> {
     let domain = getsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
-        .map_err(|e| os_error("querying the socket", e))?;
+        .map_err(|e| io_error("querying the socket", e))?;
     let dup = socket
         .try_clone()
-        .map_err(|e| os_error("duplicating the socket", e))?;
+        .map_err(|e| io_error("duplicating the socket", e))?;
     let set_nonblocking = |fd: RawFd| -> io::Result<()> {
         // SAFETY: plain fcntl calls on an fd we own.
         unsafe {
@@ -98,13 +99,13 @@ pub(crate) fn split(socket: &OwnedFd) -> Result<(Reader, Writer)> {
         }
         Ok(())
     };
-    set_nonblocking(dup.as_raw_fd()).map_err(|e| os_error("making the socket non-blocking", e))?;
+    set_nonblocking(dup.as_raw_fd()).map_err(|e| io_error("making the socket non-blocking", e))?;
     if domain == libc::AF_INET || domain == libc::AF_INET6 {
         let std_stream = std::net::TcpStream::from(dup);
         // Requests are small and latency-bound; never wait to coalesce them.
         let _ = std_stream.set_nodelay(true);
         let stream = tokio::net::TcpStream::from_std(std_stream)
-            .map_err(|e| os_error("registering the socket", e))?;
+            .map_err(|e| io_error("registering the socket", e))?;
         let (r, w) = stream.into_split();
         Ok((Box::new(r), Box::new(w)))
     } else {
@@ -112,7 +113,7 @@ pub(crate) fn split(socket: &OwnedFd) -> Result<(Reader, Writer)> {
         // it only needs read, write and shutdown on the fd.
         let std_stream = std::os::unix::net::UnixStream::from(dup);
         let stream = tokio::net::UnixStream::from_std(std_stream)
-            .map_err(|e| os_error("registering the socket", e))?;
+            .map_err(|e| io_error("registering the socket", e))?;
         let (r, w) = stream.into_split();
         Ok((Box::new(r), Box::new(w)))
     }
@@ -122,10 +123,10 @@ pub(crate) fn split(socket: &OwnedFd) -> Result<(Reader, Writer)> {
 pub(crate) async fn connect_unix(path: &str) -> Result<OwnedFd> {
     let stream = tokio::net::UnixStream::connect(path)
         .await
-        .map_err(|e| os_error(&format!("connecting to {path}"), e))?;
+        .map_err(|e| io_error(&format!("connecting to {path}"), e))?;
     let std_stream = stream
         .into_std()
-        .map_err(|e| os_error("detaching the socket", e))?;
+        .map_err(|e| io_error("detaching the socket", e))?;
     Ok(OwnedFd::from(std_stream))
 }
 
@@ -146,10 +147,10 @@ pub(crate) async fn connect_tcp(host: &str, port: &str) -> Result<OwnedFd> {
             Ok(stream) => {
                 let std_stream = stream
                     .into_std()
-                    .map_err(|e| os_error("detaching the socket", e))?;
+                    .map_err(|e| io_error("detaching the socket", e))?;
                 return Ok(OwnedFd::from(std_stream));
             }
-            Err(e) => last = os_error(&format!("connecting to {addr}"), e),
+            Err(e) => last = io_error(&format!("connecting to {addr}"), e),
         }
     }
     Err(last)
@@ -160,8 +161,4 @@ fn service_port(name: &str) -> Option<u16> {
         "nbd" => Some(nbd_proto::consts::DEFAULT_PORT),
         _ => None,
     }
-}
-
-pub(crate) fn io_error(context: &str, e: io::Error) -> Error {
-    os_error(context, e)
 }
