@@ -135,6 +135,8 @@ pub const MAX_OPTION_REPLY: u32 = 64 * 1024;
 pub const MAX_CHUNK_METADATA: u32 = 64 * 1024;
 /// Default TCP port.
 pub const DEFAULT_PORT: u16 = 10809;
+/// Largest block status chunk accepted (qemu sends up to 2^17 descriptors of 16 bytes).
+pub const MAX_BLOCK_STATUS_CHUNK: u32 = 4 * 1024 * 1024;
 
 /// The protocol's name of a command, for messages.
 pub fn command_name(cmd: u16) -> &'static str {

@@ -55,6 +55,7 @@ pub enum CommandKind {
     Trim,
     Cache,
     WriteZeroes,
+    BlockStatus,
     Disconnect,
 }
 
@@ -68,6 +69,7 @@ impl CommandKind {
             CommandKind::Trim => CMD_TRIM,
             CommandKind::Cache => CMD_CACHE,
             CommandKind::WriteZeroes => CMD_WRITE_ZEROES,
+            CommandKind::BlockStatus => CMD_BLOCK_STATUS,
             CommandKind::Disconnect => CMD_DISC,
         }
     }
@@ -79,6 +81,7 @@ impl CommandKind {
             CommandKind::Write => CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN,
             CommandKind::Trim => CMD_FLAG_FUA,
             CommandKind::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CommandKind::BlockStatus => CMD_FLAG_REQ_ONE | CMD_FLAG_PAYLOAD_LEN,
             CommandKind::Flush | CommandKind::Cache | CommandKind::Disconnect => 0,
         }
     }
@@ -171,6 +174,15 @@ impl Session {
             ));
         }
 
+        if cmd.kind == CommandKind::BlockStatus && self.negotiated.meta_contexts.is_empty() {
+            return Err(usage(
+                Errno::ENOTSUP,
+                "did not negotiate any metadata contexts: add one (e.g. base:allocation) before \
+                 connecting, and the server must support it"
+                    .into(),
+            ));
+        }
+
         if strict(STRICT_COMMANDS) {
             if cmd.kind.modifies() && export.has(FLAG_READ_ONLY) {
                 return Err(usage(
@@ -241,6 +253,50 @@ impl Session {
         Ok(flags)
     }
 
+    /// The context ids for a block status request filtered to `names`
+    /// (`nbd_block_status_filter`): needs extended headers and a server that accepts a
+    /// block status payload, and every name must have been negotiated.
+    pub fn block_status_filter(&self, names: &[String]) -> Result<Vec<u32>> {
+        if !self.negotiated.extended_headers
+            || !self.negotiated.export.has(FLAG_BLOCK_STAT_PAYLOAD)
+        {
+            return Err(Error::usage(
+                Errno::ENOTSUP,
+                "the server does not support filtered block status (it needs extended headers \
+                 and NBD_FLAG_BLOCK_STAT_PAYLOAD)",
+            ));
+        }
+        if names.is_empty() {
+            return Err(Error::usage(Errno::EINVAL, "the context filter is empty"));
+        }
+        let mut ids = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(id) = self.negotiated.meta_context_id(name) else {
+                return Err(Error::usage(
+                    Errno::EINVAL,
+                    format!("meta context {name:?} was not negotiated, so it cannot be filtered on"),
+                ));
+            };
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Appends a block status request filtered to context `ids` (from
+    /// [`Session::block_status_filter`]): the header with `NBD_CMD_FLAG_PAYLOAD_LEN`, then
+    /// the effect length and the ids.
+    pub fn encode_block_status_filter(&self, cookie: u64, cmd: &Command, flags: u16, ids: &[u32], out: &mut Vec<u8>) {
+        let payload = 8 + 4 * ids.len() as u64;
+        let header = Command { length: payload, ..*cmd };
+        self.encode_request(cookie, &header, flags | CMD_FLAG_PAYLOAD_LEN, out);
+        put_u64(out, cmd.length);
+        for id in ids {
+            put_u32(out, *id);
+        }
+    }
+
     /// Appends the request header for `cmd` (already checked, `flags` as returned by
     /// [`Session::check`]).
     pub fn encode_request(&self, cookie: u64, cmd: &Command, flags: u16, out: &mut Vec<u8>) {
@@ -279,12 +335,68 @@ pub enum Event<T> {
     ReadData { cookie: u64, buf_offset: usize, len: usize },
     /// Bytes `buf_offset..buf_offset+len` of read `cookie`'s buffer are a hole (zeroes).
     ReadHole { cookie: u64, buf_offset: usize, len: usize },
-    /// Command `cookie` has finished; its user data comes back.
+    /// Command `cookie` has finished; its user data comes back, with what the decoder
+    /// gathered for it (block status extents, read chunks), even when it failed.
     Done {
         cookie: u64,
         user: T,
         result: Result<()>,
+        detail: Detail,
     },
+}
+
+/// One extent of a block status reply: `length` bytes at `offset` with context-specific
+/// `flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    pub flags: u64,
+}
+
+/// The extents one meta context reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextExtents {
+    pub context_id: u32,
+    pub name: String,
+    pub extents: Vec<Extent>,
+}
+
+/// What a chunk of a structured read said about a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkStatus {
+    Data,
+    Hole,
+    /// The server reported an error at `offset` (length 0), or for the whole request.
+    Error,
+}
+
+/// One chunk of a structured read, with an absolute offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadChunk {
+    pub offset: u64,
+    pub length: u64,
+    pub status: ChunkStatus,
+}
+
+/// What a command's reply carried besides data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Detail {
+    #[default]
+    None,
+    /// Block status: one entry per context that answered, in the order they came.
+    Extents(Vec<ContextExtents>),
+    /// A read registered with `record_chunks`: its chunks in the order they came.
+    Chunks(Vec<ReadChunk>),
+}
+
+/// Extra bookkeeping for a command (see [`ReplyDecoder::register_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tracking {
+    /// Block status filtered to these context ids.
+    pub filter: Option<Vec<u32>>,
+    /// Record the chunks of a read ([`Detail::Chunks`]).
+    pub record_chunks: bool,
 }
 
 /// One call's worth of decoding: `consumed` bytes of input were used. Nothing consumed and
@@ -308,6 +420,8 @@ struct InFlight<T> {
     cmd: Command,
     user: T,
     error: Option<Error>,
+    filter: Option<Vec<u32>>,
+    detail: Detail,
 }
 
 /// The table of commands in flight, and the decoder of the replies to them.
@@ -315,6 +429,7 @@ struct InFlight<T> {
 pub struct ReplyDecoder<T> {
     structured: bool,
     extended: bool,
+    contexts: Vec<(u32, String)>,
     table: HashMap<u64, InFlight<T>>,
     /// Set between a `ReadData` event and `payload_done`: (cookie, reply is done).
     in_payload: Option<(u64, bool)>,
@@ -332,6 +447,11 @@ impl<T> ReplyDecoder<T> {
         ReplyDecoder {
             structured: negotiated.structured_replies,
             extended: negotiated.extended_headers,
+            contexts: negotiated
+                .meta_contexts
+                .iter()
+                .map(|m| (m.id, m.name.clone()))
+                .collect(),
             table: HashMap::new(),
             in_payload: None,
             finished: None,
@@ -340,12 +460,26 @@ impl<T> ReplyDecoder<T> {
 
     /// Records a command about to be sent.
     pub fn register(&mut self, cookie: u64, cmd: Command, user: T) {
+        self.register_with(cookie, cmd, Tracking::default(), user);
+    }
+
+    /// Records a command about to be sent, with extra bookkeeping.
+    pub fn register_with(&mut self, cookie: u64, cmd: Command, tracking: Tracking, user: T) {
+        let detail = if tracking.record_chunks && cmd.kind == CommandKind::Read {
+            Detail::Chunks(Vec::new())
+        } else if cmd.kind == CommandKind::BlockStatus {
+            Detail::Extents(Vec::new())
+        } else {
+            Detail::None
+        };
         self.table.insert(
             cookie,
             InFlight {
                 cmd,
                 user,
                 error: None,
+                filter: tracking.filter,
+                detail,
             },
         );
     }
@@ -520,6 +654,7 @@ impl<T> ReplyDecoder<T> {
             let offset = Reader::new(&input[header..header + 8]).u64().unwrap();
             let len = length - 8;
             let buf_offset = self.in_range(cookie, &cmd, offset, len, "data")?;
+            self.record_chunk(cookie, offset, len, ChunkStatus::Data);
             self.in_payload = Some((cookie, done));
             return Ok(Decoded {
                 consumed: header + 8,
@@ -529,6 +664,10 @@ impl<T> ReplyDecoder<T> {
                     len: len as usize,
                 }),
             });
+        }
+
+        if kind == REPLY_TYPE_BLOCK_STATUS || kind == REPLY_TYPE_BLOCK_STATUS_EXT {
+            return self.block_status(input, header, kind, cookie, length, done, &cmd);
         }
 
         // Every other chunk is metadata, read whole; refuse absurd lengths before waiting.
@@ -574,6 +713,7 @@ impl<T> ReplyDecoder<T> {
                     return Err(self.fatal(Some(cookie), "server sent a hole of length 0"));
                 }
                 let buf_offset = self.in_range(cookie, &cmd, offset, len, "hole")?;
+                self.record_chunk(cookie, offset, len, ChunkStatus::Hole);
                 if done {
                     self.finished = Some(cookie);
                 }
@@ -625,10 +765,13 @@ impl<T> ReplyDecoder<T> {
         let tail = r.rest();
         let mut where_ = String::new();
         match kind {
-            REPLY_TYPE_ERROR if tail.is_empty() => {}
+            REPLY_TYPE_ERROR if tail.is_empty() => {
+                self.record_chunk(cookie, cmd.offset, 0, ChunkStatus::Error);
+            }
             REPLY_TYPE_ERROR_OFFSET if tail.len() == 8 => {
                 let offset = Reader::new(tail).u64().unwrap();
                 self.in_range(cookie, cmd, offset, 1, "error offset")?;
+                self.record_chunk(cookie, offset, 0, ChunkStatus::Error);
                 where_ = format!(" at offset {offset}");
             }
             REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
@@ -695,7 +838,146 @@ impl<T> ReplyDecoder<T> {
                 cookie,
                 user: entry.user,
                 result: entry.error.map_or(Ok(()), Err),
+                detail: entry.detail,
             }),
+        }
+    }
+
+    fn record_chunk(&mut self, cookie: u64, offset: u64, length: u64, status: ChunkStatus) {
+        if let Some(InFlight { detail: Detail::Chunks(chunks), .. }) = self.table.get_mut(&cookie) {
+            chunks.push(ReadChunk { offset, length, status });
+        }
+    }
+
+    /// A block status chunk (32-bit descriptors without extended headers, 64-bit with).
+    #[allow(clippy::too_many_arguments)]
+    fn block_status(
+        &mut self,
+        input: &[u8],
+        header: usize,
+        kind: u16,
+        cookie: u64,
+        length: u64,
+        done: bool,
+        cmd: &Command,
+    ) -> Result<Decoded<T>, Fatal<T>> {
+        let wide = kind == REPLY_TYPE_BLOCK_STATUS_EXT;
+        let type_name = if wide { "NBD_REPLY_TYPE_BLOCK_STATUS_EXT" } else { "NBD_REPLY_TYPE_BLOCK_STATUS" };
+        if cmd.kind != CommandKind::BlockStatus {
+            return Err(self.fatal(
+                Some(cookie),
+                format!("server sent {type_name} in reply to {}", command_name(cmd.kind.code())),
+            ));
+        }
+        if wide != self.extended {
+            return Err(self.fatal(
+                Some(cookie),
+                format!(
+                    "server sent {type_name}, which is not the block status format for {} headers",
+                    if self.extended { "extended" } else { "compact" }
+                ),
+            ));
+        }
+        let (prefix, descriptor) = if wide { (8u64, 16u64) } else { (4u64, 8u64) };
+        if length > MAX_BLOCK_STATUS_CHUNK as u64 {
+            return Err(self.fatal(
+                Some(cookie),
+                format!(
+                    "{type_name} chunk claims {length} bytes, more than the \
+                     {MAX_BLOCK_STATUS_CHUNK} allowed"
+                ),
+            ));
+        }
+        if length < prefix + descriptor || (length - prefix) % descriptor != 0 {
+            return Err(self.fatal(
+                Some(cookie),
+                format!(
+                    "{type_name} chunk of {length} bytes does not hold a context id and whole \
+                     descriptors of {descriptor} bytes"
+                ),
+            ));
+        }
+        let total = header + length as usize;
+        if input.len() < total {
+            return Ok(need_more());
+        }
+        let mut r = Reader::new(&input[header..total]);
+        let context_id = r.u32().unwrap();
+        let count = (length - prefix) / descriptor;
+        if wide {
+            let claimed = r.u32().unwrap() as u64;
+            if claimed != count {
+                return Err(self.fatal(
+                    Some(cookie),
+                    format!("{type_name} chunk says {claimed} descriptors but holds {count}"),
+                ));
+            }
+        }
+        let Some(name) = self
+            .contexts
+            .iter()
+            .find(|(id, _)| *id == context_id)
+            .map(|(_, name)| name.clone())
+        else {
+            return Err(self.fatal(
+                Some(cookie),
+                format!("server sent block status for context id {context_id}, which was never negotiated"),
+            ));
+        };
+        let entry = self.table.get(&cookie).expect("checked above");
+        if let Some(filter) = &entry.filter {
+            if !filter.contains(&context_id) {
+                return Err(self.fatal(
+                    Some(cookie),
+                    format!("server sent block status for context {name:?}, which the request filtered out"),
+                ));
+            }
+        }
+        if let Detail::Extents(list) = &entry.detail {
+            if list.iter().any(|c| c.context_id == context_id) {
+                return Err(self.fatal(
+                    Some(cookie),
+                    format!("server sent block status for context {name:?} twice in one reply"),
+                ));
+            }
+        }
+        let cmd_end = cmd.offset.saturating_add(cmd.length);
+        let mut offset = cmd.offset;
+        let mut extents = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let (len, flags) = if wide {
+                (r.u64().unwrap(), r.u64().unwrap())
+            } else {
+                (r.u32().unwrap() as u64, r.u32().unwrap() as u64)
+            };
+            if len == 0 {
+                return Err(self.fatal(
+                    Some(cookie),
+                    format!("server sent a zero-length extent (descriptor {i}) for context {name:?}"),
+                ));
+            }
+            if offset >= cmd_end {
+                return Err(self.fatal(
+                    Some(cookie),
+                    format!(
+                        "server sent an extent at {offset} for context {name:?}, past the \
+                         requested {}..{cmd_end}",
+                        cmd.offset
+                    ),
+                ));
+            }
+            extents.push(Extent { offset, length: len, flags });
+            // Only the final extent may run past the request; saturate so a hostile length
+            // cannot wrap around.
+            offset = offset.saturating_add(len);
+        }
+        if let Some(InFlight { detail: Detail::Extents(list), .. }) = self.table.get_mut(&cookie) {
+            list.push(ContextExtents { context_id, name, extents });
+        }
+        if done {
+            Ok(self.done(cookie, total))
+        } else {
+            Ok(Decoded { consumed: total, event: None })
         }
     }
 

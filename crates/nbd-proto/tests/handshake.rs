@@ -172,10 +172,18 @@ fn assert_protocol_error(run: &Run, needle: &str) {
     );
 }
 
+/// The defaults without extended headers: the framing most of these fixtures speak.
+fn compact() -> HandshakeConfig {
+    HandshakeConfig {
+        request_extended_headers: false,
+        ..HandshakeConfig::default()
+    }
+}
+
 fn cfg(name: &str) -> HandshakeConfig {
     HandshakeConfig {
         export_name: name.to_string(),
-        ..HandshakeConfig::default()
+        ..compact()
     }
 }
 
@@ -277,7 +285,7 @@ fn go_info_requests_follow_the_configuration() {
         request_structured_replies: false,
         request_block_size: false,
         full_info: true,
-        ..HandshakeConfig::default()
+        ..compact()
     };
     let mut s = newstyle_greeting(BOTH);
     s.extend(opt_reply(OPT_GO, REP_INFO, &info_text(INFO_NAME, "canonical-x")));

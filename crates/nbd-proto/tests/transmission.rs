@@ -15,12 +15,14 @@ fn negotiated(size: u64, flags: u16, block_size: Option<BlockSize>, structured: 
         protocol: Protocol::FixedNewstyle,
         structured_replies: structured,
         extended_headers: false,
+        tls: false,
         export: ExportInfo {
             size,
             flags: flags | FLAG_HAS_FLAGS,
             block_size,
             ..ExportInfo::default()
         },
+        meta_contexts: Vec::new(),
     }
 }
 
@@ -498,6 +500,7 @@ fn run(d: &mut ReplyDecoder<u32>, input: &[u8], piece: usize) -> Outcome {
                     cookie,
                     user,
                     result,
+                    ..
                 }) => events.push(Ev::Done {
                     cookie,
                     user,
@@ -663,7 +666,8 @@ fn simple_read_delivers_its_data_then_completes() {
         Some(Event::Done {
             cookie: 7,
             user: 70,
-            result: Ok(())
+            result: Ok(()),
+            ..
         })
     ));
     assert!(d.is_empty());
@@ -1034,7 +1038,7 @@ fn take_all_returns_every_remaining_command() {
     // The decoder is usable again afterwards (take_all forgets the payload in progress).
     d.register(4, write(0, 1), 40);
     let got = d.decode(&simple_reply(0, 4)).unwrap();
-    assert!(matches!(got.event, Some(Event::Done { cookie: 4, user: 40, result: Ok(()) })));
+    assert!(matches!(got.event, Some(Event::Done { cookie: 4, user: 40, result: Ok(()), .. })));
 }
 
 #[test]
