@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use nbd_proto::consts::{FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, STRICT_MASK};
-use nbd_proto::handshake::HandshakeConfig;
+use nbd_proto::handshake::{HandshakeConfig, TlsMode};
 
 /// How a handle connects and behaves. `Default` gives libnbd's defaults.
 #[derive(Debug, Clone)]
@@ -18,6 +18,18 @@ pub struct Config {
     pub pread_initialize: bool,
     /// Ask for structured replies (`nbd_set_request_structured_replies`).
     pub request_structured_replies: bool,
+    /// Ask for extended headers (`nbd_set_request_extended_headers`).
+    pub request_extended_headers: bool,
+    /// Set meta contexts automatically before GO/INFO (`nbd_set_request_meta_context`).
+    pub request_meta_context: bool,
+    /// Meta contexts to ask for (`nbd_add_meta_context`).
+    pub meta_contexts: Vec<String>,
+    /// Stop in option negotiation after connecting (`nbd_set_opt_mode`).
+    pub opt_mode: bool,
+    /// Whether to use TLS (`nbd_set_tls`).
+    pub tls: TlsMode,
+    /// Report what happens to the debug sink (`nbd_set_debug`).
+    pub debug: bool,
     /// Ask for block size constraints (`nbd_set_request_block_size`).
     pub request_block_size: bool,
     /// Ask for the canonical name and description (`nbd_set_full_info`).
@@ -38,6 +50,12 @@ impl Default for Config {
             strict: STRICT_MASK,
             pread_initialize: true,
             request_structured_replies: true,
+            request_extended_headers: true,
+            request_meta_context: true,
+            meta_contexts: Vec::new(),
+            opt_mode: false,
+            tls: TlsMode::Disable,
+            debug: false,
             request_block_size: true,
             full_info: false,
             handshake_flags: FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES,
@@ -52,9 +70,15 @@ impl Config {
         HandshakeConfig {
             export_name: self.export_name.clone(),
             request_structured_replies: self.request_structured_replies,
+            request_extended_headers: self.request_extended_headers,
             request_block_size: self.request_block_size,
             full_info: self.full_info,
             handshake_flags: self.handshake_flags,
+            opt_mode: self.opt_mode,
+            request_meta_context: self.request_meta_context,
+            meta_contexts: self.meta_contexts.clone(),
+            tls: self.tls,
+            debug: self.debug,
         }
     }
 }

@@ -21,7 +21,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use nbd_proto::transmission::{Command, CommandKind, Decoded, Event, Fatal, ReplyDecoder, Session};
+use nbd_proto::consts::command_name;
+use nbd_proto::transmission::{
+    Command, CommandKind, Decoded, Detail, Event, Fatal, ReplyDecoder, Session, Tracking,
+};
 use nbd_proto::{Errno, Error, Result};
 
 use crate::buffer::{DestBuf, SourceBuf};
@@ -75,8 +78,17 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// What a finished command hands back: its buffer (for reads) and what the reply carried.
+pub(crate) struct Completed {
+    pub payload: Payload,
+    pub detail: Detail,
+}
+
 /// A command's outcome, boxed for a callback.
-pub(crate) type Callback = Box<dyn FnOnce(Result<Payload>) + Send>;
+pub(crate) type Callback = Box<dyn FnOnce(Result<Completed>) + Send>;
+
+/// Where debug messages go: (context, message).
+pub type DebugSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// A command's callback, called exactly once: if the command is dropped unanswered (say
 /// because the handle closed), the callback hears of it from the drop.
@@ -92,7 +104,7 @@ impl CallbackReply {
         self.0.take().expect("armed")
     }
 
-    pub(crate) fn send(mut self, result: Result<Payload>) {
+    pub(crate) fn send(mut self, result: Result<Completed>) {
         if let Some(f) = self.0.take() {
             f(result)
         }
@@ -117,6 +129,7 @@ pub(crate) struct CommandRequest {
     pub guard: InFlightGuard,
     pub cmd: Command,
     pub flags: u16,
+    pub tracking: Tracking,
     pub payload: Payload,
     pub cancel: Option<CancelToken>,
     pub reply: CallbackReply,
@@ -144,7 +157,7 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn complete(self, result: Result<()>) {
+    fn complete(self, result: Result<()>, detail: Detail) {
         let InFlight {
             reply,
             payload,
@@ -155,7 +168,7 @@ impl InFlight {
         // No longer in flight before anyone hears of the outcome: a caller that looks at
         // the handle's state right after must see it idle.
         drop((_permit, _guard, cancel));
-        reply.send(result.map(|()| payload));
+        reply.send(result.map(|()| Completed { payload, detail }));
     }
 }
 
@@ -228,6 +241,9 @@ pub(crate) struct Driver {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Registration of a command with the reader.
+type Registration = (u64, Command, Tracking, InFlight);
+
 impl Driver {
     /// Starts the tasks on the current tokio runtime. `early` holds bytes the handshake
     /// read past its end.
@@ -238,6 +254,7 @@ impl Driver {
         early: Vec<u8>,
         max_in_flight: usize,
         shared: Arc<Shared>,
+        debug: Option<DebugSink>,
     ) -> Driver {
         let session = Arc::new(session);
         let lifeline = Lifeline::new();
@@ -253,6 +270,7 @@ impl Driver {
                 input: InputBuffer::with_leftover(early),
                 shared: shared.clone(),
                 lifeline: lifeline.clone(),
+                debug: debug.clone(),
             }
             .run(),
         );
@@ -268,6 +286,7 @@ impl Driver {
                 lifeline: lifeline.clone(),
                 next_cookie: 1,
                 out: Vec::with_capacity(OUT_BATCH),
+                debug,
             }
             .run(),
         );
@@ -309,13 +328,14 @@ struct WriterTask {
     writer: Writer,
     session: Arc<Session>,
     requests: mpsc::UnboundedReceiver<Request>,
-    register: mpsc::UnboundedSender<(u64, Command, InFlight)>,
+    register: mpsc::UnboundedSender<Registration>,
     permits: Arc<Semaphore>,
     max_in_flight: u32,
     shared: Arc<Shared>,
     lifeline: Arc<Lifeline>,
     next_cookie: u64,
     out: Vec<u8>,
+    debug: Option<DebugSink>,
 }
 
 impl WriterTask {
@@ -394,13 +414,34 @@ impl WriterTask {
         let CommandRequest {
             cmd,
             flags,
+            tracking,
             payload,
             cancel,
             reply,
             guard,
         } = c;
+        if let Some(debug) = &self.debug {
+            debug(
+                "command",
+                &format!(
+                    "sending {} cookie {cookie} offset {} count {} flags {flags:#x}{}",
+                    command_name(cmd.kind.code()),
+                    cmd.offset,
+                    cmd.length,
+                    match &tracking.filter {
+                        Some(ids) => format!(" contexts {ids:?}"),
+                        None => String::new(),
+                    }
+                ),
+            );
+        }
         let header_at = self.out.len();
-        self.session.encode_request(cookie, &cmd, flags, &mut self.out);
+        match &tracking.filter {
+            Some(ids) => self
+                .session
+                .encode_block_status_filter(cookie, &cmd, flags, ids, &mut self.out),
+            None => self.session.encode_request(cookie, &cmd, flags, &mut self.out),
+        }
         let mut sent = (self.out.len() - header_at) as u64;
         // The writer keeps a write's source until it is sent, whatever the reader does:
         // a server may answer (or the connection fail) before the payload is out.
@@ -416,7 +457,7 @@ impl WriterTask {
             _permit: permit,
             _guard: guard,
         };
-        if self.register.send((cookie, cmd, in_flight)).is_err() {
+        if self.register.send((cookie, cmd, tracking, in_flight)).is_err() {
             return Err(self.lifeline.pending_error());
         }
         if let Some(src) = source {
@@ -455,6 +496,9 @@ impl WriterTask {
         };
         let cookie = self.next_cookie;
         self.next_cookie += 1;
+        if let Some(debug) = &self.debug {
+            debug("shutdown", "sending NBD_CMD_DISC");
+        }
         self.session.encode_request(cookie, &cmd, 0, &mut self.out);
         self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
         self.flush().await?;
@@ -556,10 +600,11 @@ impl InputBuffer {
 struct ReaderTask {
     reader: Reader,
     decoder: ReplyDecoder<InFlight>,
-    register: mpsc::UnboundedReceiver<(u64, Command, InFlight)>,
+    register: mpsc::UnboundedReceiver<Registration>,
     input: InputBuffer,
     shared: Arc<Shared>,
     lifeline: Arc<Lifeline>,
+    debug: Option<DebugSink>,
 }
 
 impl ReaderTask {
@@ -572,17 +617,20 @@ impl ReaderTask {
         self.lifeline.end(error);
         let pending = self.lifeline.pending_error();
         self.register.close();
-        while let Ok((cookie, cmd, f)) = self.register.try_recv() {
-            self.decoder.register(cookie, cmd, f);
+        while let Ok((cookie, cmd, tracking, f)) = self.register.try_recv() {
+            self.decoder.register_with(cookie, cmd, tracking, f);
+        }
+        if let Some(debug) = &self.debug {
+            debug("connection", &format!("connection ended: {}", pending.message()));
         }
         for (_, f) in self.decoder.take_all() {
-            f.complete(Err(pending.clone()));
+            f.complete(Err(pending.clone()), Detail::None);
         }
     }
 
     fn take_registrations(&mut self) {
-        while let Ok((cookie, cmd, f)) = self.register.try_recv() {
-            self.decoder.register(cookie, cmd, f);
+        while let Ok((cookie, cmd, tracking, f)) = self.register.try_recv() {
+            self.decoder.register_with(cookie, cmd, tracking, f);
         }
     }
 
@@ -593,8 +641,11 @@ impl ReaderTask {
             let decoded = match self.decoder.decode(self.input.pending()) {
                 Ok(d) => d,
                 Err(Fatal { error, command }) => {
+                    if let Some(debug) = &self.debug {
+                        debug("reply", &format!("protocol violation: {}", error.message()));
+                    }
                     if let Some((_, f)) = command {
-                        f.complete(Err(error.clone()));
+                        f.complete(Err(error.clone()), Detail::None);
                     }
                     return error;
                 }
@@ -630,9 +681,21 @@ impl ReaderTask {
 
     async fn event(&mut self, event: Event<InFlight>) -> Result<()> {
         match event {
-            Event::Done { user, result, .. } => {
+            Event::Done {
+                cookie,
+                user,
+                result,
+                detail,
+            } => {
                 self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
-                user.complete(result);
+                if let Some(debug) = &self.debug {
+                    let outcome = match &result {
+                        Ok(()) => "success".to_string(),
+                        Err(e) => format!("{}: {}", e.errno(), e.message()),
+                    };
+                    debug("reply", &format!("cookie {cookie} done: {outcome}"));
+                }
+                user.complete(result, detail);
             }
             Event::ReadHole {
                 cookie,

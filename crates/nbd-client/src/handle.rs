@@ -8,30 +8,52 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use nbd_proto::consts::MAX_STRING;
-use nbd_proto::handshake::{Handshake, Negotiated};
+use nbd_proto::handshake::{
+    ExportEntry, ExportInfo, Handshake, Negotiated, OptReply, OptRequest, Outcome,
+};
 use nbd_proto::state::{self, Call, State};
-use nbd_proto::transmission::{Command, CommandKind, Session};
+use nbd_proto::transmission::{Command, CommandKind, Detail, Session, Tracking};
 use nbd_proto::{Errno, Error, Result};
 
 use crate::buffer::{DestBuf, SourceBuf};
 use crate::cancel::CancelToken;
 use crate::config::Config;
 use crate::driver::{
-    Callback, CallbackReply, CommandRequest, Driver, InFlightGuard, Lifeline, Payload, Request,
-    Shared,
+    Callback, CallbackReply, CommandRequest, Completed, DebugSink, Driver, InFlightGuard,
+    Lifeline, Payload, Request, Shared,
 };
-use crate::transport::{self, io_error, Reader, Writer};
+use crate::transport::{self, io_error, Stream};
 
 /// A command for [`Handle::submit`].
 pub enum Op {
     /// Read `count` bytes into a new buffer.
     Read { count: u64, offset: u64, flags: u32 },
+    /// Read `count` bytes into a new buffer, recording the reply's chunks
+    /// ([`Detail::Chunks`]).
+    ReadStructured { count: u64, offset: u64, flags: u32 },
+    /// Block status for `count` bytes at `offset`, for every negotiated context or only
+    /// those named in `contexts` ([`Detail::Extents`]).
+    BlockStatus {
+        count: u64,
+        offset: u64,
+        flags: u32,
+        contexts: Option<Vec<String>>,
+    },
     /// Read into the caller's buffer (all of it).
     ReadInto { dest: Box<dyn DestBuf>, offset: u64, flags: u32 },
     /// Write the caller's buffer.
     Write { src: Box<dyn SourceBuf>, offset: u64, flags: u32 },
     /// Flush, trim, cache or zero.
     Other { kind: CommandKind, count: u64, offset: u64, flags: u32 },
+}
+
+/// What a finished command gives back.
+#[derive(Debug, Default)]
+pub struct Reply {
+    /// The data of `Op::Read` and `Op::ReadStructured`.
+    pub data: Option<Vec<u8>>,
+    /// Extents of `Op::BlockStatus`, chunks of `Op::ReadStructured`.
+    pub detail: Detail,
 }
 
 /// Byte and chunk counters of a connection (libnbd's `nbd_stats_*`).
@@ -56,6 +78,16 @@ struct Inner {
     shared: Arc<Shared>,
     /// Set when the application closes the handle; a connect in progress gives up.
     closing: watch::Sender<bool>,
+    /// Where debug messages go when `config.debug` is on.
+    debug_sink: Mutex<Option<DebugSink>>,
+}
+
+/// A connection in option negotiation, between option requests.
+struct Negotiation {
+    hs: Handshake,
+    stream: Stream,
+    /// The export's details from the last `NBD_OPT_INFO`.
+    info: Option<ExportInfo>,
 }
 
 /// Where the handle is in its life. Each variant holding a socket keeps it open until
@@ -63,6 +95,16 @@ struct Inner {
 enum Phase {
     Created,
     Connecting,
+    /// Option mode, waiting for an option request.
+    Negotiating {
+        socket: OwnedFd,
+        negotiation: Box<Negotiation>,
+    },
+    /// Option mode, an option request in progress.
+    OptBusy {
+        #[allow(dead_code)]
+        socket: OwnedFd,
+    },
     Connected {
         socket: OwnedFd,
         driver: Driver,
@@ -73,6 +115,11 @@ enum Phase {
         // Never read: held so the fd stays open until the handle is closed.
         #[allow(dead_code)]
         socket: Option<OwnedFd>,
+    },
+    /// Negotiation ended with `NBD_OPT_ABORT`: shut down, details still readable.
+    Ended {
+        #[allow(dead_code)]
+        socket: OwnedFd,
     },
     /// Closed by the application: as good as freed.
     Closed,
@@ -103,6 +150,7 @@ impl Handle {
                 phase: Mutex::new(Phase::Created),
                 shared: Arc::new(Shared::default()),
                 closing: watch::channel(false).0,
+                debug_sink: Mutex::new(None),
             }),
         }
     }
@@ -129,12 +177,70 @@ impl Handle {
         self.inner.strict.store(config.strict, Ordering::Relaxed);
     }
 
-    /// `nbd_set_export_name`: before connecting (or while negotiating).
+    /// `nbd_set_export_name`: before connecting (or while negotiating, where it also
+    /// forgets the details of the previous export).
     pub fn set_export_name(&self, name: &str) -> Result<()> {
-        state::check(Call::SetExportName, self.state())?;
         check_string("export name", name)?;
-        self.update_config(|c| c.export_name = name.to_string());
+        self.negotiation_setting(|c| c.export_name = name.to_string())?;
+        if let Phase::Negotiating { negotiation, .. } = &mut *self.phase() {
+            negotiation.info = None;
+        }
         Ok(())
+    }
+
+    /// Changes a setting that option mode may change between requests (export name, meta
+    /// contexts, info requests): before connecting or while negotiating.
+    pub fn negotiation_setting(&self, change: impl Fn(&mut Config)) -> Result<()> {
+        state::check(Call::SetExportName, self.state())?;
+        let mut phase = self.phase();
+        self.update_config(&change);
+        if let Phase::Negotiating { negotiation, .. } = &mut *phase {
+            let c = self.config();
+            let hs = negotiation.hs.config_mut();
+            hs.export_name = c.export_name;
+            hs.meta_contexts = c.meta_contexts;
+            hs.request_meta_context = c.request_meta_context;
+            hs.request_block_size = c.request_block_size;
+            hs.full_info = c.full_info;
+        }
+        Ok(())
+    }
+
+    /// `nbd_add_meta_context`.
+    pub fn add_meta_context(&self, name: &str) -> Result<()> {
+        check_string("meta context name", name)?;
+        if name.is_empty() {
+            return Err(Error::usage(Errno::EINVAL, "meta context name is empty"));
+        }
+        self.negotiation_setting(|c| c.meta_contexts.push(name.to_string()))
+    }
+
+    /// `nbd_clear_meta_contexts`.
+    pub fn clear_meta_contexts(&self) -> Result<()> {
+        self.negotiation_setting(|c| c.meta_contexts.clear())
+    }
+
+    /// Sets (or removes) where debug messages go; they flow when `config.debug` is on.
+    pub fn set_debug_sink(&self, sink: Option<DebugSink>) {
+        *self.inner.debug_sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+    }
+
+    /// `nbd_set_debug`: allowed in any state (takes effect for what follows).
+    pub fn set_debug(&self, on: bool) {
+        self.update_config(|c| c.debug = on);
+    }
+
+    fn debug_sink(&self) -> Option<DebugSink> {
+        if !self.config().debug {
+            return None;
+        }
+        let sink = self.inner.debug_sink.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Some(sink.unwrap_or_else(|| {
+            let name = self.config().handle_name;
+            Arc::new(move |context: &str, message: &str| {
+                eprintln!("nbd-client: debug: {name}: {context}: {message}");
+            })
+        }))
     }
 
     /// `nbd_set_strict_mode`: allowed in any state.
@@ -163,7 +269,9 @@ impl Handle {
     pub fn state(&self) -> State {
         match &*self.phase() {
             Phase::Created => State::Created,
-            Phase::Connecting => State::Connecting,
+            Phase::Connecting | Phase::OptBusy { .. } => State::Connecting,
+            Phase::Negotiating { .. } => State::Negotiating,
+            Phase::Ended { .. } => State::Closed,
             Phase::Connected {
                 driver,
                 shutting_down,
@@ -199,11 +307,15 @@ impl Handle {
     pub fn negotiated(&self) -> Result<Negotiated> {
         let state = self.state();
         state::check(Call::Info, state)?;
-        let session = match &*self.phase() {
-            Phase::Connected { driver, .. } => Some(driver.session.clone()),
+        let negotiated = match &*self.phase() {
+            Phase::Connected { driver, .. } => Some(driver.session.negotiated.clone()),
+            Phase::Negotiating { negotiation, .. } => negotiation
+                .info
+                .clone()
+                .map(|info| negotiation.hs.negotiated(info)),
             _ => None,
         };
-        session.map(|s| s.negotiated.clone()).ok_or_else(|| {
+        negotiated.ok_or_else(|| {
             Error::usage(
                 Errno::EINVAL,
                 format!(
@@ -212,6 +324,17 @@ impl Handle {
                 ),
             )
         })
+    }
+
+    /// What has been negotiated so far, export details aside: unlike
+    /// [`Handle::negotiated`] this also answers in option mode before `NBD_OPT_INFO`
+    /// (protocol, structured replies, extended headers, TLS, meta contexts).
+    pub fn negotiated_so_far(&self) -> Result<Negotiated> {
+        if let Phase::Negotiating { negotiation, .. } = &*self.phase() {
+            let info = negotiation.info.clone().unwrap_or_default();
+            return Ok(negotiation.hs.negotiated(info));
+        }
+        self.negotiated()
     }
 
     // ---- connecting ----
@@ -266,17 +389,19 @@ impl Handle {
         let config = self.config();
         let mut closing = self.inner.closing.subscribe();
         let shared = self.inner.shared.clone();
+        let debug = self.debug_sink();
         let adopted: Arc<Mutex<Option<OwnedFd>>> = Arc::default();
         let attempt = {
             let adopted = adopted.clone();
             let hs_config = config.handshake();
+            let debug = debug.clone();
             async move {
                 let socket = open.await?;
-                let (mut reader, mut writer) = transport::split(&socket)?;
+                let stream = Stream::new(&socket)?;
                 *adopted.lock().unwrap() = Some(socket);
-                let (negotiated, early) =
-                    handshake(&mut reader, &mut writer, Handshake::new(hs_config), &shared).await?;
-                Ok::<_, Error>((negotiated, early, reader, writer))
+                let mut hs = Handshake::new(hs_config);
+                let (stream, outcome) = drive(stream, &mut hs, &shared, &debug).await?;
+                Ok::<_, Error>((hs, stream, outcome))
             }
         };
         let timed = async {
@@ -295,44 +420,225 @@ impl Handle {
         };
         let outcome = tokio::select! {
             r = timed => r,
-            _ = closing.wait_for(|closed| *closed) => Err(Error::new(
-                nbd_proto::Fault::Cancelled,
-                Errno::ECANCELED,
-                "the handle was closed while connecting",
-            )),
+            _ = closing.wait_for(|closed| *closed) => Err(closed_while_connecting()),
         };
         let socket = adopted.lock().unwrap().take();
         let mut phase = self.phase();
         if !matches!(*phase, Phase::Connecting) {
             // Closed meanwhile: the socket goes with this scope.
-            return Err(Error::new(
-                nbd_proto::Fault::Cancelled,
-                Errno::ECANCELED,
-                "the handle was closed while connecting",
-            ));
+            return Err(closed_while_connecting());
         }
+        let (mut hs, stream, outcome) = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                *phase = Phase::Failed { socket };
+                return Err(e);
+            }
+        };
+        let socket = socket.expect("a negotiated connection has a socket");
         match outcome {
-            Ok((negotiated, early, reader, writer)) => {
-                let driver = Driver::start(
-                    Session::new(negotiated),
-                    reader,
-                    writer,
-                    early,
-                    config.max_in_flight,
-                    self.inner.shared.clone(),
-                );
-                *phase = Phase::Connected {
-                    socket: socket.expect("a negotiated connection has a socket"),
-                    driver,
-                    shutting_down: false,
+            Outcome::Ready(negotiated) => {
+                let early = hs.take_leftover();
+                *phase = self.connected(socket, negotiated, stream, early, &config, debug);
+                Ok(())
+            }
+            Outcome::Negotiating => {
+                *phase = Phase::Negotiating {
+                    socket,
+                    negotiation: Box::new(Negotiation {
+                        hs,
+                        stream,
+                        info: None,
+                    }),
                 };
                 Ok(())
             }
-            Err(e) => {
-                *phase = Phase::Failed { socket };
+            other => {
+                let e = Error::protocol(format!("handshake stopped unexpectedly at {other:?}"));
+                *phase = Phase::Failed { socket: Some(socket) };
                 Err(e)
             }
         }
+    }
+
+    /// The phase of a connection that has entered transmission.
+    fn connected(
+        &self,
+        socket: OwnedFd,
+        negotiated: Negotiated,
+        stream: Stream,
+        early: Vec<u8>,
+        config: &Config,
+        debug: Option<DebugSink>,
+    ) -> Phase {
+        let (reader, writer) = stream.split();
+        let driver = Driver::start(
+            Session::new(negotiated),
+            reader,
+            writer,
+            early,
+            config.max_in_flight,
+            self.inner.shared.clone(),
+            debug,
+        );
+        Phase::Connected {
+            socket,
+            driver,
+            shutting_down: false,
+        }
+    }
+
+    // ---- option negotiation ----
+
+    /// Runs one option request; `None` when `NBD_OPT_GO` moved the connection to
+    /// transmission.
+    async fn opt(&self, req: OptRequest) -> Result<Option<OptReply>> {
+        state::check(Call::Opt, self.state())?;
+        let (socket, mut negotiation) = {
+            let mut phase = self.phase();
+            match std::mem::replace(&mut *phase, Phase::Connecting) {
+                Phase::Negotiating { socket, negotiation } => {
+                    let fd = socket.try_clone().map_err(|e| io_error("duplicating the socket", e));
+                    match fd {
+                        Ok(fd) => {
+                            *phase = Phase::OptBusy { socket: fd };
+                            (socket, negotiation)
+                        }
+                        Err(e) => {
+                            *phase = Phase::Negotiating { socket, negotiation };
+                            return Err(e);
+                        }
+                    }
+                }
+                other => {
+                    *phase = other;
+                    drop(phase);
+                    return state::check(Call::Opt, State::Connecting).map(|()| None);
+                }
+            }
+        };
+        if let Err(e) = negotiation.hs.request(req) {
+            *self.phase() = Phase::Negotiating { socket, negotiation };
+            return Err(e);
+        }
+        let config = self.config();
+        let debug = self.debug_sink();
+        let mut closing = self.inner.closing.subscribe();
+        let Negotiation { mut hs, stream, info } = *negotiation;
+        let shared = self.inner.shared.clone();
+        let result = tokio::select! {
+            r = drive(stream, &mut hs, &shared, &debug) => r,
+            _ = closing.wait_for(|closed| *closed) => Err(closed_while_connecting()),
+        };
+        let mut phase = self.phase();
+        if !matches!(*phase, Phase::OptBusy { .. }) {
+            return Err(closed_while_connecting());
+        }
+        match result {
+            Err(e) => {
+                *phase = Phase::Failed { socket: Some(socket) };
+                Err(e)
+            }
+            Ok((stream, Outcome::Ready(negotiated))) => {
+                let early = hs.take_leftover();
+                *phase = self.connected(socket, negotiated, stream, early, &config, debug);
+                Ok(None)
+            }
+            Ok((_, Outcome::Reply(Ok(OptReply::Aborted)))) => {
+                *phase = Phase::Ended { socket };
+                Ok(Some(OptReply::Aborted))
+            }
+            Ok((stream, Outcome::Reply(answer))) => {
+                let info = match &answer {
+                    Ok(OptReply::Info(export)) => Some(export.clone()),
+                    _ => info,
+                };
+                *phase = Phase::Negotiating {
+                    socket,
+                    negotiation: Box::new(Negotiation { hs, stream, info }),
+                };
+                answer.map(Some)
+            }
+            Ok((_, other)) => {
+                *phase = Phase::Failed { socket: Some(socket) };
+                Err(Error::protocol(format!("option negotiation stopped unexpectedly at {other:?}")))
+            }
+        }
+    }
+
+    /// `nbd_opt_go`: ends negotiation and enters transmission. A refusal by a server that
+    /// is still there leaves the handle negotiating.
+    pub async fn opt_go(&self) -> Result<()> {
+        match self.opt(OptRequest::Go).await? {
+            None => Ok(()),
+            Some(other) => Err(Error::protocol(format!("unexpected answer to NBD_OPT_GO: {other:?}"))),
+        }
+    }
+
+    /// `nbd_opt_abort`: ends the connection politely (the handle is then closed).
+    pub async fn opt_abort(&self) -> Result<()> {
+        self.opt(OptRequest::Abort).await.map(|_| ())
+    }
+
+    /// `nbd_opt_info`: the export's details, after which the getters report them.
+    pub async fn opt_info(&self) -> Result<ExportInfo> {
+        match self.opt(OptRequest::Info).await? {
+            Some(OptReply::Info(info)) => Ok(info),
+            other => Err(Error::protocol(format!("unexpected answer to NBD_OPT_INFO: {other:?}"))),
+        }
+    }
+
+    /// `nbd_opt_list`: the server's exports.
+    pub async fn opt_list(&self) -> Result<Vec<ExportEntry>> {
+        match self.opt(OptRequest::List).await? {
+            Some(OptReply::List(list)) => Ok(list),
+            other => Err(Error::protocol(format!("unexpected answer to NBD_OPT_LIST: {other:?}"))),
+        }
+    }
+
+    /// `nbd_opt_list_meta_context(_queries)`: the contexts the server offers for the
+    /// export (for `queries`, or the configured contexts).
+    pub async fn opt_list_meta_context(&self, queries: Option<Vec<String>>) -> Result<Vec<String>> {
+        check_queries(&queries)?;
+        match self.opt(OptRequest::ListMetaContext(queries)).await? {
+            Some(OptReply::MetaContexts(names)) => Ok(names),
+            other => Err(Error::protocol(format!(
+                "unexpected answer to NBD_OPT_LIST_META_CONTEXT: {other:?}"
+            ))),
+        }
+    }
+
+    /// `nbd_opt_set_meta_context(_queries)`: the contexts the server agreed to.
+    pub async fn opt_set_meta_context(&self, queries: Option<Vec<String>>) -> Result<Vec<String>> {
+        check_queries(&queries)?;
+        match self.opt(OptRequest::SetMetaContext(queries)).await? {
+            Some(OptReply::MetaContexts(names)) => Ok(names),
+            other => Err(Error::protocol(format!(
+                "unexpected answer to NBD_OPT_SET_META_CONTEXT: {other:?}"
+            ))),
+        }
+    }
+
+    async fn opt_bool(&self, req: OptRequest) -> Result<bool> {
+        match self.opt(req).await? {
+            Some(OptReply::Agreed(yes)) => Ok(yes),
+            other => Err(Error::protocol(format!("unexpected option answer: {other:?}"))),
+        }
+    }
+
+    /// `nbd_opt_structured_reply`.
+    pub async fn opt_structured_reply(&self) -> Result<bool> {
+        self.opt_bool(OptRequest::StructuredReply).await
+    }
+
+    /// `nbd_opt_extended_headers`.
+    pub async fn opt_extended_headers(&self) -> Result<bool> {
+        self.opt_bool(OptRequest::ExtendedHeaders).await
+    }
+
+    /// `nbd_opt_starttls`.
+    pub async fn opt_starttls(&self) -> Result<bool> {
+        self.opt_bool(OptRequest::StartTls).await
     }
 
     // ---- commands ----
@@ -342,8 +648,41 @@ impl Handle {
 
     /// `nbd_pread` into a new buffer of `count` bytes.
     pub async fn pread(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<Vec<u8>> {
-        let data = self.run(Op::Read { count, offset, flags }, cancel).await?;
-        Ok(data.expect("a read completes with its buffer"))
+        let reply = self.run(Op::Read { count, offset, flags }, cancel).await?;
+        Ok(reply.data.expect("a read completes with its buffer"))
+    }
+
+    /// `nbd_pread_structured`: the data and the chunks the server sent it in.
+    pub async fn pread_structured(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: u32,
+        cancel: Option<CancelToken>,
+    ) -> Result<(Vec<u8>, Vec<nbd_proto::transmission::ReadChunk>)> {
+        let reply = self.run(Op::ReadStructured { count, offset, flags }, cancel).await?;
+        let chunks = match reply.detail {
+            Detail::Chunks(c) => c,
+            _ => Vec::new(),
+        };
+        Ok((reply.data.expect("a read completes with its buffer"), chunks))
+    }
+
+    /// `nbd_block_status_64` (all negotiated contexts) or `nbd_block_status_filter`
+    /// (`contexts`): extents per context.
+    pub async fn block_status(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: u32,
+        contexts: Option<Vec<String>>,
+        cancel: Option<CancelToken>,
+    ) -> Result<Vec<nbd_proto::transmission::ContextExtents>> {
+        let op = Op::BlockStatus { count, offset, flags, contexts };
+        match self.run(op, cancel).await?.detail {
+            Detail::Extents(e) => Ok(e),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// `nbd_pread` into the caller's buffer (all of it, starting at `offset`).
@@ -382,7 +721,7 @@ impl Handle {
     }
 
     /// Submits `op` and waits for its outcome, or for `cancel`.
-    async fn run(&self, op: Op, cancel: Option<CancelToken>) -> Result<Option<Vec<u8>>> {
+    async fn run(&self, op: Op, cancel: Option<CancelToken>) -> Result<Reply> {
         let (reply, answer) = oneshot::channel();
         self.submit(op, cancel.clone(), move |outcome| {
             let _ = reply.send(outcome);
@@ -401,18 +740,33 @@ impl Handle {
 
     /// Queues a command whose outcome goes to `done`, called exactly once on some thread
     /// of the driver (or not at all when this returns an error). For bindings that settle
-    /// many commands through one notification channel; `Some(bytes)` for `Op::Read`.
+    /// many commands through one notification channel.
     pub fn submit(
         &self,
         op: Op,
         cancel: Option<CancelToken>,
-        done: impl FnOnce(Result<Option<Vec<u8>>>) + Send + 'static,
+        done: impl FnOnce(Result<Reply>) + Send + 'static,
     ) -> Result<()> {
+        let mut tracking = Tracking::default();
+        let mut filter: Option<Vec<String>> = None;
         let (cmd, mut payload) = match op {
             Op::Read { count, offset, flags } => (
                 command(CommandKind::Read, offset, count, flags),
                 Payload::None,
             ),
+            Op::ReadStructured { count, offset, flags } => {
+                tracking.record_chunks = true;
+                (command(CommandKind::Read, offset, count, flags), Payload::None)
+            }
+            Op::BlockStatus {
+                count,
+                offset,
+                flags,
+                contexts,
+            } => {
+                filter = contexts;
+                (command(CommandKind::BlockStatus, offset, count, flags), Payload::None)
+            }
             Op::ReadInto { dest, offset, flags } => (
                 command(CommandKind::Read, offset, dest.len() as u64, flags),
                 Payload::ReadInto(dest),
@@ -428,7 +782,10 @@ impl Handle {
                 (command(kind, offset, count, flags), Payload::None)
             }
         };
-        let (requests, lifeline, flags) = self.checked(&cmd)?;
+        let (requests, lifeline, flags, session) = self.checked(&cmd)?;
+        if let Some(names) = &filter {
+            tracking.filter = Some(session.block_status_filter(names)?);
+        }
         // A cancelled command must not touch its buffer, not even to zero it.
         if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
             return Err(cancelled_error());
@@ -445,16 +802,20 @@ impl Handle {
             }
             _ => {}
         }
-        let callback: Callback = Box::new(move |r: Result<Payload>| {
-            done(r.map(|p| match p {
-                Payload::ReadOwned(v) => Some(v),
-                _ => None,
+        let callback: Callback = Box::new(move |r: Result<Completed>| {
+            done(r.map(|c| Reply {
+                data: match c.payload {
+                    Payload::ReadOwned(v) => Some(v),
+                    _ => None,
+                },
+                detail: c.detail,
             }))
         });
         let request = Request::Command(CommandRequest {
             guard: InFlightGuard::new(&self.inner.shared),
             cmd,
             flags,
+            tracking,
             payload,
             cancel,
             reply: CallbackReply::new(callback),
@@ -471,7 +832,11 @@ impl Handle {
 
     /// The state check and libnbd's client-side checks; the way to the driver and the
     /// wire flags.
-    fn checked(&self, cmd: &Command) -> Result<(mpsc::UnboundedSender<Request>, Arc<Lifeline>, u16)> {
+    #[allow(clippy::type_complexity)]
+    fn checked(
+        &self,
+        cmd: &Command,
+    ) -> Result<(mpsc::UnboundedSender<Request>, Arc<Lifeline>, u16, Arc<Session>)> {
         let state = self.state();
         state::check(Call::Command, state)?;
         let (session, requests, lifeline) = match &*self.phase() {
@@ -488,7 +853,7 @@ impl Handle {
             }
         };
         let flags = session.check(cmd, self.inner.strict.load(Ordering::Relaxed))?;
-        Ok((requests, lifeline, flags))
+        Ok((requests, lifeline, flags, session))
     }
 
     // ---- ending ----
@@ -498,6 +863,10 @@ impl Handle {
     pub async fn shutdown(&self, abandon_pending: bool) -> Result<()> {
         let state = self.state();
         state::check(Call::Shutdown, state)?;
+        if state == State::Negotiating {
+            // Nothing is in flight while negotiating: end politely with NBD_OPT_ABORT.
+            return self.opt_abort().await;
+        }
         let (requests, lifeline) = {
             let mut phase = self.phase();
             match &mut *phase {
@@ -577,6 +946,21 @@ fn closed_error() -> Error {
     )
 }
 
+fn closed_while_connecting() -> Error {
+    Error::new(
+        nbd_proto::Fault::Cancelled,
+        Errno::ECANCELED,
+        "the handle was closed while connecting",
+    )
+}
+
+fn check_queries(queries: &Option<Vec<String>>) -> Result<()> {
+    for q in queries.iter().flatten() {
+        check_string("meta context query", q)?;
+    }
+    Ok(())
+}
+
 fn check_string(what: &str, s: &str) -> Result<()> {
     if s.len() > MAX_STRING {
         return Err(Error::usage(
@@ -587,28 +971,60 @@ fn check_string(what: &str, s: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs the handshake machine over the socket.
-async fn handshake(
-    reader: &mut Reader,
-    writer: &mut Writer,
-    mut hs: Handshake,
+/// Runs the handshake machine over `stream` until it needs the application (ready,
+/// negotiating, an option answer); starts TLS on the way when the machine asks. A failed
+/// handshake is an error.
+async fn drive(
+    mut stream: Stream,
+    hs: &mut Handshake,
     shared: &Shared,
-) -> Result<(Negotiated, Vec<u8>)> {
+    debug: &Option<DebugSink>,
+) -> Result<(Stream, Outcome)> {
+    loop {
+        match exchange(&mut stream, hs, shared, debug).await? {
+            Outcome::StartTls => {
+                stream = crate::tls_upgrade(stream).await?;
+                hs.tls_done();
+            }
+            Outcome::Failed(e) => return Err(e),
+            other => return Ok((stream, other)),
+        }
+    }
+}
+
+/// Sends what the machine has to send and feeds it what the server says, until the
+/// machine has an outcome.
+async fn exchange(
+    stream: &mut Stream,
+    hs: &mut Handshake,
+    shared: &Shared,
+    debug: &Option<DebugSink>,
+) -> Result<Outcome> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
+        if let Some(debug) = debug {
+            for message in hs.take_debug() {
+                debug("handshake", &message);
+            }
+        }
         let out = hs.poll_transmit();
         if !out.is_empty() {
-            writer
+            stream
                 .write_all(&out)
                 .await
                 .map_err(|e| io_error("sending the handshake", e))?;
             shared.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
             shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(outcome) = hs.poll_outcome() {
-            return outcome.map(|n| (n, hs.take_leftover()));
+        if let Some(outcome) = hs.poll_event() {
+            if let Some(debug) = debug {
+                for message in hs.take_debug() {
+                    debug("handshake", &message);
+                }
+            }
+            return Ok(outcome);
         }
-        let n = reader
+        let n = stream
             .read(&mut buf)
             .await
             .map_err(|e| io_error("reading the handshake", e))?;
@@ -621,4 +1037,3 @@ async fn handshake(
         }
     }
 }
-

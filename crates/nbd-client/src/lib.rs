@@ -32,9 +32,21 @@ mod transport;
 pub use buffer::{DestBuf, SourceBuf};
 pub use cancel::CancelToken;
 pub use config::Config;
-pub use handle::{Handle, Op, Stats};
+pub use driver::DebugSink;
+pub use handle::{Handle, Op, Reply, Stats};
 pub use nbd_proto::consts;
-pub use nbd_proto::handshake::{BlockSize, ExportInfo, Protocol};
+pub use nbd_proto::handshake::{
+    BlockSize, ExportEntry, ExportInfo, MetaContext, Negotiated, Protocol, TlsMode,
+};
+pub use nbd_proto::transmission::{ChunkStatus, ContextExtents, Detail, Extent, ReadChunk};
 pub use nbd_proto::state::State;
 pub use nbd_proto::transmission::CommandKind;
 pub use nbd_proto::{Errno, Error, Fault, Result};
+
+/// Starts TLS on `stream` after the server accepted `NBD_OPT_STARTTLS`.
+pub(crate) async fn tls_upgrade(_stream: transport::Stream) -> Result<transport::Stream> {
+    Err(Error::usage(
+        Errno::ENOTSUP,
+        "this build of nbd-client has no TLS support",
+    ))
+}

@@ -82,40 +82,117 @@ pub(crate) unsafe fn adopt(fd: RawFd) -> OwnedFd {
     OwnedFd::from_raw_fd(fd)
 }
 
-/// A reader and writer over a duplicate of `socket` (close-on-exec, non-blocking).
-pub(crate) fn split(socket: &OwnedFd) -> Result<(Reader, Writer)> {
-    let domain = getsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
-        .map_err(|e| io_error("querying the socket", e))?;
-    let dup = socket
-        .try_clone()
-        .map_err(|e| io_error("duplicating the socket", e))?;
-    let set_nonblocking = |fd: RawFd| -> io::Result<()> {
-        // SAFETY: plain fcntl calls on an fd we own.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-                return Err(io::Error::last_os_error());
+/// Anything the connection can run over: a socket, or TLS on top of one.
+pub(crate) trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
+
+/// The connection's byte stream, whole during the handshake (TLS may wrap it), split in two
+/// for the driver afterwards.
+pub(crate) enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+    /// TLS (or any other layer) over one of the above.
+    Layered(Box<dyn AsyncStream>),
+}
+
+impl Stream {
+    /// A stream over a duplicate of `socket` (close-on-exec, non-blocking).
+    pub(crate) fn new(socket: &OwnedFd) -> Result<Stream> {
+        let domain = getsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
+            .map_err(|e| io_error("querying the socket", e))?;
+        let dup = socket
+            .try_clone()
+            .map_err(|e| io_error("duplicating the socket", e))?;
+        let set_nonblocking = |fd: RawFd| -> io::Result<()> {
+            // SAFETY: plain fcntl calls on an fd we own.
+            unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        };
+        set_nonblocking(dup.as_raw_fd())
+            .map_err(|e| io_error("making the socket non-blocking", e))?;
+        if domain == libc::AF_INET || domain == libc::AF_INET6 {
+            let std_stream = std::net::TcpStream::from(dup);
+            // Requests are small and latency-bound; never wait to coalesce them.
+            let _ = std_stream.set_nodelay(true);
+            let stream = tokio::net::TcpStream::from_std(std_stream)
+                .map_err(|e| io_error("registering the socket", e))?;
+            Ok(Stream::Tcp(stream))
+        } else {
+            // Unix sockets, and any other stream socket (e.g. vsock), through the Unix type:
+            // it only needs read, write and shutdown on the fd.
+            let std_stream = std::os::unix::net::UnixStream::from(dup);
+            let stream = tokio::net::UnixStream::from_std(std_stream)
+                .map_err(|e| io_error("registering the socket", e))?;
+            Ok(Stream::Unix(stream))
+        }
+    }
+
+    /// The reader and writer halves for the driver. Plain sockets split without a lock;
+    /// a layered stream shares one.
+    pub(crate) fn split(self) -> (Reader, Writer) {
+        match self {
+            Stream::Unix(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Stream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Stream::Layered(s) => {
+                let (r, w) = tokio::io::split(s);
+                (Box::new(r), Box::new(w))
             }
         }
-        Ok(())
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Unix($s) => $e,
+            Stream::Tcp($s) => $e,
+            Stream::Layered($s) => $e,
+        }
     };
-    set_nonblocking(dup.as_raw_fd()).map_err(|e| io_error("making the socket non-blocking", e))?;
-    if domain == libc::AF_INET || domain == libc::AF_INET6 {
-        let std_stream = std::net::TcpStream::from(dup);
-        // Requests are small and latency-bound; never wait to coalesce them.
-        let _ = std_stream.set_nodelay(true);
-        let stream = tokio::net::TcpStream::from_std(std_stream)
-            .map_err(|e| io_error("registering the socket", e))?;
-        let (r, w) = stream.into_split();
-        Ok((Box::new(r), Box::new(w)))
-    } else {
-        // Unix sockets, and any other stream socket (e.g. vsock), through the Unix type:
-        // it only needs read, write and shutdown on the fd.
-        let std_stream = std::os::unix::net::UnixStream::from(dup);
-        let stream = tokio::net::UnixStream::from_std(std_stream)
-            .map_err(|e| io_error("registering the socket", e))?;
-        let (r, w) = stream.into_split();
-        Ok((Box::new(r), Box::new(w)))
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        delegate!(self, s => std::pin::Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        delegate!(self, s => std::pin::Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        delegate!(self, s => std::pin::Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        delegate!(self, s => std::pin::Pin::new(s).poll_shutdown(cx))
     }
 }
 

@@ -44,8 +44,12 @@ pub enum Call {
     Connect,
     /// Settings that shape the handshake (`setTls…`, `setRequest…`, `setHandshakeFlags`).
     Configure,
-    /// `setExportName`: before connecting or while negotiating.
+    /// `setExportName` and the settings that option mode may change between requests
+    /// (`addMetaContext`, `setFullInfo`, `setRequestBlockSize`, …): before connecting or
+    /// while negotiating.
     SetExportName,
+    /// `opt*` requests: only while negotiating (option mode).
+    Opt,
     /// Data commands (`pread`, `pwrite`, …).
     Command,
     /// Information getters (`getSize`, `can*`, …): once the server has told.
@@ -63,6 +67,7 @@ const ALLOWED: &[(Call, &[State], &str)] = &[
         &[State::Created, State::Negotiating],
         "newly created or negotiating",
     ),
+    (Call::Opt, &[State::Negotiating], "negotiating (option mode)"),
     (
         Call::Command,
         &[State::Ready, State::Processing],
