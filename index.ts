@@ -246,6 +246,62 @@ export interface HandleOptions {
   connectTimeout?: number
   /** Requests on the wire at once; more are queued, never refused. Default 64. */
   maxInFlight?: number
+  /** Ask for extended headers ({@link Handle.setRequestExtendedHeaders}); default true. */
+  requestExtendedHeaders?: boolean
+  /** Set meta contexts automatically before GO/INFO ({@link Handle.setRequestMetaContext}); default true. */
+  requestMetaContext?: boolean
+  /** Meta contexts to negotiate ({@link Handle.addMetaContext}), e.g. `['base:allocation']`. */
+  metaContexts?: string[]
+  /** Stop in option negotiation after connecting ({@link Handle.setOptMode}); default false. */
+  optMode?: boolean
+  /** Debug messages ({@link Handle.setDebug}): `true` for stderr, or a callback. */
+  debug?: boolean | DebugCallback
+}
+
+/** Receives debug messages: what the handle sends and receives, and why. */
+export type DebugCallback = (context: string, message: string) => void
+
+/** One extent of a block status reply: `length` bytes at `offset` with context-specific `flags`. */
+export interface Extent {
+  offset: number
+  length: number
+  /** For `base:allocation`: {@link STATE_HOLE}, {@link STATE_ZERO}; for dirty bitmaps: {@link STATE_DIRTY}. */
+  flags: number
+}
+
+/** One chunk of a structured read reply. */
+export interface ReadChunk {
+  offset: number
+  length: number
+  /** `data` (bytes sent), `hole` (zeroes), or `error` (the server failed at `offset`; length 0). */
+  status: 'data' | 'hole' | 'error'
+}
+
+/** An export listed by {@link Handle.optList}. */
+export interface ExportListing {
+  name: string
+  description: string
+}
+
+function parseExtents(detail: string | null): Record<string, Extent[]> {
+  const out: Record<string, Extent[]> = {}
+  if (detail === null) return out
+  const raw = JSON.parse(detail) as Record<string, [number, number, number][]>
+  for (const [name, list] of Object.entries(raw)) {
+    out[name] = list.map(([offset, length, flags]) => ({ offset, length, flags }))
+  }
+  return out
+}
+
+function parseChunks(detail: string | null): ReadChunk[] {
+  if (detail === null) return []
+  const raw = JSON.parse(detail) as [number, number, ReadChunk['status']][]
+  return raw.map(([offset, length, status]) => ({ offset, length, status }))
+}
+
+function checkStringList(op: string, name: string, v: unknown): string[] {
+  if (!Array.isArray(v)) throw invalid(op, `${name} must be an array of strings, got ${describe(v)}`)
+  return v.map((s, i) => checkString(op, `${name}[${i}]`, s))
 }
 
 /** A handle's state, as libnbd names them. */
@@ -274,7 +330,7 @@ const asyncDispose: typeof Symbol.asyncDispose =
 // loop open by itself; `keepAlive` does while any command is pending.
 
 interface Settle {
-  resolve(value: unknown): void
+  resolve(data: Buffer | null, detail: string | null): void
   reject(reason: unknown): void
   operation: string
 }
@@ -285,13 +341,18 @@ let started = 0
 const keepAlive = setInterval(() => {}, 0x3fffffff)
 keepAlive.unref()
 
-function onComplete(id: number, error: string | null, data: Buffer | null): void {
+function onComplete(id: number, error: string | null, data: Buffer | null, detail: string | null): void {
   if (--started === 0) keepAlive.unref()
   const settle = pending.get(id)
   if (settle === undefined) return // aborted: already rejected
   pending.delete(id)
-  if (error === null) settle.resolve(data ?? undefined)
+  if (error === null) settle.resolve(data, detail)
   else settle.reject(toNbdError(new Error(error), settle.operation))
+}
+
+/** The default result of a command: its data (reads) or nothing. */
+function dataOf(data: Buffer | null): unknown {
+  return data ?? undefined
 }
 
 function nextId(): number {
@@ -308,9 +369,17 @@ function startCommand<T>(
   operation: string,
   signal: AbortSignal | undefined,
   start: (id: number, cancel: Binding.NativeCancel | undefined) => void,
+  result: (data: Buffer | null, detail: string | null) => unknown = dataOf,
 ): Promise<T> {
   return new Promise<T>((resolve, reject) => {
     const id = nextId()
+    const done = (data: Buffer | null, detail: string | null): void => {
+      try {
+        resolve(result(data, detail) as T)
+      } catch (e) {
+        reject(toNbdError(e, operation))
+      }
+    }
     if (signal === undefined) {
       try {
         start(id, undefined)
@@ -318,7 +387,7 @@ function startCommand<T>(
         reject(toNbdError(e, operation))
         return
       }
-      pending.set(id, { resolve: resolve as (v: unknown) => void, reject, operation })
+      pending.set(id, { resolve: done, reject, operation })
     } else {
       if (signal.aborted) {
         reject(new AbortError(signal.reason))
@@ -338,9 +407,9 @@ function startCommand<T>(
       }
       signal.addEventListener('abort', onAbort, { once: true })
       pending.set(id, {
-        resolve: (v) => {
+        resolve: (data, detail) => {
           signal.removeEventListener('abort', onAbort)
-          resolve(v as T)
+          done(data, detail)
         },
         reject: (e) => {
           signal.removeEventListener('abort', onAbort)
@@ -383,6 +452,13 @@ export class Handle {
     if (o.requestBlockSize !== undefined) this.setRequestBlockSize(o.requestBlockSize as boolean)
     if (o.fullInfo !== undefined) this.setFullInfo(o.fullInfo as boolean)
     if (o.handshakeFlags !== undefined) this.setHandshakeFlags(o.handshakeFlags as number)
+    if (o.requestExtendedHeaders !== undefined) this.setRequestExtendedHeaders(o.requestExtendedHeaders as boolean)
+    if (o.requestMetaContext !== undefined) this.setRequestMetaContext(o.requestMetaContext as boolean)
+    if (o.metaContexts !== undefined) {
+      for (const name of checkStringList(op, 'metaContexts', o.metaContexts)) this.addMetaContext(name)
+    }
+    if (o.optMode !== undefined) this.setOptMode(o.optMode as boolean)
+    if (o.debug !== undefined) this.setDebug(o.debug as boolean | DebugCallback)
     if (o.connectTimeout !== undefined) {
       const ms = o.connectTimeout
       if (typeof ms !== 'number' || !(ms >= 0) || !Number.isFinite(ms)) {
@@ -492,6 +568,35 @@ export class Handle {
   }
 
   /**
+   * Reads `count` bytes at `offset` and reports how the server sent them
+   * (`nbd_pread_structured`): `chunks` lists each data or hole chunk (and error offsets)
+   * in the order they came. `df` asks the server not to fragment the reply
+   * ({@link Handle.canDf}). Without structured replies the whole read is one data chunk.
+   */
+  async preadStructured(
+    count: number,
+    offset: number | bigint,
+    opts?: CmdOptions & { df?: boolean },
+  ): Promise<{ data: Buffer; chunks: ReadChunk[] }> {
+    const op = 'preadStructured'
+    const c = checkCount(op, count)
+    const o = checkOffset(op, offset)
+    const { flags, signal } = checkOptions(op, opts, ['df'])
+    return startCommand(
+      op,
+      signal,
+      (id, cancel) => this.#native.preadStructured(id, c, o, flags, cancel),
+      (data, detail) => {
+        const buf = data ?? Buffer.alloc(0)
+        const chunks = this.getStructuredRepliesNegotiated() || c === 0
+          ? parseChunks(detail)
+          : [{ offset: Number(o), length: c, status: 'data' as const }]
+        return { data: buf, chunks }
+      },
+    )
+  }
+
+  /**
    * Reads `buf.length` bytes at `offset` into `buf` (`nbd_pread`, without a copy). Do not
    * touch `buf` until the promise settles; if the call is aborted or the handle closed
    * first, `buf` is not written after the promise rejects.
@@ -552,6 +657,106 @@ export class Handle {
     const o = checkOffset(op, offset)
     const { flags, signal } = checkOptions(op, opts, ['fua', 'noHole', 'fastZero'])
     return startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
+  }
+
+  /**
+   * Asks for the status of `count` bytes at `offset` in each negotiated meta context
+   * (`nbd_block_status_64`), or only in `contexts` (`nbd_block_status_filter`, which needs
+   * {@link Handle.canBlockStatusPayload}). Resolves to the extents per context name, with
+   * absolute offsets. The server may describe less than `count` bytes, and its final extent
+   * may run past the request; with `reqOne` it describes one extent per context.
+   */
+  async blockStatus(
+    count: number,
+    offset: number | bigint,
+    opts?: CmdOptions & { reqOne?: boolean; contexts?: string[] },
+  ): Promise<Record<string, Extent[]>> {
+    const op = 'blockStatus'
+    const c = checkCount(op, count)
+    const o = checkOffset(op, offset)
+    const { flags: raw, signal } = checkOptions(op, opts, [])
+    let flags = raw
+    let contexts: string[] | undefined
+    if (opts !== undefined) {
+      const x = opts as Record<string, unknown>
+      if (x.reqOne !== undefined && checkBoolean(op, 'reqOne', x.reqOne)) flags = (flags | CMD_FLAG_REQ_ONE) >>> 0
+      if (x.contexts !== undefined) contexts = checkStringList(op, 'contexts', x.contexts)
+    }
+    return startCommand(
+      op,
+      signal,
+      (id, cancel) => this.#native.blockStatus(id, c, o, flags, contexts, cancel),
+      (_data, detail) => parseExtents(detail),
+    )
+  }
+
+  // ---- option negotiation (option mode: state 'negotiating') ----
+
+  /**
+   * Ends option negotiation and enters transmission with the export set by
+   * {@link Handle.setExportName} (`nbd_opt_go`); meta contexts are set first when
+   * {@link Handle.setRequestMetaContext} is on. If the server refuses but stays connected,
+   * the handle stays `negotiating` so another export can be tried.
+   */
+  async optGo(): Promise<void> {
+    return this.#async('optGo', () => this.#native.optGo())
+  }
+
+  /** Ends the connection politely with NBD_OPT_ABORT (`nbd_opt_abort`); the handle is then `closed`. */
+  async optAbort(): Promise<void> {
+    return this.#async('optAbort', () => this.#native.optAbort())
+  }
+
+  /**
+   * Asks about the export set by {@link Handle.setExportName} without entering
+   * transmission (`nbd_opt_info`); the getters (`getSize`, `can*`, …) then describe it.
+   */
+  async optInfo(): Promise<void> {
+    return this.#async('optInfo', () => this.#native.optInfo())
+  }
+
+  /** The exports the server lists (`nbd_opt_list`). */
+  async optList(): Promise<ExportListing[]> {
+    return this.#async('optList', async () => {
+      const list = await this.#native.optList()
+      return list.map(([name, description]) => ({ name, description }))
+    })
+  }
+
+  /**
+   * The meta contexts the server offers for the export (`nbd_opt_list_meta_context`),
+   * matching `queries`, or the contexts added with {@link Handle.addMetaContext} (all of
+   * them when none were added).
+   */
+  async optListMetaContext(queries?: string[]): Promise<string[]> {
+    const op = 'optListMetaContext'
+    return this.#async(op, async () => {
+      const q = queries === undefined ? undefined : checkStringList(op, 'queries', queries)
+      return this.#native.optListMetaContext(q)
+    })
+  }
+
+  /**
+   * Negotiates meta contexts for the export (`nbd_opt_set_meta_context`): `queries`, or
+   * the contexts added with {@link Handle.addMetaContext}. Resolves to the contexts the
+   * server agreed to; {@link Handle.canMetaContext} then tells them.
+   */
+  async optSetMetaContext(queries?: string[]): Promise<string[]> {
+    const op = 'optSetMetaContext'
+    return this.#async(op, async () => {
+      const q = queries === undefined ? undefined : checkStringList(op, 'queries', queries)
+      return this.#native.optSetMetaContext(q)
+    })
+  }
+
+  /** Asks for structured replies (`nbd_opt_structured_reply`); whether the server agreed. */
+  async optStructuredReply(): Promise<boolean> {
+    return this.#async('optStructuredReply', () => this.#native.optStructuredReply())
+  }
+
+  /** Asks for extended headers (`nbd_opt_extended_headers`); whether the server agreed. */
+  async optExtendedHeaders(): Promise<boolean> {
+    return this.#async('optExtendedHeaders', () => this.#native.optExtendedHeaders())
   }
 
   // ---- ending ----
@@ -682,9 +887,50 @@ export class Handle {
     return this.#sync('getStructuredRepliesNegotiated', () => this.#native.getStructuredRepliesNegotiated())
   }
 
+  /** Whether extended headers were negotiated (`nbd_get_extended_headers_negotiated`). */
+  getExtendedHeadersNegotiated(): boolean {
+    return this.#sync('getExtendedHeadersNegotiated', () => this.#native.getExtendedHeadersNegotiated())
+  }
+
+  /** Whether TLS is running on the connection (`nbd_get_tls_negotiated`). */
+  getTlsNegotiated(): boolean {
+    return this.#sync('getTlsNegotiated', () => this.#native.getTlsNegotiated())
+  }
+
+  /** Whether meta context `name` was negotiated (`nbd_can_meta_context`). */
+  canMetaContext(name: string): boolean {
+    const op = 'canMetaContext'
+    return this.#sync(op, () => this.#native.canMetaContext(checkString(op, 'name', name)))
+  }
+
+  /** Whether {@link Handle.blockStatus} may filter by context (`nbd_can_block_status_payload`). */
+  canBlockStatusPayload(): boolean {
+    return this.#sync('canBlockStatusPayload', () => this.#native.canBlockStatusPayload())
+  }
+
+  /**
+   * The export's canonical name as the server reported it (`nbd_get_canonical_export_name`);
+   * `ENOTSUP` when it did not ({@link Handle.setFullInfo} asks for it).
+   */
+  getCanonicalExportName(): string {
+    return this.#sync('getCanonicalExportName', () => this.#native.getCanonicalExportName())
+  }
+
+  /**
+   * The export's description as the server reported it (`nbd_get_export_description`);
+   * `ENOTSUP` when it did not ({@link Handle.setFullInfo} asks for it).
+   */
+  getExportDescription(): string {
+    return this.#sync('getExportDescription', () => this.#native.getExportDescription())
+  }
+
   // ---- settings ----
 
-  /** Sets the export to attach to (`nbd_set_export_name`): before connecting. At most 4096 bytes. */
+  /**
+   * Sets the export to attach to (`nbd_set_export_name`): before connecting, or while
+   * negotiating (for the next {@link Handle.optInfo} or {@link Handle.optGo}). At most
+   * 4096 bytes.
+   */
   setExportName(name: string): void {
     const op = 'setExportName'
     this.#sync(op, () => this.#native.setExportName(checkString(op, 'name', name)))
@@ -770,5 +1016,89 @@ export class Handle {
   /** `nbd_get_handshake_flags`. */
   getHandshakeFlags(): number {
     return this.#native.getHandshakeFlags()
+  }
+
+  /**
+   * Whether to ask for extended headers (`nbd_set_request_extended_headers`): 64-bit
+   * lengths for zero, trim, cache and block status. Before connecting; default true.
+   */
+  setRequestExtendedHeaders(v: boolean): void {
+    const op = 'setRequestExtendedHeaders'
+    this.#sync(op, () => this.#native.setRequestExtendedHeaders(checkBoolean(op, 'value', v)))
+  }
+
+  /** `nbd_get_request_extended_headers`. */
+  getRequestExtendedHeaders(): boolean {
+    return this.#native.getRequestExtendedHeaders()
+  }
+
+  /**
+   * Whether connecting (or {@link Handle.optGo}/{@link Handle.optInfo}) sets the meta
+   * contexts added with {@link Handle.addMetaContext} (`nbd_set_request_meta_context`).
+   * Before connecting or while negotiating; default true.
+   */
+  setRequestMetaContext(v: boolean): void {
+    const op = 'setRequestMetaContext'
+    this.#sync(op, () => this.#native.setRequestMetaContext(checkBoolean(op, 'value', v)))
+  }
+
+  /** `nbd_get_request_meta_context`. */
+  getRequestMetaContext(): boolean {
+    return this.#native.getRequestMetaContext()
+  }
+
+  /**
+   * Adds a meta context to negotiate (`nbd_add_meta_context`), e.g.
+   * {@link CONTEXT_BASE_ALLOCATION}, `'qemu:dirty-bitmap:NAME'`, `'qemu:allocation-depth'`.
+   * Before connecting or while negotiating. At most 4096 bytes.
+   */
+  addMetaContext(name: string): void {
+    const op = 'addMetaContext'
+    this.#sync(op, () => this.#native.addMetaContext(checkString(op, 'name', name)))
+  }
+
+  /** Empties the list of meta contexts to negotiate (`nbd_clear_meta_contexts`). */
+  clearMetaContexts(): void {
+    this.#sync('clearMetaContexts', () => this.#native.clearMetaContexts())
+  }
+
+  /** The meta contexts to negotiate (`nbd_get_meta_context` for each). */
+  getMetaContexts(): string[] {
+    return this.#native.getMetaContexts()
+  }
+
+  /**
+   * Option mode (`nbd_set_opt_mode`): connecting stops in state `negotiating`, where the
+   * `opt*` calls talk to the server, until {@link Handle.optGo} or {@link Handle.optAbort}.
+   * Before connecting.
+   */
+  setOptMode(v: boolean): void {
+    const op = 'setOptMode'
+    this.#sync(op, () => this.#native.setOptMode(checkBoolean(op, 'value', v)))
+  }
+
+  /** `nbd_get_opt_mode`. */
+  getOptMode(): boolean {
+    return this.#native.getOptMode()
+  }
+
+  /**
+   * Debug messages (`nbd_set_debug`): options sent and replies received during the
+   * handshake, each command with its cookie, each reply. `true` writes them to stderr as
+   * `nbd-client: debug: NAME: CONTEXT: MESSAGE`; a callback receives `(context, message)`
+   * instead; `false` stops them. Any time.
+   */
+  setDebug(v: boolean | DebugCallback): void {
+    const op = 'setDebug'
+    if (typeof v === 'function') {
+      this.#sync(op, () => this.#native.setDebug(true, v))
+    } else {
+      this.#sync(op, () => this.#native.setDebug(checkBoolean(op, 'value', v), null))
+    }
+  }
+
+  /** `nbd_get_debug`. */
+  getDebug(): boolean {
+    return this.#native.getDebug()
   }
 }

@@ -9,7 +9,9 @@ use nbd_client::consts::*;
 use std::sync::Arc;
 
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
-use nbd_client::{CancelToken, CommandKind, DestBuf, Handle, Op, SourceBuf};
+use nbd_client::{
+    CancelToken, ChunkStatus, CommandKind, DestBuf, Detail, Handle, Op, Reply, SourceBuf,
+};
 
 use crate::{invalid, to_js};
 
@@ -103,14 +105,81 @@ pub struct NativeStats {
     pub chunks_received: BigInt,
 }
 
-/// A finished command: its id and outcome (`[CODE:errno] message` on failure).
-type Done = (u32, std::result::Result<Option<Vec<u8>>, String>);
+/// A finished command: its id and outcome (`[CODE:errno] message` on failure): data for
+/// reads, and block status extents or read chunks as JSON.
+type Done = (u32, std::result::Result<(Option<Vec<u8>>, Option<String>), String>);
+
+/// The arguments of the completion callback: id, error, data, detail.
+type DoneArgs = FnArgs<(u32, Option<String>, Option<Buffer>, Option<String>)>;
 
 /// One notification channel per handle for every command's outcome: a weak threadsafe
 /// function (index.ts keeps the event loop alive while commands are pending), so finishing
 /// a command costs one queued call, not a promise machinery of its own.
-type Completions =
-    ThreadsafeFunction<Done, (), FnArgs<(u32, Option<String>, Option<Buffer>)>, Status, false, true>;
+type Completions = ThreadsafeFunction<Done, (), DoneArgs, Status, false, true>;
+
+/// Debug messages on their way to a JavaScript callback: (context, message).
+type DebugCallback =
+    ThreadsafeFunction<(String, String), (), FnArgs<(String, String)>, Status, false, true>;
+
+/// Block status extents or read chunks as JSON for index.ts: extents as
+/// `{"context": [[offset, length, flags], ...]}`, chunks as `[[offset, length, status]]`.
+fn detail_json(detail: &Detail) -> Option<String> {
+    use std::fmt::Write;
+    match detail {
+        Detail::None => None,
+        Detail::Extents(contexts) => {
+            let mut out = String::from("{");
+            for (i, c) in contexts.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&json_string(&c.name));
+                out.push_str(":[");
+                for (j, e) in c.extents.iter().enumerate() {
+                    if j > 0 {
+                        out.push(',');
+                    }
+                    let _ = write!(out, "[{},{},{}]", e.offset, e.length, e.flags);
+                }
+                out.push(']');
+            }
+            out.push('}');
+            Some(out)
+        }
+        Detail::Chunks(chunks) => {
+            let mut out = String::from("[");
+            for (i, c) in chunks.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let status = match c.status {
+                    ChunkStatus::Data => "data",
+                    ChunkStatus::Hole => "hole",
+                    ChunkStatus::Error => "error",
+                };
+                let _ = write!(out, "[{},{},\"{status}\"]", c.offset, c.length);
+            }
+            out.push(']');
+            Some(out)
+        }
+    }
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
 
 /// The handle, as `nbd-client` implements it. Wrapped by `Handle` in index.ts.
 #[napi]
@@ -134,8 +203,10 @@ impl NativeHandle {
     /// `on_complete(id, error, data)` is called once for every command started with an id.
     #[napi(constructor)]
     pub fn new(
-        #[napi(ts_arg_type = "(id: number, error: string | null, data: Buffer | null) => void")]
-        on_complete: Function<FnArgs<(u32, Option<String>, Option<Buffer>)>, ()>,
+        #[napi(
+            ts_arg_type = "(id: number, error: string | null, data: Buffer | null, detail: string | null) => void"
+        )]
+        on_complete: Function<DoneArgs, ()>,
     ) -> Result<Self> {
         let completions = on_complete
             .build_threadsafe_function::<Done>()
@@ -144,8 +215,8 @@ impl NativeHandle {
             .build_callback(|ctx| {
                 let (id, outcome) = ctx.value;
                 Ok(FnArgs::from(match outcome {
-                    Ok(data) => (id, None, data.map(Buffer::from)),
-                    Err(message) => (id, Some(message), None),
+                    Ok((data, detail)) => (id, None, data.map(Buffer::from), detail),
+                    Err(message) => (id, Some(message), None, None),
                 }))
             })?;
         Ok(NativeHandle {
@@ -155,10 +226,15 @@ impl NativeHandle {
     }
 
     /// The callback that reports command `id` through the completion channel.
-    fn done(&self, id: u32) -> impl FnOnce(nbd_client::Result<Option<Vec<u8>>>) + Send + 'static {
+    fn done(&self, id: u32) -> impl FnOnce(nbd_client::Result<Reply>) + Send + 'static {
         let completions = self.completions.clone();
         move |outcome| {
-            let outcome = outcome.map_err(|e| error_text(&e));
+            let outcome = outcome
+                .map(|r| {
+                    let detail = detail_json(&r.detail);
+                    (r.data, detail)
+                })
+                .map_err(|e| error_text(&e));
             completions.call((id, outcome), ThreadsafeFunctionCallMode::NonBlocking);
         }
     }
@@ -219,7 +295,9 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_request_block_size(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.request_block_size = on).map_err(to_js)
+        self.handle
+            .negotiation_setting(|c| c.request_block_size = on)
+            .map_err(to_js)
     }
 
     #[napi]
@@ -229,12 +307,97 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_full_info(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.full_info = on).map_err(to_js)
+        self.handle.negotiation_setting(|c| c.full_info = on).map_err(to_js)
     }
 
     #[napi]
     pub fn get_full_info(&self) -> bool {
         self.handle.config().full_info
+    }
+
+    #[napi]
+    pub fn set_request_extended_headers(&self, on: bool) -> Result<()> {
+        self.handle
+            .configure(|c| c.request_extended_headers = on)
+            .map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_request_extended_headers(&self) -> bool {
+        self.handle.config().request_extended_headers
+    }
+
+    #[napi]
+    pub fn set_request_meta_context(&self, on: bool) -> Result<()> {
+        self.handle
+            .negotiation_setting(|c| c.request_meta_context = on)
+            .map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_request_meta_context(&self) -> bool {
+        self.handle.config().request_meta_context
+    }
+
+    #[napi]
+    pub fn set_opt_mode(&self, on: bool) -> Result<()> {
+        self.handle.configure(|c| c.opt_mode = on).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_opt_mode(&self) -> bool {
+        self.handle.config().opt_mode
+    }
+
+    #[napi]
+    pub fn add_meta_context(&self, name: String) -> Result<()> {
+        self.handle.add_meta_context(&name).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn clear_meta_contexts(&self) -> Result<()> {
+        self.handle.clear_meta_contexts().map_err(to_js)
+    }
+
+    /// The meta contexts that will be (or were) asked for.
+    #[napi]
+    pub fn get_meta_contexts(&self) -> Vec<String> {
+        self.handle.config().meta_contexts
+    }
+
+    /// Debug messages on (`callback` receives them, else stderr) or off.
+    #[napi]
+    pub fn set_debug(
+        &self,
+        on: bool,
+        #[napi(ts_arg_type = "((context: string, message: string) => void) | null | undefined")]
+        callback: Option<Function<FnArgs<(String, String)>, ()>>,
+    ) -> Result<()> {
+        let sink: Option<nbd_client::DebugSink> = match callback {
+            None => None,
+            Some(f) => {
+                let tsfn: DebugCallback = f
+                    .build_threadsafe_function::<(String, String)>()
+                    .callee_handled::<false>()
+                    .weak::<true>()
+                    .build_callback(|ctx| Ok(FnArgs::from(ctx.value)))?;
+                let tsfn = Arc::new(tsfn);
+                Some(Arc::new(move |context: &str, message: &str| {
+                    tsfn.call(
+                        (context.to_string(), message.to_string()),
+                        ThreadsafeFunctionCallMode::NonBlocking,
+                    );
+                }))
+            }
+        };
+        self.handle.set_debug_sink(sink);
+        self.handle.set_debug(on);
+        Ok(())
+    }
+
+    #[napi]
+    pub fn get_debug(&self) -> bool {
+        self.handle.config().debug
     }
 
     #[napi]
@@ -365,6 +528,39 @@ impl NativeHandle {
         self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
     }
 
+    #[napi]
+    pub fn pread_structured(
+        &self,
+        id: u32,
+        count_: f64,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Result<()> {
+        let op = Op::ReadStructured { count: count(count_)?, offset: offset(offset_)?, flags };
+        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
+    }
+
+    /// Block status for every negotiated context, or only `contexts`.
+    #[napi]
+    pub fn block_status(
+        &self,
+        id: u32,
+        count_: f64,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        contexts: Option<Vec<String>>,
+        cancel: Option<&NativeCancel>,
+    ) -> Result<()> {
+        let op = Op::BlockStatus {
+            count: count(count_)?,
+            offset: offset(offset_)?,
+            flags,
+            contexts,
+        };
+        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
+    }
+
     /// Flush, trim, cache or zero (`kind`), by their libnbd names.
     #[napi]
     pub fn command(
@@ -385,6 +581,74 @@ impl NativeHandle {
         };
         let op = Op::Other { kind, count: count(count_)?, offset: offset(offset_)?, flags };
         self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
+    }
+
+    // ---- option negotiation ----
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn opt_go<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        spawn!(env, h.opt_go())
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn opt_abort<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        spawn!(env, h.opt_abort())
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn opt_info<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        env.spawn_future(async move { h.opt_info().await.map(drop).map_err(to_js) })
+    }
+
+    /// The exports as `[name, description]` pairs.
+    #[napi(ts_return_type = "Promise<Array<[string, string]>>")]
+    pub fn opt_list<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Vec<Vec<String>>>> {
+        let h = self.handle.clone();
+        env.spawn_future(async move {
+            let list = h.opt_list().await.map_err(to_js)?;
+            Ok(list.into_iter().map(|e| vec![e.name, e.description]).collect())
+        })
+    }
+
+    #[napi(ts_return_type = "Promise<string[]>")]
+    pub fn opt_list_meta_context<'env>(
+        &self,
+        env: &'env Env,
+        queries: Option<Vec<String>>,
+    ) -> Result<PromiseRaw<'env, Vec<String>>> {
+        let h = self.handle.clone();
+        spawn!(env, h.opt_list_meta_context(queries))
+    }
+
+    #[napi(ts_return_type = "Promise<string[]>")]
+    pub fn opt_set_meta_context<'env>(
+        &self,
+        env: &'env Env,
+        queries: Option<Vec<String>>,
+    ) -> Result<PromiseRaw<'env, Vec<String>>> {
+        let h = self.handle.clone();
+        spawn!(env, h.opt_set_meta_context(queries))
+    }
+
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn opt_structured_reply<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, bool>> {
+        let h = self.handle.clone();
+        spawn!(env, h.opt_structured_reply())
+    }
+
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn opt_extended_headers<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, bool>> {
+        let h = self.handle.clone();
+        spawn!(env, h.opt_extended_headers())
+    }
+
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn opt_starttls<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, bool>> {
+        let h = self.handle.clone();
+        spawn!(env, h.opt_starttls())
     }
 
     // ---- ending ----
@@ -489,12 +753,58 @@ impl NativeHandle {
 
     #[napi]
     pub fn get_protocol(&self) -> Result<&'static str> {
-        Ok(self.handle.negotiated().map_err(to_js)?.protocol.name())
+        Ok(self.handle.negotiated_so_far().map_err(to_js)?.protocol.name())
     }
 
     #[napi]
     pub fn get_structured_replies_negotiated(&self) -> Result<bool> {
-        Ok(self.handle.negotiated().map_err(to_js)?.structured_replies)
+        Ok(self.handle.negotiated_so_far().map_err(to_js)?.structured_replies)
+    }
+
+    #[napi]
+    pub fn get_extended_headers_negotiated(&self) -> Result<bool> {
+        Ok(self.handle.negotiated_so_far().map_err(to_js)?.extended_headers)
+    }
+
+    #[napi]
+    pub fn get_tls_negotiated(&self) -> Result<bool> {
+        Ok(self.handle.negotiated_so_far().map_err(to_js)?.tls)
+    }
+
+    /// Whether meta context `name` was negotiated.
+    #[napi]
+    pub fn can_meta_context(&self, name: String) -> Result<bool> {
+        let n = self.handle.negotiated_so_far().map_err(to_js)?;
+        Ok(n.meta_context_id(&name).is_some())
+    }
+
+    /// Filtered block status needs extended headers and the server's flag.
+    #[napi]
+    pub fn can_block_status_payload(&self) -> Result<bool> {
+        let n = self.handle.negotiated().map_err(to_js)?;
+        Ok(n.extended_headers && n.export.has(FLAG_BLOCK_STAT_PAYLOAD))
+    }
+
+    #[napi]
+    pub fn get_canonical_export_name(&self) -> Result<String> {
+        let n = self.handle.negotiated().map_err(to_js)?;
+        n.export.canonical_name.ok_or_else(|| {
+            to_js(nbd_client::Error::server(
+                nbd_client::Errno::ENOTSUP,
+                "server did not advertise a canonical name (setFullInfo(true) asks for it)",
+            ))
+        })
+    }
+
+    #[napi]
+    pub fn get_export_description(&self) -> Result<String> {
+        let n = self.handle.negotiated().map_err(to_js)?;
+        n.export.description.ok_or_else(|| {
+            to_js(nbd_client::Error::server(
+                nbd_client::Errno::ENOTSUP,
+                "server did not advertise a description (setFullInfo(true) asks for it)",
+            ))
+        })
     }
 }
 
