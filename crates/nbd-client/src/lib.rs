@@ -29,6 +29,7 @@ mod driver;
 mod handle;
 mod tls_mode;
 mod transport;
+pub mod uri;
 
 pub use buffer::{DestBuf, SourceBuf};
 pub use cancel::CancelToken;
