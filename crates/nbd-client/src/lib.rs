@@ -28,6 +28,7 @@ mod config;
 mod driver;
 mod handle;
 mod transport;
+pub mod uri;
 
 pub use buffer::{DestBuf, SourceBuf};
 pub use cancel::CancelToken;
