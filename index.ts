@@ -74,6 +74,34 @@ export const STATE_DIRTY = 0x01
 /** The name of the block allocation meta context. */
 export const CONTEXT_BASE_ALLOCATION = 'base:allocation'
 
+/** {@link Handle.setUriAllowTransports} bit: `nbd://`, `nbds://`. */
+export const ALLOW_TRANSPORT_TCP = 0x1
+/** {@link Handle.setUriAllowTransports} bit: `nbd+unix://`, `nbds+unix://`. */
+export const ALLOW_TRANSPORT_UNIX = 0x2
+/** {@link Handle.setUriAllowTransports} bit: `nbd+vsock://`, `nbds+vsock://`. */
+export const ALLOW_TRANSPORT_VSOCK = 0x4
+
+/** Whether this build speaks TLS (`nbd_supports_tls`). */
+export function supportsTls(): boolean {
+  return native.supportsTls()
+}
+
+/** Whether this build understands NBD URIs (`nbd_supports_uri`): always true. */
+export function supportsUri(): boolean {
+  return native.supportsUri()
+}
+
+/**
+ * Whether `s` looks like an NBD URI (`nbd_is_uri`): a cheap check of the scheme
+ * (`nbd:`, `nbds:`, `nbd+unix:`, …), not a full parse; {@link Handle.connectUri} validates.
+ */
+export function isUri(s: string): boolean {
+  return typeof s === 'string' && native.isUri(s)
+}
+
+/** TLS modes ({@link Handle.setTls}). */
+export type TlsMode = 'disable' | 'allow' | 'require'
+
 // ---- errors ----
 
 const ERRNO: Record<string, number> = {
@@ -256,6 +284,24 @@ export interface HandleOptions {
   optMode?: boolean
   /** Debug messages ({@link Handle.setDebug}): `true` for stderr, or a callback. */
   debug?: boolean | DebugCallback
+  /** TLS mode ({@link Handle.setTls}); default `'disable'`. */
+  tls?: TlsMode
+  /** Directory of X.509 files ({@link Handle.setTlsCertificates}). */
+  tlsCertificates?: string
+  /** Verify the server's certificate ({@link Handle.setTlsVerifyPeer}); default true. */
+  tlsVerifyPeer?: boolean
+  /** PSK user name ({@link Handle.setTlsUsername}). */
+  tlsUsername?: string
+  /** psktool key file ({@link Handle.setTlsPskFile}). */
+  tlsPskFile?: string
+  /** Name the server's certificate must carry ({@link Handle.setTlsHostname}). */
+  tlsHostname?: string
+  /** Transports {@link Handle.connectUri} may use ({@link Handle.setUriAllowTransports}). */
+  uriAllowTransports?: number
+  /** TLS in URIs ({@link Handle.setUriAllowTls}); default `'allow'`. */
+  uriAllowTls?: TlsMode
+  /** Whether URIs may name local files ({@link Handle.setUriAllowLocalFile}); default false. */
+  uriAllowLocalFile?: boolean
 }
 
 /** Receives debug messages: what the handle sends and receives, and why. */
@@ -459,6 +505,15 @@ export class Handle {
     }
     if (o.optMode !== undefined) this.setOptMode(o.optMode as boolean)
     if (o.debug !== undefined) this.setDebug(o.debug as boolean | DebugCallback)
+    if (o.tls !== undefined) this.setTls(o.tls as TlsMode)
+    if (o.tlsCertificates !== undefined) this.setTlsCertificates(o.tlsCertificates as string)
+    if (o.tlsVerifyPeer !== undefined) this.setTlsVerifyPeer(o.tlsVerifyPeer as boolean)
+    if (o.tlsUsername !== undefined) this.setTlsUsername(o.tlsUsername as string)
+    if (o.tlsPskFile !== undefined) this.setTlsPskFile(o.tlsPskFile as string)
+    if (o.tlsHostname !== undefined) this.setTlsHostname(o.tlsHostname as string)
+    if (o.uriAllowTransports !== undefined) this.setUriAllowTransports(o.uriAllowTransports as number)
+    if (o.uriAllowTls !== undefined) this.setUriAllowTls(o.uriAllowTls as TlsMode)
+    if (o.uriAllowLocalFile !== undefined) this.setUriAllowLocalFile(o.uriAllowLocalFile as boolean)
     if (o.connectTimeout !== undefined) {
       const ms = o.connectTimeout
       if (typeof ms !== 'number' || !(ms >= 0) || !Number.isFinite(ms)) {
@@ -554,6 +609,28 @@ export class Handle {
       }
       return this.#native.connectTcp(host, p)
     })
+  }
+
+  /**
+   * Connects to the server an NBD URI names (`nbd_connect_uri`): `nbd://host[:port]/export`,
+   * `nbds://…` (TLS), `nbd+unix:///export?socket=PATH`, `nbds+unix://…`,
+   * `nbd+vsock://cid[:port]/export`, with the query parameters `socket`,
+   * `tls-certificates`, `tls-psk-file`, `tls-hostname`, `tls-verify-peer`, and `user@` as
+   * the TLS user name. The export name is percent-decoded; the port defaults to 10809. The
+   * URI's settings replace the handle's (export name, TLS). What a URI may ask for is
+   * limited by {@link Handle.setUriAllowTransports}, {@link Handle.setUriAllowTls} and
+   * {@link Handle.setUriAllowLocalFile} (refusals: `EPERM`); a malformed URI rejects with
+   * `EINVAL` naming the fault.
+   */
+  async connectUri(uri: string): Promise<void> {
+    const op = 'connectUri'
+    return this.#async(op, async () => this.#native.connectUri(checkString(op, 'uri', uri)))
+  }
+
+  /** Connects over AF_VSOCK to `cid` and `port` (`nbd_connect_vsock`; Linux). */
+  async connectVsock(cid: number, port: number): Promise<void> {
+    const op = 'connectVsock'
+    return this.#async(op, async () => this.#native.connectVsock(checkUint32(op, 'cid', cid), checkUint32(op, 'port', port)))
   }
 
   // ---- data ----
@@ -754,6 +831,14 @@ export class Handle {
     return this.#async('optStructuredReply', () => this.#native.optStructuredReply())
   }
 
+  /**
+   * Starts TLS (`nbd_opt_starttls`) with the handle's TLS settings; whether the server
+   * agreed. A failed TLS handshake leaves the handle `dead`.
+   */
+  async optStarttls(): Promise<boolean> {
+    return this.#async('optStarttls', () => this.#native.optStarttls())
+  }
+
   /** Asks for extended headers (`nbd_opt_extended_headers`); whether the server agreed. */
   async optExtendedHeaders(): Promise<boolean> {
     return this.#async('optExtendedHeaders', () => this.#native.optExtendedHeaders())
@@ -901,6 +986,15 @@ export class Handle {
   canMetaContext(name: string): boolean {
     const op = 'canMetaContext'
     return this.#sync(op, () => this.#native.canMetaContext(checkString(op, 'name', name)))
+  }
+
+  /**
+   * A URI for the current connection (`nbd_get_uri`), e.g. `nbd+unix:///disk?socket=/run/s`.
+   * `ENOTSUP` when the handle was connected in a way a URI cannot describe (connectSocket,
+   * connectCommand).
+   */
+  getUri(): string {
+    return this.#sync('getUri', () => this.#native.getUri())
   }
 
   /** Whether {@link Handle.blockStatus} may filter by context (`nbd_can_block_status_payload`). */
@@ -1100,5 +1194,110 @@ export class Handle {
   /** `nbd_get_debug`. */
   getDebug(): boolean {
     return this.#native.getDebug()
+  }
+
+  /**
+   * Whether to use TLS (`nbd_set_tls`): `'disable'` (default), `'allow'` (TLS when the
+   * server agrees, plaintext when it refuses) or `'require'` (fail without TLS; nothing but
+   * STARTTLS is sent in plaintext). Before connecting.
+   */
+  setTls(mode: TlsMode): void {
+    const op = 'setTls'
+    this.#sync(op, () => this.#native.setTls(checkString(op, 'mode', mode)))
+  }
+
+  /** `nbd_get_tls`. */
+  getTls(): TlsMode {
+    return this.#native.getTls() as TlsMode
+  }
+
+  /**
+   * Directory of X.509 files (`nbd_set_tls_certificates`): `ca-cert.pem`, and for client
+   * authentication `client-cert.pem` and `client-key.pem`. Before connecting.
+   */
+  setTlsCertificates(dir: string): void {
+    const op = 'setTlsCertificates'
+    this.#sync(op, () => this.#native.setTlsCertificates(checkString(op, 'dir', dir)))
+  }
+
+  /** Whether to verify the server's certificate and name (`nbd_set_tls_verify_peer`); default true. */
+  setTlsVerifyPeer(v: boolean): void {
+    const op = 'setTlsVerifyPeer'
+    this.#sync(op, () => this.#native.setTlsVerifyPeer(checkBoolean(op, 'value', v)))
+  }
+
+  /** `nbd_get_tls_verify_peer`. */
+  getTlsVerifyPeer(): boolean {
+    return this.#native.getTlsVerifyPeer()
+  }
+
+  /** The PSK user name (`nbd_set_tls_username`); default the login name. */
+  setTlsUsername(name: string): void {
+    const op = 'setTlsUsername'
+    this.#sync(op, () => this.#native.setTlsUsername(checkString(op, 'name', name)))
+  }
+
+  /** `nbd_get_tls_username` (`null` when unset: the login name is used). */
+  getTlsUsername(): string | null {
+    return this.#native.getTlsUsername() ?? null
+  }
+
+  /** A psktool key file, lines `username:hexkey` (`nbd_set_tls_psk_file`): PSK instead of X.509. */
+  setTlsPskFile(path: string): void {
+    const op = 'setTlsPskFile'
+    this.#sync(op, () => this.#native.setTlsPskFile(checkString(op, 'path', path)))
+  }
+
+  /** The name the server's certificate must carry (`nbd_set_tls_hostname`); default the host connected to. */
+  setTlsHostname(host: string): void {
+    const op = 'setTlsHostname'
+    this.#sync(op, () => this.#native.setTlsHostname(checkString(op, 'host', host)))
+  }
+
+  /** `nbd_get_tls_hostname` (`null` when unset). */
+  getTlsHostname(): string | null {
+    return this.#native.getTlsHostname() ?? null
+  }
+
+  /**
+   * Which transports {@link Handle.connectUri} may use (`nbd_set_uri_allow_transports`):
+   * `ALLOW_TRANSPORT_*` bits; default all.
+   */
+  setUriAllowTransports(mask: number): void {
+    const op = 'setUriAllowTransports'
+    this.#sync(op, () => this.#native.setUriAllowTransports(checkUint32(op, 'mask', mask)))
+  }
+
+  /** `nbd_get_uri_allow_transports`. */
+  getUriAllowTransports(): number {
+    return this.#native.getUriAllowTransports()
+  }
+
+  /**
+   * TLS in URIs (`nbd_set_uri_allow_tls`): `'disable'` refuses `nbds` URIs, `'require'`
+   * refuses plain ones; default `'allow'`.
+   */
+  setUriAllowTls(mode: TlsMode): void {
+    const op = 'setUriAllowTls'
+    this.#sync(op, () => this.#native.setUriAllowTls(checkString(op, 'mode', mode)))
+  }
+
+  /** `nbd_get_uri_allow_tls`. */
+  getUriAllowTls(): TlsMode {
+    return this.#native.getUriAllowTls() as TlsMode
+  }
+
+  /**
+   * Whether URIs may make the handle read local files, i.e. the `tls-certificates` and
+   * `tls-psk-file` parameters (`nbd_set_uri_allow_local_file`); default false.
+   */
+  setUriAllowLocalFile(v: boolean): void {
+    const op = 'setUriAllowLocalFile'
+    this.#sync(op, () => this.#native.setUriAllowLocalFile(checkBoolean(op, 'value', v)))
+  }
+
+  /** `nbd_get_uri_allow_local_file`. */
+  getUriAllowLocalFile(): boolean {
+    return this.#native.getUriAllowLocalFile()
   }
 }

@@ -5,6 +5,8 @@ use std::time::Duration;
 use nbd_proto::consts::{FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, STRICT_MASK};
 use nbd_proto::handshake::{HandshakeConfig, TlsMode};
 
+use crate::uri::UriPolicy;
+
 /// How a handle connects and behaves. `Default` gives libnbd's defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -28,6 +30,19 @@ pub struct Config {
     pub opt_mode: bool,
     /// Whether to use TLS (`nbd_set_tls`).
     pub tls: TlsMode,
+    /// Directory of X.509 files (`nbd_set_tls_certificates`).
+    pub tls_certificates: Option<String>,
+    /// Verify the server's certificate (`nbd_set_tls_verify_peer`), on by default.
+    pub tls_verify_peer: bool,
+    /// User name for PSK (`nbd_set_tls_username`); the login name when unset.
+    pub tls_username: Option<String>,
+    /// psktool key file (`nbd_set_tls_psk_file`).
+    pub tls_psk_file: Option<String>,
+    /// Name to check the server's certificate against (`nbd_set_tls_hostname`); the
+    /// host connected to when unset.
+    pub tls_hostname: Option<String>,
+    /// What `connect_uri` accepts (`nbd_set_uri_allow_*`).
+    pub uri_policy: UriPolicy,
     /// Report what happens to the debug sink (`nbd_set_debug`).
     pub debug: bool,
     /// Ask for block size constraints (`nbd_set_request_block_size`).
@@ -55,6 +70,12 @@ impl Default for Config {
             meta_contexts: Vec::new(),
             opt_mode: false,
             tls: TlsMode::Disable,
+            tls_certificates: None,
+            tls_verify_peer: true,
+            tls_username: None,
+            tls_psk_file: None,
+            tls_hostname: None,
+            uri_policy: UriPolicy::default(),
             debug: false,
             request_block_size: true,
             full_info: false,

@@ -23,6 +23,7 @@ use crate::driver::{
     Lifeline, Payload, Request, Shared,
 };
 use crate::transport::{self, io_error, Stream};
+use crate::uri::{self, NbdUri, UriTransport};
 
 /// A command for [`Handle::submit`].
 pub enum Op {
@@ -80,6 +81,8 @@ struct Inner {
     closing: watch::Sender<bool>,
     /// Where debug messages go when `config.debug` is on.
     debug_sink: Mutex<Option<DebugSink>>,
+    /// Where the handle connected, for `get_uri`.
+    target: Mutex<Option<UriTransport>>,
 }
 
 /// A connection in option negotiation, between option requests.
@@ -151,6 +154,7 @@ impl Handle {
                 shared: Arc::new(Shared::default()),
                 closing: watch::channel(false).0,
                 debug_sink: Mutex::new(None),
+                target: Mutex::new(None),
             }),
         }
     }
@@ -351,9 +355,106 @@ impl Handle {
         self.finish_connect(async move { Ok(socket) }).await
     }
 
+    /// `nbd_connect_uri`: parses `uri` (libnbd's grammar), checks it against the URI
+    /// policy, applies its settings (export name, TLS), then connects.
+    pub async fn connect_uri(&self, text: &str) -> Result<()> {
+        let mut parsed: Option<NbdUri> = None;
+        self.begin_connect(|| {
+            let u = uri::parse(text)?;
+            self.config().uri_policy.check(&u)?;
+            check_string("export name", &u.export_name)?;
+            self.update_config(|c| {
+                c.export_name = u.export_name.clone();
+                if u.tls {
+                    c.tls = nbd_proto::handshake::TlsMode::Require;
+                }
+                if u.tls_username.is_some() {
+                    c.tls_username = u.tls_username.clone();
+                }
+                if u.tls_certificates.is_some() {
+                    c.tls_certificates = u.tls_certificates.clone();
+                }
+                if u.tls_psk_file.is_some() {
+                    c.tls_psk_file = u.tls_psk_file.clone();
+                }
+                if u.tls_hostname.is_some() {
+                    c.tls_hostname = u.tls_hostname.clone();
+                }
+                if let Some(v) = u.tls_verify_peer {
+                    c.tls_verify_peer = v;
+                }
+            });
+            parsed = Some(u);
+            Ok(())
+        })?;
+        let u = parsed.expect("set by the precheck");
+        self.set_target(u.transport.clone());
+        match u.transport {
+            UriTransport::Tcp { host, port } => {
+                let port = port.to_string();
+                self.finish_connect(async move { transport::connect_tcp(&host, &port).await })
+                    .await
+            }
+            UriTransport::Unix { socket } => {
+                self.finish_connect(async move { transport::connect_unix(&socket).await })
+                    .await
+            }
+            UriTransport::Vsock { cid, port } => {
+                self.finish_connect(async move { crate::vsock_connect(cid, port).await })
+                    .await
+            }
+        }
+    }
+
+    /// `nbd_get_uri`: a URI for the current connection (host, port or socket, export,
+    /// TLS). `ENOTSUP` for connections a URI cannot describe (a socket passed in).
+    pub fn get_uri(&self) -> Result<String> {
+        let state = self.state();
+        if state == State::Created {
+            return state::check(Call::Info, state).map(|()| String::new());
+        }
+        let Some(transport) = self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Err(Error::usage(
+                Errno::ENOTSUP,
+                "the handle was not connected in a way a URI can describe (connectUri, \
+                 connectTcp, connectUnix or connectVsock)",
+            ));
+        };
+        let c = self.config();
+        let tls = match self.negotiated_so_far() {
+            Ok(n) => n.tls,
+            Err(_) => c.tls == nbd_proto::handshake::TlsMode::Require,
+        };
+        let u = NbdUri {
+            tls,
+            transport,
+            export_name: c.export_name,
+            tls_username: if tls { c.tls_username } else { None },
+            tls_certificates: if tls { c.tls_certificates } else { None },
+            tls_psk_file: if tls { c.tls_psk_file } else { None },
+            tls_hostname: if tls { c.tls_hostname } else { None },
+            tls_verify_peer: if tls && !c.tls_verify_peer { Some(false) } else { None },
+            unknown_params: Vec::new(),
+        };
+        Ok(uri::format(&u))
+    }
+
+    fn set_target(&self, t: UriTransport) {
+        *self.inner.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+    }
+
+    /// `nbd_connect_vsock` (Linux).
+    pub async fn connect_vsock(&self, cid: u32, port: u32) -> Result<()> {
+        self.begin_connect(|| Ok(()))?;
+        self.set_target(UriTransport::Vsock { cid, port });
+        self.finish_connect(async move { crate::vsock_connect(cid, port).await })
+            .await
+    }
+
     /// `nbd_connect_unix`.
     pub async fn connect_unix(&self, path: &str) -> Result<()> {
         self.begin_connect(|| Ok(()))?;
+        self.set_target(UriTransport::Unix { socket: path.to_string() });
         let path = path.to_string();
         self.finish_connect(async move { transport::connect_unix(&path).await })
             .await
@@ -362,6 +463,11 @@ impl Handle {
     /// `nbd_connect_tcp`: `port` is a number or the service name `nbd`.
     pub async fn connect_tcp(&self, host: &str, port: &str) -> Result<()> {
         self.begin_connect(|| Ok(()))?;
+        if let Ok(p) = port.parse::<u16>() {
+            self.set_target(UriTransport::Tcp { host: host.to_string(), port: p });
+        } else if port == "nbd" {
+            self.set_target(UriTransport::Tcp { host: host.to_string(), port: uri::DEFAULT_PORT });
+        }
         let (host, port) = (host.to_string(), port.to_string());
         self.finish_connect(async move { transport::connect_tcp(&host, &port).await })
             .await
@@ -369,6 +475,7 @@ impl Handle {
 
     /// Moves a newly created handle to `Connecting` if `precheck` passes.
     fn begin_connect(&self, precheck: impl FnOnce() -> Result<()>) -> Result<()> {
+        // Held while the precheck runs: it may change settings (connect_uri).
         let mut phase = self.phase();
         match *phase {
             Phase::Created => {}

@@ -51,3 +51,13 @@ pub(crate) async fn tls_upgrade(_stream: transport::Stream) -> Result<transport:
         "this build of nbd-client has no TLS support",
     ))
 }
+
+/// Connects to a vsock address.
+pub(crate) async fn vsock_connect(_cid: u32, _port: u32) -> Result<std::os::fd::OwnedFd> {
+    Err(Error::usage(Errno::ENOTSUP, "vsock is not supported by this build"))
+}
+
+/// Whether this build speaks TLS (`nbd_supports_tls`).
+pub fn supports_tls() -> bool {
+    false
+}

@@ -64,6 +64,17 @@ fn count(n: f64) -> Result<u64> {
     }
 }
 
+fn tls_mode(mode: &str) -> Result<nbd_client::TlsMode> {
+    match mode {
+        "disable" => Ok(nbd_client::TlsMode::Disable),
+        "allow" => Ok(nbd_client::TlsMode::Allow),
+        "require" => Ok(nbd_client::TlsMode::Require),
+        other => Err(invalid(format!(
+            "TLS mode {other:?} is not one of 'disable', 'allow', 'require'"
+        ))),
+    }
+}
+
 fn token(cancel: Option<&NativeCancel>) -> Option<CancelToken> {
     cancel.map(|c| c.token.clone())
 }
@@ -400,6 +411,93 @@ impl NativeHandle {
         self.handle.config().debug
     }
 
+    /// `disable`, `allow` or `require`.
+    #[napi]
+    pub fn set_tls(&self, mode: String) -> Result<()> {
+        let mode = tls_mode(&mode)?;
+        self.handle.configure(|c| c.tls = mode).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_tls(&self) -> &'static str {
+        self.handle.config().tls.name()
+    }
+
+    #[napi]
+    pub fn set_tls_certificates(&self, dir: String) -> Result<()> {
+        self.handle.configure(|c| c.tls_certificates = Some(dir)).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn set_tls_verify_peer(&self, on: bool) -> Result<()> {
+        self.handle.configure(|c| c.tls_verify_peer = on).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_tls_verify_peer(&self) -> bool {
+        self.handle.config().tls_verify_peer
+    }
+
+    #[napi]
+    pub fn set_tls_username(&self, name: String) -> Result<()> {
+        self.handle.configure(|c| c.tls_username = Some(name)).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_tls_username(&self) -> Option<String> {
+        self.handle.config().tls_username
+    }
+
+    #[napi]
+    pub fn set_tls_psk_file(&self, path: String) -> Result<()> {
+        self.handle.configure(|c| c.tls_psk_file = Some(path)).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn set_tls_hostname(&self, host: String) -> Result<()> {
+        self.handle.configure(|c| c.tls_hostname = Some(host)).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_tls_hostname(&self) -> Option<String> {
+        self.handle.config().tls_hostname
+    }
+
+    /// Bits: 1 TCP, 2 Unix, 4 vsock.
+    #[napi]
+    pub fn set_uri_allow_transports(&self, mask: u32) -> Result<()> {
+        if mask & !nbd_client::uri::ALLOW_TRANSPORT_MASK != 0 {
+            return Err(invalid(format!("uriAllowTransports {mask:#x} has unknown bits")));
+        }
+        self.handle.configure(|c| c.uri_policy.allow_transports = mask).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_uri_allow_transports(&self) -> u32 {
+        self.handle.config().uri_policy.allow_transports
+    }
+
+    #[napi]
+    pub fn set_uri_allow_tls(&self, mode: String) -> Result<()> {
+        let mode = tls_mode(&mode)?;
+        self.handle.configure(|c| c.uri_policy.allow_tls = mode).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_uri_allow_tls(&self) -> &'static str {
+        self.handle.config().uri_policy.allow_tls.name()
+    }
+
+    #[napi]
+    pub fn set_uri_allow_local_file(&self, on: bool) -> Result<()> {
+        self.handle.configure(|c| c.uri_policy.allow_local_file = on).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_uri_allow_local_file(&self) -> bool {
+        self.handle.config().uri_policy.allow_local_file
+    }
+
     #[napi]
     pub fn set_handshake_flags(&self, flags: u32) -> Result<()> {
         if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
@@ -482,6 +580,23 @@ impl NativeHandle {
     ) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
         spawn!(env, h.connect_tcp(&host, &port))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn connect_uri<'env>(&self, env: &'env Env, uri: String) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        spawn!(env, h.connect_uri(&uri))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn connect_vsock<'env>(&self, env: &'env Env, cid: u32, port: u32) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        spawn!(env, h.connect_vsock(cid, port))
+    }
+
+    #[napi]
+    pub fn get_uri(&self) -> Result<String> {
+        self.handle.get_uri().map_err(to_js)
     }
 
     // ---- commands ----

@@ -10,6 +10,26 @@ mod testing;
 
 pub use handle::{NativeCancel, NativeHandle};
 
+use napi_derive::napi;
+
+/// Whether `s` looks like an NBD URI (`nbd_is_uri`).
+#[napi]
+pub fn is_uri(s: String) -> bool {
+    nbd_client::uri::is_uri(&s)
+}
+
+/// Whether this build understands NBD URIs (`nbd_supports_uri`).
+#[napi]
+pub fn supports_uri() -> bool {
+    nbd_client::uri::supports_uri()
+}
+
+/// Whether this build speaks TLS (`nbd_supports_tls`).
+#[napi]
+pub fn supports_tls() -> bool {
+    nbd_client::supports_tls()
+}
+
 /// Turns a core error into a JavaScript error whose message carries the errno.
 pub(crate) fn to_js(e: nbd_client::Error) -> napi::Error {
     napi::Error::new(
