@@ -89,3 +89,22 @@ export async function nbdinfoJson(uri: string): Promise<NbdinfoResult> {
 export async function nbdinfoSize(uri: string): Promise<number> {
   return Number((await run(['nbdinfo', '--size', uri])).toString('utf8').trim())
 }
+
+/** One line of `nbdinfo --map --json`. */
+export interface MapEntry {
+  offset: number
+  length: number
+  type: number
+}
+
+/** `nbdinfo --map[=CONTEXT] --json URI`: the whole export's extents, merged as nbdinfo merges them. */
+export async function nbdinfoMap(uri: string, context = 'base:allocation'): Promise<MapEntry[]> {
+  const out = await run(['nbdinfo', `--map=${context}`, '--json', uri])
+  const list = JSON.parse(out.toString('utf8')) as MapEntry[]
+  return list.map(({ offset, length, type }) => ({ offset, length, type }))
+}
+
+/** `nbdinfo --list --json URI`. */
+export async function nbdinfoList(uri: string): Promise<NbdinfoResult> {
+  return JSON.parse((await run(['nbdinfo', '--list', '--json', uri])).toString('utf8')) as NbdinfoResult
+}

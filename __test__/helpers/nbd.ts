@@ -127,3 +127,33 @@ export function patternBytes(offset: number, length: number): Buffer {
 
 export const KiB = 1024
 export const MiB = 1024 * 1024
+
+/**
+ * The whole export's extents for `context`, asked for in pieces of at most `step` bytes and
+ * merged where neighbours have the same flags (as `nbdinfo --map` prints them).
+ */
+export async function fullMap(
+  h: Handle,
+  context = 'base:allocation',
+  step = 1 << 30,
+): Promise<{ offset: number; length: number; type: number }[]> {
+  const size = h.getSize()
+  const out: { offset: number; length: number; type: number }[] = []
+  let offset = 0
+  while (offset < size) {
+    const count = Math.min(step, size - offset)
+    const all = await h.blockStatus(count, offset)
+    const extents = all[context]
+    if (!extents || extents.length === 0) throw new Error(`no extents for ${context} at ${offset}`)
+    for (const e of extents) {
+      if (e.offset !== offset) throw new Error(`extent at ${e.offset}, expected ${offset}`)
+      const length = Math.min(e.length, size - offset)
+      const last = out[out.length - 1]
+      if (last && last.type === e.flags) last.length += length
+      else out.push({ offset, length, type: e.flags })
+      offset += length
+      if (offset >= size) break
+    }
+  }
+  return out
+}

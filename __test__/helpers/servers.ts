@@ -63,6 +63,15 @@ export interface QemuNbdOptions extends ListenOptions {
   /** How many clients may be connected at once (`--shared`). Default 8. */
   shared?: number
   readOnly?: boolean
+  /** Export description (`-D`). */
+  description?: string
+  /** More qemu-nbd flags (e.g. `-A`, `-B`, `b0`). */
+  extraArgs?: string[]
+  /**
+   * Prepares the image before qemu-nbd starts (e.g. a bitmap with `qemu-img bitmap`, data
+   * with `qemu-io`); may return another image to serve (e.g. the top of a backing chain).
+   */
+  prepare?: (image: string, dir: string) => string | void
 }
 
 export interface NbdServerOptions extends ListenOptions {
@@ -71,6 +80,8 @@ export interface NbdServerOptions extends ListenOptions {
   /** Export (section) name. Default 'disk'. */
   exportName?: string
   readOnly?: boolean
+  /** More exports, each a sparse file of the same size. */
+  extraExports?: string[]
 }
 
 const running = new Set<Server>()
@@ -324,14 +335,16 @@ export async function startQemuNbd(opts: QemuNbdOptions = {}): Promise<Server> {
   const image = path.join(dir, `disk.${format}`)
   const made = spawnSync('qemu-img', ['create', '-q', '-f', format, image, String(size)], { encoding: 'utf8' })
   if (made.status !== 0) throw new Error(`qemu-img create failed: ${made.stderr}`)
+  const served = opts.prepare?.(image, dir) ?? image
   const target = await listenTarget(dir, opts)
   const argv = ['setpriv', '--pdeathsig', 'KILL', 'qemu-nbd', '-f', format, '-x', exportName,
     '--persistent', `--shared=${opts.shared ?? 8}`]
   if (target.socket) argv.push('-k', target.socket)
   else argv.push('-b', '127.0.0.1', '-p', String(target.port))
   if (opts.readOnly) argv.push('-r')
-  argv.push(image)
-  return launch({ kind: 'qemu-nbd', dir, target, exportName, image, start: () => spawnForeground(argv, dir) })
+  if (opts.description !== undefined) argv.push('-D', opts.description)
+  argv.push(...(opts.extraArgs ?? []), served)
+  return launch({ kind: 'qemu-nbd', dir, target, exportName, image: served, start: () => spawnForeground(argv, dir) })
 }
 
 /** Serves a sparse file of `size` bytes with nbd-server (fixed newstyle only). */
@@ -347,9 +360,14 @@ export async function startNbdServer(opts: NbdServerOptions = {}): Promise<Serve
     ? `unixsock = ${target.socket}\n`
     : `port = ${target.port}\nlistenaddr = 127.0.0.1\n`
   const config = path.join(dir, 'config')
-  fs.writeFileSync(config,
-    `[generic]\n${listen}allowlist = true\n` +
-    `[${exportName}]\nexportname = ${image}\nreadonly = ${opts.readOnly ? 'true' : 'false'}\n`)
+  let sections = `[${exportName}]\nexportname = ${image}\nreadonly = ${opts.readOnly ? 'true' : 'false'}\n`
+  for (const [i, name] of (opts.extraExports ?? []).entries()) {
+    const file = path.join(dir, `extra${i}.img`)
+    fs.writeFileSync(file, '')
+    fs.truncateSync(file, size)
+    sections += `[${name}]\nexportname = ${file}\n`
+  }
+  fs.writeFileSync(config, `[generic]\n${listen}allowlist = true\n` + sections)
   const pidFile = path.join(dir, 'pid')
 
   let watchdog: ChildProcess | undefined
