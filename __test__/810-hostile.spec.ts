@@ -6,6 +6,7 @@
 //
 // The tests run one at a time so that the memory checks see only their own test.
 import { execFile } from 'node:child_process'
+import net from 'node:net'
 import test from 'ava'
 import { Handle, NbdError } from 'nbd-client'
 import {
@@ -117,6 +118,75 @@ function run(cmd: string, args: string[]): Promise<Buffer> {
     })
   })
 }
+
+// libnbd 1.14 predates extended headers, so that framing is checked here by hand: a raw
+// client negotiates it, sets base:allocation, and reads the fake's 32-byte-header replies.
+test.serial('the fake server speaks extended headers and meta contexts (checked by a raw client)', async (t) => {
+  const server = await useFake(t, { extendedHeaders: true })
+  server.disk.write(65536n, Buffer.alloc(65536, 0x11))
+  const sock = net.connect(server.socket)
+  t.teardown(() => sock.destroy())
+  let input = Buffer.alloc(0)
+  let wake: (() => void) | undefined
+  sock.on('data', (d: Buffer) => {
+    input = Buffer.concat([input, d])
+    wake?.()
+  })
+  const read = async (n: number): Promise<Buffer> => {
+    while (input.length < n) await new Promise<void>((r) => (wake = r))
+    const out = input.subarray(0, n)
+    input = input.subarray(n)
+    return out
+  }
+  const u32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b }
+  const u64 = (n: bigint) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(n); return b }
+  const option = (opt: number, data: Buffer) => sock.write(Buffer.concat([u64(0x49484156454f5054n), u32(opt), u32(data.length), data]))
+  const optionReplyOf = async () => {
+    const h = await read(20)
+    return { option: h.readUInt32BE(8), type: h.readUInt32BE(12), data: await read(h.readUInt32BE(16)) }
+  }
+  t.is((await read(18)).readUInt16BE(16), 3)
+  sock.write(u32(3))
+  option(OPT.EXTENDED_HEADERS, Buffer.alloc(0))
+  t.like(await optionReplyOf(), { option: OPT.EXTENDED_HEADERS, type: REP.ACK })
+  const query = Buffer.from('base:allocation')
+  option(OPT.SET_META_CONTEXT, Buffer.concat([u32(0), u32(1), u32(query.length), query]))
+  const ctx = await optionReplyOf()
+  t.is(ctx.type, REP.META_CONTEXT)
+  t.is(ctx.data.readUInt32BE(0), 1)
+  t.is(ctx.data.subarray(4).toString(), 'base:allocation')
+  t.like(await optionReplyOf(), { type: REP.ACK })
+  option(OPT.GO, Buffer.from([0, 0, 0, 0, 0, 0]))
+  t.like(await optionReplyOf(), { type: REP.INFO })
+  t.like(await optionReplyOf(), { type: REP.ACK })
+  const request = (type: number, flags: number, cookie: bigint, offset: bigint, length: bigint) =>
+    sock.write(Buffer.concat([u32(0x21e41c71), Buffer.from([flags >> 8, flags & 0xff, type >> 8, type & 0xff]), u64(cookie), u64(offset), u64(length)]))
+  const chunkOf = async () => {
+    const h = await read(32)
+    t.is(h.readUInt32BE(0), 0x6e8a278c)
+    const length = h.readBigUInt64BE(24)
+    return { flags: h.readUInt16BE(4), type: h.readUInt16BE(6), cookie: h.readBigUInt64BE(8), offset: h.readBigUInt64BE(16), payload: await read(Number(length)) }
+  }
+  request(CMD.READ, 0, 5n, 65536n + 100n, 50n)
+  const data = await chunkOf()
+  t.like(data, { flags: 1, type: REPLY_TYPE.OFFSET_DATA, cookie: 5n, offset: 65536n + 100n })
+  t.is(data.payload.readBigUInt64BE(0), 65536n + 100n)
+  t.true(data.payload.subarray(8).equals(Buffer.alloc(50, 0x11)))
+  request(CMD.BLOCK_STATUS, 0, 6n, 0n, 3n * 65536n)
+  const bs = await chunkOf()
+  t.like(bs, { flags: 1, type: REPLY_TYPE.BLOCK_STATUS_EXT, cookie: 6n, offset: 0n })
+  t.is(bs.payload.readUInt32BE(0), 1)
+  t.is(bs.payload.readUInt32BE(4), 3)
+  const extents = [0, 1, 2].map((i) => [bs.payload.readBigUInt64BE(8 + 16 * i), bs.payload.readBigUInt64BE(16 + 16 * i)])
+  t.deepEqual(extents, [[65536n, 3n], [65536n, 0n], [65536n, 3n]])
+  request(CMD.BLOCK_STATUS, 8, 7n, 0n, 3n * 65536n)
+  t.is((await chunkOf()).payload.readUInt32BE(4), 1, 'REQ_ONE gives one extent')
+  const payload = Buffer.alloc(10, 0x22)
+  sock.write(Buffer.concat([u32(0x21e41c71), Buffer.from([0, 0, 0, CMD.WRITE]), u64(8n), u64(0n), u64(10n), payload]))
+  t.like(await chunkOf(), { flags: 1, type: REPLY_TYPE.NONE, cookie: 8n })
+  t.true(server.disk.read(0n, 10).equals(payload))
+  t.deepEqual(server.errors, [])
+})
 
 // ---- handshake faults ---------------------------------------------------------------------------
 
@@ -387,6 +457,7 @@ for (const f of handshakeFaults) {
     t.true(ms < PROMPT_MS, `the connect took ${ms} ms to fail`)
     if (err) t.regex(err.message, f.message)
     t.is(h.state, 'dead')
+    t.log(`${err?.code} in ${ms} ms, state ${h.state}: ${err?.message}`)
     assertNoBigAllocation(t, before)
     t.deepEqual(server.errors, [])
     // A dead handle refuses commands by the state rule, without a crash.
@@ -767,6 +838,7 @@ for (const f of txFaults) {
     }
     t.is(h.state, f.state)
     t.is(h.inFlight, 0)
+    t.log(`${codes.join('/')} in ${ms} ms, state ${h.state}: ${messageOf(first) || messageOf(outcomes[1] as Outcome)}`)
     assertNoBigAllocation(t, before)
     if (f.state === 'ready') {
       // Still usable: a write and a read round-trip.
