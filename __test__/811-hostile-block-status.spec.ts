@@ -141,7 +141,7 @@ const bsFaults: BsFault[] = [
     bad: (req, conn) => [bs32(conn, req, BASE_ID, [{ length: 0, flags: 0 }, { length: KiB64, flags: 0 }])],
     codes: DEAD_EPROTO,
     state: 'dead',
-    message: /length 0|zero-length|0 bytes/,
+    message: /zero|length 0|0 bytes|empty/i,
   },
   {
     title: 'a zero-length extent after a good one (the list ends there, as libnbd)',
