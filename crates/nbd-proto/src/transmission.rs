@@ -422,6 +422,9 @@ struct InFlight<T> {
     error: Option<Error>,
     filter: Option<Vec<u32>>,
     detail: Detail,
+    /// Reads: bytes of data and holes the server has sent so far (saturating). A read
+    /// that finishes without an error must have been covered exactly.
+    seen: u64,
 }
 
 /// The table of commands in flight, and the decoder of the replies to them.
@@ -480,6 +483,7 @@ impl<T> ReplyDecoder<T> {
                 error: None,
                 filter: tracking.filter,
                 detail,
+                seen: 0,
             },
         );
     }
@@ -609,6 +613,7 @@ impl<T> ReplyDecoder<T> {
                      replies were negotiated",
                 ));
             }
+            self.table.get_mut(&cookie).unwrap().seen = cmd.length;
             self.in_payload = Some((cookie, true));
             return Ok(Decoded {
                 consumed: SIMPLE_HEADER,
@@ -655,6 +660,7 @@ impl<T> ReplyDecoder<T> {
             let len = length - 8;
             let buf_offset = self.in_range(cookie, &cmd, offset, len, "data")?;
             self.record_chunk(cookie, offset, len, ChunkStatus::Data);
+            self.add_seen(cookie, len);
             self.in_payload = Some((cookie, done));
             return Ok(Decoded {
                 consumed: header + 8,
@@ -714,6 +720,7 @@ impl<T> ReplyDecoder<T> {
                 }
                 let buf_offset = self.in_range(cookie, &cmd, offset, len, "hole")?;
                 self.record_chunk(cookie, offset, len, ChunkStatus::Hole);
+                self.add_seen(cookie, len);
                 if done {
                     self.finished = Some(cookie);
                 }
@@ -830,14 +837,44 @@ impl<T> ReplyDecoder<T> {
         }
     }
 
+    fn add_seen(&mut self, cookie: u64, len: u64) {
+        let entry = self.table.get_mut(&cookie).expect("command is in the table");
+        entry.seen = entry.seen.saturating_add(len);
+    }
+
     fn done(&mut self, cookie: u64, consumed: usize) -> Decoded<T> {
         let entry = self.table.remove(&cookie).expect("finished command is in the table");
+        let cmd = entry.cmd;
+        // A read the server calls successful must have had every byte accounted for, as
+        // libnbd checks: missing (or doubly sent) data fails the read with EIO, and the
+        // connection goes on, since the framing is intact.
+        let result = match entry.error {
+            Some(e) => Err(e),
+            None if cmd.kind == CommandKind::Read && entry.seen != cmd.length => {
+                let what = if entry.seen < cmd.length {
+                    format!("covered only {} of {} bytes", entry.seen, cmd.length)
+                } else {
+                    format!(
+                        "sent {} bytes of data and holes for {} requested (overlapping chunks)",
+                        entry.seen, cmd.length
+                    )
+                };
+                Err(Error::server(
+                    Errno::EIO,
+                    format!(
+                        "server's reply to NBD_CMD_READ at offset {} (length {}) {what}",
+                        cmd.offset, cmd.length
+                    ),
+                ))
+            }
+            None => Ok(()),
+        };
         Decoded {
             consumed,
             event: Some(Event::Done {
                 cookie,
                 user: entry.user,
-                result: entry.error.map_or(Ok(()), Err),
+                result,
                 detail: entry.detail,
             }),
         }

@@ -700,15 +700,15 @@ fn decoding_before_payload_done_is_a_driver_bug() {
 
 #[test]
 fn structured_offset_data_and_done() {
-    let mut input = data_chunk(0, 3, 8192 + 100, b"hello");
+    let mut input = data_chunk(0, 3, 8192 + 3, b"hello");
     input.extend(data_chunk(DONE, 3, 8192, b"abc"));
-    let events = run_all(true, &[(3, read(8192, 4096))], &input);
+    let events = run_all(true, &[(3, read(8192, 8))], &input);
     assert_eq!(
         events,
         vec![
             Ev::Data {
                 cookie: 3,
-                at: 100,
+                at: 3,
                 bytes: b"hello".to_vec()
             },
             Ev::Data {
@@ -720,18 +720,24 @@ fn structured_offset_data_and_done() {
         ]
     );
     // The data chunk is announced after its header and offset: 28 bytes.
-    let mut d = decoder(true, &[(3, read(8192, 4096))]);
+    let mut d = decoder(true, &[(3, read(8192, 8))]);
     let got = d.decode(&input).unwrap();
     assert_eq!(got.consumed, 28);
 }
 
 #[test]
 fn structured_offset_hole() {
-    let input = hole_chunk(DONE, 3, 8192 + 1024, 2048);
-    let events = run_all(true, &[(3, read(8192, 4096))], &input);
+    let first = hole_chunk(0, 3, 8192, 1024);
+    let last = hole_chunk(DONE, 3, 8192 + 1024, 2048);
+    let events = run_all(true, &[(3, read(8192, 3072))], &[first.clone(), last.clone()].concat());
     assert_eq!(
         events,
         vec![
+            Ev::Hole {
+                cookie: 3,
+                at: 0,
+                len: 1024
+            },
             Ev::Hole {
                 cookie: 3,
                 at: 1024,
@@ -741,8 +747,9 @@ fn structured_offset_hole() {
         ]
     );
     // The final hole's Done comes with nothing consumed.
-    let mut d = decoder(true, &[(3, read(8192, 4096))]);
-    assert_eq!(d.decode(&input).unwrap().consumed, input.len());
+    let mut d = decoder(true, &[(3, read(8192, 3072))]);
+    assert_eq!(d.decode(&first).unwrap().consumed, first.len());
+    assert_eq!(d.decode(&last).unwrap().consumed, last.len());
     let got = d.decode(&[]).unwrap();
     assert_eq!(got.consumed, 0);
     assert!(matches!(got.event, Some(Event::Done { cookie: 3, .. })));
@@ -782,8 +789,44 @@ fn unknown_error_chunk_types_still_fail_the_command() {
 
 #[test]
 fn structured_none_completes() {
-    let events = run_all(true, &[(1, write(0, 1)), (2, read(0, 10))], &[none_chunk(2), none_chunk(1)].concat());
+    // A read of 0 bytes has no data to cover (strict zero-size off).
+    let events = run_all(true, &[(1, write(0, 1)), (2, read(0, 0))], &[none_chunk(2), none_chunk(1)].concat());
     assert_eq!(events, vec![done_ok(2), done_ok(1)]);
+}
+
+#[test]
+fn a_structured_read_that_misses_or_repeats_bytes_fails_with_eio_and_decoding_goes_on() {
+    // As libnbd: a read the server ends without error must have been covered exactly by
+    // data and holes; otherwise EIO for that read, and the connection continues.
+    let cases: [(Vec<u8>, &str); 4] = [
+        (none_chunk(1), "covered only 0 of 4096 bytes"),
+        ([data_chunk(0, 1, 0, &[1; 2048]), none_chunk(1)].concat(), "covered only 2048 of 4096 bytes"),
+        (
+            [hole_chunk(0, 1, 0, 1024), data_chunk(DONE, 1, 2048, &[1; 1024])].concat(),
+            "covered only 2048 of 4096 bytes",
+        ),
+        (
+            [data_chunk(0, 1, 0, &[1; 2048]), hole_chunk(0, 1, 0, 2048), data_chunk(DONE, 1, 2048, &[2; 2048])].concat(),
+            "6144 bytes of data and holes for 4096 requested",
+        ),
+    ];
+    for (input, says) in cases {
+        let mut all = input.clone();
+        all.extend(simple_reply(0, 2));
+        let events = run_all(true, &[(1, read(0, 4096)), (2, write(0, 1))], &all);
+        let e = done_err(events.iter().rev().nth(1).unwrap(), 1, Errno::EIO);
+        assert!(e.message().contains(says), "{e}");
+        assert!(e.message().contains("NBD_CMD_READ at offset 0 (length 4096)"), "{e}");
+        assert_eq!(events.last(), Some(&done_ok(2)), "the next reply is still decoded");
+    }
+    // A server error is reported as such, not as missing data.
+    let events = run_all(true, &[(1, read(0, 4096))], &error_chunk(DONE, 1, 1, "no"));
+    let e = done_err(&events[0], 1, Errno::EPERM);
+    assert!(!e.message().contains("covered"), "{e}");
+    // Data and holes that cover the read exactly, in any order, succeed.
+    let input = [hole_chunk(0, 1, 3072, 1024), data_chunk(0, 1, 0, &[1; 3072]), none_chunk(1)].concat();
+    let events = run_all(true, &[(1, read(0, 4096))], &input);
+    assert_eq!(events.last(), Some(&done_ok(1)));
 }
 
 #[test]
