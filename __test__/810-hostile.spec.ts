@@ -87,7 +87,7 @@ test.serial('the fake server serves reads, writes, trims and zeroes correctly (s
     )
     t.deepEqual(
       server.options.map((o) => o.option),
-      structured ? [OPT.STRUCTURED_REPLY, OPT.GO] : [OPT.GO],
+      structured ? [OPT.EXTENDED_HEADERS, OPT.STRUCTURED_REPLY, OPT.GO] : [OPT.GO],
     )
   }
 })
@@ -254,7 +254,7 @@ const handshakeFaults: HandshakeFault[] = [
     title: 'a hang-up after the greeting, once the client flags arrive',
     fake: { greeting: async (g, conn) => { conn.send(g); await conn.read(4); conn.close(); return 'handled' as const } },
     code: 'ECONNRESET',
-    message: /instead of answering NBD_OPT_STRUCTURED_REPLY/,
+    message: /instead of answering NBD_OPT_(EXTENDED_HEADERS|STRUCTURED_REPLY)/,
   },
   {
     title: 'a hang-up instead of answering NBD_OPT_GO',

@@ -433,6 +433,7 @@ pub struct ReplyDecoder<T> {
     structured: bool,
     extended: bool,
     contexts: Vec<(u32, String)>,
+    export_size: u64,
     table: HashMap<u64, InFlight<T>>,
     /// Set between a `ReadData` event and `payload_done`: (cookie, reply is done).
     in_payload: Option<(u64, bool)>,
@@ -450,6 +451,7 @@ impl<T> ReplyDecoder<T> {
         ReplyDecoder {
             structured: negotiated.structured_replies,
             extended: negotiated.extended_headers,
+            export_size: negotiated.export.size,
             contexts: negotiated
                 .meta_contexts
                 .iter()
@@ -1000,6 +1002,16 @@ impl<T> ReplyDecoder<T> {
                         "server sent an extent at {offset} for context {name:?}, past the \
                          requested {}..{cmd_end}",
                         cmd.offset
+                    ),
+                ));
+            }
+            if offset.checked_add(len).is_none_or(|end| end > self.export_size) {
+                return Err(self.fatal(
+                    Some(cookie),
+                    format!(
+                        "server sent an extent {offset}+{len} for context {name:?}, past the end \
+                         of the export ({} bytes)",
+                        self.export_size
                     ),
                 ));
             }

@@ -16,7 +16,7 @@ fn negotiated(extended: bool, flags: u16) -> Negotiated {
         extended_headers: extended,
         tls: false,
         export: ExportInfo {
-            size: 1 << 30,
+            size: 8 << 30,
             flags: FLAG_HAS_FLAGS | flags,
             ..ExportInfo::default()
         },
@@ -209,6 +209,18 @@ fn violations_are_protocol_errors_blamed_on_the_command() {
         assert!(e.message().contains(what), "{what}: {}", e.message());
         assert!(blamed, "{what}: the command is named");
     }
+}
+
+#[test]
+fn an_extent_past_the_end_of_the_export_is_a_protocol_error() {
+    let n = negotiated(true, 0);
+    let (e, _) = fatal(
+        &n,
+        bs(0, 1024),
+        Tracking::default(),
+        &ext_chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS_EXT, 1, &extents64(1, &[(u64::MAX, 0)])),
+    );
+    assert!(e.message().contains("past the end of the export"), "{}", e.message());
 }
 
 #[test]
