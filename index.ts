@@ -1178,9 +1178,10 @@ export class Handle {
 
   /**
    * Debug messages (`nbd_set_debug`): options sent and replies received during the
-   * handshake, each command with its cookie, each reply. `true` writes them to stderr as
-   * `nbd-client: debug: NAME: CONTEXT: MESSAGE`; a callback receives `(context, message)`
-   * instead; `false` stops them. Any time.
+   * handshake, each command with its cookie, each reply. A callback receives
+   * `(context, message)` from now on; `true` turns them on (to the callback given earlier,
+   * or else to stderr as `nbd-client: debug: NAME: CONTEXT: MESSAGE`); `false` stops them.
+   * Any time, also while connected.
    */
   setDebug(v: boolean | DebugCallback): void {
     const op = 'setDebug'

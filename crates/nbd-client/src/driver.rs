@@ -90,6 +90,24 @@ pub(crate) type Callback = Box<dyn FnOnce(Result<Completed>) + Send>;
 /// Where debug messages go: (context, message).
 pub type DebugSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
+/// The driver's view of debugging: a switch the handle can flip at any time, and the sink.
+/// Messages are only formatted while the switch is on.
+#[derive(Clone)]
+pub(crate) struct Debug {
+    pub on: Arc<AtomicBool>,
+    pub sink: DebugSink,
+}
+
+impl Debug {
+    fn active(&self) -> Option<&Debug> {
+        self.on.load(Ordering::Relaxed).then_some(self)
+    }
+
+    fn log(&self, context: &str, message: &str) {
+        (self.sink)(context, message)
+    }
+}
+
 /// A command's callback, called exactly once: if the command is dropped unanswered (say
 /// because the handle closed), the callback hears of it from the drop.
 pub(crate) struct CallbackReply(Option<Callback>);
@@ -254,7 +272,7 @@ impl Driver {
         early: Vec<u8>,
         max_in_flight: usize,
         shared: Arc<Shared>,
-        debug: Option<DebugSink>,
+        debug: Option<Debug>,
     ) -> Driver {
         let session = Arc::new(session);
         let lifeline = Lifeline::new();
@@ -335,7 +353,7 @@ struct WriterTask {
     lifeline: Arc<Lifeline>,
     next_cookie: u64,
     out: Vec<u8>,
-    debug: Option<DebugSink>,
+    debug: Option<Debug>,
 }
 
 impl WriterTask {
@@ -420,8 +438,8 @@ impl WriterTask {
             reply,
             guard,
         } = c;
-        if let Some(debug) = &self.debug {
-            debug(
+        if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
+            debug.log(
                 "command",
                 &format!(
                     "sending {} cookie {cookie} offset {} count {} flags {flags:#x}{}",
@@ -496,8 +514,8 @@ impl WriterTask {
         };
         let cookie = self.next_cookie;
         self.next_cookie += 1;
-        if let Some(debug) = &self.debug {
-            debug("shutdown", "sending NBD_CMD_DISC");
+        if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
+            debug.log("shutdown", "sending NBD_CMD_DISC");
         }
         self.session.encode_request(cookie, &cmd, 0, &mut self.out);
         self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
@@ -604,7 +622,7 @@ struct ReaderTask {
     input: InputBuffer,
     shared: Arc<Shared>,
     lifeline: Arc<Lifeline>,
-    debug: Option<DebugSink>,
+    debug: Option<Debug>,
 }
 
 impl ReaderTask {
@@ -620,8 +638,8 @@ impl ReaderTask {
         while let Ok((cookie, cmd, tracking, f)) = self.register.try_recv() {
             self.decoder.register_with(cookie, cmd, tracking, f);
         }
-        if let Some(debug) = &self.debug {
-            debug("connection", &format!("connection ended: {}", pending.message()));
+        if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
+            debug.log("connection", &format!("connection ended: {}", pending.message()));
         }
         for (_, f) in self.decoder.take_all() {
             f.complete(Err(pending.clone()), Detail::None);
@@ -641,8 +659,8 @@ impl ReaderTask {
             let decoded = match self.decoder.decode(self.input.pending()) {
                 Ok(d) => d,
                 Err(Fatal { error, command }) => {
-                    if let Some(debug) = &self.debug {
-                        debug("reply", &format!("protocol violation: {}", error.message()));
+                    if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
+                        debug.log("reply", &format!("protocol violation: {}", error.message()));
                     }
                     if let Some((_, f)) = command {
                         f.complete(Err(error.clone()), Detail::None);
@@ -688,12 +706,12 @@ impl ReaderTask {
                 detail,
             } => {
                 self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
-                if let Some(debug) = &self.debug {
+                if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
                     let outcome = match &result {
                         Ok(()) => "success".to_string(),
                         Err(e) => format!("{}: {}", e.errno(), e.message()),
                     };
-                    debug("reply", &format!("cookie {cookie} done: {outcome}"));
+                    debug.log("reply", &format!("cookie {cookie} done: {outcome}"));
                 }
                 user.complete(result, detail);
             }

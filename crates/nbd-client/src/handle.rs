@@ -19,7 +19,7 @@ use crate::buffer::{DestBuf, SourceBuf};
 use crate::cancel::CancelToken;
 use crate::config::Config;
 use crate::driver::{
-    Callback, CallbackReply, CommandRequest, Completed, DebugSink, Driver, InFlightGuard,
+    Callback, CallbackReply, CommandRequest, Completed, Debug, DebugSink, Driver, InFlightGuard,
     Lifeline, Payload, Request, Shared,
 };
 use crate::transport::{self, io_error, Stream};
@@ -80,7 +80,9 @@ struct Inner {
     /// Set when the application closes the handle; a connect in progress gives up.
     closing: watch::Sender<bool>,
     /// Where debug messages go when `config.debug` is on.
-    debug_sink: Mutex<Option<DebugSink>>,
+    debug_sink: Arc<Mutex<Option<DebugSink>>>,
+    /// `config.debug`, for the driver, which checks it before each message.
+    debug_on: Arc<std::sync::atomic::AtomicBool>,
     /// Where the handle connected, for `get_uri`.
     target: Mutex<Option<UriTransport>>,
 }
@@ -146,6 +148,7 @@ impl std::fmt::Debug for Handle {
 impl Handle {
     /// A newly created handle (`nbd_create`).
     pub fn new(config: Config) -> Handle {
+        let debug_on = config.debug;
         Handle {
             inner: Arc::new(Inner {
                 strict: AtomicU32::new(config.strict),
@@ -153,7 +156,8 @@ impl Handle {
                 phase: Mutex::new(Phase::Created),
                 shared: Arc::new(Shared::default()),
                 closing: watch::channel(false).0,
-                debug_sink: Mutex::new(None),
+                debug_sink: Arc::default(),
+                debug_on: Arc::new(std::sync::atomic::AtomicBool::new(debug_on)),
                 target: Mutex::new(None),
             }),
         }
@@ -232,6 +236,29 @@ impl Handle {
     /// `nbd_set_debug`: allowed in any state (takes effect for what follows).
     pub fn set_debug(&self, on: bool) {
         self.update_config(|c| c.debug = on);
+        self.inner.debug_on.store(on, Ordering::Relaxed);
+    }
+
+    /// The driver's debug switch and a sink that follows later changes of it.
+    fn debug_hub(&self) -> Debug {
+        let sinks = self.inner.debug_sink.clone();
+        let inner = Arc::downgrade(&self.inner);
+        Debug {
+            on: self.inner.debug_on.clone(),
+            sink: Arc::new(move |context: &str, message: &str| {
+                let sink = sinks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match sink {
+                    Some(sink) => sink(context, message),
+                    None => {
+                        let name = inner
+                            .upgrade()
+                            .map(|i| i.config.lock().unwrap_or_else(|p| p.into_inner()).handle_name.clone())
+                            .unwrap_or_default();
+                        eprintln!("nbd-client: debug: {name}: {context}: {message}");
+                    }
+                }
+            }),
+        }
     }
 
     fn debug_sink(&self) -> Option<DebugSink> {
@@ -546,7 +573,7 @@ impl Handle {
         match outcome {
             Outcome::Ready(negotiated) => {
                 let early = hs.take_leftover();
-                *phase = self.connected(socket, negotiated, stream, early, &config, debug);
+                *phase = self.connected(socket, negotiated, stream, early, &config);
                 Ok(())
             }
             Outcome::Negotiating => {
@@ -576,7 +603,6 @@ impl Handle {
         stream: Stream,
         early: Vec<u8>,
         config: &Config,
-        debug: Option<DebugSink>,
     ) -> Phase {
         let (reader, writer) = stream.split();
         let driver = Driver::start(
@@ -586,7 +612,7 @@ impl Handle {
             early,
             config.max_in_flight,
             self.inner.shared.clone(),
-            debug,
+            Some(self.debug_hub()),
         );
         Phase::Connected {
             socket,
@@ -648,7 +674,7 @@ impl Handle {
             }
             Ok((stream, Outcome::Ready(negotiated))) => {
                 let early = hs.take_leftover();
-                *phase = self.connected(socket, negotiated, stream, early, &config, debug);
+                *phase = self.connected(socket, negotiated, stream, early, &config);
                 Ok(None)
             }
             Ok((_, Outcome::Reply(Ok(OptReply::Aborted)))) => {

@@ -376,7 +376,8 @@ impl NativeHandle {
         self.handle.config().meta_contexts
     }
 
-    /// Debug messages on (`callback` receives them, else stderr) or off.
+    /// Debug messages on or off; `callback`, when given, receives them from now on (else the
+    /// callback given earlier, else stderr).
     #[napi]
     pub fn set_debug(
         &self,
@@ -401,7 +402,10 @@ impl NativeHandle {
                 }))
             }
         };
-        self.handle.set_debug_sink(sink);
+        // A boolean alone keeps the callback given earlier (if any).
+        if sink.is_some() {
+            self.handle.set_debug_sink(sink);
+        }
         self.handle.set_debug(on);
         Ok(())
     }
