@@ -27,6 +27,7 @@ mod cancel;
 mod config;
 mod driver;
 mod handle;
+mod subprocess;
 mod transport;
 
 pub use buffer::{DestBuf, SourceBuf};
@@ -38,3 +39,4 @@ pub use nbd_proto::handshake::{BlockSize, ExportInfo, Protocol};
 pub use nbd_proto::state::State;
 pub use nbd_proto::transmission::CommandKind;
 pub use nbd_proto::{Errno, Error, Fault, Result};
+pub use subprocess::{spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child};
