@@ -29,6 +29,7 @@ mod driver;
 mod handle;
 mod subprocess;
 mod transport;
+mod vsock;
 
 pub use buffer::{DestBuf, SourceBuf};
 pub use cancel::CancelToken;
@@ -40,3 +41,4 @@ pub use nbd_proto::state::State;
 pub use nbd_proto::transmission::CommandKind;
 pub use nbd_proto::{Errno, Error, Fault, Result};
 pub use subprocess::{spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child};
+pub use vsock::connect_vsock;

@@ -1,5 +1,6 @@
 //! Servers as child processes (`spawn_command`, `spawn_socket_activation`) against real
-//! nbdkit, qemu-nbd and nbd-server, their failures and their ends. Tests needing a program that is not installed say so and pass.
+//! nbdkit, qemu-nbd and nbd-server, their failures and their ends. Tests needing a program
+//! that is not installed say so and pass.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
