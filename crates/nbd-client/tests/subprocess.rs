@@ -189,13 +189,13 @@ async fn command_mode_serves_nbd_server() {
         image.to_str().unwrap(),
     ]))
     .unwrap();
+    let watched = Watched::of(&child);
     let (h, r) = connect(fd).await;
     if let Err(e) = r {
         panic!("{e}; {:?}", child.failure_report(Duration::from_secs(2)).await);
     }
     write_read_back(&h).await;
     h.close().await;
-    let watched = Watched::of(&child);
     drop(child);
     watched.assert_gone_within(Duration::from_secs(5));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -208,6 +208,7 @@ async fn command_mode_child_sees_only_its_stdio() {
     assert!(leaky > 2);
     let (fd, child) = spawn_command(&argv(&["cat"])).unwrap();
     unsafe { libc::close(leaky) };
+    let watched = Watched::of(&child);
     // cat echoes over the socket: stdin and stdout are both our connection.
     let mut stream = UnixStream::from(fd);
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -225,7 +226,6 @@ async fn command_mode_child_sees_only_its_stdio() {
     // The child leads its own process group.
     assert_eq!(pgid_of(pid), pid);
     drop(stream);
-    let watched = Watched::of(&child);
     drop(child);
     watched.assert_gone_within(Duration::from_secs(5));
 }
