@@ -27,8 +27,10 @@ mod cancel;
 mod config;
 mod driver;
 mod handle;
+mod subprocess;
 mod transport;
 pub mod uri;
+mod vsock;
 
 pub use buffer::{DestBuf, SourceBuf};
 pub use cancel::CancelToken;
@@ -43,6 +45,8 @@ pub use nbd_proto::transmission::{ChunkStatus, ContextExtents, Detail, Extent, R
 pub use nbd_proto::state::State;
 pub use nbd_proto::transmission::CommandKind;
 pub use nbd_proto::{Errno, Error, Fault, Result};
+pub use subprocess::{spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child};
+pub use vsock::connect_vsock;
 
 /// Starts TLS on `stream` after the server accepted `NBD_OPT_STARTTLS`.
 pub(crate) async fn tls_upgrade(_stream: transport::Stream) -> Result<transport::Stream> {
@@ -53,8 +57,8 @@ pub(crate) async fn tls_upgrade(_stream: transport::Stream) -> Result<transport:
 }
 
 /// Connects to a vsock address.
-pub(crate) async fn vsock_connect(_cid: u32, _port: u32) -> Result<std::os::fd::OwnedFd> {
-    Err(Error::usage(Errno::ENOTSUP, "vsock is not supported by this build"))
+pub(crate) async fn vsock_connect(cid: u32, port: u32) -> Result<std::os::fd::OwnedFd> {
+    vsock::connect_vsock(cid, port).await
 }
 
 /// Whether this build speaks TLS (`nbd_supports_tls`).

@@ -41,6 +41,9 @@ pub enum Errno {
     ECONNREFUSED,
     EHOSTUNREACH,
     ECANCELED,
+    ENOEXEC,
+    ENODEV,
+    EAFNOSUPPORT,
 }
 
 use Errno::*;
@@ -82,6 +85,9 @@ const TABLE: &[(Errno, &str, i32)] = &[
     (ECONNREFUSED, "ECONNREFUSED", 111),
     (EHOSTUNREACH, "EHOSTUNREACH", 113),
     (ECANCELED, "ECANCELED", 125),
+    (ENOEXEC, "ENOEXEC", 8),
+    (ENODEV, "ENODEV", 19),
+    (EAFNOSUPPORT, "EAFNOSUPPORT", 97),
 ];
 
 impl Errno {
