@@ -105,10 +105,10 @@ export type TlsMode = 'disable' | 'allow' | 'require'
 // ---- errors ----
 
 const ERRNO: Record<string, number> = {
-  EPERM: 1, ENOENT: 2, EINTR: 4, EIO: 5, EBADF: 9, EAGAIN: 11, ENOMEM: 12, EACCES: 13,
+  EPERM: 1, ENOENT: 2, EINTR: 4, EIO: 5, ENOEXEC: 8, EBADF: 9, ENODEV: 19, EAGAIN: 11, ENOMEM: 12, EACCES: 13,
   EFAULT: 14, EBUSY: 16, EEXIST: 17, ENOTDIR: 20, EINVAL: 22, EMFILE: 24, ENOSPC: 28,
   EPIPE: 32, ERANGE: 34, ENAMETOOLONG: 36, ENOSYS: 38, EPROTO: 71, EOVERFLOW: 75,
-  ENOTSOCK: 88, EPROTONOSUPPORT: 93, ENOTSUP: 95, EADDRINUSE: 98, EADDRNOTAVAIL: 99,
+  ENOTSOCK: 88, EPROTONOSUPPORT: 93, ENOTSUP: 95, EAFNOSUPPORT: 97, EADDRINUSE: 98, EADDRNOTAVAIL: 99,
   ENETUNREACH: 101, ECONNABORTED: 103, ECONNRESET: 104, EISCONN: 106, ENOTCONN: 107,
   ESHUTDOWN: 108, ETIMEDOUT: 110, ECONNREFUSED: 111, EHOSTUNREACH: 113, ECANCELED: 125,
 }
@@ -343,6 +343,12 @@ function parseChunks(detail: string | null): ReadChunk[] {
   if (detail === null) return []
   const raw = JSON.parse(detail) as [number, number, ReadChunk['status']][]
   return raw.map(([offset, length, status]) => ({ offset, length, status }))
+}
+
+function checkArgv(op: string, v: unknown): string[] {
+  const argv = checkStringList(op, 'argv', v)
+  if (argv.length === 0) throw invalid(op, 'argv must name a program')
+  return argv
 }
 
 function checkStringList(op: string, name: string, v: unknown): string[] {
@@ -625,6 +631,36 @@ export class Handle {
   async connectUri(uri: string): Promise<void> {
     const op = 'connectUri'
     return this.#async(op, async () => this.#native.connectUri(checkString(op, 'uri', uri)))
+  }
+
+  /**
+   * Starts a server process with a socket as its stdin and stdout and talks NBD to it
+   * (`nbd_connect_command`), e.g. `['nbdkit', '-s', 'memory', '1G']`. `argv[0]` is looked
+   * up on PATH. The process gets only stdin, stdout and stderr (which goes to ours), and is
+   * ended and reaped when the handle is closed or garbage-collected (end of file first, then
+   * SIGTERM, then SIGKILL). If it cannot start or the handshake fails, the error says how
+   * it ended and quotes the end of its stderr.
+   */
+  async connectCommand(argv: string[]): Promise<void> {
+    const op = 'connectCommand'
+    return this.#async(op, async () => this.#native.connectCommand(checkArgv(op, argv)))
+  }
+
+  /**
+   * Starts a server process with a listening socket as fd 3, as systemd socket activation
+   * does (`LISTEN_FDS=1`, `LISTEN_PID`), and connects to it
+   * (`nbd_connect_systemd_socket_activation`), e.g. `['qemu-nbd', '-f', 'qcow2', 'disk.qcow2']`
+   * or `['nbdkit', 'memory', '1G']`. The process ends with the handle, as for
+   * {@link Handle.connectCommand}.
+   */
+  async connectSystemdSocketActivation(argv: string[]): Promise<void> {
+    const op = 'connectSystemdSocketActivation'
+    return this.#async(op, async () => this.#native.connectSystemdSocketActivation(checkArgv(op, argv)))
+  }
+
+  /** The pid of the server process {@link Handle.connectCommand} started, or `null`. */
+  get subprocessPid(): number | null {
+    return this.#native.getSubprocessPid() ?? null
   }
 
   /** Connects over AF_VSOCK to `cid` and `port` (`nbd_connect_vsock`; Linux). */

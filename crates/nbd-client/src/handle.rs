@@ -23,6 +23,7 @@ use crate::driver::{
     Lifeline, Payload, Request, Shared,
 };
 use crate::transport::{self, io_error, Stream};
+use crate::subprocess::{self, Child};
 use crate::uri::{self, NbdUri, UriTransport};
 
 /// A command for [`Handle::submit`].
@@ -85,6 +86,10 @@ struct Inner {
     debug_on: Arc<std::sync::atomic::AtomicBool>,
     /// Where the handle connected, for `get_uri`.
     target: Mutex<Option<UriTransport>>,
+    /// The server process of `connect_command` / socket activation. Declared after
+    /// `phase` so that on drop the socket closes first (a server on stdin then sees end of
+    /// file and exits by itself); dropping it ends and reaps the process.
+    child: Mutex<Option<Arc<Child>>>,
 }
 
 /// A connection in option negotiation, between option requests.
@@ -159,6 +164,7 @@ impl Handle {
                 debug_sink: Arc::default(),
                 debug_on: Arc::new(std::sync::atomic::AtomicBool::new(debug_on)),
                 target: Mutex::new(None),
+                child: Mutex::new(None),
             }),
         }
     }
@@ -468,6 +474,55 @@ impl Handle {
 
     fn set_target(&self, t: UriTransport) {
         *self.inner.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+    }
+
+    /// `nbd_connect_command`: starts `argv` with a socket as its stdin and stdout (e.g.
+    /// `nbdkit -s memory 1G`) and talks NBD over it. The process is ended and reaped when
+    /// the handle is closed or dropped; if the connect fails, the error says how the
+    /// process ended and what it wrote to stderr.
+    pub async fn connect_command(&self, argv: Vec<String>) -> Result<()> {
+        self.begin_connect(|| Ok(()))?;
+        self.connect_child(argv, false).await
+    }
+
+    /// `nbd_connect_systemd_socket_activation`: starts `argv` with a listening socket as
+    /// fd 3 (`LISTEN_FDS`, `LISTEN_PID`), as systemd would, e.g. `qemu-nbd -f qcow2 IMG`.
+    pub async fn connect_systemd_socket_activation(&self, argv: Vec<String>) -> Result<()> {
+        self.begin_connect(|| Ok(()))?;
+        self.connect_child(argv, true).await
+    }
+
+    async fn connect_child(&self, argv: Vec<String>, activation: bool) -> Result<()> {
+        let inner = self.inner.clone();
+        let open = async move {
+            let spawned = tokio::task::spawn_blocking(move || {
+                if activation {
+                    subprocess::spawn_socket_activation(&argv)
+                } else {
+                    subprocess::spawn_command(&argv)
+                }
+            })
+            .await
+            .map_err(|e| Error::io(Errno::EIO, format!("starting the server process: {e}")))??;
+            let (fd, child) = spawned;
+            *inner.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(child));
+            Ok(fd)
+        };
+        let result = self.finish_connect(open).await;
+        let Err(e) = result else { return Ok(()) };
+        let child = self.inner.child.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match child {
+            Some(child) => match child.failure_report(std::time::Duration::from_secs(1)).await {
+                Some(report) => Err(Error::new(e.fault(), e.errno(), format!("{}; {report}", e.message()))),
+                None => Err(e),
+            },
+            None => Err(e),
+        }
+    }
+
+    /// The server process started by `connect_command` or socket activation, if any.
+    pub fn child_pid(&self) -> Option<u32> {
+        self.inner.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.pid())
     }
 
     /// `nbd_connect_vsock` (Linux).
@@ -1051,7 +1106,12 @@ impl Handle {
         {
             driver.stop().await;
             drop(socket);
+        } else {
+            drop(old);
         }
+        // The socket is closed: the server process (if any) ends and is reaped in the
+        // background.
+        drop(self.inner.child.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 

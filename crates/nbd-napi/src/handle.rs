@@ -593,6 +593,28 @@ impl NativeHandle {
     }
 
     #[napi(ts_return_type = "Promise<void>")]
+    pub fn connect_command<'env>(&self, env: &'env Env, argv: Vec<String>) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        spawn!(env, h.connect_command(argv))
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn connect_systemd_socket_activation<'env>(
+        &self,
+        env: &'env Env,
+        argv: Vec<String>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let h = self.handle.clone();
+        spawn!(env, h.connect_systemd_socket_activation(argv))
+    }
+
+    /// The pid of the server process started by connectCommand or socket activation.
+    #[napi]
+    pub fn get_subprocess_pid(&self) -> Option<u32> {
+        self.handle.child_pid()
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_vsock<'env>(&self, env: &'env Env, cid: u32, port: u32) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
         spawn!(env, h.connect_vsock(cid, port))
