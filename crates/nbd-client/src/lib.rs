@@ -27,6 +27,7 @@ mod cancel;
 mod config;
 mod driver;
 mod handle;
+pub mod tls;
 mod transport;
 
 pub use buffer::{DestBuf, SourceBuf};
