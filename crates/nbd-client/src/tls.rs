@@ -54,9 +54,14 @@
 //! | `EINVAL` | a file's contents are unusable (no PEM certificate, malformed hex key, a key that does not match its certificate), the user is not in the PSK file, or no login name for the default username |
 //! | `EPERM` | authentication failed: the server's certificate failed verification (OpenSSL's reason included), does not match the host name, or is not what PSK expects; or the server refused our key, our user name or our client certificate |
 //! | `ECONNREFUSED` | the server refused the handshake with an alert unrelated to credentials (no common protocol version or cipher) |
-//! | `ECONNRESET` | the server closed the connection during the handshake without saying why |
+//! | `ECONNRESET` | the server closed the connection during the handshake without saying why; GnuTLS servers (nbdkit, qemu-nbd) do this, with no alert, for an unknown PSK user and for a wrong key alike, so the message names both causes |
 //! | `EPROTO` | the server did not answer in TLS |
 //! | `EIO` | anything else (the message carries OpenSSL's error) |
+//!
+//! A server may also judge the client's certificate only after the handshake has completed
+//! (TLS 1.3 always allows this; GnuTLS servers do it with TLS 1.2 too), so a refused client
+//! certificate can surface on the first read or write of the [`TlsStream`]: its I/O errors
+//! then say that the server ended the session before answering, and why it may have.
 //!
 //! Errors found before any TLS byte is sent (settings and files) have [`nbd_proto::Fault::Usage`];
 //! errors of the handshake itself have [`nbd_proto::Fault::Io`]. Either way the stream given to
@@ -68,7 +73,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use openssl::error::ErrorStack;
@@ -170,7 +174,7 @@ impl Default for TlsSettings {
 impl TlsSettings {
     /// The PSK user name in effect (`nbd_get_tls_username`): [`TlsSettings::username`] if
     /// set, else `$LOGNAME`, else the login name of the controlling terminal (`getlogin`).
-    /// Fails with `EINVAL`-like errors when none of these is available.
+    /// Fails with `EINVAL` when none of these is available.
     pub fn effective_username(&self) -> Result<String> {
         match &self.username {
             Some(name) => Ok(name.clone()),
@@ -378,8 +382,6 @@ pub struct TlsConnector {
     ctx: SslContext,
     plan: Plan,
     host: Option<String>,
-    /// A failure inside an OpenSSL callback, reported in place of OpenSSL's generic error.
-    callback_error: Arc<Mutex<Option<Error>>>,
 }
 
 impl fmt::Debug for TlsConnector {
@@ -391,9 +393,9 @@ impl fmt::Debug for TlsConnector {
     }
 }
 
-/// Cipher suites offered for PSK with TLS 1.2 and older: forward-secret key exchanges first,
-/// plain PSK last (GnuTLS servers accept all three kinds when configured for PSK). TLS 1.3
-/// keeps OpenSSL's defaults.
+/// Cipher suites offered for PSK with TLS 1.2: forward-secret key exchanges (ECDHE-PSK,
+/// DHE-PSK) first, plain PSK last; GnuTLS servers configured for PSK accept all three kinds.
+/// TLS 1.3 keeps OpenSSL's default suites.
 const PSK_CIPHERS_TLS12: &str = "ECDHEPSK:DHEPSK:PSK:!RSAPSK:!aNULL:!eNULL:!3DES:!RC4:!MD5";
 
 impl TlsConnector {
@@ -407,7 +409,6 @@ impl TlsConnector {
             .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
             .filter(|h| !h.is_empty())
             .map(str::to_owned);
-        let callback_error: Arc<Mutex<Option<Error>>> = Arc::default();
         let mut b = SslContextBuilder::new(SslMethod::tls_client()).map_err(setup_error)?;
         b.set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(setup_error)?;
@@ -423,27 +424,13 @@ impl TlsConnector {
                 // The trust store stays empty: a server that authenticates with a
                 // certificate instead of the key fails verification.
                 b.set_verify(SslVerifyMode::PEER);
+                check_psk_sizes(&username, &key)?;
                 let identity = username.clone().into_bytes();
-                let slot = callback_error.clone();
                 b.set_psk_client_callback(move |_ssl, _hint, identity_out, key_out| {
-                    let fail = |message: String| {
-                        *slot.lock().unwrap() = Some(Error::usage(Errno::EINVAL, message));
-                        Err(ErrorStack::get())
-                    };
-                    // Room for the identity's terminating NUL.
-                    if identity.len() >= identity_out.len() {
-                        return fail(format!(
-                            "TLS PSK username is {} bytes, longer than the {} TLS allows here",
-                            identity.len(),
-                            identity_out.len() - 1
-                        ));
-                    }
-                    if key.0.len() > key_out.len() {
-                        return fail(format!(
-                            "TLS PSK key is {} bytes, longer than the {} TLS allows",
-                            key.0.len(),
-                            key_out.len()
-                        ));
+                    // The sizes were checked against OpenSSL's limits already; this only
+                    // guards the copies (the identity needs room for its NUL).
+                    if identity.len() >= identity_out.len() || key.0.len() > key_out.len() {
+                        return Err(ErrorStack::get());
                     }
                     identity_out[..identity.len()].copy_from_slice(&identity);
                     identity_out[identity.len()] = 0;
@@ -478,7 +465,6 @@ impl TlsConnector {
             ctx: b.build(),
             plan,
             host,
-            callback_error,
         })
     }
 
@@ -561,9 +547,6 @@ impl TlsConnector {
 
     /// Turns a failed handshake into an error saying which case it is.
     fn explain_handshake(&self, e: &ssl::Error, ssl: &SslRef) -> Error {
-        if let Some(err) = self.callback_error.lock().unwrap().take() {
-            return err;
-        }
         let verify = ssl.verify_result();
         if verify != X509VerifyResult::OK {
             return self.explain_verify(verify);
@@ -1024,6 +1007,34 @@ fn find_psk_key(path: &Path, username: &str) -> Result<Secret> {
     ))
 }
 
+/// OpenSSL's limits on a PSK identity and key (`PSK_MAX_IDENTITY_LEN`, `PSK_MAX_PSK_LEN`).
+const PSK_MAX_IDENTITY_LEN: usize = 256;
+const PSK_MAX_PSK_LEN: usize = 512;
+
+fn check_psk_sizes(username: &str, key: &Secret) -> Result<()> {
+    if username.is_empty() || username.len() > PSK_MAX_IDENTITY_LEN {
+        return Err(Error::usage(
+            Errno::EINVAL,
+            format!(
+                "TLS PSK username {username:?} is {} bytes; it must be 1 to \
+                 {PSK_MAX_IDENTITY_LEN}",
+                username.len()
+            ),
+        ));
+    }
+    if key.0.len() > PSK_MAX_PSK_LEN {
+        return Err(Error::usage(
+            Errno::EINVAL,
+            format!(
+                "TLS PSK key of user {username:?} is {} bytes, more than the {PSK_MAX_PSK_LEN} \
+                 TLS allows",
+                key.0.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The value of an ASCII hex digit (already checked to be one).
 fn hex_value(c: u8) -> u8 {
     match c {
@@ -1368,6 +1379,16 @@ mod tests {
             .unwrap();
         assert_eq!(e.errno(), Errno::ENOENT);
         assert!(e.message().contains("/nonexistent/keys.psk"), "{e}");
+    }
+
+    #[test]
+    fn psk_size_limits() {
+        assert!(check_psk_sizes("alice", &Secret(vec![1; 512])).is_ok());
+        let e = check_psk_sizes("alice", &Secret(vec![1; 513])).unwrap_err();
+        assert!(e.message().contains("513 bytes"), "{e}");
+        let e = check_psk_sizes(&"u".repeat(257), &Secret(vec![1; 32])).unwrap_err();
+        assert_eq!(e.errno(), Errno::EINVAL);
+        assert!(check_psk_sizes("", &Secret(vec![1; 32])).is_err());
     }
 
     #[test]
