@@ -28,6 +28,7 @@ mod config;
 mod driver;
 mod handle;
 mod subprocess;
+pub mod tls;
 mod transport;
 pub mod uri;
 mod vsock;
