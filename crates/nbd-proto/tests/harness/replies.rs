@@ -1,7 +1,7 @@
 //! The `replies` target: reply bytes fed to [`ReplyDecoder`] whole and in pieces, the
 //! events driven exactly as the module documentation of `transmission` says.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::{check_allocation, chunking, measure, mutate, Rng, Source};
 use nbd_proto::consts::*;
@@ -223,6 +223,7 @@ fn run(case: &Case, sizes: &[usize]) -> Result<Vec<Seen>, String> {
     let max_calls = 2 * (case.stream.len() + case.commands.len()) + sizes.len() + 8;
     let mut calls = 0;
     let mut idle_events = 0;
+    let mut oracle = Oracle::default();
 
     loop {
         calls += 1;
@@ -268,6 +269,8 @@ fn run(case: &Case, sizes: &[usize]) -> Result<Vec<Seen>, String> {
                 if consumed > available {
                     return Err(format!("consumed {consumed} of {available} bytes"));
                 }
+                let step = Step::of(&event);
+                oracle.check(&buf[pos..pos + consumed], &step, &live)?;
                 pos += consumed;
                 if consumed == 0 {
                     idle_events += 1;
@@ -377,6 +380,249 @@ fn run(case: &Case, sizes: &[usize]) -> Result<Vec<Seen>, String> {
                 return finish(decoder, live, seen);
             }
         }
+    }
+}
+
+/// One decode step's event, without the user data.
+#[derive(Debug)]
+enum Step {
+    Nothing,
+    Data {
+        cookie: u64,
+        buf_offset: usize,
+        len: usize,
+    },
+    Hole {
+        cookie: u64,
+        buf_offset: usize,
+        len: usize,
+    },
+    Done {
+        cookie: u64,
+        failed: bool,
+    },
+}
+
+impl Step {
+    fn of(event: &Option<Event<u64>>) -> Step {
+        match event {
+            None => Step::Nothing,
+            Some(Event::ReadData {
+                cookie,
+                buf_offset,
+                len,
+            }) => Step::Data {
+                cookie: *cookie,
+                buf_offset: *buf_offset,
+                len: *len,
+            },
+            Some(Event::ReadHole {
+                cookie,
+                buf_offset,
+                len,
+            }) => Step::Hole {
+                cookie: *cookie,
+                buf_offset: *buf_offset,
+                len: *len,
+            },
+            Some(Event::Done { cookie, result, .. }) => Step::Done {
+                cookie: *cookie,
+                failed: result.is_err(),
+            },
+        }
+    }
+}
+
+/// The fields of a reply header, read independently of the decoder.
+struct Header {
+    simple: bool,
+    error: u32,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    length: u64,
+    size: usize,
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a[8 - b.len()..].copy_from_slice(b);
+    u64::from_be_bytes(a)
+}
+
+fn parse_header(b: &[u8]) -> Option<Header> {
+    let magic = be_u64(b.get(..4)?) as u32;
+    let (simple, size) = match magic {
+        SIMPLE_REPLY_MAGIC => (true, 16),
+        STRUCTURED_REPLY_MAGIC => (false, 20),
+        EXTENDED_REPLY_MAGIC => (false, 32),
+        _ => return None,
+    };
+    if b.len() < size {
+        return None;
+    }
+    Some(Header {
+        simple,
+        error: if simple { be_u64(&b[4..8]) as u32 } else { 0 },
+        flags: if simple { 0 } else { be_u64(&b[4..6]) as u16 },
+        kind: if simple { 0 } else { be_u64(&b[6..8]) as u16 },
+        cookie: be_u64(&b[8..16]),
+        length: match size {
+            20 => be_u64(&b[16..20]),
+            32 => be_u64(&b[24..32]),
+            _ => 0,
+        },
+        size,
+    })
+}
+
+/// Checks each event against the bytes its decode step consumed, read independently:
+/// the cookie, offset and length come from the reply; a `Done` ends a reply flagged final
+/// (or comes right after the data or hole chunk that was), and fails exactly when an
+/// error was received for the command.
+#[derive(Default)]
+struct Oracle {
+    /// A final data or hole chunk was seen: the next step must be its `Done`.
+    pending_done: Option<u64>,
+    /// Commands an error was received for.
+    errored: HashSet<u64>,
+}
+
+impl Oracle {
+    fn check(
+        &mut self,
+        bytes: &[u8],
+        step: &Step,
+        live: &HashMap<u64, Command>,
+    ) -> Result<(), String> {
+        if let Some(c) = self.pending_done.take() {
+            return match *step {
+                Step::Done { cookie, failed } if cookie == c && bytes.is_empty() => {
+                    self.result(cookie, failed)
+                }
+                _ => Err(format!(
+                    "expected the Done of {c} after its final chunk, got {step:?} consuming {} bytes",
+                    bytes.len()
+                )),
+            };
+        }
+        let Some(h) = parse_header(bytes) else {
+            return Err(format!(
+                "{step:?} after consuming {} bytes that are no reply header",
+                bytes.len()
+            ));
+        };
+        let payload = &bytes[h.size..];
+        let wrong = |what: &str| Err(format!("{step:?} from a reply whose {what}"));
+        let cmd_offset = |cookie: u64| live.get(&cookie).map_or(0, |c| c.offset);
+        match *step {
+            Step::Data {
+                cookie,
+                buf_offset,
+                len,
+            } => {
+                if h.cookie != cookie {
+                    return wrong("cookie differs");
+                }
+                if h.simple {
+                    let want = live.get(&cookie).map_or(0, |c| c.length) as usize;
+                    if h.error != 0 || !payload.is_empty() || buf_offset != 0 || len != want {
+                        return wrong("simple header does not announce this data");
+                    }
+                    self.pending_done = Some(cookie);
+                } else {
+                    if h.kind != REPLY_TYPE_OFFSET_DATA || payload.len() != 8 {
+                        return wrong("chunk is no NBD_REPLY_TYPE_OFFSET_DATA header");
+                    }
+                    let offset = be_u64(payload);
+                    if buf_offset as u64 != offset.wrapping_sub(cmd_offset(cookie))
+                        || len as u64 != h.length.wrapping_sub(8)
+                    {
+                        return wrong("offset or length differ");
+                    }
+                    if h.flags & REPLY_FLAG_DONE != 0 {
+                        self.pending_done = Some(cookie);
+                    }
+                }
+                Ok(())
+            }
+            Step::Hole {
+                cookie,
+                buf_offset,
+                len,
+            } => {
+                if h.cookie != cookie
+                    || h.simple
+                    || h.kind != REPLY_TYPE_OFFSET_HOLE
+                    || payload.len() != 12
+                {
+                    return wrong("header is no NBD_REPLY_TYPE_OFFSET_HOLE for this cookie");
+                }
+                let offset = be_u64(&payload[..8]);
+                if buf_offset as u64 != offset.wrapping_sub(cmd_offset(cookie))
+                    || len as u64 != be_u64(&payload[8..])
+                {
+                    return wrong("offset or length differ");
+                }
+                if h.flags & REPLY_FLAG_DONE != 0 {
+                    self.pending_done = Some(cookie);
+                }
+                Ok(())
+            }
+            Step::Done { cookie, failed } => {
+                if h.cookie != cookie {
+                    return wrong("cookie differs");
+                }
+                if h.simple {
+                    if !payload.is_empty() {
+                        return wrong("simple header is followed by consumed bytes");
+                    }
+                    if h.error != 0 {
+                        self.errored.insert(cookie);
+                    }
+                } else {
+                    if h.flags & REPLY_FLAG_DONE == 0 {
+                        return wrong("chunk is not flagged final");
+                    }
+                    if payload.len() as u64 != h.length {
+                        return wrong("chunk's payload was not consumed whole");
+                    }
+                    if h.kind & (1 << 15) != 0 {
+                        self.errored.insert(cookie);
+                    } else if h.kind != REPLY_TYPE_NONE {
+                        return wrong("chunk type is neither NONE nor an error");
+                    }
+                }
+                self.result(cookie, failed)
+            }
+            Step::Nothing => {
+                if h.simple
+                    || h.kind & (1 << 15) == 0
+                    || h.flags & REPLY_FLAG_DONE != 0
+                    || payload.len() as u64 != h.length
+                {
+                    return wrong("bytes are no whole, non-final error chunk");
+                }
+                self.errored.insert(h.cookie);
+                Ok(())
+            }
+        }
+    }
+
+    fn result(&mut self, cookie: u64, failed: bool) -> Result<(), String> {
+        let errored = self.errored.remove(&cookie);
+        if errored != failed {
+            return Err(format!(
+                "Done of {cookie} {} although {}",
+                if failed { "failed" } else { "succeeded" },
+                if errored {
+                    "an error was received for it"
+                } else {
+                    "no error was received for it"
+                }
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -546,8 +792,14 @@ fn data(rng: &mut Rng, v: &mut Vec<u8>, len: u64) {
 
 /// The replies to one command: mostly valid for the framing, sometimes not.
 fn reply(rng: &mut Rng, v: &mut Vec<u8>, case_bits: u8, cookie: u64, cmd: &Command) {
-    let structured = case_bits & 3 != 0;
-    let ext = case_bits & 2 != 0;
+    // Now and then a framing that may not be the negotiated one.
+    let framing = if rng.chance(1, 16) {
+        rng.u8()
+    } else {
+        case_bits
+    };
+    let structured = framing & 3 != 0;
+    let ext = framing & 2 != 0;
     if !structured || rng.chance(1, 8) {
         let error = if rng.chance(1, 4) {
             rng.pick(&[1u32, 5, 12, 22, 28, 108, 7777])
@@ -560,7 +812,9 @@ fn reply(rng: &mut Rng, v: &mut Vec<u8>, case_bits: u8, cookie: u64, cmd: &Comma
         }
         return;
     }
-    if cmd.kind != CommandKind::Read || rng.chance(1, 10) {
+    // Mostly the chunks that fit the command; now and then read chunks for another one.
+    let as_read = cmd.kind == CommandKind::Read || rng.chance(1, 12);
+    if !as_read || rng.chance(1, 10) {
         match rng.below(4) {
             0 => error_chunk(rng, v, ext, true, cookie, cmd),
             1 => {
