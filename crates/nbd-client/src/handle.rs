@@ -580,6 +580,7 @@ impl Handle {
         let shared = self.inner.shared.clone();
         let debug = self.debug_sink();
         let adopted: Arc<Mutex<Option<OwnedFd>>> = Arc::default();
+        let tls = TlsParams::new(&config, self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).as_ref());
         let attempt = {
             let adopted = adopted.clone();
             let hs_config = config.handshake();
@@ -589,7 +590,7 @@ impl Handle {
                 let stream = Stream::new(&socket)?;
                 *adopted.lock().unwrap() = Some(socket);
                 let mut hs = Handshake::new(hs_config);
-                let (stream, outcome) = drive(stream, &mut hs, &shared, &debug).await?;
+                let (stream, outcome) = drive(stream, &mut hs, &shared, &debug, &tls).await?;
                 Ok::<_, Error>((hs, stream, outcome))
             }
         };
@@ -713,9 +714,10 @@ impl Handle {
         let debug = self.debug_sink();
         let mut closing = self.inner.closing.subscribe();
         let Negotiation { mut hs, stream, info } = *negotiation;
+        let tls = TlsParams::new(&config, self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).as_ref());
         let shared = self.inner.shared.clone();
         let result = tokio::select! {
-            r = drive(stream, &mut hs, &shared, &debug) => r,
+            r = drive(stream, &mut hs, &shared, &debug, &tls) => r,
             _ = closing.wait_for(|closed| *closed) => Err(closed_while_connecting()),
         };
         let mut phase = self.phase();
@@ -1172,17 +1174,65 @@ async fn drive(
     hs: &mut Handshake,
     shared: &Shared,
     debug: &Option<DebugSink>,
+    tls: &TlsParams,
 ) -> Result<(Stream, Outcome)> {
     loop {
         match exchange(&mut stream, hs, shared, debug).await? {
             Outcome::StartTls => {
-                stream = crate::tls_upgrade(stream).await?;
+                if let Some(debug) = debug {
+                    debug("handshake", "server accepted NBD_OPT_STARTTLS; starting the TLS handshake");
+                }
+                stream = tls_upgrade(stream, tls).await?;
+                if let Some(debug) = debug {
+                    debug("handshake", "TLS handshake done");
+                }
                 hs.tls_done();
             }
             Outcome::Failed(e) => return Err(e),
             other => return Ok((stream, other)),
         }
     }
+}
+
+/// What the TLS handshake needs: the settings and the host connected to (for checking the
+/// server's certificate).
+#[derive(Clone)]
+struct TlsParams {
+    settings: crate::tls::TlsSettings,
+    host: Option<String>,
+}
+
+impl TlsParams {
+    fn new(config: &Config, target: Option<&UriTransport>) -> TlsParams {
+        TlsParams {
+            settings: crate::tls::TlsSettings {
+                mode: config.tls,
+                certificates: config.tls_certificates.clone().map(Into::into),
+                verify_peer: config.tls_verify_peer,
+                username: config.tls_username.clone(),
+                psk_file: config.tls_psk_file.clone().map(Into::into),
+                hostname: config.tls_hostname.clone(),
+            },
+            host: match target {
+                Some(UriTransport::Tcp { host, .. }) => Some(host.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Runs the TLS handshake over `stream` (after the server accepted STARTTLS); the
+/// connection goes on over TLS.
+async fn tls_upgrade(stream: Stream, tls: &TlsParams) -> Result<Stream> {
+    let params = tls.clone();
+    // Reading keys and certificates is file IO: keep it off the runtime's threads.
+    let connector = tokio::task::spawn_blocking(move || {
+        crate::tls::TlsConnector::new(&params.settings, params.host.as_deref())
+    })
+    .await
+    .map_err(|e| Error::io(Errno::EIO, format!("preparing TLS: {e}")))??;
+    let tls_stream = connector.connect(stream).await?;
+    Ok(Stream::Layered(Box::new(tls_stream)))
 }
 
 /// Sends what the machine has to send and feeds it what the server says, until the

@@ -49,14 +49,6 @@ pub use nbd_proto::{Errno, Error, Fault, Result};
 pub use subprocess::{spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child};
 pub use vsock::connect_vsock;
 
-/// Starts TLS on `stream` after the server accepted `NBD_OPT_STARTTLS`.
-pub(crate) async fn tls_upgrade(_stream: transport::Stream) -> Result<transport::Stream> {
-    Err(Error::usage(
-        Errno::ENOTSUP,
-        "this build of nbd-client has no TLS support",
-    ))
-}
-
 /// Connects to a vsock address.
 pub(crate) async fn vsock_connect(cid: u32, port: u32) -> Result<std::os::fd::OwnedFd> {
     vsock::connect_vsock(cid, port).await
@@ -64,5 +56,5 @@ pub(crate) async fn vsock_connect(cid: u32, port: u32) -> Result<std::os::fd::Ow
 
 /// Whether this build speaks TLS (`nbd_supports_tls`).
 pub fn supports_tls() -> bool {
-    false
+    tls::supports_tls()
 }
