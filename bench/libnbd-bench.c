@@ -205,10 +205,12 @@ main (int argc, char *argv[])
     { "seconds", required_argument, NULL, 't' },
     { "size",    required_argument, NULL, 's' },
     { "warmup",  required_argument, NULL, 'w' },
+    { "psk-file", required_argument, NULL, 'P' },
+    { "psk-user", required_argument, NULL, 'u' },
     { "help",    no_argument,       NULL, 'h' },
     { NULL, 0, NULL, 0 }
   };
-  const char *socket_path = NULL, *op = NULL;
+  const char *socket_path = NULL, *op = NULL, *psk_file = NULL, *psk_user = NULL;
   uint64_t ops = 0, size = 0, warmup = 300, depth_arg = 0;
   double seconds = 0;
   int64_t export_size;
@@ -218,6 +220,8 @@ main (int argc, char *argv[])
   while ((c = getopt_long (argc, argv, "", long_options, NULL)) != -1) {
     switch (c) {
     case 'U': socket_path = optarg; break;
+    case 'P': psk_file = optarg; break;
+    case 'u': psk_user = optarg; break;
     case 'o': op = optarg; break;
     case 'b': block_size = parse_u64 ("--bs", optarg); break;
     case 'd': depth_arg = parse_u64 ("--depth", optarg); break;
@@ -257,6 +261,12 @@ main (int argc, char *argv[])
   nbd = nbd_create ();
   if (nbd == NULL)
     die_nbd ("nbd_create");
+  if (psk_file != NULL) {
+    if (nbd_set_tls (nbd, LIBNBD_TLS_REQUIRE) == -1 ||
+        nbd_set_tls_psk_file (nbd, psk_file) == -1 ||
+        (psk_user != NULL && nbd_set_tls_username (nbd, psk_user) == -1))
+      die_nbd ("nbd_set_tls");
+  }
   if (nbd_connect_unix (nbd, socket_path) == -1)
     die_nbd ("nbd_connect_unix");
   export_size = nbd_get_size (nbd);

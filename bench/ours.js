@@ -36,7 +36,7 @@ function parseSize(name, s) {
 }
 
 function parseArgs(argv) {
-  const o = { socket: null, op: null, bs: 0, depth: 0, ops: 0, seconds: 0, size: 0, warmup: 300, into: false };
+  const o = { socket: null, op: null, bs: 0, depth: 0, ops: 0, seconds: 0, size: 0, warmup: 300, into: false, pskFile: null, pskUser: null };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const eq = a.indexOf('=');
@@ -61,6 +61,8 @@ function parseArgs(argv) {
         break;
       }
       case '--into': o.into = true; break;
+      case '--psk-file': o.pskFile = value(); break;
+      case '--psk-user': o.pskUser = value(); break;
       case '--help':
         process.stdout.write(
           'usage: node bench/ours.js --socket PATH --op pread|pwrite --bs BYTES --depth N\n' +
@@ -99,7 +101,9 @@ async function main() {
 
   // The default request window is 64; only widen it if the benchmark asks
   // for more, so that "depth" really is the number on the wire.
-  const h = o.depth > 64 ? new Handle({ maxInFlight: o.depth }) : new Handle();
+  const options = o.depth > 64 ? { maxInFlight: o.depth } : {};
+  if (o.pskFile) Object.assign(options, { tls: 'require', tlsPskFile: o.pskFile, ...(o.pskUser ? { tlsUsername: o.pskUser } : {}) });
+  const h = new Handle(options);
   try {
     await h.connectUnix(o.socket);
 

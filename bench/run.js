@@ -33,6 +33,8 @@ const ROWS = [
   { name: 'pread-4k-qd64', label: 'pread 4 KiB QD64', op: 'pread', bs: 4 * KiB, depth: 64, ops: 120000 },
   { name: 'pread-256k-qd16', label: 'pread 256 KiB QD16', op: 'pread', bs: 256 * KiB, depth: 16, ops: 15000 },
   { name: 'pwrite-256k-qd16', label: 'pwrite 256 KiB QD16', op: 'pwrite', bs: 256 * KiB, depth: 16, ops: 20000 },
+  // TLS 1.3 with a pre-shared key, against a second nbdkit (--tls=require --tls-psk).
+  { name: 'tls-pread-256k-qd16', label: 'TLS (PSK) pread 256 KiB QD16', op: 'pread', bs: 256 * KiB, depth: 16, ops: 8000, tls: true },
   {
     name: 'pread-4k-qd64-into',
     label: 'pread 4 KiB QD64 (preadInto)',
@@ -154,15 +156,17 @@ function sleep(ms) {
 
 // Start nbdkit in the foreground as our child. It writes the pid file only
 // once it accepts connections, which is what we wait for.
-async function startNbdkit(tmp) {
+async function startNbdkit(tmp, pskFile = null) {
   if (!which('nbdkit')) throw new BenchError('nbdkit not found on PATH (install nbdkit)');
-  const sock = path.join(tmp, 'nbd.sock');
-  const pidFile = path.join(tmp, 'nbdkit.pid');
-  const logFile = path.join(tmp, 'nbdkit.log');
+  const tag = pskFile ? 'tls' : 'nbd';
+  const sock = path.join(tmp, `${tag}.sock`);
+  const pidFile = path.join(tmp, `${tag}kit.pid`);
+  const logFile = path.join(tmp, `${tag}kit.log`);
   const logFd = fs.openSync(logFile, 'w');
+  const tlsArgs = pskFile ? ['--tls=require', `--tls-psk=${pskFile}`] : [];
   const child = spawn(
     'nbdkit',
-    ['--foreground', '--exit-with-parent', '--pidfile', pidFile, '--unix', sock, 'memory', String(EXPORT_SIZE)],
+    ['--foreground', '--exit-with-parent', '--pidfile', pidFile, '--unix', sock, ...tlsArgs, 'memory', String(EXPORT_SIZE)],
     { stdio: ['ignore', logFd, logFd] },
   );
   fs.closeSync(logFd);
@@ -225,7 +229,8 @@ async function stopNbdkitAndWait(server) {
 // One benchmark process; returns its parsed JSON line.
 function runOnce(side, row, sock, ops, server) {
   const common = ['--socket', sock, '--op', row.op, '--bs', String(row.bs), '--depth', String(row.depth),
-    '--ops', String(ops), '--size', String(EXPORT_SIZE), '--warmup', String(WARMUP)];
+    '--ops', String(ops), '--size', String(EXPORT_SIZE), '--warmup', String(WARMUP),
+    ...(server.pskFile ? ['--psk-file', server.pskFile, '--psk-user', 'bench'] : [])];
   let cmd;
   let args;
   if (side === 'ours') {
@@ -299,8 +304,10 @@ async function main() {
 
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-bench-'));
   let server = null;
+  let tlsServer = null;
   const cleanup = () => {
     stopNbdkit(server);
+    stopNbdkit(tlsServer);
     try {
       fs.rmSync(tmp, { recursive: true, force: true });
     } catch {
@@ -329,13 +336,28 @@ async function main() {
       throw new BenchError(`prefill failed: ${fill.error ? fill.error.message : (fill.stderr || '').trim()}${logTail(server)}`);
     }
 
+    if (opts.rowList.some((r) => r.tls)) {
+      const pskFile = path.join(tmp, 'bench.psk');
+      fs.writeFileSync(pskFile, `bench:${require('node:crypto').randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
+      tlsServer = await startNbdkit(tmp, pskFile);
+      tlsServer.pskFile = pskFile;
+      process.stderr.write('prefilling the TLS export ...\n');
+      const tfill = spawnSync(C_BINARY, ['--socket', tlsServer.sock, '--psk-file', pskFile, '--psk-user', 'bench',
+        '--op', 'pwrite', '--bs', String(fillBs), '--depth', '16', '--ops', String(EXPORT_SIZE / fillBs), '--warmup', '0'],
+      { encoding: 'utf8', timeout: 300000 });
+      if (tfill.error || tfill.status !== 0) {
+        throw new BenchError(`TLS prefill failed: ${tfill.error ? tfill.error.message : (tfill.stderr || '').trim()}${logTail(tlsServer)}`);
+      }
+    }
+
     const results = [];
     for (const row of opts.rowList) {
+      const target = row.tls ? tlsServer : server;
       const ops = opts.quick ? Math.max(1000, Math.round(row.ops / QUICK_DIVISOR)) : row.ops;
       const runs = { ours: [], libnbd: [] };
       for (let i = 0; i < opts.runs; i++) {
         for (const side of sides) {
-          const r = runOnce(side, row, server.sock, ops, server);
+          const r = runOnce(side, row, target.sock, ops, target);
           runs[side].push(r);
           if (opts.verbose) {
             process.stderr.write(`  ${row.name} ${side.padEnd(6)} run ${i + 1}/${opts.runs}: ` +
@@ -376,6 +398,7 @@ async function main() {
     }
   } finally {
     await stopNbdkitAndWait(server);
+    await stopNbdkitAndWait(tlsServer);
     cleanup();
   }
 }
