@@ -160,9 +160,27 @@ function checkCount(op: string, v: unknown): number {
 }
 
 function checkBuffer(op: string, v: unknown): Buffer {
-  if (Buffer.isBuffer(v)) return v
-  if (v instanceof Uint8Array) return Buffer.from(v.buffer, v.byteOffset, v.byteLength)
-  throw invalid(op, `buffer must be a Uint8Array or Buffer, got ${describe(v)}`)
+  if (!(v instanceof Uint8Array)) {
+    throw invalid(op, `buffer must be a Uint8Array or Buffer, got ${describe(v)}`)
+  }
+  // A detached buffer reads as empty; say what happened instead of sending an empty request.
+  if (v.byteLength === 0 && isDetached(v.buffer)) {
+    throw invalid(op, 'buffer is detached (its ArrayBuffer was transferred)')
+  }
+  return Buffer.isBuffer(v) ? v : Buffer.from(v.buffer, v.byteOffset, v.byteLength)
+}
+
+/** Whether `ab` is a detached ArrayBuffer (`ab.detached` where the runtime has it). */
+function isDetached(ab: ArrayBufferLike): boolean {
+  if (typeof SharedArrayBuffer === 'function' && ab instanceof SharedArrayBuffer) return false
+  const detached = (ab as { detached?: unknown }).detached
+  if (typeof detached === 'boolean') return detached
+  try {
+    new Uint8Array(ab, 0, 0)
+    return false
+  } catch {
+    return true
+  }
 }
 
 function checkBoolean(op: string, name: string, v: unknown): boolean {
@@ -492,9 +510,16 @@ export class Handle {
   }
 
   /**
-   * Reads `buf.length` bytes at `offset` into `buf` (`nbd_pread`, without a copy). Do not
-   * touch `buf` until the promise settles; if the call is aborted or the handle closed
-   * first, `buf` is not written after the promise rejects.
+   * Reads `buf.length` bytes at `offset` into `buf` (`nbd_pread`). Do not touch `buf` until
+   * the promise settles. The data is copied into `buf` on the JavaScript thread as the
+   * promise resolves; if the call is aborted or the handle closed first, the promise rejects
+   * and `buf` is not written after that moment. With `preadInitialize` (the default) `buf`
+   * is zeroed when the call starts, so a failed read leaves zeros.
+   *
+   * `buf` may be any Uint8Array, also a view into a SharedArrayBuffer (other threads then
+   * see the data appear when the promise resolves) or a slice at any byte offset. A buffer
+   * whose ArrayBuffer is detached (transferred) is refused with `EINVAL`; one detached while
+   * the read is in flight is left alone and the call rejects with `EFAULT`.
    */
   async preadInto(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions): Promise<void> {
     const op = 'preadInto'
@@ -504,7 +529,11 @@ export class Handle {
     return startCommand<void>(op, signal, (id, cancel) => this.#native.preadInto(id, b, o, flags, cancel))
   }
 
-  /** Writes `buf` at `offset` (`nbd_pwrite`). Do not modify `buf` until the promise settles. */
+  /**
+   * Writes `buf` at `offset` (`nbd_pwrite`). The bytes are copied when the call starts, so
+   * `buf` may be reused, or even detached, at once. `buf` may be any Uint8Array, also a view
+   * into a SharedArrayBuffer; a detached one is refused with `EINVAL`.
+   */
   async pwrite(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions & { fua?: boolean }): Promise<void> {
     const op = 'pwrite'
     const b = checkBuffer(op, buf)
