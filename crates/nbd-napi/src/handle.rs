@@ -313,7 +313,15 @@ impl NativeHandle {
         if !(ms >= 0.0 && ms.is_finite()) {
             return Err(invalid(format!("connectTimeout {ms} is not a non-negative number")));
         }
-        let limit = (ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+        let limit = match ms {
+            0.0 => None,
+            _ => Some(Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| {
+                to_js(nbd_client::Error::usage(
+                    Errno::ERANGE,
+                    format!("connectTimeout {ms} ms is too large"),
+                ))
+            })?),
+        };
         self.handle.configure(|c| c.connect_timeout = limit).map_err(to_js)
     }
 
