@@ -417,13 +417,22 @@ export class Handle {
     }
   }
 
-  /** Runs an async native call, turning its errors into `NbdError`s. */
-  async #async<T>(op: string, f: () => Promise<T>): Promise<T> {
+  /**
+   * Runs an async native call, turning its errors into `NbdError`s. Not an `async` method:
+   * a suspended one would hold `this` until the native call settles, so a handle nobody
+   * references any more (one whose connect never finishes, say) could never be
+   * garbage-collected and would keep its socket open.
+   */
+  #async<T>(op: string, f: () => Promise<T>): Promise<T> {
+    let p: Promise<T>
     try {
-      return await f()
+      p = f()
     } catch (e) {
-      throw toNbdError(e, op)
+      return Promise.reject(toNbdError(e, op))
     }
+    return p.then(undefined, (e: unknown) => {
+      throw toNbdError(e, op)
+    })
   }
 
   /** Runs a synchronous native call, turning its errors into `NbdError`s. */

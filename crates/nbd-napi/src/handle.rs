@@ -163,6 +163,15 @@ pub struct NativeHandle {
     closed: Arc<AtomicBool>,
 }
 
+/// A handle that is garbage-collected (or whose worker ends) without `close()` still lets go
+/// of its socket, also while a connect is still waiting for the server.
+impl Drop for NativeHandle {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.handle.close_in_background();
+    }
+}
+
 fn error_text(e: &nbd_client::Error) -> String {
     format!("[{}:{}] {}", e.errno().name(), e.errno().number(), e.message())
 }
