@@ -643,8 +643,13 @@ export class Handle {
   getSize(opts?: { bigint?: boolean }): number | bigint
   getSize(opts?: { bigint?: boolean }): number | bigint {
     const op = 'getSize'
+    let bigint = false
+    if (opts !== undefined) {
+      if (opts === null || typeof opts !== 'object') throw invalid(op, `options must be an object, got ${describe(opts)}`)
+      if (opts.bigint !== undefined) bigint = checkBoolean(op, 'bigint', opts.bigint)
+    }
     const size = this.#sync(op, () => this.#native.getSize())
-    if (opts?.bigint === true) return size
+    if (bigint) return size
     if (size > BigInt(Number.MAX_SAFE_INTEGER)) {
       throw invalid(op, `size ${size} is beyond Number.MAX_SAFE_INTEGER; use getSize({ bigint: true })`, 'ERANGE')
     }
