@@ -318,6 +318,37 @@ function nextId(): number {
   return lastId
 }
 
+/** The commands waiting on each signal, and the one 'abort' listener they share. */
+const abortWatchers = new WeakMap<AbortSignal, { watchers: Set<() => void>; listener: () => void }>()
+
+/**
+ * Calls `onAbort` when `signal` aborts, until the returned function is called. All the
+ * commands sharing a signal share one listener on it, so a signal passed to many commands
+ * at once does not trip Node's MaxListenersExceededWarning; the listener goes with the last
+ * of them, so a long-lived signal keeps nothing of ours once its commands are done.
+ */
+function watchAbort(signal: AbortSignal, onAbort: () => void): () => void {
+  let entry = abortWatchers.get(signal)
+  if (entry === undefined) {
+    const watchers = new Set<() => void>()
+    const listener = (): void => {
+      abortWatchers.delete(signal)
+      for (const f of watchers) f()
+      watchers.clear()
+    }
+    signal.addEventListener('abort', listener, { once: true })
+    entry = { watchers, listener }
+    abortWatchers.set(signal, entry)
+  }
+  const { watchers, listener } = entry
+  watchers.add(onAbort)
+  return () => {
+    if (!watchers.delete(onAbort) || watchers.size > 0) return
+    abortWatchers.delete(signal)
+    signal.removeEventListener('abort', listener)
+  }
+}
+
 /**
  * Starts a native command; the promise settles when it completes, or at once with an
  * `AbortError` when `signal` aborts (the native side stops writing to any buffer first).
@@ -349,19 +380,18 @@ function startCommand<T>(
         reject(toNbdError(e, operation))
         return
       }
-      const onAbort = (): void => {
+      const unwatch = watchAbort(signal, () => {
         cancel.cancel()
         pending.delete(id)
         reject(new AbortError(signal.reason))
-      }
-      signal.addEventListener('abort', onAbort, { once: true })
+      })
       pending.set(id, {
         resolve: (v) => {
-          signal.removeEventListener('abort', onAbort)
+          unwatch()
           resolve(v as T)
         },
         reject: (e) => {
-          signal.removeEventListener('abort', onAbort)
+          unwatch()
           reject(e)
         },
         operation,
