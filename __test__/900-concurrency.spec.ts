@@ -10,7 +10,7 @@ import test, { type ExecutionContext } from 'ava'
 import { Handle, NbdError } from 'nbd-client'
 import { countOpenFds, listOpenFds, rawServer, waitFor } from './helpers/fds'
 import { openHandle, seededBytes, KiB, MiB } from './helpers/nbd'
-import { makeTempDir, sleep, useNbdkit, type Server } from './helpers/servers'
+import { makeTempDir, sleep, startNbdkit, useNbdkit, type Server } from './helpers/servers'
 
 const WORKER = path.join(__dirname, 'helpers', 'worker.js')
 const ROOT = path.join(__dirname, '..')
@@ -122,10 +122,8 @@ function startWorker(data: Record<string, unknown>): { worker: Worker; message: 
   return { worker, message, exit }
 }
 
-async function memoryServer(t: ExecutionContext, size: number, delay?: string): Promise<Server | undefined> {
-  return delay
-    ? useNbdkit(t, ['memory', String(size), `rdelay=${delay}`, `wdelay=${delay}`], { extraArgs: ['--filter=delay'] })
-    : useNbdkit(t, ['memory', String(size)])
+function memoryServer(t: ExecutionContext, size: number): Promise<Server | undefined> {
+  return useNbdkit(t, ['memory', String(size)])
 }
 
 test.serial('4 workers with 2 handles each read and write at once; every byte checks out', async (t) => {
@@ -151,28 +149,36 @@ test.serial('4 workers with 2 handles each read and write at once; every byte ch
 })
 
 test.serial('terminating a worker with thousands of commands in flight leaves the process healthy', async (t) => {
-  const server = await memoryServer(t, 16 * MiB, '200ms')
-  if (!server) return
-  await warmUp(server)
+  // The main thread's handle talks to a server of its own: nbdkit 1.32 can abort (assertion
+  // `sock >= 0' in raw_send_socket) when a client vanishes with replies pending, which is just
+  // what a terminated worker does, so each round floods a fresh server.
+  const mainServer = await memoryServer(t, 16 * MiB)
+  if (!mainServer) return
+  await warmUp(mainServer)
   // A handle of the main thread, open across the terminations.
-  const before = await openHandle(t, server)
+  const before = await openHandle(t, mainServer)
   const baselineList = listOpenFds().map(String)
   const baseline = baselineList.length
   for (let round = 0; round < 3; round++) {
-    const w = startWorker({ mode: 'flood', socket: server.socket, count: 5000 })
-    const flooded = await w.message
-    t.true((flooded.flooded ?? 0) > 4000, `round ${round}: ${JSON.stringify(flooded)}`)
-    await sleep(50)
-    await w.worker.terminate()
-    // The main thread's handle, the runtime under it, and new handles all still work.
-    const data = seededBytes(8 * KiB, round)
-    await before.pwrite(data, MiB)
-    t.deepEqual(await before.pread(data.length, MiB), data)
-    const fresh = new Handle()
-    await fresh.connectUnix(server.socket!)
-    await fresh.pwrite(data, 2 * MiB)
-    t.deepEqual(await fresh.pread(data.length, 2 * MiB), data)
-    await fresh.close()
+    const flooded = await startNbdkit(['memory', String(16 * MiB), 'rdelay=200ms', 'wdelay=200ms'], { extraArgs: ['--filter=delay'] })
+    try {
+      const w = startWorker({ mode: 'flood', socket: flooded.socket, count: 5000 })
+      const reply = await w.message
+      t.true((reply.flooded ?? 0) > 4000, `round ${round}: ${JSON.stringify(reply)}`)
+      await sleep(50)
+      await w.worker.terminate()
+      // The main thread's handle, the runtime under it, and new handles all still work.
+      const data = seededBytes(8 * KiB, round)
+      await before.pwrite(data, MiB)
+      t.deepEqual(await before.pread(data.length, MiB), data)
+      const fresh = new Handle()
+      await fresh.connectUnix(mainServer.socket!)
+      await fresh.pwrite(data, 2 * MiB)
+      t.deepEqual(await fresh.pread(data.length, 2 * MiB), data)
+      await fresh.close()
+    } finally {
+      await flooded.stop()
+    }
     t.true(await waitFor(() => countOpenFds() <= baseline, 5000), `round ${round}: left open: ${describeFds(baselineList)}`)
   }
   t.is(before.state, 'ready')
