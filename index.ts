@@ -188,9 +188,27 @@ function checkCount(op: string, v: unknown): number {
 }
 
 function checkBuffer(op: string, v: unknown): Buffer {
-  if (Buffer.isBuffer(v)) return v
-  if (v instanceof Uint8Array) return Buffer.from(v.buffer, v.byteOffset, v.byteLength)
-  throw invalid(op, `buffer must be a Uint8Array or Buffer, got ${describe(v)}`)
+  if (!(v instanceof Uint8Array)) {
+    throw invalid(op, `buffer must be a Uint8Array or Buffer, got ${describe(v)}`)
+  }
+  // A detached buffer reads as empty; say what happened instead of sending an empty request.
+  if (v.byteLength === 0 && isDetached(v.buffer)) {
+    throw invalid(op, 'buffer is detached (its ArrayBuffer was transferred)')
+  }
+  return Buffer.isBuffer(v) ? v : Buffer.from(v.buffer, v.byteOffset, v.byteLength)
+}
+
+/** Whether `ab` is a detached ArrayBuffer (`ab.detached` where the runtime has it). */
+function isDetached(ab: ArrayBufferLike): boolean {
+  if (typeof SharedArrayBuffer === 'function' && ab instanceof SharedArrayBuffer) return false
+  const detached = (ab as { detached?: unknown }).detached
+  if (typeof detached === 'boolean') return detached
+  try {
+    new Uint8Array(ab, 0, 0)
+    return false
+  } catch {
+    return true
+  }
 }
 
 function checkBoolean(op: string, name: string, v: unknown): boolean {
@@ -413,6 +431,37 @@ function nextId(): number {
   return lastId
 }
 
+/** The commands waiting on each signal, and the one 'abort' listener they share. */
+const abortWatchers = new WeakMap<AbortSignal, { watchers: Set<() => void>; listener: () => void }>()
+
+/**
+ * Calls `onAbort` when `signal` aborts, until the returned function is called. All the
+ * commands sharing a signal share one listener on it, so a signal passed to many commands
+ * at once does not trip Node's MaxListenersExceededWarning; the listener goes with the last
+ * of them, so a long-lived signal keeps nothing of ours once its commands are done.
+ */
+function watchAbort(signal: AbortSignal, onAbort: () => void): () => void {
+  let entry = abortWatchers.get(signal)
+  if (entry === undefined) {
+    const watchers = new Set<() => void>()
+    const listener = (): void => {
+      abortWatchers.delete(signal)
+      for (const f of watchers) f()
+      watchers.clear()
+    }
+    signal.addEventListener('abort', listener, { once: true })
+    entry = { watchers, listener }
+    abortWatchers.set(signal, entry)
+  }
+  const { watchers, listener } = entry
+  watchers.add(onAbort)
+  return () => {
+    if (!watchers.delete(onAbort) || watchers.size > 0) return
+    abortWatchers.delete(signal)
+    signal.removeEventListener('abort', listener)
+  }
+}
+
 /**
  * Starts a native command; the promise settles when it completes, or at once with an
  * `AbortError` when `signal` aborts (the native side stops writing to any buffer first).
@@ -452,19 +501,18 @@ function startCommand<T>(
         reject(toNbdError(e, operation))
         return
       }
-      const onAbort = (): void => {
+      const unwatch = watchAbort(signal, () => {
         cancel.cancel()
         pending.delete(id)
         reject(new AbortError(signal.reason))
-      }
-      signal.addEventListener('abort', onAbort, { once: true })
+      })
       pending.set(id, {
         resolve: (data, detail) => {
-          signal.removeEventListener('abort', onAbort)
+          unwatch()
           done(data, detail)
         },
         reject: (e) => {
-          signal.removeEventListener('abort', onAbort)
+          unwatch()
           reject(e)
         },
         operation,
@@ -536,13 +584,22 @@ export class Handle {
     }
   }
 
-  /** Runs an async native call, turning its errors into `NbdError`s. */
-  async #async<T>(op: string, f: () => Promise<T>): Promise<T> {
+  /**
+   * Runs an async native call, turning its errors into `NbdError`s. Not an `async` method:
+   * a suspended one would hold `this` until the native call settles, so a handle nobody
+   * references any more (one whose connect never finishes, say) could never be
+   * garbage-collected and would keep its socket open.
+   */
+  #async<T>(op: string, f: () => Promise<T>): Promise<T> {
+    let p: Promise<T>
     try {
-      return await f()
+      p = f()
     } catch (e) {
-      throw toNbdError(e, op)
+      return Promise.reject(toNbdError(e, op))
     }
+    return p.then(undefined, (e: unknown) => {
+      throw toNbdError(e, op)
+    })
   }
 
   /** Runs a synchronous native call, turning its errors into `NbdError`s. */
@@ -710,9 +767,16 @@ export class Handle {
   }
 
   /**
-   * Reads `buf.length` bytes at `offset` into `buf` (`nbd_pread`, without a copy). Do not
-   * touch `buf` until the promise settles; if the call is aborted or the handle closed
-   * first, `buf` is not written after the promise rejects.
+   * Reads `buf.length` bytes at `offset` into `buf` (`nbd_pread`). Do not touch `buf` until
+   * the promise settles. The data is copied into `buf` on the JavaScript thread as the
+   * promise resolves; if the call is aborted or the handle closed first, the promise rejects
+   * and `buf` is not written after that moment. With `preadInitialize` (the default) `buf`
+   * is zeroed when the call starts, so a failed read leaves zeros.
+   *
+   * `buf` may be any Uint8Array, also a view into a SharedArrayBuffer (other threads then
+   * see the data appear when the promise resolves) or a slice at any byte offset. A buffer
+   * whose ArrayBuffer is detached (transferred) is refused with `EINVAL`; one detached while
+   * the read is in flight is left alone and the call rejects with `EFAULT`.
    */
   async preadInto(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions): Promise<void> {
     const op = 'preadInto'
@@ -722,7 +786,11 @@ export class Handle {
     return startCommand<void>(op, signal, (id, cancel) => this.#native.preadInto(id, b, o, flags, cancel))
   }
 
-  /** Writes `buf` at `offset` (`nbd_pwrite`). Do not modify `buf` until the promise settles. */
+  /**
+   * Writes `buf` at `offset` (`nbd_pwrite`). The bytes are copied when the call starts, so
+   * `buf` may be reused, or even detached, at once. `buf` may be any Uint8Array, also a view
+   * into a SharedArrayBuffer; a detached one is refused with `EINVAL`.
+   */
   async pwrite(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions & { fua?: boolean }): Promise<void> {
     const op = 'pwrite'
     const b = checkBuffer(op, buf)
@@ -931,8 +999,13 @@ export class Handle {
   getSize(opts?: { bigint?: boolean }): number | bigint
   getSize(opts?: { bigint?: boolean }): number | bigint {
     const op = 'getSize'
+    let bigint = false
+    if (opts !== undefined) {
+      if (opts === null || typeof opts !== 'object') throw invalid(op, `options must be an object, got ${describe(opts)}`)
+      if (opts.bigint !== undefined) bigint = checkBoolean(op, 'bigint', opts.bigint)
+    }
     const size = this.#sync(op, () => this.#native.getSize())
-    if (opts?.bigint === true) return size
+    if (bigint) return size
     if (size > BigInt(Number.MAX_SAFE_INTEGER)) {
       throw invalid(op, `size ${size} is beyond Number.MAX_SAFE_INTEGER; use getSize({ bigint: true })`, 'ERANGE')
     }

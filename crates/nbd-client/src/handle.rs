@@ -1095,6 +1095,16 @@ impl Handle {
         Ok(())
     }
 
+    /// Closes the handle without waiting: as [`Handle::close`] (a connect in progress gives
+    /// up, pending commands fail, the socket is closed), but the driver's tasks are only told
+    /// to stop. For owners that cannot wait, such as a binding's finalizer.
+    pub fn close_in_background(&self) {
+        self.inner.closing.send_replace(true);
+        let old = std::mem::replace(&mut *self.phase(), Phase::Closed);
+        // Dropping the driver aborts its tasks; the socket closes with `old`.
+        drop(old);
+    }
+
     /// Closes the handle: fails every pending command, stops the driver and closes the
     /// socket. Idempotent.
     pub async fn close(&self) {

@@ -196,8 +196,26 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// Room for a path in `sockaddr_un` (`sun_path`), its terminating NUL included.
+const SUN_PATH_MAX: usize = 108;
+
 /// Connects to a Unix domain socket.
 pub(crate) async fn connect_unix(path: &str) -> Result<OwnedFd> {
+    // Refused here with the codes libnbd uses; the standard library would report both as
+    // errors without an errno.
+    if path.contains('\0') {
+        return Err(Error::usage(Errno::EINVAL, format!("socket path {path:?} contains a NUL byte")));
+    }
+    if path.len() >= SUN_PATH_MAX {
+        return Err(Error::usage(
+            Errno::ENAMETOOLONG,
+            format!(
+                "socket path is {} bytes, longer than a Unix socket address holds ({} at most)",
+                path.len(),
+                SUN_PATH_MAX - 1
+            ),
+        ));
+    }
     let stream = tokio::net::UnixStream::connect(path)
         .await
         .map_err(|e| io_error(&format!("connecting to {path}"), e))?;
@@ -209,6 +227,9 @@ pub(crate) async fn connect_unix(path: &str) -> Result<OwnedFd> {
 
 /// Connects over TCP, trying each address `host` resolves to.
 pub(crate) async fn connect_tcp(host: &str, port: &str) -> Result<OwnedFd> {
+    if host.contains('\0') {
+        return Err(Error::usage(Errno::EINVAL, format!("host {host:?} contains a NUL byte")));
+    }
     let port_num: u16 = match port.parse() {
         Ok(p) => p,
         Err(_) => service_port(port).ok_or_else(|| {

@@ -1,43 +1,82 @@
 //! `NativeHandle` and `NativeCancel`: the classes `index.ts` builds `Handle` on.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use napi::bindgen_prelude::*;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
 
 use nbd_client::consts::*;
-use std::sync::Arc;
 
-use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
-use nbd_client::{
-    CancelToken, ChunkStatus, CommandKind, DestBuf, Detail, Handle, Op, Reply, SourceBuf,
-};
+use nbd_client::{CancelToken, ChunkStatus, CommandKind, Detail, Errno, Handle, Op, Reply};
 
 use crate::{invalid, to_js};
 
-/// A JavaScript buffer lent to a command for its lifetime.
-struct Lent(Buffer);
+// ---- JavaScript buffers ----
+//
+// No command keeps a raw pointer into JavaScript memory past the call that started it.
+// JavaScript can detach a buffer's ArrayBuffer at any moment (`structuredClone(b, {
+// transfer })`, `postMessage`, `ArrayBuffer.prototype.transfer`): its memory then belongs to
+// another object and is freed with it, while a reference to the old view keeps nothing alive.
+// A driver thread writing a read's data there, or sending a write's data from there, would
+// corrupt or read freed memory. So a write's bytes are copied while `pwrite` runs, and a read
+// lands in memory the driver owns and is copied into the caller's buffer on the JavaScript
+// thread when it completes, after checking that the buffer is still attached and that the
+// command was neither aborted nor its handle closed meanwhile.
 
-// SAFETY: napi's Buffer keeps a reference to its JavaScript memory for as long as it lives
-// (released on the JavaScript thread even when dropped elsewhere); the API contract says
-// the caller does not touch the buffer until the command settles.
-unsafe impl DestBuf for Lent {
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.0.as_mut_ptr()
-    }
-    fn len(&self) -> usize {
-        self.0.len()
+/// The caller's buffer of a `preadInto`, waiting for its data.
+struct ReadTarget {
+    /// Holds a reference to the JavaScript object only: its data pointer is looked up again
+    /// when the data arrives, never taken from here.
+    buf: Buffer,
+    cancel: Option<CancelToken>,
+    closed: Arc<AtomicBool>,
+}
+
+impl ReadTarget {
+    /// On the JavaScript thread: copies `data` into the buffer, unless the command was
+    /// aborted (its promise has already rejected) or the handle closed (it rejects now).
+    fn deliver(self, env: &Env, data: &[u8]) -> std::result::Result<(), String> {
+        if self.cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+            return Ok(());
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(error_text(&closed_error()));
+        }
+        let env = env.raw();
+        // SAFETY: on the JavaScript thread of `env`, which created the reference; the
+        // pointer and length are fetched now and used before returning to JavaScript, so
+        // nothing can detach the buffer in between.
+        unsafe {
+            let value = Buffer::to_napi_value(env, self.buf).map_err(|e| e.reason.clone())?;
+            let mut ptr = std::ptr::null_mut();
+            let mut len = 0usize;
+            let status = napi::sys::napi_get_buffer_info(env, value, &mut ptr, &mut len);
+            if status != napi::sys::Status::napi_ok || len != data.len() || (len > 0 && ptr.is_null()) {
+                return Err(error_text(&nbd_client::Error::usage(
+                    Errno::EFAULT,
+                    format!(
+                        "the buffer was detached or resized while the read was in flight \
+                         ({} bytes read, the buffer now has {len}); the data was dropped",
+                        data.len()
+                    ),
+                )));
+            }
+            if len > 0 {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.cast::<u8>(), len);
+            }
+        }
+        Ok(())
     }
 }
 
-// SAFETY: as for DestBuf.
-unsafe impl SourceBuf for Lent {
-    fn as_ptr(&self) -> *const u8 {
-        self.0.as_ptr()
-    }
-    fn len(&self) -> usize {
-        self.0.len()
-    }
+fn closed_error() -> nbd_client::Error {
+    nbd_client::Error::io(
+        Errno::ENOTCONN,
+        "the handle was closed before the command finished",
+    )
 }
 
 /// An offset: a number (a safe integer, checked by index.ts) or a bigint.
@@ -116,9 +155,14 @@ pub struct NativeStats {
     pub chunks_received: BigInt,
 }
 
-/// A finished command: its id and outcome (`[CODE:errno] message` on failure): data for
-/// reads, and block status extents or read chunks as JSON.
-type Done = (u32, std::result::Result<(Option<Vec<u8>>, Option<String>), String>);
+/// A finished command: its id, its outcome (`[CODE:errno] message` on failure) with the data
+/// of reads and block status extents or read chunks as JSON, and for a `preadInto` the
+/// caller's buffer the data goes to.
+type Done = (
+    u32,
+    std::result::Result<(Option<Vec<u8>>, Option<String>), String>,
+    Option<ReadTarget>,
+);
 
 /// The arguments of the completion callback: id, error, data, detail.
 type DoneArgs = FnArgs<(u32, Option<String>, Option<Buffer>, Option<String>)>;
@@ -197,6 +241,18 @@ fn json_string(s: &str) -> String {
 pub struct NativeHandle {
     handle: Handle,
     completions: Arc<Completions>,
+    /// Set (on the JavaScript thread) by `close()`: reads that complete later leave their
+    /// buffers alone.
+    closed: Arc<AtomicBool>,
+}
+
+/// A handle that is garbage-collected (or whose worker ends) without `close()` still lets go
+/// of its socket, also while a connect is still waiting for the server.
+impl Drop for NativeHandle {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.handle.close_in_background();
+    }
 }
 
 fn error_text(e: &nbd_client::Error) -> String {
@@ -224,20 +280,33 @@ impl NativeHandle {
             .callee_handled::<false>()
             .weak::<true>()
             .build_callback(|ctx| {
-                let (id, outcome) = ctx.value;
-                Ok(FnArgs::from(match outcome {
-                    Ok((data, detail)) => (id, None, data.map(Buffer::from), detail),
-                    Err(message) => (id, Some(message), None, None),
+                let (id, outcome, target) = ctx.value;
+                Ok(FnArgs::from(match (outcome, target) {
+                    (Ok((data, _)), Some(target)) => {
+                        let data = data.unwrap_or_default();
+                        match target.deliver(&ctx.env, &data) {
+                            Ok(()) => (id, None, None, None),
+                            Err(message) => (id, Some(message), None, None),
+                        }
+                    }
+                    (Ok((data, detail)), None) => (id, None, data.map(Buffer::from), detail),
+                    (Err(message), _) => (id, Some(message), None, None),
                 }))
             })?;
         Ok(NativeHandle {
             handle: Handle::default(),
             completions: Arc::new(completions),
+            closed: Arc::default(),
         })
     }
 
-    /// The callback that reports command `id` through the completion channel.
-    fn done(&self, id: u32) -> impl FnOnce(nbd_client::Result<Reply>) + Send + 'static {
+    /// The callback that reports command `id` through the completion channel (with the
+    /// buffer a `preadInto` copies its data to).
+    fn done(
+        &self,
+        id: u32,
+        target: Option<ReadTarget>,
+    ) -> impl FnOnce(nbd_client::Result<Reply>) + Send + 'static {
         let completions = self.completions.clone();
         move |outcome| {
             let outcome = outcome
@@ -246,7 +315,7 @@ impl NativeHandle {
                     (r.data, detail)
                 })
                 .map_err(|e| error_text(&e));
-            completions.call((id, outcome), ThreadsafeFunctionCallMode::NonBlocking);
+            completions.call((id, outcome, target), ThreadsafeFunctionCallMode::NonBlocking);
         }
     }
 
@@ -521,7 +590,15 @@ impl NativeHandle {
         if !(ms >= 0.0 && ms.is_finite()) {
             return Err(invalid(format!("connectTimeout {ms} is not a non-negative number")));
         }
-        let limit = (ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+        let limit = match ms {
+            0.0 => None,
+            _ => Some(Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| {
+                to_js(nbd_client::Error::usage(
+                    Errno::ERANGE,
+                    format!("connectTimeout {ms} ms is too large"),
+                ))
+            })?),
+        };
         self.handle.configure(|c| c.connect_timeout = limit).map_err(to_js)
     }
 
@@ -640,33 +717,54 @@ impl NativeHandle {
         cancel: Option<&NativeCancel>,
     ) -> Result<()> {
         let op = Op::Read { count: count(count_)?, offset: offset(offset_)?, flags };
-        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
+        self.handle.submit(op, token(cancel), self.done(id, None)).map_err(to_js)
     }
 
+    /// Reads `buf.length` bytes; they are copied into `buf` on completion (see
+    /// [`ReadTarget`]). With `preadInitialize` on, `buf` is zeroed now, so a failed read
+    /// leaves zeros rather than stale bytes.
     #[napi]
     pub fn pread_into(
         &self,
         id: u32,
-        buf: Buffer,
+        mut buf: Buffer,
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
     ) -> Result<()> {
-        let op = Op::ReadInto { dest: Box::new(Lent(buf)), offset: offset(offset_)?, flags };
-        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
+        let op = Op::Read { count: buf.len() as u64, offset: offset(offset_)?, flags };
+        let zero = self.handle.config().pread_initialize;
+        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+        let target = ReadTarget {
+            buf,
+            cancel: token(cancel),
+            closed: self.closed.clone(),
+        };
+        self.handle
+            .submit(op, token(cancel), self.done(id, Some(target)))
+            .map_err(to_js)?;
+        if zero && len > 0 {
+            // SAFETY: still inside the call, on the JavaScript thread, so the buffer is
+            // attached and `ptr` is its memory (the completion that copies into it runs on
+            // this thread too, later).
+            unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        }
+        Ok(())
     }
 
+    /// Writes a copy of `buf`, taken now (see [`ReadTarget`] for why).
     #[napi]
     pub fn pwrite(
         &self,
         id: u32,
-        buf: Buffer,
+        buf: BufferSlice,
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
     ) -> Result<()> {
-        let op = Op::Write { src: Box::new(Lent(buf)), offset: offset(offset_)?, flags };
-        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
+        let src = Box::new(buf.to_vec());
+        let op = Op::Write { src, offset: offset(offset_)?, flags };
+        self.handle.submit(op, token(cancel), self.done(id, None)).map_err(to_js)
     }
 
     #[napi]
@@ -679,7 +777,7 @@ impl NativeHandle {
         cancel: Option<&NativeCancel>,
     ) -> Result<()> {
         let op = Op::ReadStructured { count: count(count_)?, offset: offset(offset_)?, flags };
-        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
+        self.handle.submit(op, token(cancel), self.done(id, None)).map_err(to_js)
     }
 
     /// Block status for every negotiated context, or only `contexts`.
@@ -699,7 +797,7 @@ impl NativeHandle {
             flags,
             contexts,
         };
-        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
+        self.handle.submit(op, token(cancel), self.done(id, None)).map_err(to_js)
     }
 
     /// Flush, trim, cache or zero (`kind`), by their libnbd names.
@@ -721,7 +819,7 @@ impl NativeHandle {
             other => return Err(invalid(format!("unknown command {other:?}"))),
         };
         let op = Op::Other { kind, count: count(count_)?, offset: offset(offset_)?, flags };
-        self.handle.submit(op, token(cancel), self.done(id)).map_err(to_js)
+        self.handle.submit(op, token(cancel), self.done(id, None)).map_err(to_js)
     }
 
     // ---- option negotiation ----
@@ -802,6 +900,7 @@ impl NativeHandle {
 
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        self.closed.store(true, Ordering::SeqCst);
         let h = self.handle.clone();
         env.spawn_future(async move {
             h.close().await;
