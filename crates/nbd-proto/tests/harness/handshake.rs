@@ -55,6 +55,10 @@ impl Case {
             request_block_size: b & 2 != 0,
             full_info: b & 4 != 0,
             handshake_flags,
+            // The option-order checks below model the handshake before extended headers,
+            // meta contexts and option mode; those paths have byte fixtures (options.rs).
+            request_extended_headers: false,
+            ..HandshakeConfig::default()
         }
     }
 

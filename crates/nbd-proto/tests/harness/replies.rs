@@ -102,7 +102,9 @@ impl Case {
             protocol: Protocol::FixedNewstyle,
             structured_replies: self.structured() || self.extended(),
             extended_headers: self.extended(),
+            tls: false,
             export: ExportInfo::default(),
+            meta_contexts: Vec::new(),
         }
     }
 }
@@ -328,6 +330,7 @@ fn run(case: &Case, sizes: &[usize]) -> Result<Vec<Seen>, String> {
                         cookie,
                         user,
                         result,
+                        ..
                     }) => {
                         if live.remove(&cookie).is_none() {
                             return Err(format!("Done for cookie {cookie}, not in flight"));
@@ -486,6 +489,9 @@ struct Oracle {
     pending_done: Option<u64>,
     /// Commands an error was received for.
     errored: HashSet<u64>,
+    /// Bytes of data and holes received per read: a read the server ends without
+    /// covering exactly must fail too (EIO), as libnbd checks.
+    covered: HashMap<u64, u64>,
 }
 
 impl Oracle {
@@ -498,7 +504,7 @@ impl Oracle {
         if let Some(c) = self.pending_done.take() {
             return match *step {
                 Step::Done { cookie, failed } if cookie == c && bytes.is_empty() => {
-                    self.result(cookie, failed)
+                    self.result(cookie, failed, live)
                 }
                 _ => Err(format!(
                     "expected the Done of {c} after its final chunk, got {step:?} consuming {} bytes",
@@ -524,6 +530,8 @@ impl Oracle {
                 if h.cookie != cookie {
                     return wrong("cookie differs");
                 }
+                let c = self.covered.entry(cookie).or_insert(0);
+                *c = c.saturating_add(len as u64);
                 if h.simple {
                     let want = live.get(&cookie).map_or(0, |c| c.length) as usize;
                     if h.error != 0 || !payload.is_empty() || buf_offset != 0 || len != want {
@@ -551,6 +559,8 @@ impl Oracle {
                 buf_offset,
                 len,
             } => {
+                let c = self.covered.entry(cookie).or_insert(0);
+                *c = c.saturating_add(len as u64);
                 if h.cookie != cookie
                     || h.simple
                     || h.kind != REPLY_TYPE_OFFSET_HOLE
@@ -593,7 +603,7 @@ impl Oracle {
                         return wrong("chunk type is neither NONE nor an error");
                     }
                 }
-                self.result(cookie, failed)
+                self.result(cookie, failed, live)
             }
             Step::Nothing => {
                 if h.simple
@@ -609,8 +619,12 @@ impl Oracle {
         }
     }
 
-    fn result(&mut self, cookie: u64, failed: bool) -> Result<(), String> {
-        let errored = self.errored.remove(&cookie);
+    fn result(&mut self, cookie: u64, failed: bool, live: &HashMap<u64, Command>) -> Result<(), String> {
+        let covered = self.covered.remove(&cookie).unwrap_or(0);
+        let short = live
+            .get(&cookie)
+            .is_some_and(|c| c.kind == CommandKind::Read && covered != c.length);
+        let errored = self.errored.remove(&cookie) || short;
         if errored != failed {
             return Err(format!(
                 "Done of {cookie} {} although {}",
