@@ -420,6 +420,10 @@ function onComplete(id: number, error: string | null, data: Buffer | null, detai
   else settle.reject(toNbdError(new Error(error), settle.operation))
 }
 
+function startedAlready(): void {
+  throw new Error('a command is started once')
+}
+
 /** The default result of a command: its data (reads) or nothing. */
 function dataOf(data: Buffer | null): unknown {
   return data ?? undefined
@@ -474,6 +478,14 @@ function startCommand<T>(
 ): Promise<T> {
   return new Promise<T>((resolve, reject) => {
     const id = nextId()
+    // The closures kept in `pending` share this function's scope: drop `start` (which holds
+    // the handle) once it has run, so a pending command does not keep a forgotten handle
+    // from being garbage-collected (and closed).
+    const run = (cancel: Binding.NativeCancel | undefined): void => {
+      const s = start
+      start = startedAlready
+      s(id, cancel)
+    }
     const done = (data: Buffer | null, detail: string | null): void => {
       try {
         resolve(result(data, detail) as T)
@@ -483,7 +495,7 @@ function startCommand<T>(
     }
     if (signal === undefined) {
       try {
-        start(id, undefined)
+        run(undefined)
       } catch (e) {
         reject(toNbdError(e, operation))
         return
@@ -496,7 +508,7 @@ function startCommand<T>(
       }
       const cancel = new native.NativeCancel()
       try {
-        start(id, cancel)
+        run(cancel)
       } catch (e) {
         reject(toNbdError(e, operation))
         return
@@ -752,13 +764,20 @@ export class Handle {
     const c = checkCount(op, count)
     const o = checkOffset(op, offset)
     const { flags, signal } = checkOptions(op, opts, ['df'])
+    // Decided now: the result must not refer to the handle (see startCommand).
+    let structured = false
+    try {
+      structured = this.#native.getStructuredRepliesNegotiated()
+    } catch {
+      // not connected: the command itself reports that
+    }
     return startCommand(
       op,
       signal,
       (id, cancel) => this.#native.preadStructured(id, c, o, flags, cancel),
       (data, detail) => {
         const buf = data ?? Buffer.alloc(0)
-        const chunks = this.getStructuredRepliesNegotiated() || c === 0
+        const chunks = structured || c === 0
           ? parseChunks(detail)
           : [{ offset: Number(o), length: c, status: 'data' as const }]
         return { data: buf, chunks }
