@@ -110,11 +110,8 @@ enum Phase {
         socket: OwnedFd,
         negotiation: Box<Negotiation>,
     },
-    /// Option mode, an option request in progress.
-    OptBusy {
-        #[allow(dead_code)]
-        socket: OwnedFd,
-    },
+    /// Option mode, an option request in progress (its future holds the socket).
+    OptBusy,
     Connected {
         socket: OwnedFd,
         driver: Driver,
@@ -306,7 +303,7 @@ impl Handle {
     pub fn state(&self) -> State {
         match &*self.phase() {
             Phase::Created => State::Created,
-            Phase::Connecting | Phase::OptBusy { .. } => State::Connecting,
+            Phase::Connecting | Phase::OptBusy => State::Connecting,
             Phase::Negotiating { .. } => State::Negotiating,
             Phase::Ended { .. } => State::Closed,
             Phase::Connected {
@@ -433,7 +430,7 @@ impl Handle {
                     .await
             }
             UriTransport::Vsock { cid, port } => {
-                self.finish_connect(async move { crate::vsock_connect(cid, port).await })
+                self.finish_connect(async move { crate::vsock::connect_vsock(cid, port).await })
                     .await
             }
         }
@@ -529,7 +526,7 @@ impl Handle {
     pub async fn connect_vsock(&self, cid: u32, port: u32) -> Result<()> {
         self.begin_connect(|| Ok(()))?;
         self.set_target(UriTransport::Vsock { cid, port });
-        self.finish_connect(async move { crate::vsock_connect(cid, port).await })
+        self.finish_connect(async move { crate::vsock::connect_vsock(cid, port).await })
             .await
     }
 
@@ -687,17 +684,8 @@ impl Handle {
             let mut phase = self.phase();
             match std::mem::replace(&mut *phase, Phase::Connecting) {
                 Phase::Negotiating { socket, negotiation } => {
-                    let fd = socket.try_clone().map_err(|e| io_error("duplicating the socket", e));
-                    match fd {
-                        Ok(fd) => {
-                            *phase = Phase::OptBusy { socket: fd };
-                            (socket, negotiation)
-                        }
-                        Err(e) => {
-                            *phase = Phase::Negotiating { socket, negotiation };
-                            return Err(e);
-                        }
-                    }
+                    *phase = Phase::OptBusy;
+                    (socket, negotiation)
                 }
                 other => {
                     *phase = other;
@@ -721,7 +709,7 @@ impl Handle {
             _ = closing.wait_for(|closed| *closed) => Err(closed_while_connecting()),
         };
         let mut phase = self.phase();
-        if !matches!(*phase, Phase::OptBusy { .. }) {
+        if !matches!(*phase, Phase::OptBusy) {
             return Err(closed_while_connecting());
         }
         match result {
@@ -1245,6 +1233,15 @@ async fn tls_upgrade(stream: Stream, tls: &TlsParams) -> Result<Stream> {
     Ok(Stream::Layered(Box::new(tls_stream)))
 }
 
+/// Hands the machine's debug messages to the sink (they are only gathered with debug on).
+fn forward_debug(hs: &mut Handshake, debug: &Option<DebugSink>) {
+    if let Some(debug) = debug {
+        for message in hs.take_debug() {
+            debug("handshake", &message);
+        }
+    }
+}
+
 /// Sends what the machine has to send and feeds it what the server says, until the
 /// machine has an outcome.
 async fn exchange(
@@ -1255,11 +1252,7 @@ async fn exchange(
 ) -> Result<Outcome> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        if let Some(debug) = debug {
-            for message in hs.take_debug() {
-                debug("handshake", &message);
-            }
-        }
+        forward_debug(hs, debug);
         let out = hs.poll_transmit();
         if !out.is_empty() {
             stream
@@ -1270,11 +1263,7 @@ async fn exchange(
             shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(outcome) = hs.poll_event() {
-            if let Some(debug) = debug {
-                for message in hs.take_debug() {
-                    debug("handshake", &message);
-                }
-            }
+            forward_debug(hs, debug);
             return Ok(outcome);
         }
         let n = stream

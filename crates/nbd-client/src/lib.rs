@@ -48,13 +48,4 @@ pub use nbd_proto::transmission::CommandKind;
 pub use nbd_proto::{Errno, Error, Fault, Result};
 pub use subprocess::{spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child};
 pub use vsock::connect_vsock;
-
-/// Connects to a vsock address.
-pub(crate) async fn vsock_connect(cid: u32, port: u32) -> Result<std::os::fd::OwnedFd> {
-    vsock::connect_vsock(cid, port).await
-}
-
-/// Whether this build speaks TLS (`nbd_supports_tls`).
-pub fn supports_tls() -> bool {
-    tls::supports_tls()
-}
+pub use tls::supports_tls;

@@ -273,7 +273,7 @@ enum Step {
     NewstyleFlags,
     Oldstyle,
     OptionReply { option: u32, purpose: Purpose },
-    ExportNameReply { auto: bool },
+    ExportNameReply,
     /// STARTTLS was accepted; waiting for the driver's TLS handshake.
     Tls { auto: bool },
     /// Option mode: waiting for a request.
@@ -389,7 +389,7 @@ impl Handshake {
                 "the server closed the connection instead of answering {}",
                 option_name(*option)
             ),
-            Step::ExportNameReply { .. } => format!(
+            Step::ExportNameReply => format!(
                 "the server closed the connection after NBD_OPT_EXPORT_NAME; \
                  it probably has no export named {:?}",
                 self.config.export_name
@@ -635,7 +635,7 @@ impl Handshake {
                 if self.client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
                     self.protocol = Some(Protocol::Newstyle);
                     self.refuse_without_tls("a server without fixed newstyle negotiation")?;
-                    self.send_export_name(true)?;
+                    self.send_export_name()?;
                 } else {
                     self.protocol = Some(Protocol::FixedNewstyle);
                     self.continue_auto()?;
@@ -643,13 +643,12 @@ impl Handshake {
                 Ok(true)
             }
             Step::OptionReply { option, purpose } => self.option_reply(option, purpose),
-            Step::ExportNameReply { auto } => {
+            Step::ExportNameReply => {
                 let zeroes = if self.client_flags & FLAG_C_NO_ZEROES != 0 { 0 } else { 124 };
                 let Some(b) = self.consume(10 + zeroes) else { return Ok(false) };
                 let mut r = Reader::new(&b);
                 let size = r.u64().unwrap();
                 let flags = r.u16().unwrap();
-                let _ = auto;
                 let export = export_info(size, flags)?;
                 // NBD_OPT_EXPORT_NAME cannot carry meta contexts.
                 self.meta = None;
@@ -723,7 +722,7 @@ impl Handshake {
         Ok(name.to_vec())
     }
 
-    fn send_export_name(&mut self, auto: bool) -> Result<()> {
+    fn send_export_name(&mut self) -> Result<()> {
         let name = self.checked_name()?;
         if self.config.debug {
             self.debug.push(format!(
@@ -735,7 +734,7 @@ impl Handshake {
         put_u32(&mut self.output, OPT_EXPORT_NAME);
         put_u32(&mut self.output, name.len() as u32);
         self.output.extend_from_slice(&name);
-        self.step = Step::ExportNameReply { auto };
+        self.step = Step::ExportNameReply;
         Ok(())
     }
 
@@ -1091,9 +1090,9 @@ impl Handshake {
                 let auto = next == OPT_GO && !self.config.opt_mode;
                 return self.send_go_info(next, auto);
             }
-            Purpose::GoInfo { option: OPT_GO, auto } if reply == REP_ERR_UNSUP => {
+            Purpose::GoInfo { option: OPT_GO, .. } if reply == REP_ERR_UNSUP => {
                 // An older server: fall back to the option every newstyle server has.
-                return self.send_export_name(auto);
+                return self.send_export_name();
             }
             Purpose::Abort => {
                 self.step = Step::Finished;
