@@ -347,22 +347,6 @@ export interface ExportListing {
   description: string
 }
 
-function parseExtents(detail: string | null): Record<string, Extent[]> {
-  const out: Record<string, Extent[]> = {}
-  if (detail === null) return out
-  const raw = JSON.parse(detail) as Record<string, [number, number, number][]>
-  for (const [name, list] of Object.entries(raw)) {
-    out[name] = list.map(([offset, length, flags]) => ({ offset, length, flags }))
-  }
-  return out
-}
-
-function parseChunks(detail: string | null): ReadChunk[] {
-  if (detail === null) return []
-  const raw = JSON.parse(detail) as [number, number, ReadChunk['status']][]
-  return raw.map(([offset, length, status]) => ({ offset, length, status }))
-}
-
 function checkArgv(op: string, v: unknown): string[] {
   const argv = checkStringList(op, 'argv', v)
   if (argv.length === 0) throw invalid(op, 'argv must name a program')
@@ -394,45 +378,12 @@ const asyncDispose: typeof Symbol.asyncDispose =
 
 // ---- completion of commands ----
 //
-// Every native command is started with an id and reports back once through one callback,
-// shared by all handles (so the callback keeps no handle alive and garbage collection can
-// close forgotten handles). The native side's notification channel does not hold the event
-// loop open by itself; `keepAlive` does while any command is pending.
+// Each native command returns its own promise, made and settled by the binding: on the
+// event-loop driver right where the reply is read, on the JavaScript thread. Failures are
+// `NbdError`s made by `makeError`, which the binding calls with the errno name and number.
 
-interface Settle {
-  resolve(data: Buffer | null, detail: string | null): void
-  reject(reason: unknown): void
-  operation: string
-}
-
-const pending = new Map<number, Settle>()
-let lastId = 0
-let started = 0
-const keepAlive = setInterval(() => {}, 0x3fffffff)
-keepAlive.unref()
-
-function onComplete(id: number, error: string | null, data: Buffer | null, detail: string | null): void {
-  if (--started === 0) keepAlive.unref()
-  const settle = pending.get(id)
-  if (settle === undefined) return // aborted: already rejected
-  pending.delete(id)
-  if (error === null) settle.resolve(data, detail)
-  else settle.reject(toNbdError(new Error(error), settle.operation))
-}
-
-function startedAlready(): void {
-  throw new Error('a command is started once')
-}
-
-/** The default result of a command: its data (reads) or nothing. */
-function dataOf(data: Buffer | null): unknown {
-  return data ?? undefined
-}
-
-function nextId(): number {
-  do lastId = (lastId + 1) >>> 0
-  while (pending.has(lastId))
-  return lastId
+function makeError(code: string, errno: number, operation: string, message: string): NbdError {
+  return new NbdError(code, message, operation, errno)
 }
 
 /** The commands waiting on each signal, and the one 'abort' listener they share. */
@@ -467,71 +418,36 @@ function watchAbort(signal: AbortSignal, onAbort: () => void): () => void {
 }
 
 /**
- * Starts a native command; the promise settles when it completes, or at once with an
- * `AbortError` when `signal` aborts (the native side stops writing to any buffer first).
+ * Runs a native command that `signal` may abort: the returned promise rejects with an
+ * `AbortError` at once when it aborts (the native side no longer sends the command if it is
+ * still queued, and never writes into a read's buffer after that moment); otherwise it
+ * settles as the command does.
  */
-function startCommand<T>(
-  operation: string,
-  signal: AbortSignal | undefined,
-  start: (id: number, cancel: Binding.NativeCancel | undefined) => void,
-  result: (data: Buffer | null, detail: string | null) => unknown = dataOf,
-): Promise<T> {
+function abortable<T>(signal: AbortSignal, start: (cancel: Binding.NativeCancel) => Promise<T>): Promise<T> {
+  if (signal.aborted) return Promise.reject(new AbortError(signal.reason))
+  const cancel = new native.NativeCancel()
+  const command = start(cancel)
   return new Promise<T>((resolve, reject) => {
-    const id = nextId()
-    // The closures kept in `pending` share this function's scope: drop `start` (which holds
-    // the handle) once it has run, so a pending command does not keep a forgotten handle
-    // from being garbage-collected (and closed).
-    const run = (cancel: Binding.NativeCancel | undefined): void => {
-      const s = start
-      start = startedAlready
-      s(id, cancel)
-    }
-    const done = (data: Buffer | null, detail: string | null): void => {
-      try {
-        resolve(result(data, detail) as T)
-      } catch (e) {
-        reject(toNbdError(e, operation))
-      }
-    }
-    if (signal === undefined) {
-      try {
-        run(undefined)
-      } catch (e) {
-        reject(toNbdError(e, operation))
-        return
-      }
-      pending.set(id, { resolve: done, reject, operation })
-    } else {
-      if (signal.aborted) {
-        reject(new AbortError(signal.reason))
-        return
-      }
-      const cancel = new native.NativeCancel()
-      try {
-        run(cancel)
-      } catch (e) {
-        reject(toNbdError(e, operation))
-        return
-      }
-      const unwatch = watchAbort(signal, () => {
-        cancel.cancel()
-        pending.delete(id)
-        reject(new AbortError(signal.reason))
-      })
-      pending.set(id, {
-        resolve: (data, detail) => {
-          unwatch()
-          done(data, detail)
-        },
-        reject: (e) => {
-          unwatch()
-          reject(e)
-        },
-        operation,
-      })
-    }
-    if (started++ === 0) keepAlive.ref()
+    const unwatch = watchAbort(signal, () => {
+      cancel.cancel()
+      reject(new AbortError(signal.reason))
+    })
+    command.then(
+      (v) => {
+        unwatch()
+        resolve(v)
+      },
+      (e: unknown) => {
+        unwatch()
+        reject(e)
+      },
+    )
   })
+}
+
+/** Runs a native command with or without an abort signal. */
+function run<T>(signal: AbortSignal | undefined, start: (cancel: Binding.NativeCancel | null) => Promise<T>): Promise<T> {
+  return signal === undefined ? start(null) : abortable(signal, start)
 }
 
 /**
@@ -549,7 +465,7 @@ export class Handle {
 
   /** A newly created handle (`nbd_create`); `options` calls the matching setters. */
   constructor(options?: HandleOptions) {
-    this.#native = new native.NativeHandle(onComplete)
+    this.#native = new native.NativeHandle(makeError)
     if (options === undefined) return
     const op = 'create'
     if (options === null || typeof options !== 'object') {
@@ -609,9 +525,18 @@ export class Handle {
     } catch (e) {
       return Promise.reject(toNbdError(e, op))
     }
-    return p.then(undefined, (e: unknown) => {
-      throw toNbdError(e, op)
-    })
+    // Weakly: a connect that never finishes must not keep a forgotten handle alive.
+    const native = new WeakRef(this.#native)
+    return p.then(
+      (v) => {
+        // A connect or optGo that entered transmission hands the socket to the event loop.
+        native.deref()?.attach()
+        return v
+      },
+      (e: unknown) => {
+        throw toNbdError(e, op)
+      },
+    )
   }
 
   /** Runs a synchronous native call, turning its errors into `NbdError`s. */
@@ -740,13 +665,27 @@ export class Handle {
 
   // ---- data ----
 
+  /**
+   * Runs a command method's argument checks and start; anything thrown becomes a rejected
+   * promise (async methods never throw synchronously).
+   */
+  #command<T>(op: string, f: () => Promise<T>): Promise<T> {
+    try {
+      return f()
+    } catch (e) {
+      return Promise.reject(toNbdError(e, op))
+    }
+  }
+
   /** Reads `count` bytes at `offset` into a new Buffer (`nbd_pread`). */
-  async pread(count: number, offset: number | bigint, opts?: CmdOptions): Promise<Buffer> {
-    const op = 'pread'
-    const c = checkCount(op, count)
-    const o = checkOffset(op, offset)
-    const { flags, signal } = checkOptions(op, opts, [])
-    return startCommand<Buffer>(op, signal, (id, cancel) => this.#native.pread(id, c, o, flags, cancel))
+  pread(count: number, offset: number | bigint, opts?: CmdOptions): Promise<Buffer> {
+    return this.#command('pread', () => {
+      const op = 'pread'
+      const c = checkCount(op, count)
+      const o = checkOffset(op, offset)
+      const { flags, signal } = checkOptions(op, opts, [])
+      return run(signal, (cancel) => this.#native.pread(c, o, flags, cancel))
+    })
   }
 
   /**
@@ -755,139 +694,137 @@ export class Handle {
    * in the order they came. `df` asks the server not to fragment the reply
    * ({@link Handle.canDf}). Without structured replies the whole read is one data chunk.
    */
-  async preadStructured(
+  preadStructured(
     count: number,
     offset: number | bigint,
     opts?: CmdOptions & { df?: boolean },
   ): Promise<{ data: Buffer; chunks: ReadChunk[] }> {
-    const op = 'preadStructured'
-    const c = checkCount(op, count)
-    const o = checkOffset(op, offset)
-    const { flags, signal } = checkOptions(op, opts, ['df'])
-    // Decided now: the result must not refer to the handle (see startCommand).
-    let structured = false
-    try {
-      structured = this.#native.getStructuredRepliesNegotiated()
-    } catch {
-      // not connected: the command itself reports that
-    }
-    return startCommand(
-      op,
-      signal,
-      (id, cancel) => this.#native.preadStructured(id, c, o, flags, cancel),
-      (data, detail) => {
-        const buf = data ?? Buffer.alloc(0)
-        const chunks = structured || c === 0
-          ? parseChunks(detail)
-          : [{ offset: Number(o), length: c, status: 'data' as const }]
-        return { data: buf, chunks }
-      },
-    )
+    return this.#command('preadStructured', () => {
+      const op = 'preadStructured'
+      const c = checkCount(op, count)
+      const o = checkOffset(op, offset)
+      const { flags, signal } = checkOptions(op, opts, ['df'])
+      return run(signal, (cancel) => this.#native.preadStructured(c, o, flags, cancel))
+    })
   }
 
   /**
    * Reads `buf.length` bytes at `offset` into `buf` (`nbd_pread`). Do not touch `buf` until
-   * the promise settles. The data is copied into `buf` on the JavaScript thread as the
-   * promise resolves; if the call is aborted or the handle closed first, the promise rejects
-   * and `buf` is not written after that moment. With `preadInitialize` (the default) `buf`
-   * is zeroed when the call starts, so a failed read leaves zeros.
+   * the promise settles. On a plain connection the data goes from the socket straight into
+   * `buf` as it arrives; over TLS it is copied into `buf` as the promise resolves. If the
+   * call is aborted or the handle closed first, the promise rejects and `buf` is not written
+   * after that moment. With `preadInitialize` (the default) `buf` is zeroed when the call
+   * starts, before any check, so a failed read leaves zeros (as libnbd).
    *
-   * `buf` may be any Uint8Array, also a view into a SharedArrayBuffer (other threads then
-   * see the data appear when the promise resolves) or a slice at any byte offset. A buffer
-   * whose ArrayBuffer is detached (transferred) is refused with `EINVAL`; one detached while
-   * the read is in flight is left alone and the call rejects with `EFAULT`.
+   * `buf` may be any Uint8Array, also a view into a SharedArrayBuffer or a slice at any byte
+   * offset. A buffer whose ArrayBuffer is detached (transferred) is refused with `EINVAL`;
+   * one detached or resized while the read is in flight is never written again, and the
+   * call rejects with `EFAULT` (the connection stays usable).
    */
-  async preadInto(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions): Promise<void> {
-    const op = 'preadInto'
-    const b = checkBuffer(op, buf)
-    const o = checkOffset(op, offset)
-    const { flags, signal } = checkOptions(op, opts, [])
-    return startCommand<void>(op, signal, (id, cancel) => this.#native.preadInto(id, b, o, flags, cancel))
+  preadInto(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions): Promise<void> {
+    return this.#command('preadInto', () => {
+      const op = 'preadInto'
+      const b = checkBuffer(op, buf)
+      const o = checkOffset(op, offset)
+      const { flags, signal } = checkOptions(op, opts, [])
+      return run(signal, (cancel) => this.#native.preadInto(b, o, flags, cancel))
+    })
   }
 
   /**
-   * Writes `buf` at `offset` (`nbd_pwrite`). The bytes are copied when the call starts, so
-   * `buf` may be reused, or even detached, at once. `buf` may be any Uint8Array, also a view
-   * into a SharedArrayBuffer; a detached one is refused with `EINVAL`.
+   * Writes `buf` at `offset` (`nbd_pwrite`). Writes up to 16 KiB are copied when the call
+   * starts; larger ones are sent from `buf` itself on a plain connection (copied at the call
+   * over TLS), so do not change `buf` until the promise settles. A buffer detached or
+   * resized before any of it was sent fails the write with `EFAULT`; one detached while it
+   * is half sent also ends the connection (the server is owed bytes that no longer exist).
+   * `buf` may be any Uint8Array, also a view into a SharedArrayBuffer; a detached one is
+   * refused with `EINVAL`.
    */
-  async pwrite(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions & { fua?: boolean }): Promise<void> {
-    const op = 'pwrite'
-    const b = checkBuffer(op, buf)
-    const o = checkOffset(op, offset)
-    const { flags, signal } = checkOptions(op, opts, ['fua'])
-    return startCommand<void>(op, signal, (id, cancel) => this.#native.pwrite(id, b, o, flags, cancel))
+  pwrite(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions & { fua?: boolean }): Promise<void> {
+    return this.#command('pwrite', () => {
+      const op = 'pwrite'
+      const b = checkBuffer(op, buf)
+      const o = checkOffset(op, offset)
+      const { flags, signal } = checkOptions(op, opts, ['fua'])
+      return run(signal, (cancel) => this.#native.pwrite(b, o, flags, cancel))
+    })
   }
 
   /** Asks the server to commit all completed writes to stable storage (`nbd_flush`). */
-  async flush(opts?: CmdOptions): Promise<void> {
-    const op = 'flush'
-    const { flags, signal } = checkOptions(op, opts, [])
-    return startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, 0, 0, flags, cancel))
+  flush(opts?: CmdOptions): Promise<void> {
+    return this.#command('flush', () => {
+      const { flags, signal } = checkOptions('flush', opts, [])
+      return run(signal, (cancel) => this.#native.command('flush', 0, 0, flags, cancel))
+    })
   }
 
   /** Tells the server `count` bytes at `offset` are no longer needed (`nbd_trim`). */
-  async trim(count: number, offset: number | bigint, opts?: CmdOptions & { fua?: boolean }): Promise<void> {
-    const op = 'trim'
-    const c = checkCount(op, count)
-    const o = checkOffset(op, offset)
-    const { flags, signal } = checkOptions(op, opts, ['fua'])
-    return startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
+  trim(count: number, offset: number | bigint, opts?: CmdOptions & { fua?: boolean }): Promise<void> {
+    return this.#command('trim', () => {
+      const op = 'trim'
+      const c = checkCount(op, count)
+      const o = checkOffset(op, offset)
+      const { flags, signal } = checkOptions(op, opts, ['fua'])
+      return run(signal, (cancel) => this.#native.command(op, c, o, flags, cancel))
+    })
   }
 
   /** Asks the server to prefetch `count` bytes at `offset` (`nbd_cache`). */
-  async cache(count: number, offset: number | bigint, opts?: CmdOptions): Promise<void> {
-    const op = 'cache'
-    const c = checkCount(op, count)
-    const o = checkOffset(op, offset)
-    const { flags, signal } = checkOptions(op, opts, [])
-    return startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
+  cache(count: number, offset: number | bigint, opts?: CmdOptions): Promise<void> {
+    return this.#command('cache', () => {
+      const op = 'cache'
+      const c = checkCount(op, count)
+      const o = checkOffset(op, offset)
+      const { flags, signal } = checkOptions(op, opts, [])
+      return run(signal, (cancel) => this.#native.command(op, c, o, flags, cancel))
+    })
   }
 
   /**
    * Writes `count` zero bytes at `offset` (`nbd_zero`). `noHole` asks for allocated
    * zeroes; `fastZero` asks the server to fail rather than zero slowly.
    */
-  async zero(
+  zero(
     count: number,
     offset: number | bigint,
     opts?: CmdOptions & { fua?: boolean; noHole?: boolean; fastZero?: boolean },
   ): Promise<void> {
-    const op = 'zero'
-    const c = checkCount(op, count)
-    const o = checkOffset(op, offset)
-    const { flags, signal } = checkOptions(op, opts, ['fua', 'noHole', 'fastZero'])
-    return startCommand<void>(op, signal, (id, cancel) => this.#native.command(id, op, c, o, flags, cancel))
+    return this.#command('zero', () => {
+      const op = 'zero'
+      const c = checkCount(op, count)
+      const o = checkOffset(op, offset)
+      const { flags, signal } = checkOptions(op, opts, ['fua', 'noHole', 'fastZero'])
+      return run(signal, (cancel) => this.#native.command(op, c, o, flags, cancel))
+    })
   }
 
   /**
    * Asks for the status of `count` bytes at `offset` in each negotiated meta context
    * (`nbd_block_status_64`), or only in `contexts` (`nbd_block_status_filter`, which needs
    * {@link Handle.canBlockStatusPayload}). Resolves to the extents per context name, with
-   * absolute offsets. The server may describe less than `count` bytes, and its final extent
-   * may run past the request; with `reqOne` it describes one extent per context.
+   * absolute offsets (numbers, or bigints past 2^53 − 1, so they are always exact). The
+   * server may describe less than `count` bytes, and its final extent may run past the
+   * request; with `reqOne` it describes one extent per context.
    */
-  async blockStatus(
+  blockStatus(
     count: number,
     offset: number | bigint,
     opts?: CmdOptions & { reqOne?: boolean; contexts?: string[] },
   ): Promise<Record<string, Extent[]>> {
-    const op = 'blockStatus'
-    const c = checkCount(op, count)
-    const o = checkOffset(op, offset)
-    const { flags: raw, signal } = checkOptions(op, opts, [])
-    let flags = raw
-    let contexts: string[] | undefined
-    if (opts !== undefined) {
-      const x = opts as Record<string, unknown>
-      if (x.reqOne !== undefined && checkBoolean(op, 'reqOne', x.reqOne)) flags = (flags | CMD_FLAG_REQ_ONE) >>> 0
-      if (x.contexts !== undefined) contexts = checkStringList(op, 'contexts', x.contexts)
-    }
-    return startCommand(
-      op,
-      signal,
-      (id, cancel) => this.#native.blockStatus(id, c, o, flags, contexts, cancel),
-      (_data, detail) => parseExtents(detail),
-    )
+    return this.#command('blockStatus', () => {
+      const op = 'blockStatus'
+      const c = checkCount(op, count)
+      const o = checkOffset(op, offset)
+      const { flags: raw, signal } = checkOptions(op, opts, [])
+      let flags = raw
+      let contexts: string[] | undefined
+      if (opts !== undefined) {
+        const x = opts as Record<string, unknown>
+        if (x.reqOne !== undefined && checkBoolean(op, 'reqOne', x.reqOne)) flags = (flags | CMD_FLAG_REQ_ONE) >>> 0
+        if (x.contexts !== undefined) contexts = checkStringList(op, 'contexts', x.contexts)
+      }
+      return run(signal, (cancel) => this.#native.blockStatus(c, o, flags, contexts, cancel) as Promise<Record<string, Extent[]>>)
+    })
   }
 
   // ---- option negotiation (option mode: state 'negotiating') ----

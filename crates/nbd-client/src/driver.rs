@@ -103,7 +103,7 @@ impl Debug {
         self.on.load(Ordering::Relaxed).then_some(self)
     }
 
-    fn log(&self, context: &str, message: &str) {
+    pub(crate) fn log(&self, context: &str, message: &str) {
         (self.sink)(context, message)
     }
 }
@@ -207,7 +207,7 @@ pub(crate) struct Lifeline {
 }
 
 impl Lifeline {
-    fn new() -> Arc<Lifeline> {
+    pub(crate) fn new() -> Arc<Lifeline> {
         Arc::new(Lifeline {
             ended: Mutex::new(None),
             signal: watch::channel(false).0,
@@ -215,8 +215,18 @@ impl Lifeline {
         })
     }
 
+    /// True once the application asked for a disconnect.
+    pub(crate) fn is_disconnecting(&self) -> bool {
+        self.disconnecting.load(Ordering::SeqCst)
+    }
+
+    /// Marks the end that follows as asked for by the application (NBD_CMD_DISC).
+    pub(crate) fn begin_disconnect(&self) {
+        self.disconnecting.store(true, Ordering::SeqCst);
+    }
+
     /// Records the end (the first reason wins).
-    fn end(&self, error: Error) {
+    pub(crate) fn end(&self, error: Error) {
         let requested = self.disconnecting.load(Ordering::SeqCst);
         let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
         if ended.is_none() {

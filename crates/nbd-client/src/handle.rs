@@ -84,6 +84,8 @@ struct Inner {
     debug_sink: Arc<Mutex<Option<DebugSink>>>,
     /// `config.debug`, for the driver, which checks it before each message.
     debug_on: Arc<std::sync::atomic::AtomicBool>,
+    /// Hand plain connections to an event-loop driver ([`Handle::set_event_loop_driver`]).
+    event_loop: std::sync::atomic::AtomicBool,
     /// Where the handle connected, for `get_uri`.
     target: Mutex<Option<UriTransport>>,
     /// The server process of `connect_command` / socket activation. Declared after
@@ -116,6 +118,15 @@ enum Phase {
         socket: OwnedFd,
         driver: Driver,
         shutting_down: bool,
+    },
+    /// In transmission, run by an event-loop driver outside this crate
+    /// ([`Handle::take_transmission`]); `socket` is `None` once it has been taken.
+    Detached {
+        socket: Option<OwnedFd>,
+        session: Arc<Session>,
+        early: Vec<u8>,
+        lifeline: Arc<Lifeline>,
+        max_in_flight: usize,
     },
     /// The connect failed; the socket (if one was adopted) stays open until close.
     Failed {
@@ -160,6 +171,7 @@ impl Handle {
                 closing: watch::channel(false).0,
                 debug_sink: Arc::default(),
                 debug_on: Arc::new(std::sync::atomic::AtomicBool::new(debug_on)),
+                event_loop: std::sync::atomic::AtomicBool::new(false),
                 target: Mutex::new(None),
                 child: Mutex::new(None),
             }),
@@ -316,9 +328,57 @@ impl Handle {
                 None if self.in_flight() > 0 => State::Processing,
                 None => State::Ready,
             },
+            Phase::Detached { lifeline, .. } => match lifeline.ended() {
+                Some(end) if end.requested || lifeline.is_disconnecting() => State::Closed,
+                Some(_) => State::Dead,
+                None if lifeline.is_disconnecting() => State::Closed,
+                None if self.in_flight() > 0 => State::Processing,
+                None => State::Ready,
+            },
             Phase::Failed { .. } => State::Dead,
             Phase::Closed => State::Closed,
         }
+    }
+
+    /// Asks for plain (not TLS) connections to be handed to an event-loop driver once
+    /// their handshake is done, instead of starting the tokio driver: see
+    /// [`Handle::take_transmission`]. Bindings whose application runs its own event loop
+    /// (Node.js) use it; Rust programs keep the tokio driver.
+    pub fn set_event_loop_driver(&self, on: bool) {
+        self.inner.event_loop.store(on, Ordering::Relaxed);
+    }
+
+    /// The connection, for an event-loop driver, once the handshake has handed it over
+    /// (see [`Handle::set_event_loop_driver`]); `None` before that, after it was taken, and
+    /// for connections the tokio driver runs (TLS). The handle keeps answering getters and
+    /// `state` from what it shares with the driver.
+    pub fn take_transmission(&self) -> Option<crate::event_loop::Transmission> {
+        let mut phase = self.phase();
+        let Phase::Detached {
+            socket,
+            session,
+            early,
+            lifeline,
+            max_in_flight,
+        } = &mut *phase
+        else {
+            return None;
+        };
+        let fd = socket.take()?;
+        Some(crate::event_loop::Transmission {
+            fd,
+            session: session.clone(),
+            early: std::mem::take(early),
+            max_in_flight: *max_in_flight,
+            shared: self.inner.shared.clone(),
+            lifeline: lifeline.clone(),
+            debug: self.debug_hub(),
+        })
+    }
+
+    /// The strict-mode bits in force (`nbd_get_strict_mode`).
+    pub fn strict_mode(&self) -> u32 {
+        self.inner.strict.load(Ordering::Relaxed)
     }
 
     /// Commands submitted and not yet finished (queued or on the wire).
@@ -343,6 +403,7 @@ impl Handle {
         state::check(Call::Info, state)?;
         let negotiated = match &*self.phase() {
             Phase::Connected { driver, .. } => Some(driver.session.negotiated.clone()),
+            Phase::Detached { session, .. } => Some(session.negotiated.clone()),
             Phase::Negotiating { negotiation, .. } => negotiation
                 .info
                 .clone()
@@ -657,6 +718,18 @@ impl Handle {
         early: Vec<u8>,
         config: &Config,
     ) -> Phase {
+        if self.inner.event_loop.load(Ordering::Relaxed) && !matches!(stream, Stream::Layered(_)) {
+            // The stream is a registered duplicate of `socket`: dropping it leaves the
+            // socket to the event-loop driver alone.
+            drop(stream);
+            return Phase::Detached {
+                socket: Some(socket),
+                session: Arc::new(Session::new(negotiated)),
+                early,
+                lifeline: Lifeline::new(),
+                max_in_flight: config.max_in_flight,
+            };
+        }
         let (reader, writer) = stream.split();
         let driver = Driver::start(
             Session::new(negotiated),

@@ -26,6 +26,7 @@ mod buffer;
 mod cancel;
 mod config;
 mod driver;
+pub mod event_loop;
 mod handle;
 mod subprocess;
 pub mod tls;
@@ -44,7 +45,7 @@ pub use nbd_proto::handshake::{
 };
 pub use nbd_proto::transmission::{ChunkStatus, ContextExtents, Detail, Extent, ReadChunk};
 pub use nbd_proto::state::State;
-pub use nbd_proto::transmission::CommandKind;
+pub use nbd_proto::transmission::{Command, CommandKind};
 pub use nbd_proto::{Errno, Error, Fault, Result};
 pub use subprocess::{spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child};
 pub use vsock::connect_vsock;

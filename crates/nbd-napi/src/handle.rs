@@ -1,83 +1,48 @@
 //! `NativeHandle` and `NativeCancel`: the classes `index.ts` builds `Handle` on.
 
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi::JsValue;
 use napi_derive::napi;
 
 use nbd_client::consts::*;
+use nbd_client::event_loop::{Payload, Submission, COPY_PAYLOAD_MAX};
+use nbd_client::{CancelToken, Command, CommandKind, Errno, Handle, Op};
 
-use nbd_client::{CancelToken, ChunkStatus, CommandKind, Detail, Errno, Handle, Op, Reply};
-
+use crate::event_loop::{JsCommand, LoopDriver, Outcome};
+use crate::settle::{self, CallerBuf, ErrorFactory, Ref};
+use crate::tokio_path::Completer;
 use crate::{invalid, to_js};
 
-// ---- JavaScript buffers ----
+/// A conversion error of this binding as a core error (always a bad argument).
+fn from_js(e: napi::Error) -> nbd_client::Error {
+    let reason = e.reason.clone();
+    // `invalid` wraps core errors as "[CODE:errno] message": keep the message only.
+    let message = match reason.find("] ") {
+        Some(i) if reason.starts_with('[') => reason[i + 2..].to_string(),
+        _ => reason,
+    };
+    nbd_client::Error::usage(Errno::EINVAL, message)
+}
+
+// ---- JavaScript buffers and promises ----
 //
-// No command keeps a raw pointer into JavaScript memory past the call that started it.
-// JavaScript can detach a buffer's ArrayBuffer at any moment (`structuredClone(b, {
-// transfer })`, `postMessage`, `ArrayBuffer.prototype.transfer`): its memory then belongs to
-// another object and is freed with it, while a reference to the old view keeps nothing alive.
-// A driver thread writing a read's data there, or sending a write's data from there, would
-// corrupt or read freed memory. So a write's bytes are copied while `pwrite` runs, and a read
-// lands in memory the driver owns and is copied into the caller's buffer on the JavaScript
-// thread when it completes, after checking that the buffer is still attached and that the
-// command was neither aborted nor its handle closed meanwhile.
-
-/// The caller's buffer of a `preadInto`, waiting for its data.
-struct ReadTarget {
-    /// Holds a reference to the JavaScript object only: its data pointer is looked up again
-    /// when the data arrives, never taken from here.
-    buf: Buffer,
-    cancel: Option<CancelToken>,
-    closed: Arc<AtomicBool>,
-}
-
-impl ReadTarget {
-    /// On the JavaScript thread: copies `data` into the buffer, unless the command was
-    /// aborted (its promise has already rejected) or the handle closed (it rejects now).
-    fn deliver(self, env: &Env, data: &[u8]) -> std::result::Result<(), String> {
-        if self.cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
-            return Ok(());
-        }
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(error_text(&closed_error()));
-        }
-        let env = env.raw();
-        // SAFETY: on the JavaScript thread of `env`, which created the reference; the
-        // pointer and length are fetched now and used before returning to JavaScript, so
-        // nothing can detach the buffer in between.
-        unsafe {
-            let value = Buffer::to_napi_value(env, self.buf).map_err(|e| e.reason.clone())?;
-            let mut ptr = std::ptr::null_mut();
-            let mut len = 0usize;
-            let status = napi::sys::napi_get_buffer_info(env, value, &mut ptr, &mut len);
-            if status != napi::sys::Status::napi_ok || len != data.len() || (len > 0 && ptr.is_null()) {
-                return Err(error_text(&nbd_client::Error::usage(
-                    Errno::EFAULT,
-                    format!(
-                        "the buffer was detached or resized while the read was in flight \
-                         ({} bytes read, the buffer now has {len}); the data was dropped",
-                        data.len()
-                    ),
-                )));
-            }
-            if len > 0 {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.cast::<u8>(), len);
-            }
-        }
-        Ok(())
-    }
-}
-
-fn closed_error() -> nbd_client::Error {
-    nbd_client::Error::io(
-        Errno::ENOTCONN,
-        "the handle was closed before the command finished",
-    )
-}
+// Commands return promises made here. On the event-loop driver (plain connections) they
+// are settled on the JavaScript thread as replies are read, and read data goes straight
+// into the caller's buffer (`preadInto`) or a Buffer made for it (`pread`); a caller's
+// buffer is looked up again before every use, because JavaScript can detach an ArrayBuffer
+// at any moment (`structuredClone(b, { transfer })`): a read whose buffer went away fails
+// with EFAULT and writes nothing; a write whose buffer went away before any of it was sent
+// fails with EFAULT; one that went away half-sent also ends the connection (the server
+// expects the rest). On the tokio driver (TLS) data crosses threads, so a write's bytes are
+// copied when it is issued and a read's are copied into the caller's buffer on the
+// JavaScript thread when it completes, after the same check.
 
 /// An offset: a number (a safe integer, checked by index.ts) or a bigint.
 fn offset(v: Either<f64, BigInt>) -> Result<u64> {
@@ -155,95 +120,26 @@ pub struct NativeStats {
     pub chunks_received: BigInt,
 }
 
-/// A finished command: its id, its outcome (`[CODE:errno] message` on failure) with the data
-/// of reads and block status extents or read chunks as JSON, and for a `preadInto` the
-/// caller's buffer the data goes to.
-type Done = (
-    u32,
-    std::result::Result<(Option<Vec<u8>>, Option<String>), String>,
-    Option<ReadTarget>,
-);
-
-/// The arguments of the completion callback: id, error, data, detail.
-type DoneArgs = FnArgs<(u32, Option<String>, Option<Buffer>, Option<String>)>;
-
-/// One notification channel per handle for every command's outcome: a weak threadsafe
-/// function (index.ts keeps the event loop alive while commands are pending), so finishing
-/// a command costs one queued call, not a promise machinery of its own.
-type Completions = ThreadsafeFunction<Done, (), DoneArgs, Status, false, true>;
-
 /// Debug messages on their way to a JavaScript callback: (context, message).
 type DebugCallback =
     ThreadsafeFunction<(String, String), (), FnArgs<(String, String)>, Status, false, true>;
-
-/// Block status extents or read chunks as JSON for index.ts: extents as
-/// `{"context": [[offset, length, flags], ...]}`, chunks as `[[offset, length, status]]`.
-fn detail_json(detail: &Detail) -> Option<String> {
-    use std::fmt::Write;
-    match detail {
-        Detail::None => None,
-        Detail::Extents(contexts) => {
-            let mut out = String::from("{");
-            for (i, c) in contexts.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&json_string(&c.name));
-                out.push_str(":[");
-                for (j, e) in c.extents.iter().enumerate() {
-                    if j > 0 {
-                        out.push(',');
-                    }
-                    let _ = write!(out, "[{},{},{}]", e.offset, e.length, e.flags);
-                }
-                out.push(']');
-            }
-            out.push('}');
-            Some(out)
-        }
-        Detail::Chunks(chunks) => {
-            let mut out = String::from("[");
-            for (i, c) in chunks.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                let status = match c.status {
-                    ChunkStatus::Data => "data",
-                    ChunkStatus::Hole => "hole",
-                    ChunkStatus::Error => "error",
-                };
-                let _ = write!(out, "[{},{},\"{status}\"]", c.offset, c.length);
-            }
-            out.push(']');
-            Some(out)
-        }
-    }
-}
-
-/// `s` as a JSON string literal.
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
 
 /// The handle, as `nbd-client` implements it. Wrapped by `Handle` in index.ts.
 #[napi]
 pub struct NativeHandle {
     handle: Handle,
-    completions: Arc<Completions>,
+    make_error: ErrorFactory,
+    /// The event-loop driver, once the handshake handed the connection over.
+    driver: RefCell<Option<Rc<LoopDriver>>>,
+    /// Completions of commands the tokio driver runs (TLS connections).
+    completer: Arc<Completer>,
     /// Set (on the JavaScript thread) by `close()`: reads that complete later leave their
     /// buffers alone.
     closed: Arc<AtomicBool>,
+    /// `preadInitialize`, kept here for `preadInto`, which zeroes before any check.
+    pread_initialize: Cell<bool>,
+    /// The debug callback, for the event-loop driver to call directly.
+    debug_js: Rc<RefCell<Option<Ref>>>,
 }
 
 /// A handle that is garbage-collected (or whose worker ends) without `close()` still lets go
@@ -251,12 +147,13 @@ pub struct NativeHandle {
 impl Drop for NativeHandle {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::SeqCst);
+        if let Some(d) = self.driver.borrow_mut().take() {
+            // No JavaScript inside a finalizer: pending commands reject from the poll
+            // handle's close callback.
+            d.close(false);
+        }
         self.handle.close_in_background();
     }
-}
-
-fn error_text(e: &nbd_client::Error) -> String {
-    format!("[{}:{}] {}", e.errno().name(), e.errno().number(), e.message())
 }
 
 macro_rules! spawn {
@@ -265,58 +162,192 @@ macro_rules! spawn {
     };
 }
 
+/// The largest read this binding allocates for (libnbd's limit on reads too).
+const READ_MAX: u64 = 64 * 1024 * 1024;
+
+/// A command for either driver.
+struct Cmd {
+    operation: &'static str,
+    command: Command,
+    filter: Option<Vec<String>>,
+    record_chunks: bool,
+    outcome: Outcome,
+}
+
+impl NativeHandle {
+    /// The event-loop driver, started on first use once the handshake has handed the
+    /// connection over.
+    fn driver(&self, env: napi::sys::napi_env) -> Option<Rc<LoopDriver>> {
+        if let Some(d) = self.driver.borrow().as_ref() {
+            return Some(d.clone());
+        }
+        let t = self.handle.take_transmission()?;
+        match LoopDriver::start(env, t, self.make_error, self.debug_js.clone()) {
+            Ok(d) => {
+                *self.driver.borrow_mut() = Some(d.clone());
+                Some(d)
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn reject<'env>(&self, env: &'env Env, operation: &str, e: &nbd_client::Error) -> Unknown<'env> {
+        let v = settle::rejected(env.raw(), &self.make_error, operation, e);
+        unsafe { Unknown::from_napi_value(env.raw(), v) }.expect("a promise")
+    }
+
+    fn value<'env>(env: &'env Env, v: settle::Value) -> Unknown<'env> {
+        unsafe { Unknown::from_napi_value(env.raw(), v) }.expect("a value")
+    }
+
+    /// Starts a command; `own` is the Buffer a read goes to, `caller` the caller's buffer
+    /// (a preadInto's destination, or a large write's source), `payload` a write's bytes.
+    #[allow(clippy::too_many_arguments)]
+    fn start<'env>(
+        &self,
+        env: &'env Env,
+        c: Cmd,
+        own: Option<(settle::Value, *mut u8, usize)>,
+        caller: Option<CallerBuf>,
+        payload: Payload,
+        cancel: Option<&NativeCancel>,
+    ) -> Unknown<'env> {
+        let raw = env.raw();
+        let cancel = token(cancel);
+        if let Some(d) = self.driver(raw) {
+            let (deferred, promise) = settle::promise(raw);
+            let own = own.and_then(|(v, p, l)| Ref::new(raw, v).map(|r| (r, p, l)));
+            let user = JsCommand {
+                deferred,
+                operation: c.operation,
+                outcome: c.outcome,
+                own,
+                caller,
+                cancel,
+            };
+            let sub = Submission {
+                cmd: c.command,
+                filter: c.filter,
+                record_chunks: c.record_chunks,
+                payload,
+                user,
+            };
+            let r = d.conn.borrow_mut().submit(sub, self.handle.strict_mode());
+            match r {
+                Ok(()) => d.submitted(),
+                Err((e, user)) => {
+                    settle::reject(raw, user.deferred, settle::error(raw, &self.make_error, c.operation, &e));
+                }
+            }
+            return Self::value(env, promise);
+        }
+        // The tokio driver (TLS), or not connected: the handle refuses or queues it.
+        let Command { kind, offset, length, flags } = c.command;
+        let op = match (kind, &payload) {
+            (CommandKind::Read, _) if c.record_chunks => Op::ReadStructured { count: length, offset, flags },
+            (CommandKind::Read, _) => Op::Read { count: length, offset, flags },
+            (CommandKind::Write, Payload::Owned(_)) | (CommandKind::Write, Payload::Borrowed(_)) => {
+                let bytes = match payload {
+                    Payload::Owned(v) => v,
+                    _ => match caller.as_ref().and_then(CallerBuf::check) {
+                        // SAFETY: checked live just now, on the JavaScript thread.
+                        Some((p, l)) => unsafe { std::slice::from_raw_parts(p, l) }.to_vec(),
+                        None => Vec::new(),
+                    },
+                };
+                Op::Write { src: Box::new(bytes), offset, flags }
+            }
+            (CommandKind::BlockStatus, _) => Op::BlockStatus { count: length, offset, flags, contexts: c.filter },
+            (kind, _) => Op::Other { kind, count: length, offset, flags },
+        };
+        let target = if kind == CommandKind::Read && !c.record_chunks { caller } else { None };
+        let (promise, done, refused) =
+            self.completer
+                .begin(raw, c.operation, c.outcome, target, cancel.clone(), self.closed.clone());
+        match self.handle.submit(op, cancel, done) {
+            Ok(()) => Self::value(env, promise),
+            Err(e) => Self::value(env, refused(e)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read<'env>(
+        &self,
+        env: &'env Env,
+        operation: &'static str,
+        count: u64,
+        offset: u64,
+        flags: u32,
+        outcome: Outcome,
+        cancel: Option<&NativeCancel>,
+    ) -> Unknown<'env> {
+        if count > READ_MAX {
+            let e = nbd_client::Error::usage(
+                Errno::ERANGE,
+                format!("count {count} is larger than the 64 MiB this client reads at once"),
+            );
+            return self.reject(env, operation, &e);
+        }
+        let c = Self::read_cmd(operation, count, offset, flags, outcome);
+        // The Buffer is made now only for the event-loop driver (which reads straight into
+        // it); the tokio driver reads into memory of its own.
+        let own = if self.driver(env.raw()).is_some() {
+            match settle::new_buffer(env.raw(), count as usize) {
+                Some((v, p)) => Some((v, p, count as usize)),
+                None => {
+                    let e = nbd_client::Error::usage(Errno::ENOMEM, format!("cannot allocate {count} bytes"));
+                    return self.reject(env, operation, &e);
+                }
+            }
+        } else {
+            None
+        };
+        self.start(env, c, own, None, Payload::None, cancel)
+    }
+
+    fn read_cmd(operation: &'static str, count: u64, offset: u64, flags: u32, outcome: Outcome) -> Cmd {
+        Cmd {
+            operation,
+            command: Command { kind: CommandKind::Read, offset, length: count, flags },
+            filter: None,
+            record_chunks: matches!(outcome, Outcome::Structured(..)),
+            outcome,
+        }
+    }
+}
+
 #[napi]
 impl NativeHandle {
-    /// `on_complete(id, error, data)` is called once for every command started with an id.
+    /// `make_error(code, errno, operation, message)` makes the `NbdError` a command rejects
+    /// with.
     #[napi(constructor)]
     pub fn new(
-        #[napi(
-            ts_arg_type = "(id: number, error: string | null, data: Buffer | null, detail: string | null) => void"
-        )]
-        on_complete: Function<DoneArgs, ()>,
+        env: Env,
+        #[napi(ts_arg_type = "(code: string, errno: number, operation: string, message: string) => Error")]
+        make_error: Unknown,
     ) -> Result<Self> {
-        let completions = on_complete
-            .build_threadsafe_function::<Done>()
-            .callee_handled::<false>()
-            .weak::<true>()
-            .build_callback(|ctx| {
-                let (id, outcome, target) = ctx.value;
-                Ok(FnArgs::from(match (outcome, target) {
-                    (Ok((data, _)), Some(target)) => {
-                        let data = data.unwrap_or_default();
-                        match target.deliver(&ctx.env, &data) {
-                            Ok(()) => (id, None, None, None),
-                            Err(message) => (id, Some(message), None, None),
-                        }
-                    }
-                    (Ok((data, detail)), None) => (id, None, data.map(Buffer::from), detail),
-                    (Err(message), _) => (id, Some(message), None, None),
-                }))
-            })?;
+        let raw = env.raw();
+        let make_error = ErrorFactory::new(raw, make_error.value().value)
+            .ok_or_else(|| invalid("cannot keep the error factory"))?;
+        let completer = Completer::new(raw, make_error).ok_or_else(|| invalid("cannot create the completion channel"))?;
+        let handle = Handle::default();
+        handle.set_event_loop_driver(true);
         Ok(NativeHandle {
-            handle: Handle::default(),
-            completions: Arc::new(completions),
+            handle,
+            make_error,
+            driver: RefCell::new(None),
+            completer,
             closed: Arc::default(),
+            pread_initialize: Cell::new(true),
+            debug_js: Rc::default(),
         })
     }
 
-    /// The callback that reports command `id` through the completion channel (with the
-    /// buffer a `preadInto` copies its data to).
-    fn done(
-        &self,
-        id: u32,
-        target: Option<ReadTarget>,
-    ) -> impl FnOnce(nbd_client::Result<Reply>) + Send + 'static {
-        let completions = self.completions.clone();
-        move |outcome| {
-            let outcome = outcome
-                .map(|r| {
-                    let detail = detail_json(&r.detail);
-                    (r.data, detail)
-                })
-                .map_err(|e| error_text(&e));
-            completions.call((id, outcome, target), ThreadsafeFunctionCallMode::NonBlocking);
-        }
+    /// Starts the event-loop driver as soon as a connection is handed over (after a connect
+    /// or `optGo` resolves), so that a server hanging up on an idle handle is noticed.
+    #[napi]
+    pub fn attach(&self, env: Env) {
+        let _ = self.driver(env.raw());
     }
 
     // ---- settings ----
@@ -353,6 +384,7 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_pread_initialize(&self, on: bool) {
+        self.pread_initialize.set(on);
         self.handle.set_pread_initialize(on)
     }
 
@@ -450,10 +482,17 @@ impl NativeHandle {
     #[napi]
     pub fn set_debug(
         &self,
+        env: Env,
         on: bool,
         #[napi(ts_arg_type = "((context: string, message: string) => void) | null | undefined")]
         callback: Option<Function<FnArgs<(String, String)>, ()>>,
     ) -> Result<()> {
+        if let Some(f) = &callback {
+            *self.debug_js.borrow_mut() = Ref::new(env.raw(), f.value().value);
+            if let Some(d) = self.driver.borrow().as_ref() {
+                d.conn.borrow_mut().queue_debug(true);
+            }
+        }
         let sink: Option<nbd_client::DebugSink> = match callback {
             None => None,
             Some(f) => {
@@ -704,122 +743,165 @@ impl NativeHandle {
 
     // ---- commands ----
     //
-    // Each starts the command and returns at once; its outcome arrives through the
-    // completion callback under `id`. Refusals (state, strict checks) throw here instead.
+    // Each returns a promise at once; refusals (state, strict checks, arguments) reject it.
 
-    #[napi]
-    pub fn pread(
+    #[napi(ts_return_type = "Promise<Buffer>")]
+    pub fn pread<'env>(
         &self,
-        id: u32,
+        env: &'env Env,
         count_: f64,
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
-    ) -> Result<()> {
-        let op = Op::Read { count: count(count_)?, offset: offset(offset_)?, flags };
-        self.handle.submit(op, token(cancel), self.done(id, None)).map_err(to_js)
-    }
-
-    /// Reads `buf.length` bytes; they are copied into `buf` on completion (see
-    /// [`ReadTarget`]). With `preadInitialize` on, `buf` is zeroed now, so a failed read
-    /// leaves zeros rather than stale bytes.
-    #[napi]
-    pub fn pread_into(
-        &self,
-        id: u32,
-        mut buf: Buffer,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-    ) -> Result<()> {
-        let op = Op::Read { count: buf.len() as u64, offset: offset(offset_)?, flags };
-        let zero = self.handle.config().pread_initialize;
-        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
-        let target = ReadTarget {
-            buf,
-            cancel: token(cancel),
-            closed: self.closed.clone(),
+    ) -> Unknown<'env> {
+        let (c, o) = match (count(count_), offset(offset_)) {
+            (Ok(c), Ok(o)) => (c, o),
+            (Err(e), _) | (_, Err(e)) => return self.reject(env, "pread", &from_js(e)),
         };
-        self.handle
-            .submit(op, token(cancel), self.done(id, Some(target)))
-            .map_err(to_js)?;
-        if zero && len > 0 {
-            // SAFETY: still inside the call, on the JavaScript thread, so the buffer is
-            // attached and `ptr` is its memory (the completion that copies into it runs on
-            // this thread too, later).
-            unsafe { std::ptr::write_bytes(ptr, 0, len) };
-        }
-        Ok(())
+        self.read(env, "pread", c, o, flags, Outcome::Buffer, cancel)
     }
 
-    /// Writes a copy of `buf`, taken now (see [`ReadTarget`] for why).
-    #[napi]
-    pub fn pwrite(
+    #[napi(ts_return_type = "Promise<{ data: Buffer; chunks: Array<{ offset: number; length: number; status: 'data' | 'hole' | 'error' }> }>")]
+    pub fn pread_structured<'env>(
         &self,
-        id: u32,
-        buf: BufferSlice,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-    ) -> Result<()> {
-        let src = Box::new(buf.to_vec());
-        let op = Op::Write { src, offset: offset(offset_)?, flags };
-        self.handle.submit(op, token(cancel), self.done(id, None)).map_err(to_js)
-    }
-
-    #[napi]
-    pub fn pread_structured(
-        &self,
-        id: u32,
+        env: &'env Env,
         count_: f64,
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
-    ) -> Result<()> {
-        let op = Op::ReadStructured { count: count(count_)?, offset: offset(offset_)?, flags };
-        self.handle.submit(op, token(cancel), self.done(id, None)).map_err(to_js)
+    ) -> Unknown<'env> {
+        let (c, o) = match (count(count_), offset(offset_)) {
+            (Ok(c), Ok(o)) => (c, o),
+            (Err(e), _) | (_, Err(e)) => return self.reject(env, "preadStructured", &from_js(e)),
+        };
+        let structured = self
+            .handle
+            .negotiated_so_far()
+            .map(|n| n.structured_replies)
+            .unwrap_or(false);
+        self.read(env, "preadStructured", c, o, flags, Outcome::Structured(o, c, structured), cancel)
+    }
+
+    /// Reads into `buf` directly (event-loop driver) or on completion (tokio driver). With
+    /// `preadInitialize` on, `buf` is zeroed first, before any check, as libnbd does.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn pread_into<'env>(
+        &self,
+        env: &'env Env,
+        #[napi(ts_arg_type = "Uint8Array")] buf: Unknown,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Unknown<'env> {
+        let op = "preadInto";
+        let Some(target) = CallerBuf::new(env.raw(), buf.value().value) else {
+            return self.reject(env, op, &nbd_client::Error::usage(Errno::EINVAL, "buf must be a Uint8Array"));
+        };
+        if self.pread_initialize.get() && target.len > 0 {
+            // SAFETY: just looked up, on the JavaScript thread.
+            unsafe { std::ptr::write_bytes(target.ptr, 0, target.len) };
+        }
+        let o = match offset(offset_) {
+            Ok(o) => o,
+            Err(e) => return self.reject(env, op, &from_js(e)),
+        };
+        let c = Self::read_cmd(op, target.len as u64, o, flags, Outcome::Void);
+        self.start(env, c, None, Some(target), Payload::None, cancel)
+    }
+
+    /// Writes `buf`: small writes are copied now; large ones are sent from `buf` (event-loop
+    /// driver) or copied now (tokio driver).
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn pwrite<'env>(
+        &self,
+        env: &'env Env,
+        #[napi(ts_arg_type = "Uint8Array")] buf: Unknown,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Unknown<'env> {
+        let op = "pwrite";
+        let Some(source) = CallerBuf::new(env.raw(), buf.value().value) else {
+            return self.reject(env, op, &nbd_client::Error::usage(Errno::EINVAL, "buf must be a Uint8Array"));
+        };
+        let o = match offset(offset_) {
+            Ok(o) => o,
+            Err(e) => return self.reject(env, op, &from_js(e)),
+        };
+        let len = source.len;
+        let c = Cmd {
+            operation: op,
+            command: Command { kind: CommandKind::Write, offset: o, length: len as u64, flags },
+            filter: None,
+            record_chunks: false,
+            outcome: Outcome::Void,
+        };
+        if len <= COPY_PAYLOAD_MAX {
+            // SAFETY: just looked up, on the JavaScript thread.
+            let bytes = if len == 0 { Vec::new() } else { unsafe { std::slice::from_raw_parts(source.ptr, len) }.to_vec() };
+            self.start(env, c, None, None, Payload::Owned(bytes), cancel)
+        } else {
+            self.start(env, c, None, Some(source), Payload::Borrowed(len), cancel)
+        }
     }
 
     /// Block status for every negotiated context, or only `contexts`.
-    #[napi]
-    pub fn block_status(
+    #[napi(ts_return_type = "Promise<Record<string, Array<{ offset: number; length: number; flags: number }>>>")]
+    pub fn block_status<'env>(
         &self,
-        id: u32,
+        env: &'env Env,
         count_: f64,
         offset_: Either<f64, BigInt>,
         flags: u32,
         contexts: Option<Vec<String>>,
         cancel: Option<&NativeCancel>,
-    ) -> Result<()> {
-        let op = Op::BlockStatus {
-            count: count(count_)?,
-            offset: offset(offset_)?,
-            flags,
-            contexts,
+    ) -> Unknown<'env> {
+        let (c, o) = match (count(count_), offset(offset_)) {
+            (Ok(c), Ok(o)) => (c, o),
+            (Err(e), _) | (_, Err(e)) => return self.reject(env, "blockStatus", &from_js(e)),
         };
-        self.handle.submit(op, token(cancel), self.done(id, None)).map_err(to_js)
+        let cmd = Cmd {
+            operation: "blockStatus",
+            command: Command { kind: CommandKind::BlockStatus, offset: o, length: c, flags },
+            filter: contexts,
+            record_chunks: false,
+            outcome: Outcome::Extents,
+        };
+        self.start(env, cmd, None, None, Payload::None, cancel)
     }
 
     /// Flush, trim, cache or zero (`kind`), by their libnbd names.
-    #[napi]
-    pub fn command(
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn command<'env>(
         &self,
-        id: u32,
+        env: &'env Env,
         kind: String,
         count_: f64,
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
-    ) -> Result<()> {
-        let kind = match kind.as_str() {
-            "flush" => CommandKind::Flush,
-            "trim" => CommandKind::Trim,
-            "cache" => CommandKind::Cache,
-            "zero" => CommandKind::WriteZeroes,
-            other => return Err(invalid(format!("unknown command {other:?}"))),
+    ) -> Unknown<'env> {
+        let (kind, operation) = match kind.as_str() {
+            "flush" => (CommandKind::Flush, "flush"),
+            "trim" => (CommandKind::Trim, "trim"),
+            "cache" => (CommandKind::Cache, "cache"),
+            "zero" => (CommandKind::WriteZeroes, "zero"),
+            other => {
+                return self.reject(env, "command", &nbd_client::Error::usage(Errno::EINVAL, format!("unknown command {other:?}")))
+            }
         };
-        let op = Op::Other { kind, count: count(count_)?, offset: offset(offset_)?, flags };
-        self.handle.submit(op, token(cancel), self.done(id, None)).map_err(to_js)
+        let (c, o) = match (count(count_), offset(offset_)) {
+            (Ok(c), Ok(o)) => (c, o),
+            (Err(e), _) | (_, Err(e)) => return self.reject(env, operation, &from_js(e)),
+        };
+        let cmd = Cmd {
+            operation,
+            command: Command { kind, offset: o, length: c, flags },
+            filter: None,
+            record_chunks: false,
+            outcome: Outcome::Void,
+        };
+        self.start(env, cmd, None, None, Payload::None, cancel)
     }
 
     // ---- option negotiation ----
@@ -893,14 +975,21 @@ impl NativeHandle {
     // ---- ending ----
 
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn shutdown<'env>(&self, env: &'env Env, abandon_pending: bool) -> Result<PromiseRaw<'env, ()>> {
+    pub fn shutdown<'env>(&self, env: &'env Env, abandon_pending: bool) -> Result<Unknown<'env>> {
+        if let Some(d) = self.driver(env.raw()) {
+            return Ok(Self::value(env, d.shutdown(abandon_pending)));
+        }
         let h = self.handle.clone();
-        spawn!(env, h.shutdown(abandon_pending))
+        let p = spawn!(env, h.shutdown(abandon_pending))?;
+        Ok(Self::value(env, p.raw()))
     }
 
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         self.closed.store(true, Ordering::SeqCst);
+        if let Some(d) = self.driver.borrow_mut().take() {
+            d.close(true);
+        }
         let h = self.handle.clone();
         env.spawn_future(async move {
             h.close().await;

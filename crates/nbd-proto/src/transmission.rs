@@ -495,6 +495,15 @@ impl<T> ReplyDecoder<T> {
         self.table.get_mut(&cookie).map(|f| &mut f.user)
     }
 
+    /// Forgets a command whose request never reached the server (or whose connection is
+    /// being abandoned); its user data comes back.
+    pub fn unregister(&mut self, cookie: u64) -> Option<T> {
+        if self.in_payload.is_some_and(|(c, _)| c == cookie) || self.finished == Some(cookie) {
+            return None;
+        }
+        self.table.remove(&cookie).map(|f| f.user)
+    }
+
     /// Commands in flight.
     pub fn len(&self) -> usize {
         self.table.len()

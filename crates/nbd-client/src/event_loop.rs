@@ -1,0 +1,1058 @@
+//! The event-loop driver: the transmission phase over a non-blocking socket, run on the
+//! thread that owns the handle by whoever polls that socket (in the Node binding, libuv on
+//! the JavaScript thread). No runtime, no threads, no channels, no locks.
+//!
+//! # Contract
+//!
+//! The owner of a [`Connection`] polls its socket ([`Connection::fd`]) and calls:
+//!
+//! * [`Connection::submit`] for each command. Requests are checked at once (state, strict
+//!   mode) and put in the output queue; nothing is written yet.
+//! * [`Connection::flush`] when it wants the queued output written: at the end of each
+//!   wake-up (so that every request issued during it leaves in one system call), and when
+//!   the socket is writable while [`Connection::wants_write`] is true.
+//! * [`Connection::on_readable`] when the socket is readable: reads replies in large
+//!   batches, moves read data into each command's destination and collects completions.
+//! * [`Connection::take_completions`] afterwards, and settles them.
+//!
+//! The per-command value `U` owns the command's buffers and is asked for them again
+//! before every use ([`CommandData`]), so an owner whose buffers can move or vanish between
+//! wake-ups (JavaScript's detachable ArrayBuffers) can say so, and the command fails with
+//! `EFAULT` instead of touching memory that is no longer its own.
+//!
+//! [`Connection::owes_replies`] says whether anything is pending (the owner keeps its event
+//! loop alive while it is true).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use nbd_proto::consts::command_name;
+use nbd_proto::state::{self, Call, State};
+use nbd_proto::transmission::{
+    Command, CommandKind, Decoded, Detail, Event, Fatal, ReplyDecoder, Session, Tracking,
+};
+use nbd_proto::{Errno, Error, Result};
+
+use crate::driver::{Debug, Lifeline, Shared};
+
+/// What the connection needs from a command's owner.
+pub trait CommandData {
+    /// The memory a read's data goes to, looked up again before every use: `None` when it
+    /// is gone (the command then fails with `EFAULT`, and nothing is written).
+    fn dest(&mut self) -> Option<(*mut u8, usize)>;
+    /// The memory a write given as [`Payload::Borrowed`] is sent from, looked up again
+    /// before every use: `None` when it is gone.
+    fn source(&mut self) -> Option<(*const u8, usize)>;
+    /// True once the application gave up on the command: it is then never sent if it is
+    /// still queued, and its destination is never written.
+    fn cancelled(&self) -> bool;
+}
+
+/// A write's payload.
+pub enum Payload {
+    /// No payload (every command but a write).
+    None,
+    /// Bytes the connection keeps (small writes are copied when submitted).
+    Owned(Vec<u8>),
+    /// `len` bytes that [`CommandData::source`] provides when they are sent.
+    Borrowed(usize),
+}
+
+/// A command for [`Connection::submit`].
+pub struct Submission<U> {
+    pub cmd: Command,
+    /// Block status only for these context names.
+    pub filter: Option<Vec<String>>,
+    /// Record a read's chunks ([`Detail::Chunks`]).
+    pub record_chunks: bool,
+    pub payload: Payload,
+    pub user: U,
+}
+
+/// A finished command, to be settled by the owner.
+pub struct Completion<U> {
+    pub user: U,
+    pub result: Result<()>,
+    pub detail: Detail,
+}
+
+/// A command waiting for room on the wire (`max_in_flight`).
+struct Queued<U> {
+    cmd: Command,
+    flags: u16,
+    tracking: Tracking,
+    payload: Payload,
+    user: U,
+}
+
+/// A command the server owes a reply to.
+struct Entry<U> {
+    user: U,
+    /// Set when the destination went away: the command fails with this error.
+    fault: Option<Error>,
+}
+
+/// One piece of the output queue.
+enum Segment {
+    /// Request headers and small payloads; `sent` bytes are out.
+    Bytes { data: Vec<u8>, sent: usize },
+    /// A write whose payload is sent from its owner's memory: its header, then `len`
+    /// bytes from [`CommandData::source`]; `sent` counts both.
+    Write {
+        cookie: u64,
+        header: Vec<u8>,
+        len: usize,
+        sent: usize,
+    },
+    /// NBD_CMD_DISC: after it, the write side is shut.
+    Disconnect { data: Vec<u8>, sent: usize },
+}
+
+/// Where the reader is inside a read's data.
+struct InPayload {
+    cookie: u64,
+    buf_offset: usize,
+    len: usize,
+    done: usize,
+    /// The bytes are dropped (the command was cancelled or its buffer went away).
+    sink: bool,
+}
+
+/// What one read into the input buffer brought.
+enum Fill {
+    Eof,
+    /// Some bytes (or an interrupted call); `full` when they filled the room offered.
+    Data { full: bool },
+    /// Nothing to read now.
+    Empty,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shutdown {
+    None,
+    /// Send NBD_CMD_DISC once nothing is queued or in flight.
+    Pending,
+    /// NBD_CMD_DISC is in the output queue or out.
+    Queued,
+    /// NBD_CMD_DISC is out and the write side is shut.
+    Sent,
+}
+
+/// The input buffer size: replies are read in batches this large.
+const INPUT_SIZE: usize = 256 * 1024;
+/// Read data still to come beyond this goes straight from the socket into its destination.
+const DIRECT_READ_MIN: usize = 32 * 1024;
+/// Write payloads up to this size are copied next to their header when submitted.
+pub const COPY_PAYLOAD_MAX: usize = 16 * 1024;
+/// Pieces gathered into one `sendmsg`.
+const MAX_IOV: usize = 64;
+
+/// The transmission phase of one connection, driven by its owner's event loop.
+pub struct Connection<U: CommandData> {
+    fd: OwnedFd,
+    session: Arc<Session>,
+    decoder: ReplyDecoder<Entry<U>>,
+    queued: VecDeque<Queued<U>>,
+    out: VecDeque<Segment>,
+    input: Vec<u8>,
+    start: usize,
+    end: usize,
+    payload: Option<InPayload>,
+    next_cookie: u64,
+    max_in_flight: usize,
+    shared: Arc<Shared>,
+    lifeline: Arc<Lifeline>,
+    debug: Debug,
+    completions: Vec<Completion<U>>,
+    shutdown: Shutdown,
+    ended: bool,
+    /// Debug messages kept for the owner ([`Connection::take_debug`]) instead of going to
+    /// the handle's sink.
+    debug_queue: Option<Vec<(&'static str, String)>>,
+}
+
+/// What the handle hands to an event-loop driver when the handshake is done.
+pub struct Transmission {
+    pub(crate) fd: OwnedFd,
+    pub(crate) session: Arc<Session>,
+    pub(crate) early: Vec<u8>,
+    pub(crate) max_in_flight: usize,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) lifeline: Arc<Lifeline>,
+    pub(crate) debug: Debug,
+}
+
+impl<U: CommandData> Connection<U> {
+    /// Takes over a connection that finished its handshake.
+    pub fn new(t: Transmission) -> Connection<U> {
+        let mut input = vec![0; INPUT_SIZE.max(t.early.len())];
+        input[..t.early.len()].copy_from_slice(&t.early);
+        Connection {
+            decoder: ReplyDecoder::new(&t.session.negotiated),
+            fd: t.fd,
+            session: t.session,
+            queued: VecDeque::new(),
+            out: VecDeque::new(),
+            end: t.early.len(),
+            input,
+            start: 0,
+            payload: None,
+            next_cookie: 1,
+            max_in_flight: t.max_in_flight.max(1),
+            shared: t.shared,
+            lifeline: t.lifeline,
+            debug: t.debug,
+            completions: Vec::new(),
+            shutdown: Shutdown::None,
+            ended: false,
+            debug_queue: None,
+        }
+    }
+
+    /// Keeps debug messages for [`Connection::take_debug`] rather than sending them to the
+    /// handle's sink: an owner on the application's thread can then deliver them in order
+    /// with the completions they describe.
+    pub fn queue_debug(&mut self, on: bool) {
+        self.debug_queue = on.then(Vec::new);
+    }
+
+    /// The debug messages kept since the last call: (context, message).
+    pub fn take_debug(&mut self) -> Vec<(&'static str, String)> {
+        self.debug_queue.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn log(&mut self, context: &'static str, message: String) {
+        match &mut self.debug_queue {
+            Some(q) => q.push((context, message)),
+            None => self.debug.log(context, &message),
+        }
+    }
+
+    /// The socket to poll.
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// What the handshake settled.
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    /// True once the connection is over (dead, or shut down and hung up).
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// True when output is waiting for the socket to become writable.
+    pub fn wants_write(&self) -> bool {
+        !self.ended && !self.out.is_empty()
+    }
+
+    /// True while commands are queued or in flight, or output is waiting.
+    pub fn owes_replies(&self) -> bool {
+        !self.ended
+            && (!self.decoder.is_empty() || !self.queued.is_empty() || !self.out.is_empty()
+                || self.shutdown == Shutdown::Pending)
+    }
+
+    /// True once NBD_CMD_DISC is out (or the connection ended): a shutdown is complete.
+    pub fn shutdown_done(&self) -> bool {
+        self.ended || self.shutdown == Shutdown::Sent
+    }
+
+    /// The state a handle on this connection is in.
+    pub fn state(&self) -> State {
+        match self.lifeline.ended() {
+            Some(end) if end.requested || self.shutdown != Shutdown::None => State::Closed,
+            Some(_) => State::Dead,
+            None if self.shutdown != Shutdown::None => State::Closed,
+            None if self.shared.in_flight.load(Ordering::Relaxed) > 0 => State::Processing,
+            None => State::Ready,
+        }
+    }
+
+    /// Finished commands, to be settled by the owner.
+    pub fn take_completions(&mut self) -> Vec<Completion<U>> {
+        std::mem::take(&mut self.completions)
+    }
+
+    /// True when completions are waiting to be taken.
+    pub fn has_completions(&self) -> bool {
+        !self.completions.is_empty()
+    }
+
+    /// Checks a command as libnbd would (state, strict mode) and queues it. On refusal the
+    /// command's value comes back with the error.
+    pub fn submit(&mut self, sub: Submission<U>, strict: u32) -> std::result::Result<(), (Error, U)> {
+        let Submission {
+            cmd,
+            filter,
+            record_chunks,
+            payload,
+            user,
+        } = sub;
+        if let Err(e) = self.check_state() {
+            return Err((e, user));
+        }
+        let flags = match self.session.check(&cmd, strict) {
+            Ok(f) => f,
+            Err(e) => return Err((e, user)),
+        };
+        let mut tracking = Tracking {
+            filter: None,
+            record_chunks,
+        };
+        if let Some(names) = &filter {
+            match self.session.block_status_filter(names) {
+                Ok(ids) => tracking.filter = Some(ids),
+                Err(e) => return Err((e, user)),
+            }
+        }
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let q = Queued {
+            cmd,
+            flags,
+            tracking,
+            payload,
+            user,
+        };
+        if self.queued.is_empty() && self.decoder.len() < self.max_in_flight {
+            self.send(q);
+        } else {
+            self.queued.push_back(q);
+        }
+        Ok(())
+    }
+
+    fn check_state(&self) -> Result<()> {
+        let state = self.state();
+        state::check(Call::Command, state)?;
+        if self.shutdown != Shutdown::None {
+            return Err(Error::usage(Errno::EINVAL, "invalid state: the handle is shutting down"));
+        }
+        Ok(())
+    }
+
+    /// Encodes a command into the output queue and registers it with the decoder.
+    fn send(&mut self, q: Queued<U>) {
+        let Queued {
+            cmd,
+            flags,
+            tracking,
+            payload,
+            mut user,
+        } = q;
+        if user.cancelled() {
+            // The caller has been told already; it never reaches the wire.
+            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.completions.push(Completion {
+                user,
+                result: Err(cancelled_error()),
+                detail: Detail::None,
+            });
+            return;
+        }
+        // A borrowed payload must still be there before anything of the command goes out.
+        if let Payload::Borrowed(len) = payload {
+            if !matches!(user.source(), Some((_, l)) if l == len) {
+                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.completions.push(Completion {
+                    user,
+                    result: Err(detached_error("write", len)),
+                    detail: Detail::None,
+                });
+                return;
+            }
+        }
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        if self.debug.on.load(Ordering::Relaxed) {
+            self.log(
+                "command",
+                format!(
+                    "sending {} cookie {cookie} offset {} count {} flags {flags:#x}{}",
+                    command_name(cmd.kind.code()),
+                    cmd.offset,
+                    cmd.length,
+                    match &tracking.filter {
+                        Some(ids) => format!(" contexts {ids:?}"),
+                        None => String::new(),
+                    }
+                ),
+            );
+        }
+        let mut sent = 0u64;
+        match payload {
+            Payload::Borrowed(len) => {
+                let mut header = Vec::with_capacity(32);
+                self.session.encode_request(cookie, &cmd, flags, &mut header);
+                sent += (header.len() + len) as u64;
+                self.out.push_back(Segment::Write {
+                    cookie,
+                    header,
+                    len,
+                    sent: 0,
+                });
+            }
+            other => {
+                let session = self.session.clone();
+                let data = self.bytes_tail();
+                let at = data.len();
+                match &tracking.filter {
+                    Some(ids) => session.encode_block_status_filter(cookie, &cmd, flags, ids, data),
+                    None => session.encode_request(cookie, &cmd, flags, data),
+                }
+                if let Payload::Owned(bytes) = other {
+                    data.extend_from_slice(&bytes);
+                }
+                sent += (data.len() - at) as u64;
+            }
+        }
+        self.shared.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+        self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        self.decoder
+            .register_with(cookie, cmd, tracking, Entry { user, fault: None });
+    }
+
+    /// The byte segment at the end of the output queue, new if the last one is not.
+    fn bytes_tail(&mut self) -> &mut Vec<u8> {
+        if !matches!(self.out.back(), Some(Segment::Bytes { .. })) {
+            self.out.push_back(Segment::Bytes {
+                data: Vec::with_capacity(4096),
+                sent: 0,
+            });
+        }
+        match self.out.back_mut() {
+            Some(Segment::Bytes { data, .. }) => data,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Moves queued commands onto the wire while there is room.
+    fn promote(&mut self) {
+        while self.decoder.len() < self.max_in_flight {
+            let Some(q) = self.queued.pop_front() else { break };
+            self.send(q);
+        }
+        if self.shutdown == Shutdown::Pending && self.queued.is_empty() && self.decoder.is_empty() {
+            self.queue_disconnect();
+        }
+    }
+
+    /// Fails the queued commands that were cancelled, at once (they would never be sent).
+    pub fn drop_cancelled(&mut self) {
+        let mut kept = VecDeque::with_capacity(self.queued.len());
+        for q in self.queued.drain(..) {
+            if q.user.cancelled() {
+                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.completions.push(Completion {
+                    user: q.user,
+                    result: Err(cancelled_error()),
+                    detail: Detail::None,
+                });
+            } else {
+                kept.push_back(q);
+            }
+        }
+        self.queued = kept;
+    }
+
+    /// `nbd_shutdown`: NBD_CMD_DISC once the commands in flight are answered, or at once
+    /// with `abandon` (the commands not yet sent then fail with `ENOTCONN`).
+    pub fn shutdown(&mut self, abandon: bool) -> Result<()> {
+        state::check(Call::Shutdown, self.state())?;
+        if self.shutdown != Shutdown::None || self.ended {
+            return Ok(());
+        }
+        self.lifeline.begin_disconnect();
+        if abandon {
+            for q in std::mem::take(&mut self.queued) {
+                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.completions.push(Completion {
+                    user: q.user,
+                    result: Err(Error::io(
+                        Errno::ENOTCONN,
+                        "the handle was shut down before the command was sent",
+                    )),
+                    detail: Detail::None,
+                });
+            }
+            self.queue_disconnect();
+        } else {
+            self.shutdown = Shutdown::Pending;
+            self.promote();
+        }
+        Ok(())
+    }
+
+    fn queue_disconnect(&mut self) {
+        let cmd = Command {
+            kind: CommandKind::Disconnect,
+            offset: 0,
+            length: 0,
+            flags: 0,
+        };
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        if self.debug.on.load(Ordering::Relaxed) {
+            self.log("shutdown", "sending NBD_CMD_DISC".to_string());
+        }
+        let mut data = Vec::with_capacity(32);
+        self.session.encode_request(cookie, &cmd, 0, &mut data);
+        self.shared.bytes_sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        self.out.push_back(Segment::Disconnect { data, sent: 0 });
+        self.shutdown = Shutdown::Queued;
+    }
+
+    // ---- writing ----
+
+    /// Writes as much of the output queue as the socket takes now, gathering many pieces
+    /// into one system call.
+    pub fn flush(&mut self) {
+        while !self.ended && !self.out.is_empty() {
+            let mut iov: [libc::iovec; MAX_IOV] = unsafe { std::mem::zeroed() };
+            let mut n_iov = 0;
+            let mut broken: Option<(u64, usize, bool)> = None;
+            for seg in self.out.iter() {
+                if n_iov + 2 > MAX_IOV {
+                    break;
+                }
+                match seg {
+                    Segment::Bytes { data, sent } | Segment::Disconnect { data, sent } => {
+                        iov[n_iov] = iovec(&data[*sent..]);
+                        n_iov += 1;
+                    }
+                    Segment::Write {
+                        cookie,
+                        header,
+                        len,
+                        sent,
+                    } => {
+                        let user = &mut self
+                            .decoder
+                            .user_mut(*cookie)
+                            .expect("a write being sent is registered")
+                            .user;
+                        let src = match user.source() {
+                            Some((ptr, l)) if l == *len && !user.cancelled() => ptr,
+                            Some((ptr, l)) if l == *len && *sent > 0 => ptr,
+                            _ => {
+                                broken = Some((*cookie, *len, *sent > 0));
+                                break;
+                            }
+                        };
+                        if *sent < header.len() {
+                            iov[n_iov] = iovec(&header[*sent..]);
+                            n_iov += 1;
+                        }
+                        let from = sent.saturating_sub(header.len());
+                        // SAFETY: `source` just said `len` bytes live at `src`, and nothing
+                        // can move them before this call returns (no other code runs).
+                        let data = unsafe { std::slice::from_raw_parts(src.add(from), len - from) };
+                        iov[n_iov] = iovec(data);
+                        n_iov += 1;
+                    }
+                }
+            }
+            if n_iov == 0 {
+                if let Some((cookie, len, partly_sent)) = broken {
+                    self.write_source_gone(cookie, len, partly_sent);
+                    continue;
+                }
+                break;
+            }
+            let written = match send_vectored(self.fd.as_raw_fd(), &iov[..n_iov]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.fail(crate::transport::io_error("writing to the server", e), None);
+                    return;
+                }
+            };
+            self.advance(written);
+            if let Some((cookie, len, partly_sent)) = broken {
+                if self.out.front().is_some_and(|s| matches!(s, Segment::Write { cookie: c, .. } if *c == cookie)) {
+                    self.write_source_gone(cookie, len, partly_sent);
+                }
+            }
+        }
+    }
+
+    /// Drops `written` bytes from the front of the output queue.
+    fn advance(&mut self, mut written: usize) {
+        while written > 0 {
+            let Some(seg) = self.out.front_mut() else { break };
+            let (total, sent) = match seg {
+                Segment::Bytes { data, sent } | Segment::Disconnect { data, sent } => (data.len(), sent),
+                Segment::Write {
+                    header, len, sent, ..
+                } => (header.len() + *len, sent),
+            };
+            let take = written.min(total - *sent);
+            *sent += take;
+            written -= take;
+            if *sent == total {
+                let seg = self.out.pop_front().expect("front exists");
+                if let Segment::Disconnect { .. } = seg {
+                    // Nothing may follow NBD_CMD_DISC: close our side.
+                    // SAFETY: shutdown(2) on our own socket.
+                    unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
+                    self.shutdown = Shutdown::Sent;
+                }
+            }
+        }
+    }
+
+    /// A write's payload went away before it was all sent. Nothing of it sent yet: that
+    /// command fails with `EFAULT` and the connection goes on. Partly sent: the stream can
+    /// no longer be completed truthfully, so the connection ends.
+    fn write_source_gone(&mut self, cookie: u64, len: usize, partly_sent: bool) {
+        let cancelled = self
+            .decoder
+            .user_mut(cookie)
+            .is_some_and(|e| e.user.cancelled());
+        let error = if cancelled { cancelled_error() } else { detached_error("write", len) };
+        if !partly_sent {
+            self.out.retain(|s| !matches!(s, Segment::Write { cookie: c, .. } if *c == cookie));
+            if let Some(entry) = self.decoder.unregister(cookie) {
+                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.completions.push(Completion {
+                    user: entry.user,
+                    result: Err(error),
+                    detail: Detail::None,
+                });
+            }
+            self.promote();
+        } else {
+            let fatal = Error::io(
+                error.errno(),
+                format!("{}; the request was partly sent, so the connection was closed", error.message()),
+            );
+            let entry = self.decoder.unregister(cookie);
+            self.fail(fatal.clone(), entry.map(|e| (e.user, fatal)));
+        }
+    }
+
+    /// The poller reported an error on the socket (libuv's `status`): the connection ends.
+    pub fn poll_failed(&mut self, status: i32) {
+        let e = Error::io(Errno::EIO, format!("polling the socket failed (libuv error {status})"));
+        self.fail(e, None);
+    }
+
+    // ---- reading ----
+
+    /// Reads and decodes what the server sent; completions gather for
+    /// [`Connection::take_completions`].
+    pub fn on_readable(&mut self) {
+        let mut drained = false;
+        while !self.ended {
+            if self.payload.is_some() {
+                match self.continue_payload() {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(e) => {
+                        self.fail(e, None);
+                        return;
+                    }
+                }
+            }
+            let decoded = match self.decoder.decode(&self.input[self.start..self.end]) {
+                Ok(d) => d,
+                Err(Fatal { error, command }) => {
+                    if self.debug.on.load(Ordering::Relaxed) {
+                        self.log("reply", format!("protocol violation: {}", error.message()));
+                    }
+                    self.fail(error.clone(), command.map(|(_, e)| (e.user, error)));
+                    return;
+                }
+            };
+            match decoded {
+                Decoded {
+                    consumed: 0,
+                    event: None,
+                } => {
+                    if drained {
+                        return;
+                    }
+                    match self.fill() {
+                        Ok(Fill::Eof) => {
+                            self.end_of_stream();
+                            return;
+                        }
+                        // A short read means the socket is empty for now: decode what came
+                        // and wait for the next wake-up rather than ask again.
+                        Ok(Fill::Data { full }) => drained = !full,
+                        Ok(Fill::Empty) => return,
+                        Err(e) => {
+                            self.fail(e, None);
+                            return;
+                        }
+                    }
+                }
+                Decoded { consumed, event } => {
+                    self.consume(consumed);
+                    if let Some(event) = event {
+                        self.event(event);
+                    }
+                }
+            }
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// One read into the input buffer.
+    fn fill(&mut self) -> Result<Fill> {
+        if self.input.len() - self.end < 4096 {
+            self.input.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.input.len() - self.end < 4096 {
+                let want = self.end + INPUT_SIZE;
+                self.input.resize(want, 0);
+            }
+        }
+        let room = self.input.len() - self.end;
+        match recv(self.fd.as_raw_fd(), &mut self.input[self.end..]) {
+            Ok(0) => Ok(Fill::Eof),
+            Ok(n) => {
+                self.end += n;
+                self.shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(Fill::Data { full: n == room })
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::Empty),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Fill::Data { full: true }),
+            Err(e) => Err(crate::transport::io_error("reading from the server", e)),
+        }
+    }
+
+    fn event(&mut self, event: Event<Entry<U>>) {
+        match event {
+            Event::Done {
+                cookie,
+                user: mut entry,
+                result,
+                detail,
+            } => {
+                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.own_unsent_payload(cookie, &mut entry) {
+                    self.fail(e.clone(), Some((entry.user, e)));
+                    return;
+                }
+                if self.debug.on.load(Ordering::Relaxed) {
+                    let outcome = match &result {
+                        Ok(()) => "success".to_string(),
+                        Err(e) => format!("{}: {}", e.errno(), e.message()),
+                    };
+                    self.log("reply", format!("cookie {cookie} done: {outcome}"));
+                }
+                let result = match (entry.fault, entry.user.cancelled()) {
+                    (_, true) => Err(cancelled_error()),
+                    (Some(fault), false) => Err(fault),
+                    (None, false) => result,
+                };
+                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.completions.push(Completion {
+                    user: entry.user,
+                    result,
+                    detail,
+                });
+                self.promote();
+            }
+            Event::ReadHole {
+                cookie,
+                buf_offset,
+                len,
+            } => {
+                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
+                let entry = self.decoder.user_mut(cookie).expect("decoder names a command in flight");
+                if let Some(ptr) = dest_checked(entry, buf_offset + len) {
+                    // SAFETY: `dest_checked` says the range is inside the live destination.
+                    unsafe { std::ptr::write_bytes(ptr.add(buf_offset), 0, len) };
+                }
+            }
+            Event::ReadData {
+                cookie,
+                buf_offset,
+                len,
+            } => {
+                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
+                self.payload = Some(InPayload {
+                    cookie,
+                    buf_offset,
+                    len,
+                    done: 0,
+                    sink: false,
+                });
+            }
+        }
+    }
+
+    /// A write answered before all of its payload went out (a server may reply early,
+    /// but the request must still be sent whole): copies the unsent rest into the output
+    /// queue now, while its owner's memory is known to be there.
+    fn own_unsent_payload(&mut self, cookie: u64, entry: &mut Entry<U>) -> Result<()> {
+        let Some(i) = self
+            .out
+            .iter()
+            .position(|s| matches!(s, Segment::Write { cookie: c, .. } if *c == cookie))
+        else {
+            return Ok(());
+        };
+        let Segment::Write { header, len, sent, .. } = &self.out[i] else { unreachable!() };
+        let (header_len, len, sent) = (header.len(), *len, *sent);
+        let src = match entry.user.source() {
+            Some((ptr, l)) if l == len => ptr,
+            _ => return Err(detached_error("write", len)),
+        };
+        let mut data = Vec::with_capacity(header_len + len - sent);
+        if sent < header_len {
+            data.extend_from_slice(&header[sent..]);
+        }
+        let from = sent.saturating_sub(header_len);
+        // SAFETY: `source` just said `len` bytes live at `src`.
+        data.extend_from_slice(unsafe { std::slice::from_raw_parts(src.add(from), len - from) });
+        self.out[i] = Segment::Bytes { data, sent: 0 };
+        Ok(())
+    }
+
+    /// Moves read data into its destination: first what is buffered, then straight from
+    /// the socket. `Ok(false)` when the socket has no more for now.
+    fn continue_payload(&mut self) -> Result<bool> {
+        let mut p = self.payload.take().expect("a payload is in progress");
+        let entry = self.decoder.user_mut(p.cookie).expect("decoder names a command in flight");
+        // Looked up again on every wake-up: JavaScript may have run since the last one.
+        let dest = if p.sink {
+            None
+        } else {
+            let d = dest_checked(entry, p.buf_offset + p.len);
+            if d.is_none() {
+                p.sink = true;
+            }
+            d
+        };
+        loop {
+            if p.done == p.len {
+                self.decoder.payload_done();
+                return Ok(true);
+            }
+            let buffered = (self.end - self.start).min(p.len - p.done);
+            if buffered > 0 {
+                if let Some(ptr) = dest {
+                    // SAFETY: in range of the live destination (checked above), and the
+                    // input buffer never overlaps it.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.input[self.start..].as_ptr(),
+                            ptr.add(p.buf_offset + p.done),
+                            buffered,
+                        )
+                    };
+                }
+                self.consume(buffered);
+                p.done += buffered;
+                continue;
+            }
+            let left = p.len - p.done;
+            let result = match dest {
+                Some(ptr) if left >= DIRECT_READ_MIN => {
+                    // SAFETY: as above.
+                    let slice = unsafe { std::slice::from_raw_parts_mut(ptr.add(p.buf_offset + p.done), left) };
+                    match recv(self.fd.as_raw_fd(), slice) {
+                        Ok(n) => {
+                            self.shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                            p.done += n;
+                            Ok(n)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                _ => match self.fill() {
+                    Ok(Fill::Eof) => Ok(0),
+                    Ok(Fill::Data { .. }) => Ok(1),
+                    Ok(Fill::Empty) => Err(io::ErrorKind::WouldBlock.into()),
+                    Err(e) => {
+                        self.payload = Some(p);
+                        return Err(e);
+                    }
+                },
+            };
+            match result {
+                Ok(0) => {
+                    self.payload = Some(p);
+                    self.end_of_stream();
+                    return Ok(false);
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.payload = Some(p);
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.payload = Some(p);
+                    return Err(crate::transport::io_error("reading from the server", e));
+                }
+            }
+        }
+    }
+
+    fn end_of_stream(&mut self) {
+        let e = if self.shutdown != Shutdown::None {
+            Error::io(Errno::ESHUTDOWN, "the server closed the connection after NBD_CMD_DISC")
+        } else {
+            Error::io(Errno::ECONNRESET, "the server closed the connection")
+        };
+        self.fail(e, None);
+    }
+
+    /// Ends the connection: `culprit` (if any) fails with its own error, every other
+    /// command with the connection's end. The handle's state is final before any of them
+    /// is reported.
+    fn fail(&mut self, error: Error, culprit: Option<(U, Error)>) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        self.lifeline.end(error);
+        let pending = self.lifeline.pending_error();
+        if self.debug.on.load(Ordering::Relaxed) {
+            self.log("connection", format!("connection ended: {}", pending.message()));
+        }
+        self.payload = None;
+        self.out.clear();
+        if let Some((user, e)) = culprit {
+            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.completions.push(Completion {
+                user,
+                result: Err(e),
+                detail: Detail::None,
+            });
+        }
+        self.fail_all(pending);
+        if self.shutdown == Shutdown::Pending || self.shutdown == Shutdown::Queued {
+            self.shutdown = Shutdown::Sent;
+        }
+    }
+
+    fn fail_all(&mut self, error: Error) {
+        let mut entries: Vec<(u64, Entry<U>)> = self.decoder.take_all();
+        entries.sort_by_key(|(cookie, _)| *cookie);
+        for (_, entry) in entries {
+            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let result = if entry.user.cancelled() { cancelled_error() } else { error.clone() };
+            self.completions.push(Completion {
+                user: entry.user,
+                result: Err(result),
+                detail: Detail::None,
+            });
+        }
+        for q in std::mem::take(&mut self.queued) {
+            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let result = if q.user.cancelled() { cancelled_error() } else { error.clone() };
+            self.completions.push(Completion {
+                user: q.user,
+                result: Err(result),
+                detail: Detail::None,
+            });
+        }
+    }
+
+    /// Closes the connection: every pending command fails with `ENOTCONN` (see
+    /// [`Connection::take_completions`]); the socket closes when the value is dropped.
+    pub fn close(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.lifeline.end(Error::io(Errno::ENOTCONN, "the handle was closed"));
+            self.payload = None;
+            self.out.clear();
+        }
+        self.fail_all(Error::io(
+            Errno::ENOTCONN,
+            "the handle was closed before the command finished",
+        ));
+    }
+}
+
+/// The destination of `entry` if it is live, at least `needed` bytes long and the command
+/// still wants it; otherwise records why not and gives `None`.
+fn dest_checked<U: CommandData>(entry: &mut Entry<U>, needed: usize) -> Option<*mut u8> {
+    if entry.user.cancelled() || entry.fault.is_some() {
+        return None;
+    }
+    match entry.user.dest() {
+        Some((ptr, len)) if len >= needed && !ptr.is_null() => Some(ptr),
+        Some((_, 0)) | None if needed == 0 => None,
+        other => {
+            let len = other.map_or(0, |(_, l)| l);
+            entry.fault = Some(Error::usage(
+                Errno::EFAULT,
+                format!(
+                    "the buffer was detached or resized while the read was in flight \
+                     (it now has {len} bytes); the data was dropped"
+                ),
+            ));
+            None
+        }
+    }
+}
+
+fn detached_error(what: &str, len: usize) -> Error {
+    Error::usage(
+        Errno::EFAULT,
+        format!("the buffer of this {what} ({len} bytes) was detached or resized before it was sent"),
+    )
+}
+
+fn cancelled_error() -> Error {
+    Error::new(nbd_proto::Fault::Cancelled, Errno::ECANCELED, "the command was cancelled")
+}
+
+fn iovec(data: &[u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const SEND_FLAGS: libc::c_int = 0;
+
+fn send_vectored(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: a zeroed msghdr with only the iovecs set is a valid argument; the iovecs
+    // point to memory the caller keeps alive for the call.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len() as _;
+        libc::sendmsg(fd, &msg, SEND_FLAGS | libc::MSG_DONTWAIT)
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
