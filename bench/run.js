@@ -7,8 +7,9 @@
 // Builds bench/build/libnbd-bench from bench/libnbd-bench.c when needed,
 // starts `nbdkit memory 1G` on a private Unix socket, fills the export with
 // non-zero data once, then for each row alternates fresh processes
-// (ours, libnbd, ours, libnbd, ...) and reports the median of each side and
-// the ratio ours/libnbd. See bench/README.md.
+// (ours, libnbd, ours, libnbd, ...) and reports the median ops/s of each
+// side, the ratio ours/libnbd and the median CPU time per operation of each
+// side. See bench/README.md.
 'use strict';
 
 const { spawn, spawnSync } = require('node:child_process');
@@ -25,21 +26,22 @@ const DIST = path.join(ROOT, 'dist', 'index.js');
 
 const EXPORT_SIZE = 1024 * 1024 * 1024; // nbdkit memory 1G
 const KiB = 1024;
+const MiB = 1024 * KiB;
 
 // Op counts are sized so that one run of either side takes roughly 1-3 s on
 // the 2-core development machine (libnbd near 1 s, ours near 2-3 s).
 const ROWS = [
   { name: 'pread-4k-qd1', label: 'pread 4 KiB QD1', op: 'pread', bs: 4 * KiB, depth: 1, ops: 25000 },
   { name: 'pread-4k-qd64', label: 'pread 4 KiB QD64', op: 'pread', bs: 4 * KiB, depth: 64, ops: 120000 },
+  // ours reads with preadInto into a buffer per slot; the libnbd side is the
+  // same program as pread-4k-qd64 (libnbd always reads into caller buffers).
+  { name: 'pread-4k-qd64-into', label: 'preadInto 4 KiB QD64', op: 'pread', bs: 4 * KiB, depth: 64, ops: 120000, into: true },
   { name: 'pread-256k-qd16', label: 'pread 256 KiB QD16', op: 'pread', bs: 256 * KiB, depth: 16, ops: 15000 },
+  { name: 'pread-2m-qd8', label: 'pread 2 MiB QD8', op: 'pread', bs: 2 * MiB, depth: 8, ops: 2000 },
+  { name: 'pwrite-4k-qd64', label: 'pwrite 4 KiB QD64', op: 'pwrite', bs: 4 * KiB, depth: 64, ops: 100000 },
   { name: 'pwrite-256k-qd16', label: 'pwrite 256 KiB QD16', op: 'pwrite', bs: 256 * KiB, depth: 16, ops: 20000 },
   // TLS 1.3 with a pre-shared key, against a second nbdkit (--tls=require --tls-psk).
   { name: 'tls-pread-256k-qd16', label: 'TLS (PSK) pread 256 KiB QD16', op: 'pread', bs: 256 * KiB, depth: 16, ops: 8000, tls: true },
-  {
-    name: 'pread-4k-qd64-into',
-    label: 'pread 4 KiB QD64 (preadInto)',
-    op: 'pread', bs: 4 * KiB, depth: 64, ops: 120000, into: true, optional: true,
-  },
 ];
 
 const WARMUP = 300;
@@ -48,11 +50,11 @@ const QUICK_DIVISOR = 10;
 class BenchError extends Error {}
 
 function usage() {
-  const names = ROWS.map((r) => `  ${r.name.padEnd(20)} ${r.label}${r.optional ? ' (not run by default)' : ''}`);
+  const names = ROWS.map((r) => `  ${r.name.padEnd(20)} ${r.label}`);
   return [
     'usage: node bench/run.js [options]',
     '',
-    '  --rows a,b,...   rows to run (default: all but the optional ones; "all" for every row)',
+    '  --rows a,b,...   rows to run (default, or "all": every row)',
     '  --runs N         runs per side per row, alternating ours/libnbd (default 5; 3 with --quick)',
     '  --quick          a tenth of the operations per run: a smoke test, not a measurement',
     '  --only SIDE      run only "ours" or only "libnbd"',
@@ -98,8 +100,7 @@ function parseArgs(argv) {
   }
   if (o.runs === null) o.runs = o.quick ? 3 : 5;
   let rows;
-  if (o.rows === null) rows = ROWS.filter((r) => !r.optional);
-  else if (o.rows === 'all') rows = ROWS.slice();
+  if (o.rows === null || o.rows === 'all') rows = ROWS.slice();
   else {
     rows = o.rows.split(',').filter(Boolean).map((n) => {
       const r = ROWS.find((x) => x.name === n);
@@ -255,7 +256,7 @@ function runOnce(side, row, sock, ops, server) {
   } catch {
     throw new BenchError(`${what}: could not parse output as JSON:\n${r.stdout}`);
   }
-  for (const k of ['ops', 'seconds', 'opsPerSec', 'mibPerSec']) {
+  for (const k of ['ops', 'seconds', 'opsPerSec', 'mibPerSec', 'cpuUserUs', 'cpuSystemUs', 'cpuUsPerOp']) {
     if (typeof result[k] !== 'number' || !Number.isFinite(result[k])) {
       throw new BenchError(`${what}: output lacks a numeric "${k}": ${lines[lines.length - 1]}`);
     }
@@ -277,14 +278,17 @@ function fmtNum(x, digits = 0) {
 }
 
 function printTable(results) {
-  const header = ['row', 'ours ops/s', 'libnbd ops/s', 'ours MiB/s', 'libnbd MiB/s', 'ours/libnbd'];
+  const header = ['row', 'ours ops/s', 'libnbd ops/s', 'ours/libnbd', 'ours MiB/s', 'libnbd MiB/s',
+    'ours CPU µs/op', 'libnbd CPU µs/op'];
   const body = results.map((r) => [
     r.label,
     fmtNum(r.ours.medianOpsPerSec),
     fmtNum(r.libnbd.medianOpsPerSec),
+    r.ratio === null ? '-' : r.ratio.toFixed(2),
     fmtNum(r.ours.medianMibPerSec, 1),
     fmtNum(r.libnbd.medianMibPerSec, 1),
-    r.ratio === null ? '-' : r.ratio.toFixed(2),
+    fmtNum(r.ours.medianCpuUsPerOp, 2),
+    fmtNum(r.libnbd.medianCpuUsPerOp, 2),
   ]);
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
   const line = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ');
@@ -353,7 +357,7 @@ async function main() {
     const results = [];
     for (const row of opts.rowList) {
       const target = row.tls ? tlsServer : server;
-      const ops = opts.quick ? Math.max(1000, Math.round(row.ops / QUICK_DIVISOR)) : row.ops;
+      const ops = opts.quick ? Math.max(100, Math.round(row.ops / QUICK_DIVISOR)) : row.ops;
       const runs = { ours: [], libnbd: [] };
       for (let i = 0; i < opts.runs; i++) {
         for (const side of sides) {
@@ -361,7 +365,8 @@ async function main() {
           runs[side].push(r);
           if (opts.verbose) {
             process.stderr.write(`  ${row.name} ${side.padEnd(6)} run ${i + 1}/${opts.runs}: ` +
-              `${fmtNum(r.opsPerSec)} ops/s, ${fmtNum(r.mibPerSec, 1)} MiB/s, ${r.seconds.toFixed(2)} s\n`);
+              `${fmtNum(r.opsPerSec)} ops/s, ${fmtNum(r.mibPerSec, 1)} MiB/s, ${r.seconds.toFixed(2)} s, ` +
+              `CPU ${fmtNum(r.cpuUsPerOp, 2)} µs/op\n`);
           }
         }
       }
@@ -369,6 +374,9 @@ async function main() {
         runs: list,
         medianOpsPerSec: median(list.map((r) => r.opsPerSec)),
         medianMibPerSec: median(list.map((r) => r.mibPerSec)),
+        medianCpuUsPerOp: median(list.map((r) => r.cpuUsPerOp)),
+        medianCpuUserUsPerOp: median(list.map((r) => r.cpuUserUs / r.ops)),
+        medianCpuSystemUsPerOp: median(list.map((r) => r.cpuSystemUs / r.ops)),
       });
       const ours = summarize(runs.ours);
       const libnbd = summarize(runs.libnbd);
@@ -382,7 +390,8 @@ async function main() {
 
     process.stdout.write('\n');
     printTable(results);
-    process.stdout.write(`\nmedians of ${opts.runs} alternating runs per side; ratio = ours/libnbd ops/s (>1: ours faster)` +
+    process.stdout.write(`\nmedians of ${opts.runs} alternating runs per side; ratio = ours/libnbd ops/s (>1: ours faster); ` +
+      'CPU = user+system time of the client process over the timed phase' +
       `${opts.quick ? '; --quick: smoke run, not a measurement' : ''}\n`);
 
     if (opts.json) {
@@ -391,6 +400,8 @@ async function main() {
         host: { cpus: os.cpus().length, cpuModel: (os.cpus()[0] || {}).model, node: process.version, platform: `${os.platform()} ${os.release()}` },
         server: `nbdkit memory ${EXPORT_SIZE} over a Unix socket`,
         runsPerSide: opts.runs, quick: opts.quick, warmup: WARMUP, sides,
+        cpu: 'user and system time of the client process (every thread) over the timed phase: ' +
+          'process.cpuUsage() in ours.js, getrusage(RUSAGE_SELF) in libnbd-bench',
         rows: results,
       };
       fs.writeFileSync(opts.json, JSON.stringify(doc, null, 2) + '\n');
