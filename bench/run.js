@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // run.js: nbd-client vs libnbd, side by side, on one nbdkit server.
 //
-//   node bench/run.js [--rows name,...|all] [--runs N] [--quick]
+//   node bench/run.js [--rows name,...|all] [--runs N] [--quick] [--syscalls]
 //                     [--only ours|libnbd] [--json FILE] [--verbose]
 //
 // Builds bench/build/libnbd-bench from bench/libnbd-bench.c when needed,
@@ -9,7 +9,8 @@
 // non-zero data once, then for each row alternates fresh processes
 // (ours, libnbd, ours, libnbd, ...) and reports the median ops/s of each
 // side, the ratio ours/libnbd and the median CPU time per operation of each
-// side. See bench/README.md.
+// side. With --syscalls it also counts system calls per operation under
+// `strace -f -c`. See bench/README.md.
 'use strict';
 
 const { spawn, spawnSync } = require('node:child_process');
@@ -46,6 +47,8 @@ const ROWS = [
 
 const WARMUP = 300;
 const QUICK_DIVISOR = 10;
+// --syscalls: each side runs each row twice under strace, with half the
+// operations of a timed run (N) and with as many as a timed run (2N).
 
 class BenchError extends Error {}
 
@@ -57,6 +60,7 @@ function usage() {
     '  --rows a,b,...   rows to run (default, or "all": every row)',
     '  --runs N         runs per side per row, alternating ours/libnbd (default 5; 3 with --quick)',
     '  --quick          a tenth of the operations per run: a smoke test, not a measurement',
+    '  --syscalls       also count system calls per operation of each side under strace -f -c',
     '  --only SIDE      run only "ours" or only "libnbd"',
     '  --json FILE      also write the results as JSON to FILE',
     '  --verbose        print every run as it finishes',
@@ -68,7 +72,7 @@ function usage() {
 }
 
 function parseArgs(argv) {
-  const o = { rows: null, runs: null, quick: false, only: null, json: null, verbose: false };
+  const o = { rows: null, runs: null, quick: false, syscalls: false, only: null, json: null, verbose: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const eq = a.indexOf('=');
@@ -87,6 +91,7 @@ function parseArgs(argv) {
         break;
       }
       case '--quick': o.quick = true; break;
+      case '--syscalls': o.syscalls = true; break;
       case '--only': {
         o.only = value();
         if (o.only !== 'ours' && o.only !== 'libnbd') throw new BenchError(`--only must be "ours" or "libnbd", got '${o.only}'`);
@@ -227,8 +232,9 @@ async function stopNbdkitAndWait(server) {
   clearTimeout(timer);
 }
 
-// One benchmark process; returns its parsed JSON line.
-function runOnce(side, row, sock, ops, server) {
+// One benchmark process; returns its parsed JSON line. `wrapper`, if given,
+// is a command line the process is started under (strace for --syscalls).
+function runOnce(side, row, sock, ops, server, wrapper = null) {
   const common = ['--socket', sock, '--op', row.op, '--bs', String(row.bs), '--depth', String(row.depth),
     '--ops', String(ops), '--size', String(EXPORT_SIZE), '--warmup', String(WARMUP),
     ...(server.pskFile ? ['--psk-file', server.pskFile, '--psk-user', 'bench'] : [])];
@@ -241,8 +247,12 @@ function runOnce(side, row, sock, ops, server) {
     cmd = C_BINARY;
     args = common;
   }
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 300000, maxBuffer: 16 * 1024 * 1024 });
-  const what = `${row.name} (${side})`;
+  if (wrapper) {
+    args = [...wrapper.slice(1), cmd, ...args];
+    cmd = wrapper[0];
+  }
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 600000, maxBuffer: 16 * 1024 * 1024 });
+  const what = `${row.name} (${side}${wrapper ? `, under ${wrapper[0]}` : ''})`;
   if (r.error) throw new BenchError(`${what}: ${r.error.message}`);
   if (r.status !== 0) {
     const why = r.signal ? `killed by ${r.signal}` : `exit code ${r.status}`;
@@ -265,6 +275,76 @@ function runOnce(side, row, sock, ops, server) {
   return result;
 }
 
+// The per-syscall call counts of a `strace -c` summary file:
+//
+//   % time     seconds  usecs/call     calls    errors syscall
+//   ------ ----------- ----------- --------- --------- ----------------
+//    80.00    0.000044          22         2           getdents64
+//    ...
+//   ------ ----------- ----------- --------- --------- ----------------
+//   100.00    0.000055           0       157        27 total
+//
+// The errors column may be blank, so a row is read as: four numbers, an
+// optional error count, the name. The total row is left out (it is the sum).
+function parseStraceSummary(text, what) {
+  const counts = new Map();
+  for (const line of text.split('\n')) {
+    const t = line.trim().split(/\s+/);
+    if (t.length < 5 || t.length > 6 || !/^\d/.test(t[0])) continue;
+    const name = t[t.length - 1];
+    const calls = Number(t[3]);
+    if (name === 'total' || !Number.isInteger(calls)) continue;
+    counts.set(name, (counts.get(name) || 0) + calls);
+  }
+  if (counts.size === 0) throw new BenchError(`${what}: no system call counts in the strace summary:\n${text}`);
+  return counts;
+}
+
+// System calls per operation of one side on one row. The process is run
+// under `strace -f -c` (every thread) twice, with N and with 2N timed
+// operations; everything else (start-up, connecting, warm-up, closing) is
+// the same in both, so the difference in counts is what N operations cost.
+function measureSyscalls(side, row, server, ops, tmp) {
+  const n = Math.max(50, Math.round(ops / 2));
+  const what = `${row.name} (${side}, syscalls)`;
+  const count = (k) => {
+    const file = path.join(tmp, `strace-${side}-${k}.txt`);
+    runOnce(side, row, server.sock, k, server, ['strace', '-f', '-c', '-o', file]);
+    let text;
+    try {
+      text = fs.readFileSync(file, 'utf8');
+    } catch (err) {
+      throw new BenchError(`${what}: strace wrote no summary: ${err.message}`);
+    }
+    fs.rmSync(file, { force: true });
+    return parseStraceSummary(text, what);
+  };
+  const once = count(n);
+  const twice = count(2 * n);
+  const total = (m) => [...m.values()].reduce((a, b) => a + b, 0);
+  const bySyscall = {};
+  const names = new Set([...once.keys(), ...twice.keys()]);
+  const diffs = [...names].map((name) => [name, ((twice.get(name) || 0) - (once.get(name) || 0)) / n]);
+  diffs.sort((a, b) => Math.abs(b[1]) - Math.abs(a[1]) || (a[0] < b[0] ? -1 : 1));
+  for (const [name, perOp] of diffs) if (perOp !== 0) bySyscall[name] = Number(perOp.toFixed(4));
+  return {
+    opsN: n,
+    callsN: total(once),
+    calls2N: total(twice),
+    perOp: Number(((total(twice) - total(once)) / n).toFixed(4)),
+    bySyscall,
+  };
+}
+
+// "futex 2.01, read 1.00, ..." for the largest few entries of bySyscall.
+function topSyscalls(bySyscall, k = 6) {
+  const entries = Object.entries(bySyscall).filter(([, v]) => Math.abs(v) >= 0.005);
+  if (entries.length === 0) return '(none)';
+  const shown = entries.slice(0, k).map(([name, v]) => `${name} ${v.toFixed(2)}`);
+  if (entries.length > k) shown.push('...');
+  return shown.join(', ');
+}
+
 function median(xs) {
   if (xs.length === 0) return null;
   const s = xs.slice().sort((a, b) => a - b);
@@ -277,19 +357,27 @@ function fmtNum(x, digits = 0) {
   return x.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
 }
 
-function printTable(results) {
+function printTable(results, withSyscalls) {
   const header = ['row', 'ours ops/s', 'libnbd ops/s', 'ours/libnbd', 'ours MiB/s', 'libnbd MiB/s',
     'ours CPU µs/op', 'libnbd CPU µs/op'];
-  const body = results.map((r) => [
-    r.label,
-    fmtNum(r.ours.medianOpsPerSec),
-    fmtNum(r.libnbd.medianOpsPerSec),
-    r.ratio === null ? '-' : r.ratio.toFixed(2),
-    fmtNum(r.ours.medianMibPerSec, 1),
-    fmtNum(r.libnbd.medianMibPerSec, 1),
-    fmtNum(r.ours.medianCpuUsPerOp, 2),
-    fmtNum(r.libnbd.medianCpuUsPerOp, 2),
-  ]);
+  if (withSyscalls) header.push('ours syscalls/op', 'libnbd syscalls/op');
+  const body = results.map((r) => {
+    const cells = [
+      r.label,
+      fmtNum(r.ours.medianOpsPerSec),
+      fmtNum(r.libnbd.medianOpsPerSec),
+      r.ratio === null ? '-' : r.ratio.toFixed(2),
+      fmtNum(r.ours.medianMibPerSec, 1),
+      fmtNum(r.libnbd.medianMibPerSec, 1),
+      fmtNum(r.ours.medianCpuUsPerOp, 2),
+      fmtNum(r.libnbd.medianCpuUsPerOp, 2),
+    ];
+    if (withSyscalls) {
+      cells.push(fmtNum(r.ours.syscalls ? r.ours.syscalls.perOp : null, 2),
+        fmtNum(r.libnbd.syscalls ? r.libnbd.syscalls.perOp : null, 2));
+    }
+    return cells;
+  });
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
   const line = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ');
   const out = [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)];
@@ -305,6 +393,9 @@ async function main() {
   }
   // The C binary is also used to prefill the export, so build it either way.
   buildCBinary();
+  if (opts.syscalls && !which('strace')) {
+    throw new BenchError('--syscalls needs strace, which is not on PATH (Debian/Ubuntu: apt-get install -y strace)');
+  }
 
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-bench-'));
   let server = null;
@@ -377,9 +468,20 @@ async function main() {
         medianCpuUsPerOp: median(list.map((r) => r.cpuUsPerOp)),
         medianCpuUserUsPerOp: median(list.map((r) => r.cpuUserUs / r.ops)),
         medianCpuSystemUsPerOp: median(list.map((r) => r.cpuSystemUs / r.ops)),
+        syscalls: null,
       });
       const ours = summarize(runs.ours);
       const libnbd = summarize(runs.libnbd);
+      if (opts.syscalls) {
+        for (const side of sides) {
+          const sc = measureSyscalls(side, row, target, ops, tmp);
+          (side === 'ours' ? ours : libnbd).syscalls = sc;
+          if (opts.verbose) {
+            process.stderr.write(`  ${row.name} ${side.padEnd(6)} syscalls: ${sc.callsN} with ${sc.opsN} ops, ` +
+              `${sc.calls2N} with ${2 * sc.opsN}: ${sc.perOp.toFixed(2)} per op (${topSyscalls(sc.bySyscall)})\n`);
+          }
+        }
+      }
       const ratio = ours.medianOpsPerSec !== null && libnbd.medianOpsPerSec ? ours.medianOpsPerSec / libnbd.medianOpsPerSec : null;
       results.push({
         name: row.name, label: row.label, op: row.op, blockSize: row.bs, depth: row.depth,
@@ -389,10 +491,22 @@ async function main() {
     }
 
     process.stdout.write('\n');
-    printTable(results);
+    printTable(results, opts.syscalls);
     process.stdout.write(`\nmedians of ${opts.runs} alternating runs per side; ratio = ours/libnbd ops/s (>1: ours faster); ` +
       'CPU = user+system time of the client process over the timed phase' +
       `${opts.quick ? '; --quick: smoke run, not a measurement' : ''}\n`);
+
+    if (opts.syscalls) {
+      process.stdout.write('syscalls = (calls with 2N ops - calls with N ops) / N under strace -f -c, every thread; ' +
+        'the largest per op:\n');
+      const width = Math.max(...results.map((r) => r.label.length));
+      for (const r of results) {
+        for (const side of sides) {
+          const sc = r[side].syscalls;
+          process.stdout.write(`  ${r.label.padEnd(width)}  ${side.padEnd(6)}  ${topSyscalls(sc.bySyscall)}\n`);
+        }
+      }
+    }
 
     if (opts.json) {
       const doc = {
@@ -402,6 +516,9 @@ async function main() {
         runsPerSide: opts.runs, quick: opts.quick, warmup: WARMUP, sides,
         cpu: 'user and system time of the client process (every thread) over the timed phase: ' +
           'process.cpuUsage() in ours.js, getrusage(RUSAGE_SELF) in libnbd-bench',
+        syscalls: opts.syscalls
+          ? 'strace -f -c, each side run with N and with 2N timed operations; perOp = (calls2N - callsN) / N'
+          : null,
         rows: results,
       };
       fs.writeFileSync(opts.json, JSON.stringify(doc, null, 2) + '\n');
