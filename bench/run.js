@@ -47,8 +47,8 @@ const ROWS = [
 
 const WARMUP = 300;
 const QUICK_DIVISOR = 10;
-// --syscalls: each side runs each row twice under strace, with half the
-// operations of a timed run (N) and with as many as a timed run (2N).
+// --syscalls: each side runs each row twice more under strace: with `depth`
+// timed operations and with as many as a timed run (see measureSyscalls).
 
 class BenchError extends Error {}
 
@@ -301,11 +301,20 @@ function parseStraceSummary(text, what) {
 }
 
 // System calls per operation of one side on one row. The process is run
-// under `strace -f -c` (every thread) twice, with N and with 2N timed
-// operations; everything else (start-up, connecting, warm-up, closing) is
-// the same in both, so the difference in counts is what N operations cost.
+// under `strace -f -c` (every thread) twice: a short run whose timed phase
+// is only `depth` operations (one per slot, so it still fills and drains the
+// pipeline) and a full run of `ops` operations. Start-up, connecting, the
+// warm-up and closing are the same in both, so
+//
+//   perOp = (calls of the full run - calls of the short run) / (ops - depth)
+//
+// is what the steady-state timed operations cost. (A run with N and one with
+// 2N operations would do too, but then the warm-up and the run-to-run drift
+// of the per-op rate weigh in about twice, which on timing-dependent rows
+// gave negative figures.)
 function measureSyscalls(side, row, server, ops, tmp) {
-  const n = Math.max(50, Math.round(ops / 2));
+  const nShort = row.depth;
+  if (ops <= nShort) throw new BenchError(`${row.name}: ${ops} ops per run is too few to count syscalls (need more than ${nShort})`);
   const what = `${row.name} (${side}, syscalls)`;
   const count = (k) => {
     const file = path.join(tmp, `strace-${side}-${k}.txt`);
@@ -319,19 +328,21 @@ function measureSyscalls(side, row, server, ops, tmp) {
     fs.rmSync(file, { force: true });
     return parseStraceSummary(text, what);
   };
-  const once = count(n);
-  const twice = count(2 * n);
-  const total = (m) => [...m.values()].reduce((a, b) => a + b, 0);
+  const short = count(nShort);
+  const full = count(ops);
+  const n = ops - nShort;
+  const total = (m) => [...m.values()].reduce((x, y) => x + y, 0);
+  const names = new Set([...short.keys(), ...full.keys()]);
+  const diffs = [...names].map((name) => [name, ((full.get(name) || 0) - (short.get(name) || 0)) / n]);
+  diffs.sort((x, y) => Math.abs(y[1]) - Math.abs(x[1]) || (x[0] < y[0] ? -1 : 1));
   const bySyscall = {};
-  const names = new Set([...once.keys(), ...twice.keys()]);
-  const diffs = [...names].map((name) => [name, ((twice.get(name) || 0) - (once.get(name) || 0)) / n]);
-  diffs.sort((a, b) => Math.abs(b[1]) - Math.abs(a[1]) || (a[0] < b[0] ? -1 : 1));
   for (const [name, perOp] of diffs) if (perOp !== 0) bySyscall[name] = Number(perOp.toFixed(4));
   return {
-    opsN: n,
-    callsN: total(once),
-    calls2N: total(twice),
-    perOp: Number(((total(twice) - total(once)) / n).toFixed(4)),
+    opsShort: nShort,
+    callsShort: total(short),
+    opsFull: ops,
+    callsFull: total(full),
+    perOp: Number(((total(full) - total(short)) / n).toFixed(4)),
     bySyscall,
   };
 }
@@ -477,8 +488,8 @@ async function main() {
           const sc = measureSyscalls(side, row, target, ops, tmp);
           (side === 'ours' ? ours : libnbd).syscalls = sc;
           if (opts.verbose) {
-            process.stderr.write(`  ${row.name} ${side.padEnd(6)} syscalls: ${sc.callsN} with ${sc.opsN} ops, ` +
-              `${sc.calls2N} with ${2 * sc.opsN}: ${sc.perOp.toFixed(2)} per op (${topSyscalls(sc.bySyscall)})\n`);
+            process.stderr.write(`  ${row.name} ${side.padEnd(6)} syscalls: ${sc.callsShort} with ${sc.opsShort} ops, ` +
+              `${sc.callsFull} with ${sc.opsFull}: ${sc.perOp.toFixed(2)} per op (${topSyscalls(sc.bySyscall)})\n`);
           }
         }
       }
@@ -497,8 +508,8 @@ async function main() {
       `${opts.quick ? '; --quick: smoke run, not a measurement' : ''}\n`);
 
     if (opts.syscalls) {
-      process.stdout.write('syscalls = (calls with 2N ops - calls with N ops) / N under strace -f -c, every thread; ' +
-        'the largest per op:\n');
+      process.stdout.write('syscalls = (calls with all ops - calls with depth ops) / (ops - depth) under strace -f -c, ' +
+        'every thread; the largest per op:\n');
       const width = Math.max(...results.map((r) => r.label.length));
       for (const r of results) {
         for (const side of sides) {
@@ -517,7 +528,8 @@ async function main() {
         cpu: 'user and system time of the client process (every thread) over the timed phase: ' +
           'process.cpuUsage() in ours.js, getrusage(RUSAGE_SELF) in libnbd-bench',
         syscalls: opts.syscalls
-          ? 'strace -f -c, each side run with N and with 2N timed operations; perOp = (calls2N - callsN) / N'
+          ? 'strace -f -c, each side run with opsShort (= depth) and with opsFull timed operations; ' +
+            'perOp = (callsFull - callsShort) / (opsFull - opsShort)'
           : null,
         rows: results,
       };
