@@ -6,7 +6,13 @@
  * the export and wrapping around.  After WARMUP untimed operations it times
  * OPS operations with CLOCK_MONOTONIC and prints one JSON line:
  *
- *   {"ops":N,"seconds":s,"opsPerSec":x,"mibPerSec":y}
+ *   {"ops":N,"seconds":s,"opsPerSec":x,"mibPerSec":y,
+ *    "cpuUserUs":u,"cpuSystemUs":k,"cpuUsPerOp":c}
+ *
+ * The CPU figures are getrusage (RUSAGE_SELF) taken just before and just
+ * after the timed phase: user and system time of the whole process (every
+ * thread) spent on those OPS operations, in microseconds, and their sum
+ * divided by OPS.
  *
  * bench/ours.js runs the identical workload with nbd-client.
  *
@@ -35,6 +41,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
+#include <sys/time.h>
 
 #include <libnbd.h>
 
@@ -112,6 +120,18 @@ now_seconds (void)
   if (clock_gettime (CLOCK_MONOTONIC, &ts) == -1)
     die ("clock_gettime: %s", strerror (errno));
   return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+/* User and system CPU time of the process so far, in microseconds. */
+static void
+cpu_times_us (uint64_t *user_us, uint64_t *system_us)
+{
+  struct rusage ru;
+
+  if (getrusage (RUSAGE_SELF, &ru) == -1)
+    die ("getrusage: %s", strerror (errno));
+  *user_us = (uint64_t) ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
+  *system_us = (uint64_t) ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
 }
 
 static int
@@ -318,15 +338,25 @@ main (int argc, char *argv[])
     run_phase (warmup, 0);
 
   {
-    double t0 = now_seconds ();
-    uint64_t done = run_phase (ops, seconds);
-    double elapsed = now_seconds () - t0;
-    double ops_per_sec = (double) done / elapsed;
-    double mib_per_sec = ops_per_sec * (double) block_size / (1024.0 * 1024.0);
+    uint64_t user0, sys0, user1, sys1;
+    double t0, elapsed, ops_per_sec, mib_per_sec, cpu_per_op;
+    uint64_t done;
+
+    cpu_times_us (&user0, &sys0);
+    t0 = now_seconds ();
+    done = run_phase (ops, seconds);
+    elapsed = now_seconds () - t0;
+    cpu_times_us (&user1, &sys1);
+    ops_per_sec = (double) done / elapsed;
+    mib_per_sec = ops_per_sec * (double) block_size / (1024.0 * 1024.0);
+    cpu_per_op = done > 0 ? (double) ((user1 - user0) + (sys1 - sys0)) / (double) done : 0;
 
     if (printf ("{\"ops\":%" PRIu64 ",\"seconds\":%.6f,"
-                "\"opsPerSec\":%.1f,\"mibPerSec\":%.2f}\n",
-                done, elapsed, ops_per_sec, mib_per_sec) < 0 ||
+                "\"opsPerSec\":%.1f,\"mibPerSec\":%.2f,"
+                "\"cpuUserUs\":%" PRIu64 ",\"cpuSystemUs\":%" PRIu64 ","
+                "\"cpuUsPerOp\":%.3f}\n",
+                done, elapsed, ops_per_sec, mib_per_sec,
+                user1 - user0, sys1 - sys0, cpu_per_op) < 0 ||
         fflush (stdout) == EOF)
       die ("writing the result: %s", strerror (errno));
   }

@@ -7,7 +7,12 @@
 // sequentially through the export and wrapping around, `warmup` untimed
 // operations, then `ops` timed operations. Prints one JSON line:
 //
-//   {"ops":N,"seconds":s,"opsPerSec":x,"mibPerSec":y}
+//   {"ops":N,"seconds":s,"opsPerSec":x,"mibPerSec":y,
+//    "cpuUserUs":u,"cpuSystemUs":k,"cpuUsPerOp":c}
+//
+// The CPU figures are process.cpuUsage() (getrusage(RUSAGE_SELF): every
+// thread of the process, so the driver's threads too) taken just before and
+// just after the timed phase, in microseconds, and their sum divided by ops.
 //
 // Usage:
 //   node bench/ours.js --socket PATH --op pread|pwrite --bs BYTES --depth N
@@ -188,17 +193,23 @@ async function main() {
 
     if (o.warmup > 0) await runPhase(o.warmup, 0);
 
+    const cpu0 = process.cpuUsage();
     const t0 = process.hrtime.bigint();
     const done = await runPhase(o.ops, o.seconds);
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+    const cpu = process.cpuUsage(cpu0);
     const opsPerSec = done / seconds;
     const mibPerSec = (opsPerSec * bs) / (1024 * 1024);
+    const cpuUsPerOp = done > 0 ? (cpu.user + cpu.system) / done : 0;
     process.stdout.write(
       JSON.stringify({
         ops: done,
         seconds: Number(seconds.toFixed(6)),
         opsPerSec: Number(opsPerSec.toFixed(1)),
         mibPerSec: Number(mibPerSec.toFixed(2)),
+        cpuUserUs: cpu.user,
+        cpuSystemUs: cpu.system,
+        cpuUsPerOp: Number(cpuUsPerOp.toFixed(3)),
       }) + '\n',
     );
   } finally {

@@ -1,14 +1,16 @@
 #!/usr/bin/env node
 // run.js: nbd-client vs libnbd, side by side, on one nbdkit server.
 //
-//   node bench/run.js [--rows name,...|all] [--runs N] [--quick]
+//   node bench/run.js [--rows name,...|all] [--runs N] [--quick] [--syscalls]
 //                     [--only ours|libnbd] [--json FILE] [--verbose]
 //
 // Builds bench/build/libnbd-bench from bench/libnbd-bench.c when needed,
 // starts `nbdkit memory 1G` on a private Unix socket, fills the export with
 // non-zero data once, then for each row alternates fresh processes
-// (ours, libnbd, ours, libnbd, ...) and reports the median of each side and
-// the ratio ours/libnbd. See bench/README.md.
+// (ours, libnbd, ours, libnbd, ...) and reports the median ops/s of each
+// side, the ratio ours/libnbd and the median CPU time per operation of each
+// side. With --syscalls it also counts system calls per operation under
+// `strace -f -c`. See bench/README.md.
 'use strict';
 
 const { spawn, spawnSync } = require('node:child_process');
@@ -25,36 +27,40 @@ const DIST = path.join(ROOT, 'dist', 'index.js');
 
 const EXPORT_SIZE = 1024 * 1024 * 1024; // nbdkit memory 1G
 const KiB = 1024;
+const MiB = 1024 * KiB;
 
 // Op counts are sized so that one run of either side takes roughly 1-3 s on
 // the 2-core development machine (libnbd near 1 s, ours near 2-3 s).
 const ROWS = [
   { name: 'pread-4k-qd1', label: 'pread 4 KiB QD1', op: 'pread', bs: 4 * KiB, depth: 1, ops: 25000 },
   { name: 'pread-4k-qd64', label: 'pread 4 KiB QD64', op: 'pread', bs: 4 * KiB, depth: 64, ops: 120000 },
+  // ours reads with preadInto into a buffer per slot; the libnbd side is the
+  // same program as pread-4k-qd64 (libnbd always reads into caller buffers).
+  { name: 'pread-4k-qd64-into', label: 'preadInto 4 KiB QD64', op: 'pread', bs: 4 * KiB, depth: 64, ops: 120000, into: true },
   { name: 'pread-256k-qd16', label: 'pread 256 KiB QD16', op: 'pread', bs: 256 * KiB, depth: 16, ops: 15000 },
+  { name: 'pread-2m-qd8', label: 'pread 2 MiB QD8', op: 'pread', bs: 2 * MiB, depth: 8, ops: 2000 },
+  { name: 'pwrite-4k-qd64', label: 'pwrite 4 KiB QD64', op: 'pwrite', bs: 4 * KiB, depth: 64, ops: 100000 },
   { name: 'pwrite-256k-qd16', label: 'pwrite 256 KiB QD16', op: 'pwrite', bs: 256 * KiB, depth: 16, ops: 20000 },
   // TLS 1.3 with a pre-shared key, against a second nbdkit (--tls=require --tls-psk).
   { name: 'tls-pread-256k-qd16', label: 'TLS (PSK) pread 256 KiB QD16', op: 'pread', bs: 256 * KiB, depth: 16, ops: 8000, tls: true },
-  {
-    name: 'pread-4k-qd64-into',
-    label: 'pread 4 KiB QD64 (preadInto)',
-    op: 'pread', bs: 4 * KiB, depth: 64, ops: 120000, into: true, optional: true,
-  },
 ];
 
 const WARMUP = 300;
 const QUICK_DIVISOR = 10;
+// --syscalls: each side runs each row twice more under strace: with `depth`
+// timed operations and with as many as a timed run (see measureSyscalls).
 
 class BenchError extends Error {}
 
 function usage() {
-  const names = ROWS.map((r) => `  ${r.name.padEnd(20)} ${r.label}${r.optional ? ' (not run by default)' : ''}`);
+  const names = ROWS.map((r) => `  ${r.name.padEnd(20)} ${r.label}`);
   return [
     'usage: node bench/run.js [options]',
     '',
-    '  --rows a,b,...   rows to run (default: all but the optional ones; "all" for every row)',
+    '  --rows a,b,...   rows to run (default, or "all": every row)',
     '  --runs N         runs per side per row, alternating ours/libnbd (default 5; 3 with --quick)',
     '  --quick          a tenth of the operations per run: a smoke test, not a measurement',
+    '  --syscalls       also count system calls per operation of each side under strace -f -c',
     '  --only SIDE      run only "ours" or only "libnbd"',
     '  --json FILE      also write the results as JSON to FILE',
     '  --verbose        print every run as it finishes',
@@ -66,7 +72,7 @@ function usage() {
 }
 
 function parseArgs(argv) {
-  const o = { rows: null, runs: null, quick: false, only: null, json: null, verbose: false };
+  const o = { rows: null, runs: null, quick: false, syscalls: false, only: null, json: null, verbose: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const eq = a.indexOf('=');
@@ -85,6 +91,7 @@ function parseArgs(argv) {
         break;
       }
       case '--quick': o.quick = true; break;
+      case '--syscalls': o.syscalls = true; break;
       case '--only': {
         o.only = value();
         if (o.only !== 'ours' && o.only !== 'libnbd') throw new BenchError(`--only must be "ours" or "libnbd", got '${o.only}'`);
@@ -98,8 +105,7 @@ function parseArgs(argv) {
   }
   if (o.runs === null) o.runs = o.quick ? 3 : 5;
   let rows;
-  if (o.rows === null) rows = ROWS.filter((r) => !r.optional);
-  else if (o.rows === 'all') rows = ROWS.slice();
+  if (o.rows === null || o.rows === 'all') rows = ROWS.slice();
   else {
     rows = o.rows.split(',').filter(Boolean).map((n) => {
       const r = ROWS.find((x) => x.name === n);
@@ -226,8 +232,9 @@ async function stopNbdkitAndWait(server) {
   clearTimeout(timer);
 }
 
-// One benchmark process; returns its parsed JSON line.
-function runOnce(side, row, sock, ops, server) {
+// One benchmark process; returns its parsed JSON line. `wrapper`, if given,
+// is a command line the process is started under (strace for --syscalls).
+function runOnce(side, row, sock, ops, server, wrapper = null) {
   const common = ['--socket', sock, '--op', row.op, '--bs', String(row.bs), '--depth', String(row.depth),
     '--ops', String(ops), '--size', String(EXPORT_SIZE), '--warmup', String(WARMUP),
     ...(server.pskFile ? ['--psk-file', server.pskFile, '--psk-user', 'bench'] : [])];
@@ -240,8 +247,12 @@ function runOnce(side, row, sock, ops, server) {
     cmd = C_BINARY;
     args = common;
   }
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 300000, maxBuffer: 16 * 1024 * 1024 });
-  const what = `${row.name} (${side})`;
+  if (wrapper) {
+    args = [...wrapper.slice(1), cmd, ...args];
+    cmd = wrapper[0];
+  }
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 600000, maxBuffer: 16 * 1024 * 1024 });
+  const what = `${row.name} (${side}${wrapper ? `, under ${wrapper[0]}` : ''})`;
   if (r.error) throw new BenchError(`${what}: ${r.error.message}`);
   if (r.status !== 0) {
     const why = r.signal ? `killed by ${r.signal}` : `exit code ${r.status}`;
@@ -255,13 +266,94 @@ function runOnce(side, row, sock, ops, server) {
   } catch {
     throw new BenchError(`${what}: could not parse output as JSON:\n${r.stdout}`);
   }
-  for (const k of ['ops', 'seconds', 'opsPerSec', 'mibPerSec']) {
+  for (const k of ['ops', 'seconds', 'opsPerSec', 'mibPerSec', 'cpuUserUs', 'cpuSystemUs', 'cpuUsPerOp']) {
     if (typeof result[k] !== 'number' || !Number.isFinite(result[k])) {
       throw new BenchError(`${what}: output lacks a numeric "${k}": ${lines[lines.length - 1]}`);
     }
   }
   if (result.ops !== ops) throw new BenchError(`${what}: ran ${result.ops} operations, expected ${ops}`);
   return result;
+}
+
+// The per-syscall call counts of a `strace -c` summary file:
+//
+//   % time     seconds  usecs/call     calls    errors syscall
+//   ------ ----------- ----------- --------- --------- ----------------
+//    80.00    0.000044          22         2           getdents64
+//    ...
+//   ------ ----------- ----------- --------- --------- ----------------
+//   100.00    0.000055           0       157        27 total
+//
+// The errors column may be blank, so a row is read as: four numbers, an
+// optional error count, the name. The total row is left out (it is the sum).
+function parseStraceSummary(text, what) {
+  const counts = new Map();
+  for (const line of text.split('\n')) {
+    const t = line.trim().split(/\s+/);
+    if (t.length < 5 || t.length > 6 || !/^\d/.test(t[0])) continue;
+    const name = t[t.length - 1];
+    const calls = Number(t[3]);
+    if (name === 'total' || !Number.isInteger(calls)) continue;
+    counts.set(name, (counts.get(name) || 0) + calls);
+  }
+  if (counts.size === 0) throw new BenchError(`${what}: no system call counts in the strace summary:\n${text}`);
+  return counts;
+}
+
+// System calls per operation of one side on one row. The process is run
+// under `strace -f -c` (every thread) twice: a short run whose timed phase
+// is only `depth` operations (one per slot, so it still fills and drains the
+// pipeline) and a full run of `ops` operations. Start-up, connecting, the
+// warm-up and closing are the same in both, so
+//
+//   perOp = (calls of the full run - calls of the short run) / (ops - depth)
+//
+// is what the steady-state timed operations cost. (A run with N and one with
+// 2N operations would do too, but then the warm-up and the run-to-run drift
+// of the per-op rate weigh in about twice, which on timing-dependent rows
+// gave negative figures.)
+function measureSyscalls(side, row, server, ops, tmp) {
+  const nShort = row.depth;
+  if (ops <= nShort) throw new BenchError(`${row.name}: ${ops} ops per run is too few to count syscalls (need more than ${nShort})`);
+  const what = `${row.name} (${side}, syscalls)`;
+  const count = (k) => {
+    const file = path.join(tmp, `strace-${side}-${k}.txt`);
+    runOnce(side, row, server.sock, k, server, ['strace', '-f', '-c', '-o', file]);
+    let text;
+    try {
+      text = fs.readFileSync(file, 'utf8');
+    } catch (err) {
+      throw new BenchError(`${what}: strace wrote no summary: ${err.message}`);
+    }
+    fs.rmSync(file, { force: true });
+    return parseStraceSummary(text, what);
+  };
+  const short = count(nShort);
+  const full = count(ops);
+  const n = ops - nShort;
+  const total = (m) => [...m.values()].reduce((x, y) => x + y, 0);
+  const names = new Set([...short.keys(), ...full.keys()]);
+  const diffs = [...names].map((name) => [name, ((full.get(name) || 0) - (short.get(name) || 0)) / n]);
+  diffs.sort((x, y) => Math.abs(y[1]) - Math.abs(x[1]) || (x[0] < y[0] ? -1 : 1));
+  const bySyscall = {};
+  for (const [name, perOp] of diffs) if (perOp !== 0) bySyscall[name] = Number(perOp.toFixed(4));
+  return {
+    opsShort: nShort,
+    callsShort: total(short),
+    opsFull: ops,
+    callsFull: total(full),
+    perOp: Number(((total(full) - total(short)) / n).toFixed(4)),
+    bySyscall,
+  };
+}
+
+// "futex 2.01, read 1.00, ..." for the largest few entries of bySyscall.
+function topSyscalls(bySyscall, k = 6) {
+  const entries = Object.entries(bySyscall).filter(([, v]) => Math.abs(v) >= 0.005);
+  if (entries.length === 0) return '(none)';
+  const shown = entries.slice(0, k).map(([name, v]) => `${name} ${v.toFixed(2)}`);
+  if (entries.length > k) shown.push('...');
+  return shown.join(', ');
 }
 
 function median(xs) {
@@ -276,16 +368,27 @@ function fmtNum(x, digits = 0) {
   return x.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
 }
 
-function printTable(results) {
-  const header = ['row', 'ours ops/s', 'libnbd ops/s', 'ours MiB/s', 'libnbd MiB/s', 'ours/libnbd'];
-  const body = results.map((r) => [
-    r.label,
-    fmtNum(r.ours.medianOpsPerSec),
-    fmtNum(r.libnbd.medianOpsPerSec),
-    fmtNum(r.ours.medianMibPerSec, 1),
-    fmtNum(r.libnbd.medianMibPerSec, 1),
-    r.ratio === null ? '-' : r.ratio.toFixed(2),
-  ]);
+function printTable(results, withSyscalls) {
+  const header = ['row', 'ours ops/s', 'libnbd ops/s', 'ours/libnbd', 'ours MiB/s', 'libnbd MiB/s',
+    'ours CPU µs/op', 'libnbd CPU µs/op'];
+  if (withSyscalls) header.push('ours syscalls/op', 'libnbd syscalls/op');
+  const body = results.map((r) => {
+    const cells = [
+      r.label,
+      fmtNum(r.ours.medianOpsPerSec),
+      fmtNum(r.libnbd.medianOpsPerSec),
+      r.ratio === null ? '-' : r.ratio.toFixed(2),
+      fmtNum(r.ours.medianMibPerSec, 1),
+      fmtNum(r.libnbd.medianMibPerSec, 1),
+      fmtNum(r.ours.medianCpuUsPerOp, 2),
+      fmtNum(r.libnbd.medianCpuUsPerOp, 2),
+    ];
+    if (withSyscalls) {
+      cells.push(fmtNum(r.ours.syscalls ? r.ours.syscalls.perOp : null, 2),
+        fmtNum(r.libnbd.syscalls ? r.libnbd.syscalls.perOp : null, 2));
+    }
+    return cells;
+  });
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
   const line = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ');
   const out = [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)];
@@ -301,6 +404,9 @@ async function main() {
   }
   // The C binary is also used to prefill the export, so build it either way.
   buildCBinary();
+  if (opts.syscalls && !which('strace')) {
+    throw new BenchError('--syscalls needs strace, which is not on PATH (Debian/Ubuntu: apt-get install -y strace)');
+  }
 
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-bench-'));
   let server = null;
@@ -353,7 +459,7 @@ async function main() {
     const results = [];
     for (const row of opts.rowList) {
       const target = row.tls ? tlsServer : server;
-      const ops = opts.quick ? Math.max(1000, Math.round(row.ops / QUICK_DIVISOR)) : row.ops;
+      const ops = opts.quick ? Math.max(100, Math.round(row.ops / QUICK_DIVISOR)) : row.ops;
       const runs = { ours: [], libnbd: [] };
       for (let i = 0; i < opts.runs; i++) {
         for (const side of sides) {
@@ -361,7 +467,8 @@ async function main() {
           runs[side].push(r);
           if (opts.verbose) {
             process.stderr.write(`  ${row.name} ${side.padEnd(6)} run ${i + 1}/${opts.runs}: ` +
-              `${fmtNum(r.opsPerSec)} ops/s, ${fmtNum(r.mibPerSec, 1)} MiB/s, ${r.seconds.toFixed(2)} s\n`);
+              `${fmtNum(r.opsPerSec)} ops/s, ${fmtNum(r.mibPerSec, 1)} MiB/s, ${r.seconds.toFixed(2)} s, ` +
+              `CPU ${fmtNum(r.cpuUsPerOp, 2)} µs/op\n`);
           }
         }
       }
@@ -369,9 +476,23 @@ async function main() {
         runs: list,
         medianOpsPerSec: median(list.map((r) => r.opsPerSec)),
         medianMibPerSec: median(list.map((r) => r.mibPerSec)),
+        medianCpuUsPerOp: median(list.map((r) => r.cpuUsPerOp)),
+        medianCpuUserUsPerOp: median(list.map((r) => r.cpuUserUs / r.ops)),
+        medianCpuSystemUsPerOp: median(list.map((r) => r.cpuSystemUs / r.ops)),
+        syscalls: null,
       });
       const ours = summarize(runs.ours);
       const libnbd = summarize(runs.libnbd);
+      if (opts.syscalls) {
+        for (const side of sides) {
+          const sc = measureSyscalls(side, row, target, ops, tmp);
+          (side === 'ours' ? ours : libnbd).syscalls = sc;
+          if (opts.verbose) {
+            process.stderr.write(`  ${row.name} ${side.padEnd(6)} syscalls: ${sc.callsShort} with ${sc.opsShort} ops, ` +
+              `${sc.callsFull} with ${sc.opsFull}: ${sc.perOp.toFixed(2)} per op (${topSyscalls(sc.bySyscall)})\n`);
+          }
+        }
+      }
       const ratio = ours.medianOpsPerSec !== null && libnbd.medianOpsPerSec ? ours.medianOpsPerSec / libnbd.medianOpsPerSec : null;
       results.push({
         name: row.name, label: row.label, op: row.op, blockSize: row.bs, depth: row.depth,
@@ -381,9 +502,22 @@ async function main() {
     }
 
     process.stdout.write('\n');
-    printTable(results);
-    process.stdout.write(`\nmedians of ${opts.runs} alternating runs per side; ratio = ours/libnbd ops/s (>1: ours faster)` +
+    printTable(results, opts.syscalls);
+    process.stdout.write(`\nmedians of ${opts.runs} alternating runs per side; ratio = ours/libnbd ops/s (>1: ours faster); ` +
+      'CPU = user+system time of the client process over the timed phase' +
       `${opts.quick ? '; --quick: smoke run, not a measurement' : ''}\n`);
+
+    if (opts.syscalls) {
+      process.stdout.write('syscalls = (calls with all ops - calls with depth ops) / (ops - depth) under strace -f -c, ' +
+        'every thread; the largest per op:\n');
+      const width = Math.max(...results.map((r) => r.label.length));
+      for (const r of results) {
+        for (const side of sides) {
+          const sc = r[side].syscalls;
+          process.stdout.write(`  ${r.label.padEnd(width)}  ${side.padEnd(6)}  ${topSyscalls(sc.bySyscall)}\n`);
+        }
+      }
+    }
 
     if (opts.json) {
       const doc = {
@@ -391,6 +525,12 @@ async function main() {
         host: { cpus: os.cpus().length, cpuModel: (os.cpus()[0] || {}).model, node: process.version, platform: `${os.platform()} ${os.release()}` },
         server: `nbdkit memory ${EXPORT_SIZE} over a Unix socket`,
         runsPerSide: opts.runs, quick: opts.quick, warmup: WARMUP, sides,
+        cpu: 'user and system time of the client process (every thread) over the timed phase: ' +
+          'process.cpuUsage() in ours.js, getrusage(RUSAGE_SELF) in libnbd-bench',
+        syscalls: opts.syscalls
+          ? 'strace -f -c, each side run with opsShort (= depth) and with opsFull timed operations; ' +
+            'perOp = (callsFull - callsShort) / (opsFull - opsShort)'
+          : null,
         rows: results,
       };
       fs.writeFileSync(opts.json, JSON.stringify(doc, null, 2) + '\n');
