@@ -204,6 +204,8 @@ pub(crate) struct Lifeline {
     ended: Mutex<Option<Ended>>,
     signal: watch::Sender<bool>,
     disconnecting: AtomicBool,
+    /// Set by `shutdown` with `abandon_pending`: commands not yet written are never sent.
+    abandoning: watch::Sender<bool>,
 }
 
 impl Lifeline {
@@ -212,6 +214,7 @@ impl Lifeline {
             ended: Mutex::new(None),
             signal: watch::channel(false).0,
             disconnecting: AtomicBool::new(false),
+            abandoning: watch::channel(false).0,
         })
     }
 
@@ -223,6 +226,23 @@ impl Lifeline {
     /// Marks the end that follows as asked for by the application (NBD_CMD_DISC).
     pub(crate) fn begin_disconnect(&self) {
         self.disconnecting.store(true, Ordering::SeqCst);
+    }
+
+    /// From now on commands not yet written fail with `ENOTCONN` instead of being sent
+    /// (`shutdown` with `abandon_pending`, before it queues the disconnect).
+    pub(crate) fn abandon_unsent(&self) {
+        self.abandoning.send_replace(true);
+    }
+
+    fn abandoned(&self) -> bool {
+        *self.abandoning.borrow()
+    }
+
+    fn abandoned_error() -> Error {
+        Error::io(
+            Errno::ENOTCONN,
+            "the command was abandoned by shutdown({ abandonPending: true }) before it was sent",
+        )
     }
 
     /// Records the end (the first reason wins).
@@ -425,16 +445,27 @@ impl WriterTask {
             // The caller has already been told; never send it.
             return Ok(());
         }
+        if self.lifeline.abandoned() {
+            let CommandRequest { guard, reply, .. } = c;
+            drop(guard);
+            reply.send(Err(Lifeline::abandoned_error()));
+            return Ok(());
+        }
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
                 // Replies free permits, and the server only replies to what it has seen.
                 self.flush().await?;
-                self.permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed")
+                let mut abandoning = self.lifeline.abandoning.subscribe();
+                tokio::select! {
+                    p = self.permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                    _ = abandoning.wait_for(|abandon| *abandon) => {
+                        let CommandRequest { guard, reply, .. } = c;
+                        drop(guard);
+                        reply.send(Err(Lifeline::abandoned_error()));
+                        return Ok(());
+                    }
+                }
             }
         };
         let cookie = self.next_cookie;
@@ -527,7 +558,10 @@ impl WriterTask {
         if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
             debug.log("shutdown", "sending NBD_CMD_DISC");
         }
+        let before = self.out.len();
         self.session.encode_request(cookie, &cmd, 0, &mut self.out);
+        let header = (self.out.len() - before) as u64;
+        self.shared.bytes_sent.fetch_add(header, Ordering::Relaxed);
         self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
         self.flush().await?;
         let _ = self.writer.shutdown().await;
@@ -672,6 +706,9 @@ impl ReaderTask {
                     if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
                         debug.log("reply", &format!("protocol violation: {}", error.message()));
                     }
+                    // The handle is dead before anyone hears of the failure: a rejection
+                    // handler that looks at the state must see `dead`.
+                    self.lifeline.end(error.clone());
                     if let Some((_, f)) = command {
                         f.complete(Err(error.clone()), Detail::None);
                     }

@@ -306,7 +306,7 @@ impl<U: CommandData> Connection<U> {
             record_chunks,
         };
         if let Some(names) = &filter {
-            match self.session.block_status_filter(names) {
+            match self.session.block_status_filter(names, strict) {
                 Ok(ids) => tracking.filter = Some(ids),
                 Err(e) => return Err((e, user)),
             }

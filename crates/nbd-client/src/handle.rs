@@ -94,12 +94,11 @@ struct Inner {
     child: Mutex<Option<Arc<Child>>>,
 }
 
-/// A connection in option negotiation, between option requests.
+/// A connection in option negotiation, between option requests. The handshake machine
+/// keeps what has been learned (the export's details from `NBD_OPT_INFO`, meta contexts).
 struct Negotiation {
     hs: Handshake,
     stream: Stream,
-    /// The export's details from the last `NBD_OPT_INFO`.
-    info: Option<ExportInfo>,
 }
 
 /// Where the handle is in its life. Each variant holding a socket keeps it open until
@@ -200,15 +199,11 @@ impl Handle {
         self.inner.strict.store(config.strict, Ordering::Relaxed);
     }
 
-    /// `nbd_set_export_name`: before connecting (or while negotiating, where it also
-    /// forgets the details of the previous export).
+    /// `nbd_set_export_name`: before connecting, or while negotiating, where another name
+    /// forgets what was learned about the previous export (the same name changes nothing).
     pub fn set_export_name(&self, name: &str) -> Result<()> {
         check_string("export name", name)?;
-        self.negotiation_setting(|c| c.export_name = name.to_string())?;
-        if let Phase::Negotiating { negotiation, .. } = &mut *self.phase() {
-            negotiation.info = None;
-        }
-        Ok(())
+        self.negotiation_setting(|c| c.export_name = name.to_string())
     }
 
     /// Changes a setting that option mode may change between requests (export name, meta
@@ -219,8 +214,8 @@ impl Handle {
         self.update_config(&change);
         if let Phase::Negotiating { negotiation, .. } = &mut *phase {
             let c = self.config();
+            negotiation.hs.set_export_name(&c.export_name);
             let hs = negotiation.hs.config_mut();
-            hs.export_name = c.export_name;
             hs.meta_contexts = c.meta_contexts;
             hs.request_meta_context = c.request_meta_context;
             hs.request_block_size = c.request_block_size;
@@ -404,10 +399,7 @@ impl Handle {
         let negotiated = match &*self.phase() {
             Phase::Connected { driver, .. } => Some(driver.session.negotiated.clone()),
             Phase::Detached { session, .. } => Some(session.negotiated.clone()),
-            Phase::Negotiating { negotiation, .. } => negotiation
-                .info
-                .clone()
-                .map(|info| negotiation.hs.negotiated(info)),
+            Phase::Negotiating { negotiation, .. } => negotiation.hs.export_known(),
             _ => None,
         };
         negotiated.ok_or_else(|| {
@@ -426,10 +418,19 @@ impl Handle {
     /// (protocol, structured replies, extended headers, TLS, meta contexts).
     pub fn negotiated_so_far(&self) -> Result<Negotiated> {
         if let Phase::Negotiating { negotiation, .. } = &*self.phase() {
-            let info = negotiation.info.clone().unwrap_or_default();
-            return Ok(negotiation.hs.negotiated(info));
+            return Ok(negotiation
+                .hs
+                .export_known()
+                .unwrap_or_else(|| negotiation.hs.negotiated(ExportInfo::default())));
         }
         self.negotiated()
+    }
+
+    /// `nbd_can_meta_context`: whether meta context `name` was negotiated; `EINVAL` when
+    /// contexts were asked for but the server has not answered for this export.
+    pub fn can_meta_context(&self, name: &str) -> Result<bool> {
+        let negotiated = self.negotiated_so_far()?;
+        negotiated.can_meta_context(name, &self.config().meta_contexts)
     }
 
     // ---- connecting ----
@@ -693,11 +694,7 @@ impl Handle {
             Outcome::Negotiating => {
                 *phase = Phase::Negotiating {
                     socket,
-                    negotiation: Box::new(Negotiation {
-                        hs,
-                        stream,
-                        info: None,
-                    }),
+                    negotiation: Box::new(Negotiation { hs, stream }),
                 };
                 Ok(())
             }
@@ -774,7 +771,7 @@ impl Handle {
         let config = self.config();
         let debug = self.debug_sink();
         let mut closing = self.inner.closing.subscribe();
-        let Negotiation { mut hs, stream, info } = *negotiation;
+        let Negotiation { mut hs, stream } = *negotiation;
         let tls = TlsParams::new(&config, self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).as_ref());
         let shared = self.inner.shared.clone();
         let result = tokio::select! {
@@ -796,17 +793,19 @@ impl Handle {
                 Ok(None)
             }
             Ok((_, Outcome::Reply(Ok(OptReply::Aborted)))) => {
-                *phase = Phase::Ended { socket };
+                // A plain newstyle server knows no NBD_OPT_ABORT: the connection is just
+                // dropped, and the handle is dead rather than closed (as libnbd).
+                *phase = if hs.protocol() == Some(nbd_proto::handshake::Protocol::Newstyle) {
+                    Phase::Failed { socket: Some(socket) }
+                } else {
+                    Phase::Ended { socket }
+                };
                 Ok(Some(OptReply::Aborted))
             }
             Ok((stream, Outcome::Reply(answer))) => {
-                let info = match &answer {
-                    Ok(OptReply::Info(export)) => Some(export.clone()),
-                    _ => info,
-                };
                 *phase = Phase::Negotiating {
                     socket,
-                    negotiation: Box::new(Negotiation { hs, stream, info }),
+                    negotiation: Box::new(Negotiation { hs, stream }),
                 };
                 answer.map(Some)
             }
@@ -1035,7 +1034,8 @@ impl Handle {
         };
         let (requests, lifeline, flags, session) = self.checked(&cmd)?;
         if let Some(names) = &filter {
-            tracking.filter = Some(session.block_status_filter(names)?);
+            let strict = self.inner.strict.load(Ordering::Relaxed);
+            tracking.filter = Some(session.block_status_filter(names, strict)?);
         }
         // A cancelled command must not touch its buffer, not even to zero it.
         if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
@@ -1130,6 +1130,9 @@ impl Handle {
                         return Ok(());
                     }
                     *shutting_down = true;
+                    if abandon_pending {
+                        driver.lifeline.abandon_unsent();
+                    }
                     (driver.requests.clone(), driver.lifeline.clone())
                 }
                 _ => return state::check(Call::Shutdown, State::Closed),

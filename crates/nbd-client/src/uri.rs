@@ -24,7 +24,8 @@
 //!   `nbd://h/` both name the export `""`, `nbd://h//x` names `"/x"`, `nbd://h/a%20b` names
 //!   `"a b"`.
 //! - `user@` is the TLS user name (percent-decoded). A password (`user:pw@`) is refused.
-//! - Query parameters, percent-decoded, separated by `&` or `;`: `socket`, `tls-certificates`,
+//! - Query parameters, percent-decoded, separated by `&` or `;`, their names in any case
+//!   (`SOCKET=` is `socket=`, as libnbd): `socket`, `tls-certificates`,
 //!   `tls-psk-file`, `tls-hostname`, `tls-verify-peer` (`true`/`false`, `yes`/`no`, `on`/`off`,
 //!   `1`/`0`, any case; a bare `tls-verify-peer` means true). A parameter given twice takes
 //!   its last value. Parameters with other names are ignored, as libnbd ignores them; they
@@ -643,7 +644,7 @@ fn parse_query(query: &str) -> Result<Params> {
         };
         let name = decode(raw_name, "name of a query parameter")?;
         let what = format!("value of query parameter {name}");
-        match name.as_str() {
+        match name.to_ascii_lowercase().as_str() {
             "socket" => {
                 if raw_value.starts_with("%00") {
                     return Err(invalid(

@@ -1055,3 +1055,15 @@ fn random_values_round_trip_through_format() {
         .unwrap();
     }
 }
+
+#[test]
+fn query_parameter_names_are_case_insensitive() {
+    // libnbd compares query keys without regard to case.
+    let u = ok("NBD+UNIX:///?SOCKET=/tmp/s");
+    assert_eq!(u.transport, UriTransport::Unix { socket: "/tmp/s".into() });
+    let u = ok("nbds://h/?Tls-Verify-Peer=false&TLS-HOSTNAME=x&Tls-Psk-File=/k");
+    assert_eq!(u.tls_verify_peer, Some(false));
+    assert_eq!(u.tls_hostname.as_deref(), Some("x"));
+    assert_eq!(u.tls_psk_file.as_deref(), Some("/k"));
+    bad("nbd://h/?Socket=/s", "socket");
+}

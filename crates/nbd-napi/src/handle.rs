@@ -1100,11 +1100,11 @@ impl NativeHandle {
         Ok(self.handle.negotiated_so_far().map_err(to_js)?.tls)
     }
 
-    /// Whether meta context `name` was negotiated.
+    /// Whether meta context `name` was negotiated (`EINVAL` when contexts were asked for
+    /// and the server has not answered for this export).
     #[napi]
     pub fn can_meta_context(&self, name: String) -> Result<bool> {
-        let n = self.handle.negotiated_so_far().map_err(to_js)?;
-        Ok(n.meta_context_id(&name).is_some())
+        self.handle.can_meta_context(&name).map_err(to_js)
     }
 
     /// Filtered block status needs extended headers and the server's flag.

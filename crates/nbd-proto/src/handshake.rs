@@ -182,12 +182,31 @@ pub struct Negotiated {
     pub export: ExportInfo,
     /// Meta contexts negotiated for this export (empty when none were asked for).
     pub meta_contexts: Vec<MetaContext>,
+    /// Whether `meta_contexts` is the server's answer for this export (libnbd's
+    /// `meta_valid`): a `NBD_OPT_SET_META_CONTEXT` succeeded, or the export was entered
+    /// without needing one. False after the export name changed, after a refused
+    /// `NBD_OPT_GO`/`NBD_OPT_INFO` and after `NBD_OPT_STARTTLS`.
+    pub meta_valid: bool,
 }
 
 impl Negotiated {
     /// The id of meta context `name`, if it was negotiated.
     pub fn meta_context_id(&self, name: &str) -> Option<u32> {
         self.meta_contexts.iter().find(|m| m.name == name).map(|m| m.id)
+    }
+
+    /// `nbd_can_meta_context`: whether `name` was negotiated. When the application asked
+    /// for contexts (`requested` is not empty) but the server has not answered for this
+    /// export, there is nothing to tell yet: `EINVAL`, as libnbd.
+    pub fn can_meta_context(&self, name: &str, requested: &[String]) -> Result<bool> {
+        if !requested.is_empty() && !self.meta_valid {
+            return Err(Error::usage(
+                Errno::EINVAL,
+                "need a successful server meta context request first (the contexts asked for \
+                 were not negotiated for this export)",
+            ));
+        }
+        Ok(self.meta_context_id(name).is_some())
     }
 }
 
@@ -302,6 +321,9 @@ pub struct Handshake {
     /// INFO_EXPORT of the GO/INFO in progress.
     export: Option<ExportInfo>,
     pending: ExportInfo,
+    /// The configured export's details from the last successful `NBD_OPT_INFO`; forgotten
+    /// when the export name changes, when GO/INFO is refused and after STARTTLS.
+    known: Option<ExportInfo>,
     /// Meta contexts negotiated, for `meta_export`; `None` when not negotiated.
     meta: Option<Vec<MetaContext>>,
     meta_export: String,
@@ -334,6 +356,7 @@ impl Handshake {
             tried_structured: false,
             export: None,
             pending: ExportInfo::default(),
+            known: None,
             meta: None,
             meta_export: String::new(),
             list: Vec::new(),
@@ -435,6 +458,11 @@ impl Handshake {
         std::mem::take(&mut self.debug)
     }
 
+    /// The handshake style the server spoke, once its greeting is in.
+    pub fn protocol(&self) -> Option<Protocol> {
+        self.protocol
+    }
+
     /// True while waiting for an option request.
     pub fn is_negotiating(&self) -> bool {
         self.step == Step::Negotiating && self.outcome.is_none()
@@ -448,22 +476,58 @@ impl Handshake {
     /// What has been negotiated so far (export details as of the last `NBD_OPT_INFO`,
     /// when `export` is given).
     pub fn negotiated(&self, export: ExportInfo) -> Negotiated {
+        let meta = match &self.meta {
+            Some(m) if self.meta_export == self.config.export_name => Some(m.clone()),
+            _ => None,
+        };
         Negotiated {
             protocol: self.protocol.unwrap_or(Protocol::FixedNewstyle),
             structured_replies: self.structured_replies,
             extended_headers: self.extended_headers,
             tls: self.tls,
             export,
-            meta_contexts: self.current_meta(),
+            meta_valid: meta.is_some(),
+            meta_contexts: meta.unwrap_or_default(),
         }
     }
 
-    /// Meta contexts negotiated for the configured export.
-    fn current_meta(&self) -> Vec<MetaContext> {
-        match &self.meta {
-            Some(m) if self.meta_export == self.config.export_name => m.clone(),
-            _ => Vec::new(),
+    /// The configured export's details, once a successful `NBD_OPT_INFO` has told them
+    /// (option mode), with everything else negotiated so far.
+    pub fn export_known(&self) -> Option<Negotiated> {
+        self.known.clone().map(|export| self.negotiated(export))
+    }
+
+    /// Changes the export to ask about (option mode, between requests). The same name is
+    /// a no-op; another name forgets what was learned about the previous export (its
+    /// details and its meta contexts), as libnbd's `nbd_set_export_name`.
+    pub fn set_export_name(&mut self, name: &str) {
+        if self.config.export_name == name {
+            return;
         }
+        self.config.export_name = name.to_string();
+        self.known = None;
+        self.meta = None;
+    }
+
+    /// The server has described the export (GO/INFO acknowledged, or EXPORT_NAME/oldstyle
+    /// answered): when no SET_META_CONTEXT was needed (none requested, or no structured
+    /// replies to carry them), the empty set of contexts is the final answer.
+    fn export_described(&mut self) {
+        if self.meta.is_none()
+            && self.config.request_meta_context
+            && (!self.structured_replies || self.config.meta_contexts.is_empty())
+        {
+            self.meta = Some(Vec::new());
+            self.meta_export = self.config.export_name.clone();
+        }
+    }
+
+    /// Forgets what is tied to the plaintext part of the connection or to a refused export.
+    fn forget_export(&mut self) {
+        self.known = None;
+        self.meta = None;
+        self.export = None;
+        self.pending = ExportInfo::default();
     }
 
     /// Starts option request `req` (option mode only, while negotiating).
@@ -474,6 +538,9 @@ impl Handshake {
                 "invalid state: option requests need a connection in option negotiation, \
                  with no other option request in progress",
             ));
+        }
+        if self.protocol == Some(Protocol::Newstyle) {
+            return self.request_plain_newstyle(req);
         }
         match req {
             OptRequest::Go => self.start_go_info(OPT_GO, false)?,
@@ -518,6 +585,28 @@ impl Handshake {
                 self.send_option(OPT_STARTTLS, &[], Purpose::StartTls { auto: false })
             }
             OptRequest::Abort => self.send_option(OPT_ABORT, &[], Purpose::Abort),
+        }
+        self.run();
+        Ok(())
+    }
+
+    /// Option mode against a server without fixed newstyle negotiation: `NBD_OPT_EXPORT_NAME`
+    /// stands in for GO, ending the connection needs no message (the server knows no
+    /// NBD_OPT_ABORT), and every other option is unsupported.
+    fn request_plain_newstyle(&mut self, req: OptRequest) -> Result<()> {
+        match req {
+            OptRequest::Go => self.send_export_name()?,
+            OptRequest::Abort => {
+                self.step = Step::Finished;
+                self.outcome = Some(Outcome::Reply(Ok(OptReply::Aborted)));
+            }
+            _ => {
+                return Err(Error::server(
+                    Errno::ENOTSUP,
+                    "the server is not using fixed newstyle negotiation: only optGo and \
+                     optAbort are possible",
+                ))
+            }
         }
         self.run();
         Ok(())
@@ -624,6 +713,7 @@ impl Handshake {
                 self.log(|| "server speaks the oldstyle handshake".to_string());
                 self.refuse_without_tls("an oldstyle server")?;
                 let export = export_info(size, flags)?;
+                self.export_described();
                 self.finish(export);
                 Ok(true)
             }
@@ -635,7 +725,15 @@ impl Handshake {
                 if self.client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
                     self.protocol = Some(Protocol::Newstyle);
                     self.refuse_without_tls("a server without fixed newstyle negotiation")?;
-                    self.send_export_name()?;
+                    if self.config.opt_mode {
+                        // Nothing can be negotiated, but option mode still stops here
+                        // (libnbd does): the export name may change before optGo.
+                        self.step = Step::Negotiating;
+                        self.log(|| "option mode: negotiating (plain newstyle server)".to_string());
+                        self.outcome = Some(Outcome::Negotiating);
+                    } else {
+                        self.send_export_name()?;
+                    }
                 } else {
                     self.protocol = Some(Protocol::FixedNewstyle);
                     self.continue_auto()?;
@@ -650,8 +748,8 @@ impl Handshake {
                 let size = r.u64().unwrap();
                 let flags = r.u16().unwrap();
                 let export = export_info(size, flags)?;
-                // NBD_OPT_EXPORT_NAME cannot carry meta contexts.
-                self.meta = None;
+                // Contexts set before a GO that fell back here stay, as in libnbd.
+                self.export_described();
                 self.finish(export);
                 Ok(true)
             }
@@ -873,6 +971,13 @@ impl Handshake {
                         "server sent data after accepting NBD_OPT_STARTTLS, before TLS started",
                     ));
                 }
+                // Nothing negotiated in plaintext survives into TLS (the protocol says
+                // so; CVE-2021-3716 was a server keeping it): ask again over TLS.
+                self.structured_replies = false;
+                self.extended_headers = false;
+                self.tried_extended = false;
+                self.tried_structured = false;
+                self.forget_export();
                 self.step = Step::Tls { auto };
                 self.outcome = Some(Outcome::StartTls);
             }
@@ -980,9 +1085,11 @@ impl Handshake {
                 export.block_size = self.pending.block_size;
                 export.canonical_name = self.pending.canonical_name.take();
                 export.description = self.pending.description.take();
+                self.export_described();
                 if option == OPT_GO {
                     self.finish(export);
                 } else {
+                    self.known = Some(export.clone());
                     self.reply(Ok(OptReply::Info(export)));
                 }
             }
@@ -1129,6 +1236,11 @@ impl Handshake {
         }
         if matches!(purpose, Purpose::SetMeta { then: None }) {
             self.meta = None;
+        }
+        if matches!(purpose, Purpose::GoInfo { .. }) {
+            // A refused export leaves nothing of it behind (libnbd resets the details and
+            // the meta contexts).
+            self.forget_export();
         }
         self.names.clear();
         self.list.clear();

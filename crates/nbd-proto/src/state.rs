@@ -73,16 +73,17 @@ const ALLOWED: &[(Call, &[State], &str)] = &[
         &[State::Ready, State::Processing],
         "connected with the server",
     ),
+    // Not `Dead` (libnbd's rule): what a connection that failed had negotiated is no
+    // longer a fact about any server.
     (
         Call::Info,
         &[
             State::Negotiating,
             State::Ready,
             State::Processing,
-            State::Dead,
             State::Closed,
         ],
-        "negotiating, or connected with the server, or shut down, or dead",
+        "negotiating, or connected with the server, or shut down",
     ),
     (
         Call::Shutdown,
@@ -132,9 +133,16 @@ mod tests {
     }
 
     #[test]
+    fn getters_refuse_a_dead_handle() {
+        let e = check(Call::Info, State::Dead).unwrap_err();
+        assert_eq!(e.errno(), Errno::EINVAL);
+        assert!(e.message().contains("dead"), "{}", e.message());
+    }
+
+    #[test]
     fn allowed_pairs_pass() {
         check(Call::Command, State::Processing).unwrap();
-        check(Call::Info, State::Dead).unwrap();
+        check(Call::Info, State::Closed).unwrap();
         check(Call::SetExportName, State::Negotiating).unwrap();
     }
 }

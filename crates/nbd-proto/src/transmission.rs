@@ -129,7 +129,17 @@ impl Session {
                 format!("flags {:#x} do not fit the protocol's 16 bits", cmd.flags),
             ));
         }
-        let flags = cmd.flags as u16;
+        let mut flags = cmd.flags as u16;
+        if strict(STRICT_AUTO_FLAG) {
+            // The payload length flag follows the framing, whatever the caller passed: a
+            // write carries it exactly when extended headers are on; an unfiltered block
+            // status never does (the filtered form adds it when it encodes the filter).
+            match cmd.kind {
+                CommandKind::Write if self.negotiated.extended_headers => flags |= CMD_FLAG_PAYLOAD_LEN,
+                CommandKind::Write | CommandKind::BlockStatus => flags &= !CMD_FLAG_PAYLOAD_LEN,
+                _ => {}
+            }
+        }
         if strict(STRICT_FLAGS) {
             let permitted = cmd.kind.permitted_flags();
             if flags & !permitted != 0 {
@@ -145,6 +155,8 @@ impl Session {
         }
 
         if matches!(cmd.kind, CommandKind::Read | CommandKind::Write) {
+            // Reads and writes are always capped at 64 MiB; the (smaller) payload maximum
+            // applies to what the client sends, i.e. writes (libnbd's STRICT_PAYLOAD).
             if cmd.length > MAX_PAYLOAD_HARD as u64 {
                 return Err(usage(
                     Errno::ERANGE,
@@ -155,7 +167,7 @@ impl Session {
                 ));
             }
             let payload_max = export.payload_max() as u64;
-            if strict(STRICT_PAYLOAD) && cmd.length > payload_max {
+            if cmd.kind == CommandKind::Write && strict(STRICT_PAYLOAD) && cmd.length > payload_max {
                 return Err(usage(
                     Errno::ERANGE,
                     format!(
@@ -174,16 +186,10 @@ impl Session {
             ));
         }
 
-        if cmd.kind == CommandKind::BlockStatus && self.negotiated.meta_contexts.is_empty() {
-            return Err(usage(
-                Errno::ENOTSUP,
-                "did not negotiate any metadata contexts: add one (e.g. base:allocation) before \
-                 connecting, and the server must support it"
-                    .into(),
-            ));
-        }
-
         if strict(STRICT_COMMANDS) {
+            if cmd.kind == CommandKind::BlockStatus {
+                self.check_block_status_possible()?;
+            }
             if cmd.kind.modifies() && export.has(FLAG_READ_ONLY) {
                 return Err(usage(
                     Errno::EPERM,
@@ -226,8 +232,10 @@ impl Session {
         if ranged && strict(STRICT_BOUNDS) {
             let end = cmd.offset.checked_add(cmd.length);
             if end.is_none_or(|end| end > export.size) {
+                // libnbd's errno: no space for what modifies, an invalid range for the rest.
+                let errno = if cmd.kind.modifies() { Errno::ENOSPC } else { Errno::EINVAL };
                 return Err(usage(
-                    Errno::EINVAL,
+                    errno,
                     format!(
                         "request out of bounds: offset {} + count {} is beyond the export size {}",
                         cmd.offset, cmd.length, export.size
@@ -253,35 +261,60 @@ impl Session {
         Ok(flags)
     }
 
-    /// The context ids for a block status request filtered to `names`
-    /// (`nbd_block_status_filter`): needs extended headers and a server that accepts a
-    /// block status payload, and every name must have been negotiated.
-    pub fn block_status_filter(&self, names: &[String]) -> Result<Vec<u32>> {
-        if !self.negotiated.extended_headers
-            || !self.negotiated.export.has(FLAG_BLOCK_STAT_PAYLOAD)
-        {
+    /// Block status needs structured replies and a negotiated meta context (checked under
+    /// `STRICT_COMMANDS` only, as libnbd: without it the request goes to the server).
+    fn check_block_status_possible(&self) -> Result<()> {
+        if !self.negotiated.structured_replies {
             return Err(Error::usage(
                 Errno::ENOTSUP,
-                "the server does not support filtered block status (it needs extended headers \
-                 and NBD_FLAG_BLOCK_STAT_PAYLOAD)",
+                "server does not support structured replies, which block status needs",
             ));
         }
-        if names.is_empty() {
-            return Err(Error::usage(Errno::EINVAL, "the context filter is empty"));
+        if !self.negotiated.meta_valid || self.negotiated.meta_contexts.is_empty() {
+            return Err(Error::usage(
+                Errno::ENOTSUP,
+                "did not negotiate any metadata contexts: add one (e.g. base:allocation) before \
+                 connecting, and the server must support it",
+            ));
         }
-        let mut ids = Vec::with_capacity(names.len());
-        for name in names {
-            let Some(id) = self.negotiated.meta_context_id(name) else {
+        Ok(())
+    }
+
+    /// The context ids for a block status request filtered to `names`
+    /// (`nbd_block_status_filter`), in the order given. Extended headers are needed
+    /// always; under `STRICT_COMMANDS` also the server's `NBD_FLAG_BLOCK_STAT_PAYLOAD` and a
+    /// negotiated context. Every name must have been negotiated. An empty filter and a
+    /// name given twice are sent as they are, for the server to judge (as libnbd does:
+    /// that is how servers are tested).
+    pub fn block_status_filter(&self, names: &[String], strict_mode: u32) -> Result<Vec<u32>> {
+        if !self.negotiated.extended_headers {
+            return Err(Error::usage(
+                Errno::ENOTSUP,
+                "filtered block status needs extended headers, which were not negotiated",
+            ));
+        }
+        if strict_mode & STRICT_COMMANDS != 0 {
+            if !self.negotiated.export.has(FLAG_BLOCK_STAT_PAYLOAD) {
                 return Err(Error::usage(
                     Errno::EINVAL,
-                    format!("meta context {name:?} was not negotiated, so it cannot be filtered on"),
+                    "server does not support the block status payload flag \
+                     (NBD_FLAG_BLOCK_STAT_PAYLOAD), so block status cannot be filtered",
                 ));
-            };
-            if !ids.contains(&id) {
-                ids.push(id);
             }
+            self.check_block_status_possible()?;
         }
-        Ok(ids)
+        names
+            .iter()
+            .map(|name| {
+                let id = self.negotiated.meta_valid.then(|| self.negotiated.meta_context_id(name));
+                id.flatten().ok_or_else(|| {
+                    Error::usage(
+                        Errno::EINVAL,
+                        format!("meta context {name:?} was not negotiated, so it cannot be filtered on"),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// Appends a block status request filtered to context `ids` (from

@@ -24,6 +24,7 @@ fn negotiated(extended: bool, flags: u16) -> Negotiated {
             MetaContext { id: 1, name: "base:allocation".into() },
             MetaContext { id: 5, name: "qemu:dirty-bitmap:b0".into() },
         ],
+        meta_valid: true,
     }
 }
 
@@ -287,18 +288,27 @@ fn block_status_flags_and_64_bit_counts() {
 }
 
 #[test]
-fn filters_need_the_payload_flag_and_known_names() {
+fn filters_need_extended_headers_and_known_names() {
+    let base = || vec!["base:allocation".to_string()];
     let compact = Session::new(negotiated(false, FLAG_BLOCK_STAT_PAYLOAD));
-    assert_eq!(compact.block_status_filter(&["base:allocation".into()]).unwrap_err().errno(), Errno::ENOTSUP);
+    assert_eq!(compact.block_status_filter(&base(), STRICT_MASK).unwrap_err().errno(), Errno::ENOTSUP);
+    assert_eq!(compact.block_status_filter(&base(), 0).unwrap_err().errno(), Errno::ENOTSUP);
+    // Without the server's flag: refused under STRICT_COMMANDS (EINVAL, as libnbd), sent
+    // without it.
     let no_flag = Session::new(negotiated(true, 0));
-    assert_eq!(no_flag.block_status_filter(&["base:allocation".into()]).unwrap_err().errno(), Errno::ENOTSUP);
+    assert_eq!(no_flag.block_status_filter(&base(), STRICT_MASK).unwrap_err().errno(), Errno::EINVAL);
+    assert_eq!(no_flag.block_status_filter(&base(), 0).unwrap(), vec![1]);
     let s = Session::new(negotiated(true, FLAG_BLOCK_STAT_PAYLOAD));
-    assert_eq!(s.block_status_filter(&["nope".into()]).unwrap_err().errno(), Errno::EINVAL);
-    assert_eq!(s.block_status_filter(&[]).unwrap_err().errno(), Errno::EINVAL);
-    let ids = s
-        .block_status_filter(&["qemu:dirty-bitmap:b0".into(), "qemu:dirty-bitmap:b0".into()])
-        .unwrap();
-    assert_eq!(ids, vec![5]);
+    assert_eq!(s.block_status_filter(&["nope".into()], STRICT_MASK).unwrap_err().errno(), Errno::EINVAL);
+    assert_eq!(s.block_status_filter(&["nope".into()], 0).unwrap_err().errno(), Errno::EINVAL);
+    // An empty filter and a name given twice go to the server as they are (libnbd tests
+    // servers that way); the order of the names is kept.
+    assert_eq!(s.block_status_filter(&[], STRICT_MASK).unwrap(), Vec::<u32>::new());
+    let twice = ["qemu:dirty-bitmap:b0".to_string(), "qemu:dirty-bitmap:b0".to_string()];
+    assert_eq!(s.block_status_filter(&twice, STRICT_MASK).unwrap(), vec![5, 5]);
+    let both = ["qemu:dirty-bitmap:b0".to_string(), "base:allocation".to_string()];
+    assert_eq!(s.block_status_filter(&both, STRICT_MASK).unwrap(), vec![5, 1]);
+    let ids = vec![5];
 
     let mut out = Vec::new();
     s.encode_block_status_filter(42, &bs(4096, 1 << 20), CMD_FLAG_REQ_ONE, &ids, &mut out);

@@ -23,6 +23,7 @@ fn negotiated(size: u64, flags: u16, block_size: Option<BlockSize>, structured: 
             ..ExportInfo::default()
         },
         meta_contexts: Vec::new(),
+        meta_valid: true,
     }
 }
 
@@ -77,13 +78,20 @@ use CommandKind::*;
 #[test]
 fn bounds_are_checked_under_strict_bounds() {
     let s = session(MIB, EVERYTHING);
-    for kind in [Read, Write, Trim, WriteZeroes, Cache] {
+    // libnbd's errnos: ENOSPC for what modifies the export, EINVAL for the rest.
+    for (kind, errno) in [
+        (Read, Errno::EINVAL),
+        (Write, Errno::ENOSPC),
+        (Trim, Errno::ENOSPC),
+        (WriteZeroes, Errno::ENOSPC),
+        (Cache, Errno::EINVAL),
+    ] {
         passes(&s, cmd(kind, MIB - 512, 512, 0), STRICT_MASK);
-        let e = refused(&s, cmd(kind, MIB - 512, 513, 0), STRICT_MASK, Errno::EINVAL);
+        let e = refused(&s, cmd(kind, MIB - 512, 513, 0), STRICT_MASK, errno);
         assert!(e.message().contains("out of bounds"), "{e}");
-        refused(&s, cmd(kind, MIB, 1, 0), STRICT_MASK, Errno::EINVAL);
+        refused(&s, cmd(kind, MIB, 1, 0), STRICT_MASK, errno);
         // offset + count overflowing 64 bits is out of bounds, not a wrap-around.
-        refused(&s, cmd(kind, u64::MAX, 2, 0), STRICT_MASK, Errno::EINVAL);
+        refused(&s, cmd(kind, u64::MAX, 2, 0), STRICT_MASK, errno);
         passes(&s, cmd(kind, MIB, 1, 0), STRICT_MASK & !STRICT_BOUNDS);
         passes(&s, cmd(kind, u64::MAX, 2, 0), STRICT_MASK & !STRICT_BOUNDS);
     }
@@ -243,11 +251,13 @@ fn payload_limits() {
             assert!(e.message().contains("too large"), "{e}");
         }
     }
-    // Above the payload maximum (32 MiB without block size information): STRICT_PAYLOAD.
-    refused(&plain, cmd(Read, 0, 32 * MIB + 512, 0), STRICT_MASK, Errno::ERANGE);
+    // Above the payload maximum (32 MiB without block size information): STRICT_PAYLOAD,
+    // which limits what the client sends (writes); reads go up to 64 MiB (as libnbd).
+    refused(&plain, cmd(Write, 0, 32 * MIB + 512, 0), STRICT_MASK, Errno::ERANGE);
     refused(&plain, cmd(Write, 0, 64 * MIB, 0), STRICT_MASK, Errno::ERANGE);
-    passes(&plain, cmd(Read, 0, 32 * MIB, 0), STRICT_MASK);
-    passes(&plain, cmd(Read, 0, 64 * MIB, 0), STRICT_MASK & !STRICT_PAYLOAD);
+    passes(&plain, cmd(Write, 0, 64 * MIB, 0), STRICT_MASK & !STRICT_PAYLOAD);
+    passes(&plain, cmd(Read, 0, 32 * MIB + 512, 0), STRICT_MASK);
+    passes(&plain, cmd(Read, 0, 64 * MIB, 0), STRICT_MASK);
     // A server maximum of 64 MiB raises the payload maximum.
     let wide = Session::new(negotiated(
         big,
@@ -1110,4 +1120,52 @@ fn replies_to_a_range_that_wraps_past_2_64_do_not_panic() {
             Err(_) => panic!("the decoder panicked on {input:?}"),
         }
     }
+}
+
+// ---- STRICT_AUTO_FLAG ----
+
+fn extended_session() -> Session {
+    let mut n = negotiated(MIB, EVERYTHING, None, true);
+    n.extended_headers = true;
+    Session::new(n)
+}
+
+#[test]
+fn auto_flag_makes_the_payload_length_flag_follow_the_framing() {
+    let compact = session(MIB, EVERYTHING);
+    let extended = extended_session();
+    let len = CMD_FLAG_PAYLOAD_LEN as u32;
+    let fua = CMD_FLAG_FUA as u32;
+    // Under STRICT_AUTO_FLAG the caller's choice does not matter: set with extended
+    // headers, clear without.
+    for given in [0, len] {
+        assert_eq!(passes(&compact, cmd(Write, 0, 512, given), STRICT_MASK), 0);
+        assert_eq!(passes(&extended, cmd(Write, 0, 512, given), STRICT_MASK), CMD_FLAG_PAYLOAD_LEN);
+        assert_eq!(
+            passes(&extended, cmd(Write, 0, 512, given | fua), STRICT_MASK),
+            CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_FUA
+        );
+    }
+    // Without it the flag goes out as the caller gave it.
+    let manual = STRICT_MASK & !STRICT_AUTO_FLAG;
+    assert_eq!(passes(&compact, cmd(Write, 0, 512, len), manual), CMD_FLAG_PAYLOAD_LEN);
+    assert_eq!(passes(&extended, cmd(Write, 0, 512, 0), manual), 0);
+    // Other commands keep their flags.
+    assert_eq!(passes(&extended, cmd(WriteZeroes, 0, 512, fua), STRICT_MASK), CMD_FLAG_FUA);
+}
+
+// ---- block status without contexts ----
+
+#[test]
+fn block_status_without_contexts_is_refused_only_under_strict_commands() {
+    // negotiated() has structured replies and no meta contexts.
+    let s = session(MIB, EVERYTHING);
+    let e = refused(&s, cmd(BlockStatus, 0, 512, 0), STRICT_MASK, Errno::ENOTSUP);
+    assert!(e.message().contains("metadata contexts"), "{e}");
+    passes(&s, cmd(BlockStatus, 0, 512, 0), STRICT_MASK & !STRICT_COMMANDS);
+    // Without structured replies there can be no block status either.
+    let simple = Session::new(negotiated(MIB, EVERYTHING, None, false));
+    let e = refused(&simple, cmd(BlockStatus, 0, 512, 0), STRICT_MASK, Errno::ENOTSUP);
+    assert!(e.message().contains("structured replies"), "{e}");
+    passes(&simple, cmd(BlockStatus, 0, 512, 0), 0);
 }

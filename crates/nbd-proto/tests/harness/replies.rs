@@ -105,6 +105,7 @@ impl Case {
             tls: false,
             export: ExportInfo::default(),
             meta_contexts: Vec::new(),
+            meta_valid: true,
         }
     }
 }
