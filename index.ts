@@ -1452,3 +1452,4 @@ export class Handle {
 
 export { describeExtent, mapTotals, type MapExtent, type MapOptions } from './map'
 export { info, humanSize, type ExportDetails, type ExportInfo, type InfoOptions } from './info'
+export { copy, type CopyEndpoint, type CopyOptions, type CopyProgress, type CopyResult } from './copy'

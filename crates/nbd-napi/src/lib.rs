@@ -5,9 +5,11 @@
 //! public API), which also turns the errors thrown here into `NbdError`s: each message
 //! starts with `[CODE:errno] `, the one error bridge ([`to_js`]).
 
+mod copy;
 mod handle;
 mod testing;
 
+pub use copy::NativeCopy;
 pub use handle::{NativeCancel, NativeHandle};
 
 use napi_derive::napi;
