@@ -270,6 +270,8 @@ interface Sink {
   prepare(size: number | undefined): Promise<void>
   write(offset: number, data: Buffer): Promise<void>
   zero(offset: number, length: number, allocated: boolean): Promise<void>
+  /** Called once a stream source has ended at `size` bytes (a file skipped its trailing zeroes: extend it). */
+  ended?(size: number): Promise<void>
   flush(): Promise<void>
   close(ok: boolean): Promise<void>
 }
@@ -396,6 +398,9 @@ async function fileSink(p: string): Promise<Sink> {
       for (let at = offset; at < offset + length; at += block.length) {
         await fh.write(block, 0, Math.min(block.length, offset + length - at), at)
       }
+    },
+    async ended(total) {
+      if (regular && (await fh.stat()).size < total) await fh.truncate(total)
     },
     flush: () => fh.sync(),
     close: () => fh.close(),
@@ -622,6 +627,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
         signal?.removeEventListener('abort', onAbort)
       }
       counters.bytesTotal = offset
+      await out.ended?.(offset)
     } else {
       // Random access: extents per unit, pieces of requestSize.
       const input = src!
