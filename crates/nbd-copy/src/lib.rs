@@ -57,8 +57,9 @@ pub enum Endpoint {
 /// How to copy; `Default` gives nbdcopy's defaults, but `flush` is on.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Connections per NBD side; `None` for 4 where multi-conn is safe. Forced to 1 where
-    /// it is not (a writable source or a destination without multi-conn).
+    /// Connections per NBD side; `None` for 4 (at most one per CPU, as nbdcopy) where
+    /// multi-conn is safe. Forced to 1 where it is not (a writable source without
+    /// multi-conn, or a destination without multi-conn).
     pub connections: Option<usize>,
     /// Requests in flight per connection.
     pub requests: usize,
@@ -173,7 +174,10 @@ impl Opened {
 }
 
 async fn connect(uri: &str, config: &Config, extents: bool) -> Result<Handle> {
-    let h = Handle::new(config.clone());
+    let mut config = config.clone();
+    // Every read fills its whole buffer or fails: zeroing it first is wasted work.
+    config.pread_initialize = false;
+    let h = Handle::new(config);
     if extents {
         h.add_meta_context(BASE_ALLOCATION)?;
     }
@@ -295,9 +299,38 @@ async fn add_connections(side: &mut Opened, count: usize, source: bool) -> Resul
     }
 }
 
+/// A read buffer shared by the read that fills it and the writes that send its pieces.
+///
+/// The driver writes into it only while the read is in flight, and the writes only read
+/// it after the read has completed, so the two never overlap.
+struct Block(std::cell::UnsafeCell<Vec<u8>>);
+
+// SAFETY: see above: one writer (the read), then readers only.
+unsafe impl Sync for Block {}
+
+impl Block {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: only called once the read into the block has completed.
+        unsafe { &*self.0.get() }
+    }
+}
+
+/// The destination of a read into a [`Block`].
+struct Fill(Arc<Block>);
+
+// SAFETY: the Arc keeps the Vec alive; nothing reads it until the read completes.
+unsafe impl nbd_client::DestBuf for Fill {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        unsafe { (*self.0 .0.get()).as_mut_ptr() }
+    }
+    fn len(&self) -> usize {
+        unsafe { (*self.0 .0.get()).len() }
+    }
+}
+
 /// A piece of a read buffer, written without copying.
 struct Piece {
-    buf: Arc<Vec<u8>>,
+    buf: Arc<Block>,
     start: usize,
     len: usize,
 }
@@ -305,10 +338,32 @@ struct Piece {
 // SAFETY: the Arc keeps the bytes alive and nobody writes to them once read.
 unsafe impl SourceBuf for Piece {
     fn as_ptr(&self) -> *const u8 {
-        self.buf[self.start..].as_ptr()
+        self.buf.bytes()[self.start..].as_ptr()
     }
     fn len(&self) -> usize {
         self.len
+    }
+}
+
+/// Read buffers kept for reuse: fresh memory costs page faults, and recycled memory from
+/// the allocator would be zeroed again for every read.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        if v.len() != len {
+            v.resize(len, 0);
+        }
+        v
+    }
+
+    fn give(&self, block: Arc<Block>) {
+        // Still referenced (a write that failed may keep it a little longer): let it go.
+        if let Ok(block) = Arc::try_unwrap(block) {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(block.0.into_inner());
+        }
     }
 }
 
@@ -341,6 +396,7 @@ struct Job {
     first_error: Mutex<Option<Error>>,
     progress: Arc<Progress>,
     data_bytes: AtomicU64,
+    pool: Pool,
 }
 
 impl Job {
@@ -402,21 +458,27 @@ impl Job {
         }
     }
 
-    async fn read(&self, worker: usize, offset: u64, len: u64) -> Result<Vec<u8>> {
+    async fn read(&self, worker: usize, offset: u64, len: u64) -> Result<Arc<Block>> {
+        let block = Arc::new(Block(std::cell::UnsafeCell::new(self.pool.take(len as usize))));
         match &self.src.side {
-            Side::Nbd { .. } => self.src.conn(worker).pread(len, offset, 0, None).await,
+            Side::Nbd { .. } => {
+                self.src.conn(worker).pread_into(Box::new(Fill(block.clone())), offset, 0, None).await?;
+            }
             Side::File(f) => {
                 let f = f.clone();
+                let mut fill = Fill(block.clone());
                 tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    f.file.read_exact_at(&mut buf, offset).map(|()| buf)
+                    // SAFETY: Fill points at len bytes that nothing else touches meanwhile.
+                    let buf = unsafe { std::slice::from_raw_parts_mut(nbd_client::DestBuf::as_mut_ptr(&mut fill), len as usize) };
+                    f.file.read_exact_at(buf, offset)
                 })
                 .await
                 .map_err(|e| Error::io(Errno::EIO, format!("read task: {e}")))?
-                .map_err(|e| io_error(e, "read"))
+                .map_err(|e| io_error(e, "read"))?;
             }
             Side::Null => unreachable!("null is never a source"),
         }
+        Ok(block)
     }
 
     async fn write(&self, worker: usize, offset: u64, piece: Piece) -> Result<()> {
@@ -424,7 +486,7 @@ impl Job {
             Side::Nbd { .. } => self.dst.conn(worker).pwrite(Box::new(piece), offset, 0, None).await,
             Side::File(f) => {
                 let f = f.clone();
-                tokio::task::spawn_blocking(move || f.file.write_all_at(&piece.buf[piece.start..piece.start + piece.len], offset))
+                tokio::task::spawn_blocking(move || f.file.write_all_at(&piece.buf.bytes()[piece.start..piece.start + piece.len], offset))
                     .await
                     .map_err(|e| Error::io(Errno::EIO, format!("write task: {e}")))?
                     .map_err(|e| io_error(e, "write"))
@@ -444,10 +506,10 @@ impl Job {
                 self.dst.conn(worker).zero(len, offset, flag, None).await
             }
             Side::Nbd { .. } => {
-                let zeroes = Arc::new(vec![0u8; self.request_size.min(len) as usize]);
+                let zeroes = Arc::new(Block(std::cell::UnsafeCell::new(vec![0u8; self.request_size.min(len) as usize])));
                 let mut pos = offset;
                 while pos < offset + len {
-                    let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
+                    let n = (offset + len - pos).min(zeroes.bytes().len() as u64) as usize;
                     self.write(worker, pos, Piece { buf: zeroes.clone(), start: 0, len: n }).await?;
                     pos += n as u64;
                 }
@@ -468,10 +530,9 @@ impl Job {
     /// Reads one piece and writes it, as data and zero runs.
     async fn copy_piece(&self, worker: usize, offset: u64, len: u64) -> Result<()> {
         let buf = self.read(worker, offset, len).await.map_err(|e| at(e, "reading the source", offset))?;
-        let buf = Arc::new(buf);
         let runs = match self.sparse {
-            Some(granule) if !self.allocated => zero_runs(&buf, offset, granule),
-            _ => vec![(0, buf.len(), false)],
+            Some(granule) if !self.allocated => zero_runs(buf.bytes(), offset, granule),
+            _ => vec![(0, len as usize, false)],
         };
         for (start, n, zero) in runs {
             let at_offset = offset + start as u64;
@@ -483,6 +544,7 @@ impl Job {
             }
             self.done(n as u64, zero);
         }
+        self.pool.give(buf);
         Ok(())
     }
 
@@ -735,7 +797,10 @@ async fn prepare(src: &mut Opened, dst: &mut Opened, options: &Options, progress
             format!("the destination ({} bytes) is smaller than the source ({size} bytes)", dst.size),
         ));
     }
-    let mut connections = options.connections.unwrap_or(4);
+    // As nbdcopy: 4 by default, but no more than there are CPUs to run them (nbdcopy
+    // runs a thread per connection); more only add contention on a small machine.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut connections = options.connections.unwrap_or(4.min(cpus));
     if !src.multi_conn_safe(true) || !dst.multi_conn_safe(false) {
         connections = 1;
     }
@@ -769,6 +834,7 @@ async fn run(
         first_error: Mutex::new(None),
         progress,
         data_bytes: AtomicU64::new(0),
+        pool: Pool::default(),
     });
     // On abort (or a first error), closing the connections fails whatever is on the wire.
     let watch = {
