@@ -217,7 +217,7 @@ test('streams: Readable → NBD and file, NBD → Writable (holes as zeroes), in
   t.is(fileSha(path.join(dir, 's.img')), sha(whole))
 })
 
-test('abort mid-copy stops promptly and leaves no fd behind (both engines)', async (t) => {
+test.serial('abort mid-copy stops promptly and leaves no fd behind (both engines)', async (t) => {
   const server = await useNbdkit(t, ['--filter=delay', 'pattern', '64M', 'rdelay=100ms'])
   if (!server) return
   const dir = tempDir(t)
