@@ -42,7 +42,7 @@ export interface CopyProgress {
 
 /** Options of {@link copy}; the defaults are nbdcopy's, but `flush` is on. */
 export interface CopyOptions {
-  /** Connections per NBD side (native engine); default 4 where multi-conn is safe (canMultiConn, or a read-only source), else 1. */
+  /** Connections per NBD side (native engine); default 4, at most one per CPU (as nbdcopy), where multi-conn is safe (canMultiConn, or a read-only source), else 1. */
   connections?: number
   /** Requests in flight per connection; default 64. */
   requests?: number

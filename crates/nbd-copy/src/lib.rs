@@ -397,9 +397,21 @@ struct Job {
     progress: Arc<Progress>,
     data_bytes: AtomicU64,
     pool: Pool,
+    /// Bounds the local file calls running at once: a thread per request in flight would
+    /// only queue on the file's lock and switch contexts.
+    file_calls: Semaphore,
 }
 
 impl Job {
+    /// Runs a blocking file call on tokio's blocking pool, a few at a time.
+    async fn file_call<T: Send + 'static>(&self, what: &str, call: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
+        let _turn = self.file_calls.acquire().await.expect("the semaphore is never closed");
+        tokio::task::spawn_blocking(call)
+            .await
+            .map_err(|e| Error::io(Errno::EIO, format!("{what} task: {e}")))?
+            .map_err(|e| io_error(e, what))
+    }
+
     fn fail(&self, e: Error) {
         let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
         if first.is_none() && !self.stop.is_cancelled() {
@@ -449,10 +461,9 @@ impl Job {
             }
             Side::File(f) if f.regular => {
                 let f = f.clone();
-                tokio::task::spawn_blocking(move || file_extents(&f.file, start, end))
+                self.file_call("seeking data", move || file_extents(&f.file, start, end))
                     .await
-                    .map_err(|e| Error::io(Errno::EIO, format!("extent task: {e}")))?
-                    .map_err(|e| at(io_error(e, "seeking data"), "the source's extents", start))
+                    .map_err(|e| at(e, "the source's extents", start))
             }
             _ => Ok(all_data),
         }
@@ -467,14 +478,12 @@ impl Job {
             Side::File(f) => {
                 let f = f.clone();
                 let mut fill = Fill(block.clone());
-                tokio::task::spawn_blocking(move || {
+                self.file_call("read", move || {
                     // SAFETY: Fill points at len bytes that nothing else touches meanwhile.
                     let buf = unsafe { std::slice::from_raw_parts_mut(nbd_client::DestBuf::as_mut_ptr(&mut fill), len as usize) };
                     f.file.read_exact_at(buf, offset)
                 })
-                .await
-                .map_err(|e| Error::io(Errno::EIO, format!("read task: {e}")))?
-                .map_err(|e| io_error(e, "read"))?;
+                .await?;
             }
             Side::Null => unreachable!("null is never a source"),
         }
@@ -486,10 +495,7 @@ impl Job {
             Side::Nbd { .. } => self.dst.conn(worker).pwrite(Box::new(piece), offset, 0, None).await,
             Side::File(f) => {
                 let f = f.clone();
-                tokio::task::spawn_blocking(move || f.file.write_all_at(&piece.buf.bytes()[piece.start..piece.start + piece.len], offset))
-                    .await
-                    .map_err(|e| Error::io(Errno::EIO, format!("write task: {e}")))?
-                    .map_err(|e| io_error(e, "write"))
+                self.file_call("write", move || f.file.write_all_at(&piece.buf.bytes()[piece.start..piece.start + piece.len], offset)).await
             }
             Side::Null => Ok(()),
         }
@@ -518,10 +524,7 @@ impl Job {
             Side::File(f) => {
                 let f = f.clone();
                 let allocated = self.allocated;
-                tokio::task::spawn_blocking(move || zero_file(&f.file, offset, len, allocated))
-                    .await
-                    .map_err(|e| Error::io(Errno::EIO, format!("zero task: {e}")))?
-                    .map_err(|e| io_error(e, "zero"))
+                self.file_call("zero", move || zero_file(&f.file, offset, len, allocated)).await
             }
             Side::Null => Ok(()),
         }
@@ -835,6 +838,7 @@ async fn run(
         progress,
         data_bytes: AtomicU64::new(0),
         pool: Pool::default(),
+        file_calls: Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
     });
     // On abort (or a first error), closing the connections fails whatever is on the wire.
     let watch = {
