@@ -133,6 +133,37 @@ fn cancelled() -> Error {
 struct LocalFile {
     file: File,
     regular: bool,
+    /// Ranges recently written to a regular destination, oldest first (see
+    /// [`LocalFile::write_behind`]).
+    written: Mutex<std::collections::VecDeque<(u64, u64)>>,
+}
+
+/// How many written ranges may sit in the page cache before the oldest is pushed out.
+const WRITE_WINDOWS: usize = 8;
+
+impl LocalFile {
+    /// After a write to a regular file: start writing it back at once, and push the range
+    /// written `WRITE_WINDOWS` writes ago out of the page cache once it is on disk. A copy
+    /// of gigabytes otherwise fills memory with dirty pages that the kernel then writes
+    /// back under pressure, stalling every write (nbdcopy does the same).
+    fn write_behind(&self, offset: u64, len: u64) {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: hints on a descriptor we own; failures only lose the hint.
+        unsafe { libc::sync_file_range(fd, offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
+        let oldest = {
+            let mut q = self.written.lock().unwrap_or_else(|p| p.into_inner());
+            q.push_back((offset, len));
+            if q.len() > WRITE_WINDOWS { q.pop_front() } else { None }
+        };
+        if let Some((o, l)) = oldest {
+            let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            // SAFETY: as above.
+            unsafe {
+                libc::sync_file_range(fd, o as libc::off64_t, l as libc::off64_t, all);
+                libc::posix_fadvise(fd, o as libc::off_t, l as libc::off_t, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
 }
 
 /// One opened side.
@@ -248,7 +279,7 @@ async fn open(endpoint: Endpoint, source: bool) -> Result<Opened> {
                 ));
             };
             Ok(Opened {
-                side: Side::File(Arc::new(LocalFile { file, regular })),
+                side: Side::File(Arc::new(LocalFile { file, regular, written: Mutex::default() })),
                 size,
                 endpoint,
                 preferred: 4096,
@@ -495,7 +526,14 @@ impl Job {
             Side::Nbd { .. } => self.dst.conn(worker).pwrite(Box::new(piece), offset, 0, None).await,
             Side::File(f) => {
                 let f = f.clone();
-                self.file_call("write", move || f.file.write_all_at(&piece.buf.bytes()[piece.start..piece.start + piece.len], offset)).await
+                self.file_call("write", move || {
+                    f.file.write_all_at(&piece.buf.bytes()[piece.start..piece.start + piece.len], offset)?;
+                    if f.regular {
+                        f.write_behind(offset, piece.len as u64);
+                    }
+                    Ok(())
+                })
+                .await
             }
             Side::Null => Ok(()),
         }
