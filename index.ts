@@ -21,6 +21,7 @@
  */
 
 import type * as Binding from './binding'
+import { mapExtents, type MapExtent, type MapOptions } from './map'
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const native: typeof Binding = require('../binding.js')
@@ -1366,4 +1367,26 @@ export class Handle {
   getUriAllowLocalFile(): boolean {
     return this.#native.getUriAllowLocalFile()
   }
+
+  // ---- whole-export work (map.ts) ----
+
+  /**
+   * The extents of one meta context over a whole range, as `nbdinfo --map` lists them:
+   * consecutive extents with equal flags merged, each with nbdinfo's description (`data`,
+   * `hole,zero`, `dirty`, …). It asks again wherever the server described less than asked for
+   * (some answer one extent at a time) and clips a final extent that runs past the range.
+   * The handle must have negotiated `context` (default `'base:allocation'`).
+   *
+   * @example
+   * ```ts
+   * for await (const e of h.map()) console.log(e.offset, e.length, e.flags, e.description)
+   * ```
+   */
+  map(options?: MapOptions): AsyncGenerator<MapExtent, void, undefined> {
+    return mapExtents(this, options)
+  }
 }
+
+export { describeExtent, mapTotals, type MapExtent, type MapOptions } from './map'
+export { info, humanSize, type ExportDetails, type ExportInfo, type InfoOptions } from './info'
+export { copy, type CopyEndpoint, type CopyOptions, type CopyProgress, type CopyResult } from './copy'

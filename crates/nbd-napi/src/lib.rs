@@ -5,12 +5,14 @@
 //! public API), which also turns the errors thrown here into `NbdError`s: each message
 //! starts with `[CODE:errno] `, the one error bridge ([`to_js`]).
 
+mod copy;
 mod event_loop;
 mod handle;
 mod settle;
 mod testing;
 mod tokio_path;
 
+pub use copy::NativeCopy;
 pub use handle::{NativeCancel, NativeHandle};
 
 use napi_derive::napi;

@@ -1,0 +1,315 @@
+// copy(): byte-identical to nbdcopy in every endpoint combination (NBD URI, Handle with and
+// without a URI, file, null:, Readable, Writable) on nbdkit, qemu-nbd (qcow2 with holes and a
+// dirty bitmap) and nbd-server; sparse results (a file's allocated blocks, `nbdinfo --map` of
+// an NBD destination) equal nbdcopy's on the same source; allocated, destinationIsZero, sparse
+// false; abort mid-copy (no fd left behind); a failing read names the side and the offset; a
+// destination too small or out of space; onProgress at most 10 a second and a final call.
+import { spawn, spawnSync } from 'node:child_process'
+import crypto from 'node:crypto'
+import fs from 'node:fs'
+import path from 'node:path'
+import { PassThrough, Readable, Writable } from 'node:stream'
+import test, { type ExecutionContext } from 'ava'
+import { CONTEXT_BASE_ALLOCATION, Handle, NbdError, copy, type CopyProgress } from 'nbd-client'
+import { crossReadAll, nbdinfoMap } from './helpers/crosscheck'
+import { countOpenFds, connectedSocketFd, waitFor } from './helpers/fds'
+import { assertNbdError, openHandle, seededBytes, KiB, MiB } from './helpers/nbd'
+import { makeTempDir, requireTool, useNbdkit, useNbdServer, useQemuNbd } from './helpers/servers'
+
+function tempDir(t: ExecutionContext): string {
+  const dir = makeTempDir('nbd-copy-')
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+function nbdcopy(args: string[]): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('nbdcopy', args, { stdio: ['ignore', 'ignore', 'pipe'] })
+    let err = ''
+    child.stderr.setEncoding('utf8').on('data', (s: string) => (err += s))
+    child.once('error', reject)
+    child.once('close', (code) => (code === 0 ? resolve() : reject(new Error(`nbdcopy ${args.join(' ')}: ${err}`))))
+  })
+}
+
+function sha(b: Uint8Array): string {
+  return crypto.createHash('sha256').update(b).digest('hex')
+}
+
+function fileSha(p: string): string {
+  return sha(fs.readFileSync(p))
+}
+
+/** A sparse-random source with a known map, served read-only by nbdkit. */
+async function sparseSource(t: ExecutionContext, size = '64M') {
+  return useNbdkit(t, ['sparse-random', size, 'seed=11', 'percent=25', 'runlength=65536'], { readOnly: true })
+}
+
+test('NBD → file: byte-identical to nbdcopy, same allocated blocks, counts add up, flush', async (t) => {
+  if (!requireTool(t, 'nbdcopy')) return
+  const server = await sparseSource(t)
+  if (!server) return
+  const dir = tempDir(t)
+  const ours = path.join(dir, 'ours.img')
+  const theirs = path.join(dir, 'theirs.img')
+  const r = await copy(server.uri, ours)
+  await nbdcopy([server.uri, theirs])
+  t.is(r.engine, 'native')
+  t.is(r.bytes, 64 * MiB)
+  t.is(r.dataBytes + r.zeroBytes, r.bytes)
+  t.true(r.zeroBytes > 0 && r.dataBytes > 0)
+  t.is(fileSha(ours), fileSha(theirs))
+  t.is(fs.statSync(ours).size, 64 * MiB)
+  t.is(fs.statSync(ours).blocks, fs.statSync(theirs).blocks, 'the same allocated blocks as nbdcopy')
+  t.true(fs.statSync(ours).blocks * 512 < 64 * MiB, 'holes stay holes')
+})
+
+test('an existing larger file is truncated to the source size, a smaller one grown (as nbdcopy)', async (t) => {
+  if (!requireTool(t, 'nbdcopy')) return
+  const server = await useNbdkit(t, ['pattern', '3M'])
+  if (!server) return
+  const dir = tempDir(t)
+  for (const initial of [8 * MiB, 1 * MiB]) {
+    const ours = path.join(dir, `ours-${initial}`)
+    const theirs = path.join(dir, `theirs-${initial}`)
+    fs.writeFileSync(ours, Buffer.alloc(initial, 0xee))
+    fs.writeFileSync(theirs, Buffer.alloc(initial, 0xee))
+    await copy(server.uri, ours)
+    await nbdcopy([server.uri, theirs])
+    t.is(fs.statSync(ours).size, fs.statSync(theirs).size)
+    t.is(fileSha(ours), fileSha(theirs))
+  }
+})
+
+test('NBD → NBD (nbdkit memory): data, and nbdinfo --map of the destination equals nbdcopy’s', async (t) => {
+  if (!requireTool(t, 'nbdcopy', 'nbdinfo')) return
+  const server = await sparseSource(t)
+  const ours = await useNbdkit(t, ['memory', '64M'])
+  const theirs = await useNbdkit(t, ['memory', '64M'])
+  if (!server || !ours || !theirs) return
+  const r = await copy(server.uri, ours.uri)
+  await nbdcopy([server.uri, theirs.uri])
+  t.is(r.engine, 'native')
+  t.is(sha(await crossReadAll(ours.uri)), sha(await crossReadAll(theirs.uri)))
+  t.deepEqual(await nbdinfoMap(ours.uri), await nbdinfoMap(theirs.uri))
+})
+
+test('allocated, destinationIsZero and sparse: false give nbdcopy’s destination maps', async (t) => {
+  if (!requireTool(t, 'nbdcopy', 'nbdinfo')) return
+  const server = await sparseSource(t, '16M')
+  const pattern = await useNbdkit(t, ['pattern', '16M'], { readOnly: true })
+  if (!server || !pattern) return
+  const cases: [Parameters<typeof copy>[2], string[]][] = [
+    [{ allocated: true }, ['--allocated']],
+    [{ destinationIsZero: true }, ['--destination-is-zero']],
+    [{ sparse: false }, ['-S', '0']],
+    [{ sparse: 65536, requestSize: 1 * MiB }, ['-S', '65536', '--request-size=1048576']],
+  ]
+  for (const [options, flags] of cases) {
+    // Destinations full of data first, so that what zero requests do shows in the map.
+    const ours = await useNbdkit(t, ['memory', '16M'])
+    const theirs = await useNbdkit(t, ['memory', '16M'])
+    if (!ours || !theirs) return
+    await copy(pattern.uri, ours.uri)
+    await copy(pattern.uri, theirs.uri)
+    await copy(server.uri, ours.uri, options)
+    await nbdcopy([...flags, server.uri, theirs.uri])
+    t.is(sha(await crossReadAll(ours.uri)), sha(await crossReadAll(theirs.uri)), JSON.stringify(options))
+    t.deepEqual(await nbdinfoMap(ours.uri), await nbdinfoMap(theirs.uri), JSON.stringify(options))
+  }
+})
+
+test('qemu-nbd qcow2 (holes, dirty bitmap) → nbd-server → file → qemu-nbd raw → null:, all as nbdcopy', async (t) => {
+  if (!requireTool(t, 'nbdcopy', 'qemu-io')) return
+  const qcow = await useQemuNbd(t, {
+    format: 'qcow2',
+    size: 8 * MiB,
+    extraArgs: ['-B', 'b0'],
+    prepare: (image) => {
+      for (const argv of [
+        ['qemu-img', 'bitmap', '--add', image, 'b0'],
+        ['qemu-io', '-f', 'qcow2', '-c', 'write -P 7 0 64k', '-c', 'write -P 9 3M 1M', '-c', 'write -z 5M 1M', image],
+      ]) {
+        const r = spawnSync(argv[0]!, argv.slice(1), { encoding: 'utf8' })
+        if (r.status !== 0) throw new Error(`${argv.join(' ')}: ${r.stderr}`)
+      }
+    },
+  })
+  const nbdServer = await useNbdServer(t, { size: 8 * MiB })
+  const raw = await useQemuNbd(t, { format: 'raw', size: 8 * MiB })
+  if (!qcow || !nbdServer || !raw) return
+  const want = sha(await crossReadAll(qcow.uri))
+  const dir = tempDir(t)
+  const file = path.join(dir, 'via.img')
+  await copy(qcow.uri, nbdServer.uri)
+  t.is(sha(await crossReadAll(nbdServer.uri)), want, 'qemu-nbd → nbd-server')
+  await copy(nbdServer.uri, file)
+  t.is(fileSha(file), want, 'nbd-server → file')
+  const r = await copy(file, raw.uri)
+  t.is(r.engine, 'native')
+  t.is(sha(await crossReadAll(raw.uri)), want, 'file → qemu-nbd')
+  const n = await copy(raw.uri, 'null:')
+  t.is(n.bytes, 8 * MiB)
+  // And file → file.
+  const again = path.join(dir, 'again.img')
+  await copy(file, again)
+  t.is(fileSha(again), want)
+})
+
+test('Handle endpoints: with a URI the native engine, with connectSocket the JavaScript one', async (t) => {
+  const server = await sparseSource(t, '8M')
+  const dest = await useNbdkit(t, ['memory', '8M'])
+  if (!server || !dest) return
+  const want = sha(await crossReadAll(server.uri))
+  const src = await openHandle(t, server)
+  const dir = tempDir(t)
+  const a = await copy(src, path.join(dir, 'a.img'))
+  t.is(a.engine, 'native')
+  t.is(fileSha(path.join(dir, 'a.img')), want)
+
+  const bySocket = new Handle({ metaContexts: [CONTEXT_BASE_ALLOCATION] })
+  t.teardown(() => bySocket.close())
+  await bySocket.connectSocket(await connectedSocketFd(server))
+  const b = await copy(bySocket, path.join(dir, 'b.img'))
+  t.is(b.engine, 'javascript')
+  t.is(fileSha(path.join(dir, 'b.img')), want)
+  t.is(b.zeroBytes + b.dataBytes, 8 * MiB)
+  t.true(b.zeroBytes > 0)
+
+  const destBySocket = new Handle()
+  t.teardown(() => destBySocket.close())
+  await destBySocket.connectSocket(await connectedSocketFd(dest))
+  const c = await copy(server.uri, destBySocket, { requests: 8 })
+  t.is(c.engine, 'javascript')
+  t.is(sha(await crossReadAll(dest.uri)), want)
+  t.is(bySocket.state, 'ready', 'a handle passed in stays open')
+})
+
+test('streams: Readable → NBD and file, NBD → Writable (holes as zeroes), in order', async (t) => {
+  const server = await sparseSource(t, '8M')
+  const dest = await useNbdkit(t, ['memory', '8M'])
+  if (!server || !dest) return
+  const whole = await crossReadAll(server.uri)
+  // NBD → Writable: every byte, in order.
+  const chunks: Buffer[] = []
+  const sink = new Writable({
+    highWaterMark: 1 * MiB,
+    write(chunk: Buffer, _enc, cb) {
+      chunks.push(chunk)
+      setImmediate(cb)
+    },
+  })
+  const r = await copy(server.uri, sink)
+  t.is(r.engine, 'javascript')
+  t.is(sha(Buffer.concat(chunks)), sha(whole))
+  t.true(sink.writableFinished, 'the Writable is ended')
+  // Readable (odd chunk sizes) → NBD.
+  const pieces: Buffer[] = []
+  for (let at = 0; at < whole.length; at += 77777) pieces.push(whole.subarray(at, at + 77777))
+  const w = await copy(Readable.from(pieces), dest.uri)
+  t.is(w.bytes, whole.length)
+  t.is(sha(await crossReadAll(dest.uri)), sha(whole))
+  // Readable → file.
+  const dir = tempDir(t)
+  const pass = new PassThrough()
+  pass.end(whole)
+  await copy(pass, path.join(dir, 's.img'))
+  t.is(fileSha(path.join(dir, 's.img')), sha(whole))
+})
+
+test.serial('abort mid-copy stops promptly and leaves no fd behind (both engines)', async (t) => {
+  const server = await useNbdkit(t, ['--filter=delay', 'pattern', '64M', 'rdelay=100ms'])
+  if (!server) return
+  const dir = tempDir(t)
+  const before = countOpenFds()
+  for (const dest of [path.join(dir, 'x.img'), new Writable({ write: (_c, _e, cb) => cb() })]) {
+    const ac = new AbortController()
+    let abortedAt = 0
+    const p = copy(server.uri, dest, { signal: ac.signal, requests: 4 })
+    setTimeout(() => {
+      abortedAt = Date.now()
+      ac.abort()
+    }, 300)
+    const err = await t.throwsAsync(p)
+    t.is(err?.name, 'AbortError')
+    t.is((err as { code?: string }).code, 'ABORT_ERR')
+    t.true(abortedAt > 0, 'the copy was still running when aborted')
+    t.true(Date.now() - abortedAt < 1500, `rejected ${Date.now() - abortedAt} ms after the abort`)
+  }
+  t.true(await waitFor(() => countOpenFds() <= before, 3000), `fds: ${before} before, ${countOpenFds()} after`)
+  const ac = new AbortController()
+  ac.abort()
+  const early = await t.throwsAsync(copy(server.uri, 'null:', { signal: ac.signal }))
+  t.is(early?.name, 'AbortError')
+})
+
+test('a source that fails a read rejects naming the side and the offset', async (t) => {
+  // An nbdkit eval plugin that fails every read at or past 1 MiB with EIO.
+  const pread = 'if [ $4 -ge 1048576 ]; then echo "EIO bad sector" >&2; exit 1; fi; dd if=/dev/zero bs=1 count=0 2>/dev/null; head -c $3 /dev/zero'
+  const server = await useNbdkit(t, ['eval', 'get_size=echo 1310720', `pread=${pread}`])
+  if (!server) return
+  const dir = tempDir(t)
+  for (const dest of [path.join(dir, 'e.img'), 'null:', new Writable({ write: (_c, _e, cb) => cb() })]) {
+    const err = await t.throwsAsync(copy(server.uri, dest, { requestSize: 256 * KiB }))
+    assertNbdError(t, err, 'EIO', 'copy')
+    t.regex(err!.message, /^copy: reading the source at 1048576: EIO/)
+  }
+})
+
+test('a destination smaller than the source, read-only, or out of space is refused', async (t) => {
+  const server = await useNbdkit(t, ['pattern', '4M'])
+  const small = await useNbdkit(t, ['memory', '1M'])
+  const ro = await useNbdkit(t, ['memory', '4M'], { readOnly: true })
+  const full = await useNbdkit(t, ['--filter=error', 'memory', '4M', 'error-pwrite=ENOSPC', 'error-pwrite-rate=100%', 'error-zero=ENOSPC', 'error-zero-rate=100%'])
+  if (!server || !small || !ro || !full) return
+  const e1 = await t.throwsAsync(copy(server.uri, small.uri))
+  assertNbdError(t, e1, 'ENOSPC', 'copy')
+  t.regex(e1!.message, /smaller than the source/)
+  const e2 = await t.throwsAsync(copy(server.uri, ro.uri))
+  assertNbdError(t, e2, 'EPERM', 'copy')
+  const e3 = await t.throwsAsync(copy(server.uri, full.uri))
+  assertNbdError(t, e3, 'ENOSPC', 'copy')
+  t.regex(e3!.message, /^copy: writing the destination at \d+: ENOSPC/)
+  const e4 = await t.throwsAsync(copy(Readable.from([Buffer.alloc(2 * MiB, 1)]), small.uri))
+  assertNbdError(t, e4, 'ENOSPC', 'copy')
+})
+
+test('onProgress: at most 10 calls a second, and a final one with everything done', async (t) => {
+  const server = await useNbdkit(t, ['--filter=delay', 'pattern', '16M', 'rdelay=20ms'])
+  if (!server) return
+  for (const dest of ['null:', new Writable({ write: (_c, _e, cb) => cb() })]) {
+    const calls: { at: number; p: CopyProgress }[] = []
+    const started = Date.now()
+    const r = await copy(server.uri, dest, { requests: 2, connections: 1, onProgress: (p) => calls.push({ at: Date.now(), p }) })
+    const seconds = (Date.now() - started) / 1000
+    t.true(calls.length >= 2, `${calls.length} calls`)
+    t.true(calls.length <= Math.ceil(seconds * 10) + 1, `${calls.length} calls in ${seconds} s`)
+    const last = calls.at(-1)!.p
+    t.is(last.bytesDone, r.bytes)
+    t.is(last.bytesTotal, r.bytes)
+    for (let i = 1; i < calls.length; i++) t.true(calls[i]!.p.bytesDone >= calls[i - 1]!.p.bytesDone)
+  }
+})
+
+test('bad arguments reject with EINVAL', async (t) => {
+  const bad: [unknown, unknown, unknown][] = [
+    ['null:', 'null:', undefined],
+    [42, 'null:', undefined],
+    ['nbd://localhost', {}, undefined],
+    ['nbd://localhost', 'null:', { connections: 0 }],
+    ['nbd://localhost', 'null:', { sparse: 1000 }],
+    ['nbd://localhost', 'null:', { requestSize: -1 }],
+    ['nbd://localhost', 'null:', { flush: 'yes' }],
+    ['nbd://localhost', 'null:', 'fast'],
+  ]
+  for (const [s, d, o] of bad) {
+    const err = await t.throwsAsync(copy(s as never, d as never, o as never))
+    t.true(err instanceof NbdError)
+    t.is((err as NbdError).code, 'EINVAL', `${String(s)} → ${String(d)} ${JSON.stringify(o)}`)
+  }
+  const dir = tempDir(t)
+  const missing = await t.throwsAsync(copy(path.join(dir, 'nope.img'), 'null:'))
+  assertNbdError(t, missing, 'ENOENT', 'copy')
+  await copy(Readable.from([seededBytes(1000, 1)]), path.join(dir, 'small.img'))
+  t.is(fs.statSync(path.join(dir, 'small.img')).size, 1000)
+})

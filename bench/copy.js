@@ -1,0 +1,134 @@
+#!/usr/bin/env node
+// copy.js: copy() against nbdcopy on the same servers, alternating runs.
+//
+//   node bench/copy.js [--rows name,...] [--runs N] [--quick] [--json FILE]
+//
+// Rows (issue 10): an 8 GiB sparse-random export to a file; a 2 GiB dense export (nbdkit
+// pattern) to a file, to an nbdkit memory export and to null:; each with the default
+// connections and with one connection each (-C 1 / connections: 1). Every run is a fresh
+// process (`nbdcopy SRC DST` or `node -e "copy(SRC, DST)"`) timed from spawn to exit, so
+// ours pays for Node's start-up too. Both sides use their defaults otherwise, except that
+// ours runs with flush: false, as nbdcopy does not flush unless asked. The file destination
+// is removed and `sync` run before every run (untimed). Prints the median of each side and
+// the ratio nbdcopy/ours (≥ 1.0: ours is at least as fast).
+'use strict'
+
+const { spawn, spawnSync } = require('node:child_process')
+const fs = require('node:fs')
+const os = require('node:os')
+const path = require('node:path')
+
+const ROOT = path.join(__dirname, '..')
+const DIST = path.join(ROOT, 'dist', 'index.js')
+
+const ROWS = [
+  { name: 'sparse8g-file', label: '8 GiB sparse-random → file', src: 'sparse', dst: 'file' },
+  { name: 'sparse8g-file-c1', label: '8 GiB sparse-random → file, 1 conn', src: 'sparse', dst: 'file', c1: true },
+  { name: 'dense2g-file', label: '2 GiB dense → file', src: 'dense', dst: 'file' },
+  { name: 'dense2g-file-c1', label: '2 GiB dense → file, 1 conn', src: 'dense', dst: 'file', c1: true },
+  { name: 'dense2g-nbd', label: '2 GiB dense → nbdkit memory', src: 'dense', dst: 'nbd' },
+  { name: 'dense2g-nbd-c1', label: '2 GiB dense → nbdkit memory, 1 conn', src: 'dense', dst: 'nbd', c1: true },
+  { name: 'dense2g-null', label: '2 GiB dense → null:', src: 'dense', dst: 'null' },
+  { name: 'dense2g-null-c1', label: '2 GiB dense → null:, 1 conn', src: 'dense', dst: 'null', c1: true },
+]
+
+function parseArgs(argv) {
+  const a = { runs: 3, rows: ROWS.map((r) => r.name), quick: false, json: undefined }
+  for (let i = 0; i < argv.length; i++) {
+    const x = argv[i]
+    if (x === '--runs') a.runs = Number(argv[++i])
+    else if (x === '--rows') a.rows = argv[++i].split(',')
+    else if (x === '--quick') a.quick = true
+    else if (x === '--json') a.json = argv[++i]
+    else {
+      console.error(`unknown argument ${x}\nusage: node bench/copy.js [--rows a,b] [--runs N] [--quick] [--json FILE]`)
+      process.exit(2)
+    }
+  }
+  for (const name of a.rows) {
+    if (!ROWS.some((r) => r.name === name)) {
+      console.error(`unknown row ${name}; rows: ${ROWS.map((r) => r.name).join(', ')}`)
+      process.exit(2)
+    }
+  }
+  return a
+}
+
+function startNbdkit(dir, name, args) {
+  const sock = path.join(dir, `${name}.sock`)
+  const child = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', sock, ...args], { stdio: ['ignore', 'ignore', 'inherit'] })
+  const until = Date.now() + 10000
+  while (!fs.existsSync(sock)) {
+    if (Date.now() > until) throw new Error(`nbdkit ${args.join(' ')} did not start`)
+    spawnSync('sleep', ['0.05'])
+  }
+  return { uri: `nbd+unix:///?socket=${sock}`, child }
+}
+
+function timed(argv) {
+  return new Promise((resolve, reject) => {
+    const t0 = process.hrtime.bigint()
+    const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] })
+    let err = ''
+    child.stderr.setEncoding('utf8').on('data', (s) => (err += s))
+    child.once('error', reject)
+    child.once('close', (code) => {
+      const seconds = Number(process.hrtime.bigint() - t0) / 1e9
+      if (code === 0) resolve(seconds)
+      else reject(new Error(`${argv.join(' ')} failed (${code}): ${err}`))
+    })
+  })
+}
+
+function median(xs) {
+  const s = [...xs].sort((a, b) => a - b)
+  const m = s.length >> 1
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2
+}
+
+async function main() {
+  const args = parseArgs(process.argv.slice(2))
+  if (!fs.existsSync(DIST)) throw new Error('dist/index.js is missing: run npm run build first')
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-copy-bench-'))
+  const scale = args.quick ? 8 : 1
+  const servers = {
+    sparse: startNbdkit(dir, 'sparse', ['-r', 'sparse-random', `${8 / scale}G`, 'seed=1']),
+    dense: startNbdkit(dir, 'dense', ['-r', 'pattern', `${2048 / scale}M`]),
+    nbd: startNbdkit(dir, 'mem', ['memory', `${2048 / scale}M`]),
+  }
+  const file = path.join(dir, 'dest.img')
+  const results = []
+  try {
+    console.log(`copy bench: ${args.runs} runs per side, alternating; wall time of a fresh process${args.quick ? ' (--quick: sizes / 8)' : ''}`)
+    console.log(`${'row'.padEnd(40)} ${'nbdcopy s'.padStart(10)} ${'ours s'.padStart(10)} ${'nbdcopy/ours'.padStart(13)}`)
+    for (const row of ROWS.filter((r) => args.rows.includes(r.name))) {
+      const src = servers[row.src].uri
+      const dst = row.dst === 'file' ? file : row.dst === 'null' ? 'null:' : servers.nbd.uri
+      const theirs = ['nbdcopy', ...(row.c1 ? ['-C', '1'] : []), src, dst]
+      const options = JSON.stringify({ flush: false, ...(row.c1 ? { connections: 1 } : {}) })
+      const script = `require(${JSON.stringify(DIST)}).copy(${JSON.stringify(src)}, ${JSON.stringify(dst)}, ${options}).catch((e) => { console.error(e); process.exit(1) })`
+      const ours = [process.execPath, '-e', script]
+      const times = { nbdcopy: [], ours: [] }
+      for (let i = 0; i < args.runs; i++) {
+        for (const [side, argv] of [['nbdcopy', theirs], ['ours', ours]]) {
+          fs.rmSync(file, { force: true })
+          spawnSync('sync')
+          times[side].push(await timed(argv))
+        }
+      }
+      const a = median(times.nbdcopy)
+      const b = median(times.ours)
+      results.push({ row: row.name, label: row.label, nbdcopy: times.nbdcopy, ours: times.ours, medianNbdcopy: a, medianOurs: b, ratio: a / b })
+      console.log(`${row.label.padEnd(40)} ${a.toFixed(3).padStart(10)} ${b.toFixed(3).padStart(10)} ${(a / b).toFixed(2).padStart(13)}`)
+    }
+  } finally {
+    for (const s of Object.values(servers)) s.child.kill()
+    fs.rmSync(dir, { recursive: true, force: true })
+  }
+  if (args.json) fs.writeFileSync(args.json, JSON.stringify(results, null, 2))
+}
+
+main().catch((e) => {
+  console.error(e.message)
+  process.exit(1)
+})

@@ -1,0 +1,981 @@
+//! Whole-export copy, the work of libnbd's `nbdcopy`, over the `nbd-client` tokio API.
+//!
+//! [`copy`] moves every byte of a source to a destination with no per-request work
+//! outside Rust. Endpoints ([`Endpoint`]) are NBD exports (by URI), local files and block
+//! devices, and `null:` (a destination that discards).
+//!
+//! # How a copy runs
+//!
+//! 1. Both sides are opened: one NBD connection each (the source asks for
+//!    `base:allocation`), a file opened or created. A regular destination file is
+//!    truncated to the source's size, so it reads as zeroes and zero ranges are skipped
+//!    (nbdcopy does the same); a block device or an export smaller than the source is
+//!    refused.
+//! 2. More connections are opened where that is safe (the server advertises multi-conn, or
+//!    the source is read-only): one worker task per connection.
+//! 3. The export is cut into work units that the workers take in turn. For each unit the
+//!    worker asks the source for its extents (block status, or `SEEK_DATA`/`SEEK_HOLE` for
+//!    a file); request-sized pieces that are all zero extents become one zero request, the
+//!    rest is read. Each read runs as its own task (at most `requests` per connection), and
+//!    its data is scanned at the `sparse` granularity: all-zero blocks are written as zero
+//!    requests (holes, or allocated zeroes with `allocated`), the rest as writes. Reads and
+//!    writes of different pieces overlap.
+//! 4. The destination is flushed (`flush`), NBD connections are shut down politely and
+//!    everything opened is closed, on success, failure and cancellation alike.
+//!
+//! Errors name the side and the offset: `reading the source at 1048576: EIO: …`.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use nbd_client::consts::{FLAG_CAN_MULTI_CONN, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_WRITE_ZEROES, STATE_ZERO};
+use nbd_client::{CancelToken, Config, Errno, Error, Fault, Handle, Result, SourceBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+const BASE_ALLOCATION: &str = "base:allocation";
+/// How much of the export a worker takes at a time (nbdcopy uses 128 MiB).
+const WORK_UNIT: u64 = 32 << 20;
+
+/// One end of a copy.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// An NBD export, connected to with `connect_uri` and these settings (TLS files and the
+    /// like; the URI policy should allow local files when the URI names any).
+    Nbd { uri: String, config: Config },
+    /// A local file or block device. A missing destination file is created (mode 0644).
+    File(PathBuf),
+    /// Discards everything (destination only).
+    Null,
+}
+
+/// How to copy; `Default` gives nbdcopy's defaults, but `flush` is on.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Connections per NBD side; `None` for 4 (at most one per CPU, as nbdcopy) where
+    /// multi-conn is safe. Forced to 1 where it is not (a writable source without
+    /// multi-conn, or a destination without multi-conn).
+    pub connections: Option<usize>,
+    /// Requests in flight per connection.
+    pub requests: usize,
+    /// Bytes per read; raised to the sides' preferred block size and capped at their
+    /// maximum.
+    pub request_size: u32,
+    /// Zero detection granularity; `None` writes every byte read.
+    pub sparse: Option<u32>,
+    /// Zero ranges become allocated zeroes (zero with `NO_HOLE`), and data is not scanned.
+    pub allocated: bool,
+    /// The destination already reads as zeroes: zero ranges are skipped.
+    pub destination_is_zero: bool,
+    /// Flush the destination at the end.
+    pub flush: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            connections: None,
+            requests: 64,
+            request_size: 256 * 1024,
+            sparse: Some(4096),
+            allocated: false,
+            destination_is_zero: false,
+            flush: true,
+        }
+    }
+}
+
+/// Counters a caller may read while the copy runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes of the source dealt with (read and written, or zeroed, or skipped).
+    pub bytes_done: AtomicU64,
+    /// Of those, bytes that were zero (zero requests, holes or skipped ranges).
+    pub bytes_zero: AtomicU64,
+    /// The source's size, once known.
+    pub bytes_total: AtomicU64,
+}
+
+/// What a finished copy did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub bytes: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    pub seconds: f64,
+    /// Connections per NBD side actually used.
+    pub connections: usize,
+    /// Bytes per read actually used.
+    pub request_size: u32,
+}
+
+fn io_error(e: std::io::Error, what: &str) -> Error {
+    let errno = e.raw_os_error().map(Errno::from_raw_os_error).unwrap_or(Errno::EIO);
+    Error::io(errno, format!("{what}: {e}"))
+}
+
+/// `what at offset: ERRNO: message`, keeping the errno and fault.
+fn at(e: Error, what: &str, offset: u64) -> Error {
+    let message = format!("{what} at {offset}: {}: {}", e.errno().name(), e.message());
+    Error::new(e.fault(), e.errno(), message)
+}
+
+fn cancelled() -> Error {
+    Error::new(Fault::Cancelled, Errno::ECANCELED, "the copy was aborted")
+}
+
+/// A file shared by the tasks of a copy.
+struct LocalFile {
+    file: File,
+    regular: bool,
+    /// Ranges recently written to a regular destination, oldest first (see
+    /// [`LocalFile::write_behind`]).
+    written: Mutex<std::collections::VecDeque<(u64, u64)>>,
+}
+
+/// How many written ranges may sit in the page cache before the oldest is pushed out.
+const WRITE_WINDOWS: usize = 8;
+
+impl LocalFile {
+    /// After a write to a regular file: start writing it back at once, and push the range
+    /// written `WRITE_WINDOWS` writes ago out of the page cache once it is on disk. A copy
+    /// of gigabytes otherwise fills memory with dirty pages that the kernel then writes
+    /// back under pressure, stalling every write (nbdcopy does the same).
+    fn write_behind(&self, offset: u64, len: u64) {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: hints on a descriptor we own; failures only lose the hint.
+        unsafe { libc::sync_file_range(fd, offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
+        let oldest = {
+            let mut q = self.written.lock().unwrap_or_else(|p| p.into_inner());
+            q.push_back((offset, len));
+            if q.len() > WRITE_WINDOWS { q.pop_front() } else { None }
+        };
+        if let Some((o, l)) = oldest {
+            let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            // SAFETY: as above.
+            unsafe {
+                libc::sync_file_range(fd, o as libc::off64_t, l as libc::off64_t, all);
+                libc::posix_fadvise(fd, o as libc::off_t, l as libc::off_t, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
+}
+
+/// One opened side.
+enum Side {
+    Nbd { conns: Vec<Handle>, flags: u16, extents: bool },
+    File(Arc<LocalFile>),
+    Null,
+}
+
+struct Opened {
+    side: Side,
+    size: u64,
+    endpoint: Endpoint,
+    preferred: u32,
+    maximum: u32,
+}
+
+impl Opened {
+    fn multi_conn_safe(&self, source: bool) -> bool {
+        match &self.side {
+            Side::Nbd { flags, .. } => flags & FLAG_CAN_MULTI_CONN != 0 || (source && flags & FLAG_READ_ONLY != 0),
+            _ => true,
+        }
+    }
+
+    fn conn(&self, worker: usize) -> &Handle {
+        match &self.side {
+            Side::Nbd { conns, .. } => &conns[worker % conns.len()],
+            _ => unreachable!("only NBD sides have connections"),
+        }
+    }
+
+    fn handles(&self) -> Vec<Handle> {
+        match &self.side {
+            Side::Nbd { conns, .. } => conns.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+async fn connect(uri: &str, config: &Config, extents: bool) -> Result<Handle> {
+    let mut config = config.clone();
+    // Every read fills its whole buffer or fails: zeroing it first is wasted work.
+    config.pread_initialize = false;
+    let h = Handle::new(config);
+    if extents {
+        h.add_meta_context(BASE_ALLOCATION)?;
+    }
+    if let Err(e) = h.connect_uri(uri).await {
+        h.close().await;
+        return Err(e);
+    }
+    Ok(h)
+}
+
+async fn open(endpoint: Endpoint, source: bool) -> Result<Opened> {
+    let name = if source { "the source" } else { "the destination" };
+    match &endpoint {
+        Endpoint::Nbd { uri, config } => {
+            let h = connect(uri, config, source).await.map_err(|e| e.context(&format!("connecting to {name}")))?;
+            let n = match h.negotiated() {
+                Ok(n) => n,
+                Err(e) => {
+                    h.close().await;
+                    return Err(e);
+                }
+            };
+            let (preferred, maximum) = match n.export.block_size {
+                Some(b) => (b.preferred.max(1), b.maximum.min(n.export.payload_max())),
+                None => (1, n.export.payload_max()),
+            };
+            let extents = source && n.meta_context_id(BASE_ALLOCATION).is_some();
+            if !source && n.export.has(FLAG_READ_ONLY) {
+                h.close().await;
+                return Err(Error::usage(Errno::EPERM, "the destination is read-only"));
+            }
+            Ok(Opened {
+                side: Side::Nbd { conns: vec![h], flags: n.export.flags, extents },
+                size: n.export.size,
+                endpoint,
+                preferred,
+                maximum,
+            })
+        }
+        Endpoint::File(path) => {
+            let shown = path.display().to_string();
+            let file = if source {
+                File::open(path).map_err(|e| io_error(e, &format!("opening {name} {shown}")))?
+            } else {
+                // As nbdcopy: open without O_CREAT first so that a block device path that is
+                // missing is not turned into a regular file by accident... then create.
+                match OpenOptions::new().write(true).open(path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o644)
+                        .open(path)
+                        .map_err(|e| io_error(e, &format!("creating {name} {shown}")))?,
+                    Err(e) => return Err(io_error(e, &format!("opening {name} {shown}"))),
+                }
+            };
+            let meta = file.metadata().map_err(|e| io_error(e, &shown))?;
+            let regular = meta.file_type().is_file();
+            let size = if regular {
+                meta.len()
+            } else if meta.file_type().is_block_device() {
+                block_device_size(&file).map_err(|e| io_error(e, &shown))?
+            } else {
+                return Err(Error::usage(
+                    Errno::EINVAL,
+                    format!("{shown} is neither a regular file nor a block device (use a stream for pipes)"),
+                ));
+            };
+            Ok(Opened {
+                side: Side::File(Arc::new(LocalFile { file, regular, written: Mutex::default() })),
+                size,
+                endpoint,
+                preferred: 4096,
+                maximum: 64 << 20,
+            })
+        }
+        Endpoint::Null => {
+            if source {
+                return Err(Error::usage(Errno::EINVAL, "null: can only be a destination"));
+            }
+            Ok(Opened { side: Side::Null, size: u64::MAX, endpoint, preferred: 1, maximum: 64 << 20 })
+        }
+    }
+}
+
+fn block_device_size(file: &File) -> std::io::Result<u64> {
+    // SAFETY: lseek on a descriptor we own; it only moves the file offset.
+    let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+    if end < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(end as u64)
+}
+
+/// Opens `count - 1` more connections to an NBD side.
+async fn add_connections(side: &mut Opened, count: usize, source: bool) -> Result<()> {
+    let Endpoint::Nbd { uri, config } = side.endpoint.clone() else { return Ok(()) };
+    let mut set = JoinSet::new();
+    for _ in 1..count {
+        let (uri, config) = (uri.clone(), config.clone());
+        set.spawn(async move { connect(&uri, &config, source).await });
+    }
+    let mut first_error = None;
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(h)) => {
+                if let Side::Nbd { conns, .. } = &mut side.side {
+                    conns.push(h)
+                }
+            }
+            Ok(Err(e)) => first_error = first_error.or(Some(e)),
+            Err(e) => first_error = first_error.or(Some(Error::io(Errno::EIO, format!("connect task: {e}")))),
+        }
+    }
+    match first_error {
+        Some(e) => Err(e.context(if source { "connecting to the source" } else { "connecting to the destination" })),
+        None => Ok(()),
+    }
+}
+
+/// A read buffer shared by the read that fills it and the writes that send its pieces.
+///
+/// The driver writes into it only while the read is in flight, and the writes only read
+/// it after the read has completed, so the two never overlap.
+struct Block(std::cell::UnsafeCell<Vec<u8>>);
+
+// SAFETY: see above: one writer (the read), then readers only.
+unsafe impl Sync for Block {}
+
+impl Block {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: only called once the read into the block has completed.
+        unsafe { &*self.0.get() }
+    }
+}
+
+/// The destination of a read into a [`Block`].
+struct Fill(Arc<Block>);
+
+// SAFETY: the Arc keeps the Vec alive; nothing reads it until the read completes.
+unsafe impl nbd_client::DestBuf for Fill {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        unsafe { (*self.0 .0.get()).as_mut_ptr() }
+    }
+    fn len(&self) -> usize {
+        unsafe { (*self.0 .0.get()).len() }
+    }
+}
+
+/// A piece of a read buffer, written without copying.
+struct Piece {
+    buf: Arc<Block>,
+    start: usize,
+    len: usize,
+}
+
+// SAFETY: the Arc keeps the bytes alive and nobody writes to them once read.
+unsafe impl SourceBuf for Piece {
+    fn as_ptr(&self) -> *const u8 {
+        self.buf.bytes()[self.start..].as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Read buffers kept for reuse: fresh memory costs page faults, and recycled memory from
+/// the allocator would be zeroed again for every read.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        if v.len() != len {
+            v.resize(len, 0);
+        }
+        v
+    }
+
+    fn give(&self, block: Arc<Block>) {
+        // Still referenced (a write that failed may keep it a little longer): let it go.
+        if let Ok(block) = Arc::try_unwrap(block) {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(block.0.into_inner());
+        }
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // Compare in 16-byte words; the compiler vectorises this well.
+    let (head, words, tail) = unsafe { b.align_to::<u128>() };
+    head.iter().all(|&x| x == 0) && words.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+/// A range of the source: `zero` when it reads as zeroes.
+#[derive(Debug, Clone, Copy)]
+struct Extent {
+    start: u64,
+    end: u64,
+    zero: bool,
+}
+
+/// Everything the workers share.
+struct Job {
+    src: Opened,
+    dst: Opened,
+    size: u64,
+    request_size: u64,
+    sparse: Option<u64>,
+    requests: usize,
+    allocated: bool,
+    destination_is_zero: bool,
+    next: AtomicU64,
+    stop: CancelToken,
+    first_error: Mutex<Option<Error>>,
+    progress: Arc<Progress>,
+    data_bytes: AtomicU64,
+    pool: Pool,
+    /// Bounds the local file calls running at once: a thread per request in flight would
+    /// only queue on the file's lock and switch contexts.
+    file_calls: Semaphore,
+}
+
+impl Job {
+    /// Runs a blocking file call on tokio's blocking pool, a few at a time.
+    async fn file_call<T: Send + 'static>(&self, what: &str, call: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
+        let _turn = self.file_calls.acquire().await.expect("the semaphore is never closed");
+        tokio::task::spawn_blocking(call)
+            .await
+            .map_err(|e| Error::io(Errno::EIO, format!("{what} task: {e}")))?
+            .map_err(|e| io_error(e, what))
+    }
+
+    fn fail(&self, e: Error) {
+        let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() && !self.stop.is_cancelled() {
+            *first = Some(e);
+        }
+        drop(first);
+        self.stop.cancel();
+    }
+
+    fn done(&self, len: u64, zero: bool) {
+        self.progress.bytes_done.fetch_add(len, Ordering::Relaxed);
+        if zero {
+            self.progress.bytes_zero.fetch_add(len, Ordering::Relaxed);
+        } else {
+            self.data_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+
+    /// The source's extents over [start, end), covering it exactly.
+    async fn extents(&self, worker: usize, start: u64, end: u64) -> Result<Vec<Extent>> {
+        let all_data = vec![Extent { start, end, zero: false }];
+        match &self.src.side {
+            Side::Nbd { extents: true, .. } => {
+                let h = self.src.conn(worker);
+                let mut out = Vec::new();
+                let mut pos = start;
+                while pos < end {
+                    let count = (end - pos).min(u32::MAX as u64 & !0xfff);
+                    let reply = h.block_status(count, pos, 0, None, None).await.map_err(|e| at(e, "block status of the source", pos))?;
+                    let list = reply.into_iter().find(|c| c.name == BASE_ALLOCATION).map(|c| c.extents).unwrap_or_default();
+                    if list.is_empty() {
+                        return Err(at(Error::protocol("the server described no extents"), "block status of the source", pos));
+                    }
+                    for e in list {
+                        if pos >= end {
+                            break;
+                        }
+                        let stop = (e.offset + e.length).min(end);
+                        if e.offset != pos || stop <= pos {
+                            return Err(at(Error::protocol("extents do not follow on"), "block status of the source", pos));
+                        }
+                        out.push(Extent { start: pos, end: stop, zero: e.flags as u32 & STATE_ZERO != 0 });
+                        pos = stop;
+                    }
+                }
+                Ok(out)
+            }
+            Side::File(f) if f.regular => {
+                let f = f.clone();
+                self.file_call("seeking data", move || file_extents(&f.file, start, end))
+                    .await
+                    .map_err(|e| at(e, "the source's extents", start))
+            }
+            _ => Ok(all_data),
+        }
+    }
+
+    async fn read(&self, worker: usize, offset: u64, len: u64) -> Result<Arc<Block>> {
+        let block = Arc::new(Block(std::cell::UnsafeCell::new(self.pool.take(len as usize))));
+        match &self.src.side {
+            Side::Nbd { .. } => {
+                self.src.conn(worker).pread_into(Box::new(Fill(block.clone())), offset, 0, None).await?;
+            }
+            Side::File(f) => {
+                let f = f.clone();
+                let mut fill = Fill(block.clone());
+                self.file_call("read", move || {
+                    // SAFETY: Fill points at len bytes that nothing else touches meanwhile.
+                    let buf = unsafe { std::slice::from_raw_parts_mut(nbd_client::DestBuf::as_mut_ptr(&mut fill), len as usize) };
+                    f.file.read_exact_at(buf, offset)
+                })
+                .await?;
+            }
+            Side::Null => unreachable!("null is never a source"),
+        }
+        Ok(block)
+    }
+
+    async fn write(&self, worker: usize, offset: u64, piece: Piece) -> Result<()> {
+        match &self.dst.side {
+            Side::Nbd { .. } => self.dst.conn(worker).pwrite(Box::new(piece), offset, 0, None).await,
+            Side::File(f) => {
+                let f = f.clone();
+                self.file_call("write", move || {
+                    f.file.write_all_at(&piece.buf.bytes()[piece.start..piece.start + piece.len], offset)?;
+                    if f.regular {
+                        f.write_behind(offset, piece.len as u64);
+                    }
+                    Ok(())
+                })
+                .await
+            }
+            Side::Null => Ok(()),
+        }
+    }
+
+    /// Makes [offset, offset+len) of the destination read as zeroes.
+    async fn zero(&self, worker: usize, offset: u64, len: u64) -> Result<()> {
+        if self.destination_is_zero {
+            return Ok(());
+        }
+        match &self.dst.side {
+            Side::Nbd { flags, .. } if flags & FLAG_SEND_WRITE_ZEROES != 0 => {
+                let flag = if self.allocated { u32::from(nbd_client::consts::CMD_FLAG_NO_HOLE) } else { 0 };
+                self.dst.conn(worker).zero(len, offset, flag, None).await
+            }
+            Side::Nbd { .. } => {
+                let zeroes = Arc::new(Block(std::cell::UnsafeCell::new(vec![0u8; self.request_size.min(len) as usize])));
+                let mut pos = offset;
+                while pos < offset + len {
+                    let n = (offset + len - pos).min(zeroes.bytes().len() as u64) as usize;
+                    self.write(worker, pos, Piece { buf: zeroes.clone(), start: 0, len: n }).await?;
+                    pos += n as u64;
+                }
+                Ok(())
+            }
+            Side::File(f) => {
+                let f = f.clone();
+                let allocated = self.allocated;
+                self.file_call("zero", move || zero_file(&f.file, offset, len, allocated)).await
+            }
+            Side::Null => Ok(()),
+        }
+    }
+
+    /// Reads one piece and writes it, as data and zero runs.
+    async fn copy_piece(&self, worker: usize, offset: u64, len: u64) -> Result<()> {
+        let buf = self.read(worker, offset, len).await.map_err(|e| at(e, "reading the source", offset))?;
+        let runs = match self.sparse {
+            Some(granule) if !self.allocated => zero_runs(buf.bytes(), offset, granule),
+            _ => vec![(0, len as usize, false)],
+        };
+        for (start, n, zero) in runs {
+            let at_offset = offset + start as u64;
+            if zero {
+                self.zero(worker, at_offset, n as u64).await.map_err(|e| at(e, "zeroing the destination", at_offset))?;
+            } else {
+                let piece = Piece { buf: buf.clone(), start, len: n };
+                self.write(worker, at_offset, piece).await.map_err(|e| at(e, "writing the destination", at_offset))?;
+            }
+            self.done(n as u64, zero);
+        }
+        self.pool.give(buf);
+        Ok(())
+    }
+
+    async fn zero_range(&self, worker: usize, offset: u64, len: u64) -> Result<()> {
+        self.zero(worker, offset, len).await.map_err(|e| at(e, "zeroing the destination", offset))?;
+        self.done(len, true);
+        Ok(())
+    }
+}
+
+/// Splits a buffer read at `offset` into runs of (start, length, all zero), testing whole
+/// `granule`-sized blocks aligned to the export; partial blocks at either end count as data.
+fn zero_runs(buf: &[u8], offset: u64, granule: u64) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut push = |start: usize, n: usize, zero: bool| match runs.last_mut() {
+        Some(last) if last.2 == zero && last.0 + last.1 == start => last.1 += n,
+        _ => runs.push((start, n, zero)),
+    };
+    let len = buf.len();
+    let first = ((offset.div_ceil(granule) * granule - offset) as usize).min(len);
+    if first > 0 {
+        push(0, first, false);
+    }
+    let mut pos = first;
+    while pos < len {
+        let n = (granule as usize).min(len - pos);
+        let zero = n == granule as usize && is_zero(&buf[pos..pos + n]);
+        push(pos, n, zero);
+        pos += n;
+    }
+    runs
+}
+
+fn file_extents(file: &File, start: u64, end: u64) -> std::io::Result<Vec<Extent>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: lseek on a descriptor we own; reads go through pread, so the moved
+        // offset does not matter.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                out.push(Extent { start: pos, end, zero: true });
+                break;
+            }
+            // A file system without SEEK_DATA: all data.
+            out.push(Extent { start: pos, end, zero: false });
+            break;
+        }
+        let data = (data as u64).min(end);
+        if data > pos {
+            out.push(Extent { start: pos, end: data, zero: true });
+            pos = data;
+            if pos >= end {
+                break;
+            }
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        let stop = hole.max(pos + 1).min(end);
+        out.push(Extent { start: pos, end: stop, zero: false });
+        pos = stop;
+    }
+    Ok(out)
+}
+
+fn zero_file(file: &File, offset: u64, len: u64, allocated: bool) -> std::io::Result<()> {
+    let mode = if allocated {
+        libc::FALLOC_FL_ZERO_RANGE
+    } else {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    };
+    // SAFETY: fallocate on a descriptor we own.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) | Some(libc::EINVAL)) {
+        return Err(e);
+    }
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Whether [offset, offset+len) meets only zero extents; `k` walks forward through them.
+fn only_zeroes(extents: &[Extent], k: &mut usize, offset: u64, len: u64) -> bool {
+    while *k + 1 < extents.len() && extents[*k].end <= offset {
+        *k += 1;
+    }
+    extents[*k..].iter().take_while(|e| e.start < offset + len).all(|e| e.zero)
+}
+
+async fn worker(job: Arc<Job>, index: usize) {
+    let slots = Arc::new(Semaphore::new(job.requests));
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let spawn = |tasks: &mut JoinSet<()>, permit: OwnedSemaphorePermit, offset: u64, len: u64, zero: bool| {
+        let job = job.clone();
+        tasks.spawn(async move {
+            let _slot = permit;
+            if job.stop.is_cancelled() {
+                return;
+            }
+            let r = if zero { job.zero_range(index, offset, len).await } else { job.copy_piece(index, offset, len).await };
+            if let Err(e) = r {
+                job.fail(e);
+            }
+        });
+    };
+    'units: loop {
+        if job.stop.is_cancelled() {
+            break;
+        }
+        let start = job.next.fetch_add(WORK_UNIT, Ordering::Relaxed);
+        if start >= job.size {
+            break;
+        }
+        let end = (start + WORK_UNIT).min(job.size);
+        let extents = match job.extents(index, start, end).await {
+            Ok(e) => e,
+            Err(e) => {
+                job.fail(e);
+                break;
+            }
+        };
+        let mut k = 0;
+        let mut zero_from: Option<u64> = None;
+        let mut pos = start;
+        // Zero pieces are deferred and joined, so a long zero range goes as one request.
+        let mut pieces = Vec::new();
+        while pos < end {
+            let len = job.request_size.min(end - pos);
+            if only_zeroes(&extents, &mut k, pos, len) {
+                zero_from.get_or_insert(pos);
+            } else {
+                if let Some(z) = zero_from.take() {
+                    pieces.push((z, pos - z, true));
+                }
+                pieces.push((pos, len, false));
+            }
+            pos += len;
+        }
+        if let Some(z) = zero_from.take() {
+            pieces.push((z, end - z, true));
+        }
+        for (offset, len, zero) in pieces {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                _ = job.stop.cancelled() => break 'units,
+            };
+            spawn(&mut tasks, permit, offset, len, zero);
+            while let Some(r) = tasks.try_join_next() {
+                if let Err(e) = r {
+                    job.fail(Error::io(Errno::EIO, format!("copy task: {e}")));
+                }
+            }
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            job.fail(Error::io(Errno::EIO, format!("copy task: {e}")));
+        }
+    }
+}
+
+async fn close_all(handles: Vec<Handle>, polite: bool) {
+    let mut set = JoinSet::new();
+    for h in handles {
+        set.spawn(async move {
+            if polite {
+                let _ = h.shutdown(false).await;
+            }
+            h.close().await;
+        });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// Copies `src` to `dst`. `cancel` stops it promptly (pending commands are abandoned,
+/// connections closed); the copy then fails with `ECANCELED`. `progress` is updated as
+/// pieces finish.
+pub async fn copy(src: Endpoint, dst: Endpoint, options: Options, progress: Arc<Progress>, cancel: CancelToken) -> Result<Report> {
+    let started = Instant::now();
+    if options.requests == 0 || options.request_size == 0 || options.connections == Some(0) {
+        return Err(Error::usage(Errno::EINVAL, "connections, requests and requestSize must be positive"));
+    }
+    let mut src = tokio::select! {
+        r = open(src, true) => r?,
+        _ = cancel.cancelled() => return Err(cancelled()),
+    };
+    let dst = tokio::select! {
+        r = open(dst, false) => r,
+        _ = cancel.cancelled() => Err(cancelled()),
+    };
+    let mut dst = match dst {
+        Ok(d) => d,
+        Err(e) => {
+            close_all(src.handles(), false).await;
+            return Err(e);
+        }
+    };
+    let plan = tokio::select! {
+        r = prepare(&mut src, &mut dst, &options, &progress) => r,
+        _ = cancel.cancelled() => Err(cancelled()),
+    };
+    let mut handles = src.handles();
+    handles.extend(dst.handles());
+    let result = match plan {
+        Ok(plan) => run(src, dst, plan, &options, progress, cancel, started).await,
+        Err(e) => Err(e),
+    };
+    close_all(handles, result.is_ok()).await;
+    result
+}
+
+/// What [`prepare`] settled.
+struct Plan {
+    connections: usize,
+    request_size: u32,
+    sparse: Option<u64>,
+    destination_is_zero: bool,
+}
+
+/// Sizes the destination, checks sizes, settles the numbers and opens the extra connections.
+async fn prepare(src: &mut Opened, dst: &mut Opened, options: &Options, progress: &Progress) -> Result<Plan> {
+    let size = src.size;
+    progress.bytes_total.store(size, Ordering::Relaxed);
+    let mut destination_is_zero = options.destination_is_zero;
+    if let Side::File(f) = &dst.side {
+        if f.regular {
+            // As nbdcopy: an ordinary file is emptied and sized to the source, so it reads
+            // as zeroes whatever it held.
+            f.file.set_len(0).and_then(|()| f.file.set_len(size)).map_err(|e| io_error(e, "truncating the destination"))?;
+            dst.size = size;
+            destination_is_zero = true;
+        }
+    }
+    if dst.size < size {
+        return Err(Error::usage(
+            Errno::ENOSPC,
+            format!("the destination ({} bytes) is smaller than the source ({size} bytes)", dst.size),
+        ));
+    }
+    // As nbdcopy: 4 by default, but no more than there are CPUs to run them (nbdcopy
+    // runs a thread per connection); more only add contention on a small machine.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut connections = options.connections.unwrap_or(4.min(cpus));
+    if !src.multi_conn_safe(true) || !dst.multi_conn_safe(false) {
+        connections = 1;
+    }
+    let request_size = options.request_size.max(src.preferred).max(dst.preferred).min(src.maximum).min(dst.maximum);
+    let sparse = options.sparse.map(|s| s.max(dst.preferred).max(1) as u64);
+    add_connections(src, connections, true).await?;
+    add_connections(dst, connections, false).await?;
+    Ok(Plan { connections, request_size, sparse, destination_is_zero })
+}
+
+async fn run(
+    src: Opened,
+    dst: Opened,
+    plan: Plan,
+    options: &Options,
+    progress: Arc<Progress>,
+    cancel: CancelToken,
+    started: Instant,
+) -> Result<Report> {
+    let job = Arc::new(Job {
+        size: src.size,
+        src,
+        dst,
+        request_size: u64::from(plan.request_size),
+        sparse: plan.sparse,
+        requests: options.requests,
+        allocated: options.allocated,
+        destination_is_zero: plan.destination_is_zero,
+        next: AtomicU64::new(0),
+        stop: cancel,
+        first_error: Mutex::new(None),
+        progress,
+        data_bytes: AtomicU64::new(0),
+        pool: Pool::default(),
+        file_calls: Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
+    });
+    // On abort (or a first error), closing the connections fails whatever is on the wire.
+    let watch = {
+        let job = job.clone();
+        tokio::spawn(async move {
+            job.stop.cancelled().await;
+            for h in job.src.handles().into_iter().chain(job.dst.handles()) {
+                h.close_in_background();
+            }
+        })
+    };
+    let result = drive(&job, plan.connections, options.flush).await;
+    watch.abort();
+    result?;
+    Ok(Report {
+        bytes: job.size,
+        data_bytes: job.data_bytes.load(Ordering::Relaxed),
+        zero_bytes: job.progress.bytes_zero.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+        connections: plan.connections,
+        request_size: plan.request_size,
+    })
+}
+
+async fn drive(job: &Arc<Job>, connections: usize, flush: bool) -> Result<()> {
+    let mut workers = JoinSet::new();
+    for i in 0..connections {
+        workers.spawn(worker(job.clone(), i));
+    }
+    while let Some(r) = workers.join_next().await {
+        if let Err(e) = r {
+            job.fail(Error::io(Errno::EIO, format!("copy worker: {e}")));
+        }
+    }
+    if let Some(e) = job.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    if job.stop.is_cancelled() {
+        return Err(cancelled());
+    }
+    if !flush {
+        return Ok(());
+    }
+    match &job.dst.side {
+        Side::Nbd { conns, flags, .. } if flags & FLAG_SEND_FLUSH != 0 => {
+            for h in conns {
+                h.flush(0, None).await.map_err(|e| e.context("flushing the destination"))?;
+            }
+            Ok(())
+        }
+        Side::File(f) => {
+            let f = f.clone();
+            tokio::task::spawn_blocking(move || f.file.sync_all())
+                .await
+                .map_err(|e| Error::io(Errno::EIO, format!("flush task: {e}")))?
+                .map_err(|e| io_error(e, "flushing the destination"))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_runs_split_at_aligned_granules() {
+        let mut buf = vec![0u8; 16384];
+        buf[5000] = 1;
+        // Read at 1024: 3072 bytes up to the first aligned granule count as data, and so
+        // does the granule holding byte 5000; the tail past the last whole granule too.
+        assert_eq!(zero_runs(&buf, 1024, 4096), vec![(0, 7168, false), (7168, 8192, true), (15360, 1024, false)]);
+        assert_eq!(zero_runs(&buf, 0, 4096), vec![(0, 4096, true), (4096, 4096, false), (8192, 8192, true)]);
+        assert_eq!(zero_runs(&[], 0, 4096), vec![]);
+    }
+
+    #[test]
+    fn only_zeroes_needs_every_overlapping_extent_zero() {
+        let e = [
+            Extent { start: 0, end: 100, zero: true },
+            Extent { start: 100, end: 200, zero: false },
+            Extent { start: 200, end: 400, zero: true },
+        ];
+        let mut k = 0;
+        assert!(only_zeroes(&e, &mut k, 0, 100));
+        assert!(!only_zeroes(&e, &mut k, 50, 100));
+        assert!(!only_zeroes(&e, &mut k, 150, 100));
+        assert!(only_zeroes(&e, &mut k, 200, 200));
+        assert_eq!(k, 2);
+    }
+
+    #[test]
+    fn is_zero_sees_any_byte() {
+        let mut b = vec![0u8; 4099];
+        assert!(is_zero(&b));
+        b[4098] = 1;
+        assert!(!is_zero(&b));
+        b[4098] = 0;
+        b[1] = 1;
+        assert!(!is_zero(&b[1..]));
+    }
+}

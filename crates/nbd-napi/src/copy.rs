@@ -1,0 +1,131 @@
+//! `NativeCopy`: the binding of `nbd-copy`, which `copy.ts` builds `copy()` on. Bytes move
+//! in Rust; JavaScript only starts the copy, polls its counters and may abort it.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use nbd_client::{CancelToken, Config};
+use nbd_copy::{Endpoint, Options, Progress};
+
+use crate::{invalid, to_js};
+
+/// One end of a copy, as `copy.ts` resolved it.
+#[napi(object)]
+pub struct NativeCopyEndpoint {
+    /// `nbd` (an NBD URI), `file` (a path) or `null`.
+    pub kind: String,
+    pub uri: Option<String>,
+    pub path: Option<String>,
+}
+
+/// Options, already checked by `copy.ts`.
+#[napi(object)]
+pub struct NativeCopyOptions {
+    pub connections: Option<u32>,
+    pub requests: u32,
+    pub request_size: u32,
+    /// 0 turns zero detection off.
+    pub sparse: u32,
+    pub allocated: bool,
+    pub destination_is_zero: bool,
+    pub flush: bool,
+}
+
+/// What a finished copy did.
+#[napi(object)]
+pub struct NativeCopyResult {
+    pub bytes: f64,
+    pub data_bytes: f64,
+    pub zero_bytes: f64,
+    pub seconds: f64,
+    pub connections: u32,
+    pub request_size: u32,
+}
+
+fn endpoint(e: NativeCopyEndpoint) -> Result<Endpoint> {
+    match e.kind.as_str() {
+        "nbd" => {
+            let uri = e.uri.ok_or_else(|| invalid("an nbd endpoint needs a uri"))?;
+            let mut config = Config::default();
+            // As nbdcopy: a URI may name TLS files.
+            config.uri_policy.allow_local_file = true;
+            Ok(Endpoint::Nbd { uri, config })
+        }
+        "file" => Ok(Endpoint::File(PathBuf::from(e.path.ok_or_else(|| invalid("a file endpoint needs a path"))?))),
+        "null" => Ok(Endpoint::Null),
+        other => Err(invalid(format!("unknown endpoint kind {other}"))),
+    }
+}
+
+/// One copy: run it once, read its progress, abort it.
+#[napi]
+pub struct NativeCopy {
+    progress: Arc<Progress>,
+    cancel: CancelToken,
+}
+
+#[napi]
+impl NativeCopy {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        NativeCopy { progress: Arc::default(), cancel: CancelToken::new() }
+    }
+
+    /// Copies; rejects with `[CODE:errno] message` (ECANCELED once aborted).
+    #[napi]
+    pub async fn run(
+        &self,
+        source: NativeCopyEndpoint,
+        destination: NativeCopyEndpoint,
+        options: NativeCopyOptions,
+    ) -> Result<NativeCopyResult> {
+        let src = endpoint(source)?;
+        let dst = endpoint(destination)?;
+        let opts = Options {
+            connections: options.connections.map(|n| n as usize),
+            requests: options.requests as usize,
+            request_size: options.request_size,
+            sparse: if options.sparse == 0 { None } else { Some(options.sparse) },
+            allocated: options.allocated,
+            destination_is_zero: options.destination_is_zero,
+            flush: options.flush,
+        };
+        let progress = self.progress.clone();
+        let cancel = self.cancel.clone();
+        // On napi's tokio runtime; the connections' drivers run there too.
+        let report = nbd_copy::copy(src, dst, opts, progress, cancel).await.map_err(to_js)?;
+        Ok(NativeCopyResult {
+            bytes: report.bytes as f64,
+            data_bytes: report.data_bytes as f64,
+            zero_bytes: report.zero_bytes as f64,
+            seconds: report.seconds,
+            connections: report.connections as u32,
+            request_size: report.request_size,
+        })
+    }
+
+    /// `[bytesDone, bytesTotal, bytesZero]` so far.
+    #[napi]
+    pub fn progress(&self) -> Vec<f64> {
+        vec![
+            self.progress.bytes_done.load(Ordering::Relaxed) as f64,
+            self.progress.bytes_total.load(Ordering::Relaxed) as f64,
+            self.progress.bytes_zero.load(Ordering::Relaxed) as f64,
+        ]
+    }
+
+    /// Stops the copy: pending commands are abandoned, everything opened is closed.
+    #[napi]
+    pub fn abort(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Default for NativeCopy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
