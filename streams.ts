@@ -11,7 +11,7 @@
  * @module
  */
 
-import { Readable, Writable } from 'node:stream'
+import { Readable, Writable, addAbortSignal } from 'node:stream'
 import type { Handle } from './index'
 import { NbdError } from './index'
 
@@ -174,12 +174,14 @@ export class NbdReadStream extends Readable {
     }
     const chunk = checkHighWaterMark(op, o.highWaterMark, DEFAULT_READ_CHUNK)
     const signal = checkSignal(op, o.signal)
-    super({ highWaterMark: chunk, signal })
+    super({ highWaterMark: chunk })
     this.#handle = handle
     this.#chunk = chunk
     this.#pos = start
     this.start = offsetArg(start)
     this.end = end === undefined ? undefined : offsetArg(end)
+    // Not in super()'s options: an aborted signal would destroy the stream before its fields exist.
+    if (signal !== undefined) addAbortSignal(signal, this)
   }
 
   /** The next byte to be requested. */
@@ -313,12 +315,13 @@ export class NbdWriteStream extends Writable {
     }
     const hwm = checkHighWaterMark(op, o.highWaterMark, DEFAULT_WRITE_HWM)
     const signal = checkSignal(op, o.signal)
-    super({ highWaterMark: hwm, signal, decodeStrings: true })
+    super({ highWaterMark: hwm, decodeStrings: true })
     this.#handle = handle
     this.#flush = flush
     this.#limit = hwm
     this.#pos = start
     this.start = offsetArg(start)
+    if (signal !== undefined) addAbortSignal(signal, this)
   }
 
   /** Where the next byte goes. */
