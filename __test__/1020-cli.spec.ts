@@ -1,0 +1,238 @@
+// The nbd-client command (bin/): `dump` byte for byte against libnbd's nbddump on nbdkit,
+// qemu-nbd and nbd-server (plain and coloured, --length, --offset, subprocesses, TLS), and the
+// command's help, version, usage errors, error lines and exit statuses.
+import test, { type ExecutionContext } from 'ava'
+import { spawn } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
+import fs from 'node:fs'
+import path from 'node:path'
+import { version } from 'nbd-client'
+import { CROSSCHECK_TOOLS, crossWritePrefix } from './helpers/crosscheck'
+import { seededBytes, KiB, MiB } from './helpers/nbd'
+import { makeTempDir, requireTool, useNbdkit, useNbdServer, useQemuNbd } from './helpers/servers'
+
+const CLI = path.join(__dirname, '..', 'dist', 'bin', 'nbd-client.js')
+
+interface Run {
+  status: number | null
+  stdout: Buffer
+  stderr: string
+}
+
+function run(argv: string[], env: NodeJS.ProcessEnv = process.env): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], env })
+    const out: Buffer[] = []
+    let err = ''
+    child.stdout.on('data', (chunk: Buffer) => out.push(chunk))
+    child.stderr.setEncoding('utf8')
+    child.stderr.on('data', (chunk: string) => {
+      err += chunk
+    })
+    child.once('error', reject)
+    child.once('close', (status) => resolve({ status, stdout: Buffer.concat(out), stderr: err }))
+  })
+}
+
+const cli = (...args: string[]) => run([process.execPath, CLI, ...args])
+const nbddump = (...args: string[]) => run(['nbddump', ...args])
+
+/** Runs `nbd-client dump ARGS` and `nbddump ARGS`; both must succeed with the same bytes. */
+async function sameAsNbddump(t: ExecutionContext, args: string[], theirArgs = args): Promise<Buffer> {
+  const [ours, theirs] = [await cli('dump', ...args), await nbddump(...theirArgs)]
+  t.is(theirs.status, 0, `nbddump ${theirArgs.join(' ')}: ${theirs.stderr}`)
+  t.is(ours.status, 0, `nbd-client dump ${args.join(' ')}: ${ours.stderr}`)
+  t.is(ours.stderr, '')
+  if (!ours.stdout.equals(theirs.stdout)) {
+    const a = ours.stdout.toString('latin1').split('\n')
+    const b = theirs.stdout.toString('latin1').split('\n')
+    const i = a.findIndex((line, k) => line !== b[k])
+    t.fail(`dump ${args.join(' ')} differs from nbddump at line ${i + 1}:\n  ours:    ${JSON.stringify(a[i])}\n  nbddump: ${JSON.stringify(b[i])}`)
+  } else {
+    t.pass()
+  }
+  return ours.stdout
+}
+
+/** Bytes that exercise every column: text, control bytes, high bytes, runs of repeats, zeros. */
+function mixedContent(size: number): Buffer {
+  const data = Buffer.alloc(size)
+  Buffer.from('hello, world! The quick brown fox jumps over the lazy dog.\n').copy(data, 0x100)
+  for (let i = 0; i < 256; i++) data[0x200 + i] = i
+  seededBytes(3000, 1).copy(data, 0x400 + 5)
+  data.fill(0xab, 0x2000, 0x3000)
+  data.fill(0x41, 0x3000, 0x3008)
+  seededBytes(100, 2).copy(data, size - 100)
+  return data
+}
+
+test('dump equals nbddump on nbdkit: mixed content, --length (with its squashing), --color, odd sizes', async (t) => {
+  if (!requireTool(t, 'nbddump', ...CROSSCHECK_TOOLS)) return
+  const size = 64 * KiB
+  const server = await useNbdkit(t, ['memory', String(size)])
+  if (!server) return
+  await crossWritePrefix(server.uri, mixedContent(size))
+  const out = await sameAsNbddump(t, [server.uri])
+  t.regex(out.toString(), /^0000000100: 68 65 6c 6c 6f 2c 20 77  6f 72 6c 64 21 20 54 68 \|hello, world! Th\|$/m)
+  t.regex(out.toString(), /^\*$/m)
+  await sameAsNbddump(t, ['--color', server.uri])
+  for (const length of ['0', '1', '15', '16', '17', '40', '4100', '12288', '65535', '65536', '1000000']) {
+    await sameAsNbddump(t, ['--length', length, server.uri])
+  }
+  await sameAsNbddump(t, ['-n', '777', '--colour', server.uri])
+  // Sizes that are not a multiple of 16, and an empty export.
+  for (const odd of [1, 15, 17, 4097]) {
+    const s = await useNbdkit(t, ['pattern', String(odd)])
+    if (!s) return
+    await sameAsNbddump(t, [s.uri])
+  }
+  const empty = await useNbdkit(t, ['null', '0'])
+  if (!empty) return
+  t.is((await sameAsNbddump(t, [empty.uri])).length, 0)
+})
+
+test('dump equals nbddump on qemu-nbd and nbd-server', async (t) => {
+  if (!requireTool(t, 'nbddump', ...CROSSCHECK_TOOLS)) return
+  const size = 2 * MiB
+  const data = Buffer.alloc(size)
+  mixedContent(64 * KiB).copy(data, 0)
+  seededBytes(10_000, 3).copy(data, MiB + 3)
+  const qemu = await useQemuNbd(t, { size })
+  const nbdServer = await useNbdServer(t, { size })
+  if (!qemu || !nbdServer) return
+  for (const server of [qemu, nbdServer]) {
+    await crossWritePrefix(server.uri, data)
+    await sameAsNbddump(t, [server.uri])
+    await sameAsNbddump(t, ['--length=100000', server.uri])
+  }
+})
+
+test('dump --offset: absolute addresses, the same lines as nbddump of that range (nbdkit offset filter)', async (t) => {
+  if (!requireTool(t, 'nbddump')) return
+  const size = 256 * KiB
+  const whole = await useNbdkit(t, ['pattern', String(size)])
+  if (!whole) return
+  for (const offset of [16, 4096 + 3, size - 40]) {
+    const part = await useNbdkit(t, ['--filter=offset', 'pattern', String(size), `offset=${offset}`])
+    if (!part) return
+    const ours = await cli('dump', '--offset', String(offset), whole.uri)
+    const theirs = await nbddump(part.uri)
+    t.is(ours.status, 0, ours.stderr)
+    // nbddump's addresses start at 0 in the filtered export: shift them.
+    const shifted = theirs.stdout.toString('latin1').replace(/^([0-9a-f]{10,}):/gm,
+      (_, a: string) => (BigInt('0x' + a) + BigInt(offset)).toString(16).padStart(10, '0') + ':')
+    t.is(ours.stdout.toString('latin1'), shifted, `--offset ${offset}`)
+  }
+  // With a size suffix, and together with --length.
+  const r = await cli('dump', '--offset=1k', '--length', '32', whole.uri)
+  t.is(r.stdout.toString(), '0000000400: 00 00 00 00 00 00 04 00  00 00 00 00 00 00 04 08 |................|\n' +
+    '0000000410: 00 00 00 00 00 00 04 10  00 00 00 00 00 00 04 18 |................|\n')
+  // At the end: nothing; past it: an error.
+  t.is((await cli('dump', '--offset', String(size), whole.uri)).stdout.length, 0)
+  const past = await cli('dump', '--offset', String(size + 1), whole.uri)
+  t.is(past.status, 1)
+  t.regex(past.stderr, /^nbd-client: EINVAL: dump: --offset \d+ is past the end of the export \(size 262144\)\n$/)
+})
+
+test('dump [ CMD ARGS ... ] runs the server as nbddump does (systemd socket activation)', async (t) => {
+  if (!requireTool(t, 'nbddump', 'nbdkit')) return
+  const cmd = ['[', 'nbdkit', 'data', 'data="NBD" 0x00 0xff @128 "end"', ']']
+  await sameAsNbddump(t, ['--', ...cmd])
+  // No `--` needed before the bracket.
+  const r = await cli('dump', ...cmd)
+  t.is(r.status, 0, r.stderr)
+  t.regex(r.stdout.toString(), /^0000000000: 4e 42 44 00 ff/)
+})
+
+test('dump over TLS with the --tls options equals nbddump over an nbds URI (PSK)', async (t) => {
+  if (!requireTool(t, 'nbddump', ...CROSSCHECK_TOOLS)) return
+  const dir = makeTempDir('nbd-cli-tls-')
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }))
+  const psk = path.join(dir, 'keys.psk')
+  fs.writeFileSync(psk, `alice:${randomBytes(32).toString('hex')}\n`)
+  const server = await useNbdkit(t, ['memory', String(64 * KiB)], { extraArgs: ['--tls=require', `--tls-psk=${psk}`] })
+  if (!server) return
+  const tlsUri = `nbds+unix://alice@/?socket=${server.socket}&tls-psk-file=${psk}`
+  await crossWritePrefix(tlsUri, mixedContent(64 * KiB))
+  await sameAsNbddump(t, ['--tls=require', `--tls-psk-file=${psk}`, '--tls-username', 'alice', server.uri], [tlsUri])
+  // Options before the subcommand apply too; a separate value works for them.
+  const before = await cli('--tls', 'require', `--tls-psk-file=${psk}`, '--tls-username=alice', 'dump', '-n', '16', server.uri)
+  t.is(before.status, 0, before.stderr)
+  t.is(before.stdout.length, 80)
+  // Without TLS the server refuses: one line, the code, exit status 1.
+  const plain = await cli('dump', server.uri)
+  t.is(plain.status, 1)
+  t.is(plain.stdout.length, 0)
+  t.regex(plain.stderr, /^nbd-client: [A-Z]+: connectUri: [^\n]+\n$/)
+  const wrong = path.join(dir, 'wrong.psk')
+  fs.writeFileSync(wrong, `alice:${randomBytes(32).toString('hex')}\n`)
+  const bad = await cli('dump', '--tls=require', `--tls-psk-file=${wrong}`, '--tls-username=alice', server.uri)
+  t.is(bad.status, 1)
+  t.regex(bad.stderr, /^nbd-client: E[A-Z]+: connectUri: [^\n]*\n$/)
+})
+
+test('--help lists the subcommands; --version; each subcommand has --help', async (t) => {
+  const help = await cli('--help')
+  t.is(help.status, 0)
+  t.is(help.stderr, '')
+  const text = help.stdout.toString()
+  for (const name of ['info', 'copy', 'dump']) t.regex(text, new RegExp(`^    ${name} `, 'm'))
+  for (const option of ['--tls=', '--tls-psk-file', '--debug', '--version']) t.true(text.includes(option), option)
+  const v = await cli('--version')
+  t.is(v.status, 0)
+  t.is(v.stdout.toString(), `nbd-client ${version}\n`)
+  t.is((await cli('dump', '-V')).stdout.toString(), `nbd-client ${version}\n`)
+  for (const name of ['info', 'copy', 'dump']) {
+    const sub = await cli(name, '--help')
+    t.is(sub.status, 0, `${name} --help: ${sub.stderr}`)
+    t.true(sub.stdout.toString().includes(`nbd-client ${name}`), `${name} --help names its synopsis`)
+  }
+})
+
+test('usage errors and failures: one line on stderr with the code, exit status 1, no stack unless --debug', async (t) => {
+  const cases: [string[], RegExp][] = [
+    [[], /^nbd-client: EINVAL: usage: a subcommand is required/],
+    [['frobnicate'], /^nbd-client: EINVAL: usage: unknown subcommand 'frobnicate'/],
+    [['dump'], /^nbd-client: EINVAL: dump: an NBD URI or \[ CMD ARGS \.\.\. \] is required/],
+    [['dump', 'a', 'b'], /^nbd-client: EINVAL: dump: expected one NBD URI/],
+    [['dump', '--bogus', 'nbd://x'], /^nbd-client: EINVAL: dump: unrecognized option '--bogus'/],
+    [['dump', '-q', 'nbd://x'], /^nbd-client: EINVAL: dump: invalid option -- 'q'/],
+    [['dump', '--length'], /^nbd-client: EINVAL: dump: option '--length' requires an argument/],
+    [['dump', '--length=12x', 'nbd://x'], /^nbd-client: EINVAL: dump: could not parse --length option: 12x/],
+    [['dump', '--tls=sometimes', 'nbd://x'], /^nbd-client: EINVAL: dump: --tls must be disable, allow or require/],
+    [['dump', 'http://example.com/'], /^nbd-client: EINVAL: connectUri: /],
+    [['dump', 'nbd+unix:///?socket=/nonexistent/sock'], /^nbd-client: ENOENT: connectUri: /],
+    [['dump', '[', 'false', ']'], /^nbd-client: E[A-Z]+: connectSystemdSocketActivation: /],
+  ]
+  for (const [args, pattern] of cases) {
+    const r = await cli(...args)
+    t.is(r.status, 1, args.join(' '))
+    t.is(r.stdout.length, 0, args.join(' '))
+    t.regex(r.stderr, pattern, args.join(' '))
+    t.is(r.stderr.split('\n').length, 2, `one line: ${JSON.stringify(r.stderr)}`)
+    t.false(r.stderr.includes('    at '), 'no stack trace')
+  }
+  const debug = await cli('--debug', 'dump', 'nbd+unix:///?socket=/nonexistent/sock')
+  t.is(debug.status, 1)
+  t.regex(debug.stderr, /^nbd-client: ENOENT: connectUri: /)
+  t.true(debug.stderr.includes('    at '), 'a stack trace with --debug')
+})
+
+test('--debug prints the protocol exchange on stderr and leaves stdout alone', async (t) => {
+  const server = await useNbdkit(t, ['pattern', '64'])
+  if (!server) return
+  const plain = await cli('dump', server.uri)
+  const debug = await cli('dump', '--debug', server.uri)
+  t.is(debug.status, 0)
+  t.true(debug.stdout.equals(plain.stdout))
+  t.regex(debug.stderr, /NBD_OPT_GO/)
+  t.regex(debug.stderr, /NBD_CMD_READ/)
+})
+
+test('dump into a closed pipe ends quietly', async (t) => {
+  const server = await useNbdkit(t, ['pattern', String(64 * MiB)])
+  if (!server) return
+  const r2 = await run(['bash', '-c', `set -o pipefail; '${process.execPath}' '${CLI}' dump '${server.uri}' | head -c 100 >/dev/null; echo "status $?"`])
+  t.is(r2.stdout.toString(), 'status 0\n')
+  t.is(r2.stderr, '')
+})
