@@ -236,3 +236,163 @@ test('dump into a closed pipe ends quietly', async (t) => {
   t.is(r2.stdout.toString(), 'status 0\n')
   t.is(r2.stderr, '')
 })
+
+// ---- info: nbdinfo's output and exit statuses ----
+
+/** Runs `nbd-client info ARGS TARGET` and `nbdinfo ARGS TARGET`: same status, same stdout. */
+async function sameAsNbdinfo(t: ExecutionContext, args: string[], target: string[]): Promise<Run> {
+  const ours = await cli('info', ...args, ...target)
+  const theirs = await run(['nbdinfo', ...args, ...target])
+  const what = `info ${args.join(' ')}`
+  t.is(ours.status, theirs.status, `${what}: exit status (ours: ${ours.stderr.trim()}; nbdinfo: ${theirs.stderr.trim()})`)
+  if (!ours.stdout.equals(theirs.stdout)) {
+    const a = ours.stdout.toString().split('\n')
+    const b = theirs.stdout.toString().split('\n')
+    const i = a.findIndex((line, k) => line !== b[k])
+    t.fail(`${what} differs from nbdinfo at line ${i + 1}:\n  ours:    ${JSON.stringify(a[i])}\n  nbdinfo: ${JSON.stringify(b[i])}`)
+  } else {
+    t.pass()
+  }
+  return ours
+}
+
+const DESCRIBE_MODES = [[], ['--json'], ['--no-content'], ['--list'], ['--list', '--json'], ['--size'], ['--size', '--json']]
+const MAP_MODES = [['--map'], ['--map', '--json'], ['--map', '--totals'], ['--map', '--totals', '--json']]
+const FEATURES = ['connect', 'read', 'write', 'tls', 'structured-reply', 'read-only', 'rotational', 'cache', 'df',
+  'fast-zero', 'flush', 'fua', 'multi-conn', 'trim', 'zero']
+
+test('info equals nbdinfo on nbdkit: every mode, --map with totals, --can/--is exit statuses', async (t) => {
+  if (!requireTool(t, 'nbdinfo', 'file', ...CROSSCHECK_TOOLS)) return
+  const size = 8 * MiB
+  const memory = await useNbdkit(t, ['memory', String(size)])
+  const sparse = await useNbdkit(t, ['sparse-random', String(64 * MiB), 'seed=7'])
+  const readOnly = await useNbdkit(t, ['--filter=blocksize-policy', 'pattern', String(3 * MiB + 512), 'blocksize-minimum=512',
+    'blocksize-preferred=4096', 'blocksize-maximum=1M'], { readOnly: true })
+  if (!memory || !sparse || !readOnly) return
+  // Some data, some zeroes, some holes.
+  const data = Buffer.alloc(4 * MiB)
+  seededBytes(MiB, 5).copy(data, 0)
+  seededBytes(64 * KiB, 6).copy(data, 3 * MiB)
+  await crossWritePrefix(memory.uri, data)
+  for (const server of [memory, sparse, readOnly]) {
+    for (const mode of [...DESCRIBE_MODES, ...MAP_MODES]) await sameAsNbdinfo(t, mode, [server.uri])
+    for (const f of FEATURES) await sameAsNbdinfo(t, ['--can', f], [server.uri])
+    await sameAsNbdinfo(t, ['--is', 'read-only'], [server.uri])
+  }
+  const text = (await cli('info', memory.uri)).stdout.toString()
+  t.regex(text, /^protocol: newstyle-fixed without TLS, using structured packets\n/)
+  t.regex(text, /\texport-size: 8388608 \(8M\)\n/)
+  t.regex(text, /\tcontent: data\n/)
+  // --can answers with 0 or 2; an unknown feature is an error (1).
+  t.is((await cli('info', '--can', 'trim', memory.uri)).status, 0)
+  t.is((await cli('info', '--is', 'read-only', memory.uri)).status, 2)
+  t.is((await cli('info', '--is', 'read-only', readOnly.uri)).status, 0)
+  const unknown = await cli('info', '--can', 'fly', memory.uri)
+  t.is(unknown.status, 1)
+  t.regex(unknown.stderr, /^nbd-client: EINVAL: info: unknown --can or --is option: fly\n$/)
+  // Parsed, the JSON is what the text says.
+  const json = JSON.parse((await cli('info', '--json', readOnly.uri)).stdout.toString())
+  t.is(json.exports[0]['export-size'], 3 * MiB + 512)
+  t.is(json.exports[0].block_size_minimum, 512)
+  t.is(json.exports[0].is_read_only, true)
+})
+
+test('info equals nbdinfo on qemu-nbd: description, contexts, allocation depth, dirty bitmap maps, subprocess', async (t) => {
+  if (!requireTool(t, 'nbdinfo', 'file', 'qemu-io', 'qemu-img')) return
+  const qemuIo = (image: string, ...commands: string[]) => {
+    const args = ['-f', 'qcow2']
+    for (const c of commands) args.push('-c', c)
+    const r = require('node:child_process').spawnSync('qemu-io', [...args, image], { encoding: 'utf8' })
+    if (r.status !== 0) throw new Error(`qemu-io: ${r.stderr}`)
+  }
+  let top = ''
+  const server = await useQemuNbd(t, {
+    format: 'qcow2', size: 4 * MiB, description: 'a "quoted"\tdescription', extraArgs: ['-A', '-B', 'b0'],
+    prepare: (image, dir) => {
+      qemuIo(image, 'write -P 1 0 64k')
+      top = path.join(dir, 'top.qcow2')
+      const sh = require('node:child_process').spawnSync
+      sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', image, '-F', 'qcow2', top])
+      qemuIo(top, 'write -P 2 1M 64k', 'write -z 2M 64k')
+      sh('qemu-img', ['bitmap', '--add', top, 'b0'])
+      qemuIo(top, 'write -P 3 3M 4k')
+      return top
+    },
+  })
+  if (!server) return
+  for (const mode of [...DESCRIBE_MODES, ...MAP_MODES]) await sameAsNbdinfo(t, mode, [server.uri])
+  for (const context of ['qemu:allocation-depth', 'qemu:dirty-bitmap:b0']) {
+    for (const extra of [[], ['--json'], ['--totals'], ['--totals', '--json']]) {
+      await sameAsNbdinfo(t, [`--map=${context}`, ...extra], [server.uri])
+    }
+  }
+  for (const f of FEATURES) await sameAsNbdinfo(t, ['--can', f], [server.uri])
+  const text = (await cli('info', server.uri)).stdout.toString()
+  t.regex(text, /\tdescription: a "quoted"\tdescription\n/)
+  t.regex(text, /\t\tqemu:dirty-bitmap:b0\n/)
+  t.regex((await cli('info', '--map=qemu:dirty-bitmap:b0', server.uri)).stdout.toString(), /dirty/)
+  // A context the server lacks: an error, nothing on stdout.
+  await sameAsNbdinfo(t, ['--map=qemu:dirty-bitmap:nope'], [server.uri])
+  // The server as a subprocess (no uri: line), read-only on the same image.
+  for (const mode of [[], ['--json'], ['--map']]) {
+    await sameAsNbdinfo(t, mode, ['--', '[', 'qemu-nbd', '-r', '-f', 'qcow2', top, ']'])
+  }
+})
+
+test('info equals nbdinfo on nbd-server: several exports, --list with and without --content, a missing export', async (t) => {
+  if (!requireTool(t, 'nbdinfo', 'file')) return
+  const server = await useNbdServer(t, { size: 3 * MiB, extraExports: ['second', 'third'] })
+  if (!server) return
+  for (const mode of [...DESCRIBE_MODES, ['--list', '--content'], ['--list', '--content', '--json'], ...MAP_MODES]) {
+    await sameAsNbdinfo(t, mode, [server.uri])
+  }
+  for (const f of FEATURES) await sameAsNbdinfo(t, ['--can', f], [server.uri])
+  const listed = JSON.parse((await cli('info', '--list', '--json', server.uri)).stdout.toString())
+  t.deepEqual(listed.exports.map((e: { 'export-name': string }) => e['export-name']).sort(), ['disk', 'second', 'third'])
+  const missing = server.uri.replace('/disk?', '/nonexistent?')
+  for (const mode of [[], ['--json']]) {
+    const r = await sameAsNbdinfo(t, mode, [missing])
+    t.is(r.status, 1)
+    t.regex(r.stderr, /^nbd-client: ENOENT: [^\n]* for export: nonexistent\n$/)
+  }
+})
+
+test('info equals nbdinfo on oldstyle and plain newstyle nbdkit', async (t) => {
+  if (!requireTool(t, 'nbdinfo', 'file')) return
+  const oldstyle = await useNbdkit(t, ['memory', String(MiB)], { oldstyle: true })
+  const plain = await useNbdkit(t, ['memory', String(MiB)], { plainNewstyle: true })
+  if (!oldstyle || !plain) return
+  for (const server of [oldstyle, plain]) {
+    for (const mode of [[], ['--json'], ['--list'], ['--size'], ['--can', 'flush'], ['--map']]) {
+      await sameAsNbdinfo(t, mode, [server.uri])
+    }
+  }
+})
+
+test('info usage errors: conflicting modes, --totals alone, --content with --no-content', async (t) => {
+  const cases: [string[], RegExp][] = [
+    [['--list', '--size', 'nbd://x'], /you cannot use --list, --map, --size and --can\/--is together/],
+    [['--map', '--can', 'trim', 'nbd://x'], /you cannot use/],
+    [['--totals', 'nbd://x'], /you must use --totals only with --map/],
+    [['--content', '--no-content', 'nbd://x'], /you cannot use --content and --no-content together/],
+    [['--can'], /option '--can' requires an argument/],
+  ]
+  for (const [args, pattern] of cases) {
+    const r = await cli('info', ...args)
+    t.is(r.status, 1)
+    t.regex(r.stderr, /^nbd-client: EINVAL: info: /)
+    t.regex(r.stderr, pattern)
+    t.is(r.stdout.length, 0)
+  }
+})
+
+test('copy parses nbdcopy\'s options and, without the library\'s copy(), fails with ENOTSUP', async (t) => {
+  const bad = await cli('copy', '-C', 'zero', 'nbd://a', 'nbd://b')
+  t.is(bad.status, 1)
+  t.regex(bad.stderr, /^nbd-client: EINVAL: copy: --connections must be an integer >= 1, got zero/)
+  const one = await cli('copy', 'nbd://a')
+  t.regex(one.stderr, /^nbd-client: EINVAL: copy: expected a SOURCE and a DESTINATION/)
+  const r = await cli('copy', '-C', '2', '-R', '16', '--request-size=65536', '-S', '0', '--flush', '-p', 'nbd://a', 'null:')
+  t.is(r.status, 1)
+  t.regex(r.stderr, /^nbd-client: ENOTSUP: copy: /)
+})

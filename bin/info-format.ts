@@ -125,33 +125,58 @@ function totals(extents: MapExtent[], size: number): Total[] {
   return out
 }
 
-/** C's `%.1f`: the exact binary value rounded to one decimal, ties to even. */
-export function fixed1(x: number): string {
-  const text = x.toFixed(1)
-  // toFixed breaks exact ties upwards; printf breaks them to even (0.25 → "0.2").
-  const hundredths = x * 100
-  if (Number.isInteger(hundredths) && hundredths % 10 === 5 && hundredths / 100 === x) {
-    const down = Math.floor(x * 10)
-    const even = down % 2 === 0 ? down : down + 1
-    return (even / 10).toFixed(1)
-  }
-  return text
+/** round(x × 10^scale), ties to even, on the exact binary value of x (finite, >= 0), as printf rounds. */
+function roundScaled(x: number, scale: number): bigint {
+  const view = new DataView(new ArrayBuffer(8))
+  view.setFloat64(0, x)
+  const bits = view.getBigUint64(0)
+  const biased = Number((bits >> 52n) & 0x7ffn)
+  const fraction = bits & ((1n << 52n) - 1n)
+  // x = mantissa × 2^exponent exactly.
+  const mantissa = biased === 0 ? fraction : fraction | (1n << 52n)
+  const exponent = (biased === 0 ? 1 : biased) - 1075
+  let num = mantissa
+  let den = 1n
+  if (exponent >= 0) num <<= BigInt(exponent)
+  else den <<= BigInt(-exponent)
+  if (scale >= 0) num *= 10n ** BigInt(scale)
+  else den *= 10n ** BigInt(-scale)
+  let q = num / den
+  const twice = 2n * (num % den)
+  if (twice > den || (twice === den && (q & 1n) === 1n)) q++
+  return q
 }
 
-/** C's `%g`: six significant digits, trailing zeros dropped, exponent form outside 1e-4..1e6. */
+/** The digits of `q × 10^-decimals` with that many decimals. */
+function withDecimals(q: bigint, decimals: number): string {
+  if (decimals <= 0) return (q * 10n ** BigInt(-decimals)).toString()
+  const digits = q.toString().padStart(decimals + 1, '0')
+  return `${digits.slice(0, -decimals)}.${digits.slice(-decimals)}`
+}
+
+/** C's `%.1f` (for x >= 0). */
+export function fixed1(x: number): string {
+  return withDecimals(roundScaled(x, 1), 1)
+}
+
+/** C's `%g` (for x >= 0): six significant digits, trailing zeros dropped, exponent form outside 1e-4..1e6. */
 export function cG(x: number): string {
   if (x === 0) return '0'
-  let s = x.toExponential(5)
-  let [mantissa, exp] = s.split('e') as [string, string]
-  let e = Number(exp)
-  if (e < -4 || e >= 6) {
-    mantissa = mantissa.replace(/\.?0+$/, '')
-    const sign = e < 0 ? '-' : '+'
-    e = Math.abs(e)
-    return `${mantissa}e${sign}${String(e).padStart(2, '0')}`
+  let e = Math.floor(Math.log10(x))
+  if (10 ** e > x) e--
+  else if (10 ** (e + 1) <= x) e++
+  let q = roundScaled(x, 5 - e)
+  if (q === 1_000_000n) {
+    // Rounding carried into a new digit (9.999995 → 10.0000).
+    e++
+    q = 100_000n
   }
-  s = x.toFixed(Math.max(0, 5 - e))
-  return s.includes('.') ? s.replace(/\.?0+$/, '') : s
+  const strip = (t: string): string => (t.includes('.') ? t.replace(/\.?0+$/, '') : t)
+  if (e < -4 || e >= 6) {
+    const mantissa = strip(withDecimals(q, 5))
+    return `${mantissa}e${e < 0 ? '-' : '+'}${String(Math.abs(e)).padStart(2, '0')}`
+  }
+  return strip(withDecimals(q, 5 - e))
 }
 
 /** `--map --totals`. */
