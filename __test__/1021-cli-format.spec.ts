@@ -87,3 +87,32 @@ test('HexDumper gives the same lines whatever the pieces it is fed', (t) => {
   t.regex(expected, /^\*$/m)
   t.true(expected.endsWith('00000003e0: '.slice(0, 0) + expected.split('\n').slice(-2)[0] + '\n'))
 })
+
+test('HexDumper.zeros(n) prints exactly what push() of n zero bytes prints', (t) => {
+  let cases = 0
+  for (const size of [0n, 1n, 15n, 16n, 17n, 40n, 47n, 48n, 49n, 100n, 1000n]) {
+    for (const start of [0n, 1n, 5n, 16n, 17n]) {
+      if (start > size) continue
+      const total = Number(size - start)
+      for (const a of [0, 1, 3, 16, 20, 33]) {
+        for (const z of [0, 1, 15, 16, 17, 31, 32, 33, 64, 100]) {
+          if (a + z > total) continue
+          const data = Buffer.alloc(total, 0x41)
+          data.fill(0, a, a + z)
+          const ref = new dump.HexDumper(start, size, false)
+          const want = ref.push(data) + ref.end()
+          const d = new dump.HexDumper(start, size, false)
+          const got = d.push(data.subarray(0, a)) + d.zeros(BigInt(z)) + d.push(data.subarray(a + z)) + d.end()
+          t.is(got, want, `size ${size} start ${start}: ${a} data bytes, then ${z} zeros`)
+          cases++
+        }
+      }
+    }
+  }
+  t.true(cases > 1000)
+  // A terabyte of zeros is three lines and a star, at once.
+  const big = new dump.HexDumper(0n, 1n << 40n, false)
+  const text = big.zeros(1n << 40n) + big.end()
+  t.is(text, '0000000000: 00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00 |................|\n*\n' +
+    'fffffffff0: 00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00 |................|\n')
+})

@@ -5,7 +5,7 @@
 // --color draws it as nbddump does on a terminal. --offset (an extension) starts the dump at
 // that byte, with absolute addresses as `hexdump -s` prints them.
 
-import { Handle, NbdError } from '../index'
+import { CONTEXT_BASE_ALLOCATION, Handle, NbdError, STATE_ZERO } from '../index'
 import {
   COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, connectTarget, handleOptions, has, last, parseArgs,
   parseSize, parseTarget, versionText, type OptionSpec,
@@ -47,6 +47,8 @@ const BRIGHT_BLUE = '\x1b[1;34m'
 const BRIGHT_RED = '\x1b[1;31m'
 const BRIGHT_MAGENTA = '\x1b[1;35m'
 const RESTORE = '\x1b[0m'
+
+const ZERO_LINE = Buffer.alloc(16)
 
 const HEX = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'))
 
@@ -99,6 +101,43 @@ export class HexDumper {
     if (i < data.length) {
       this.#line.set(data.subarray(i))
       this.#lineFill = data.length - i
+    }
+    return out
+  }
+
+  /**
+   * The lines completed by `count` zero bytes: the same as `push` of that many zeros, but
+   * without touching each line once they are squashed (a sparse terabyte costs nothing).
+   */
+  zeros(count: bigint): string {
+    let out = ''
+    if (this.#lineFill > 0) {
+      const n = Number(count < BigInt(16 - this.#lineFill) ? count : BigInt(16 - this.#lineFill))
+      this.#line.fill(0, this.#lineFill, this.#lineFill + n)
+      this.#lineFill += n
+      count -= BigInt(n)
+      if (this.#lineFill < 16) return out
+      out += this.#emit(this.#line, 16)
+      this.#lineFill = 0
+    }
+    let lines = count / 16n
+    // Line by line until a run of zero lines is being squashed...
+    while (lines > 0n && !(this.#squashing && this.#previous.equals(ZERO_LINE))) {
+      out += this.#emit(ZERO_LINE, 16)
+      lines--
+    }
+    // ...then every line that is not the export's last one is squashed silently.
+    if (lines > 0n && this.#address + 16n < this.#exportSize) {
+      const quiet = (this.#exportSize - 16n - this.#address + 15n) / 16n
+      const skip = quiet < lines ? quiet : lines
+      this.#address += 16n * skip
+      lines -= skip
+    }
+    for (; lines > 0n; lines--) out += this.#emit(ZERO_LINE, 16)
+    const rest = Number(count % 16n)
+    if (rest > 0) {
+      this.#line.fill(0, 0, rest)
+      this.#lineFill = rest
     }
     return out
   }
@@ -168,6 +207,56 @@ export class HexDumper {
   }
 }
 
+/** Largest block status request (as nbdinfo: 4 GiB less one alignment unit). */
+const MAX_STATUS = 0xffffffff - 4095
+
+/**
+ * The dump of [from, to) as text pieces. Ranges that block status (base:allocation) reports
+ * as reading zeros are not read at all, as nbddump does; the rest is read with a stream.
+ */
+async function* dumpRange(h: Handle, dumper: HexDumper, from: bigint, to: bigint): AsyncGenerator<string> {
+  const readData = async function* (start: bigint, end: bigint): AsyncGenerator<string> {
+    if (end <= start) return
+    for await (const chunk of h.createReadStream({ start, end: end - 1n })) {
+      const text = dumper.push(chunk as Buffer)
+      if (text.length > 0) yield text
+    }
+  }
+  if (!h.canMetaContext(CONTEXT_BASE_ALLOCATION)) {
+    yield* readData(from, to)
+    return
+  }
+  let offset = from
+  while (offset < to) {
+    const want = to - offset < BigInt(MAX_STATUS) ? Number(to - offset) : MAX_STATUS
+    const extents = (await h.blockStatus(want, offset))[CONTEXT_BASE_ALLOCATION] ?? []
+    if (extents.length === 0) {
+      // Nothing described: read what was asked for.
+      yield* readData(offset, offset + BigInt(want))
+      offset += BigInt(want)
+      continue
+    }
+    // Runs of data and of zeros, each handled at once.
+    let runStart = offset
+    let runZero: boolean | undefined
+    for (const e of extents) {
+      const zero = (e.flags & STATE_ZERO) !== 0
+      const eEnd = BigInt(e.offset) + BigInt(e.length) < to ? BigInt(e.offset) + BigInt(e.length) : to
+      if (runZero !== undefined && zero !== runZero) {
+        const boundary = BigInt(e.offset)
+        if (runZero) yield dumper.zeros(boundary - runStart)
+        else yield* readData(runStart, boundary)
+        runStart = boundary
+      }
+      runZero = zero
+      offset = eEnd
+      if (offset >= to) break
+    }
+    if (runZero) yield dumper.zeros(offset - runStart)
+    else yield* readData(runStart, offset)
+  }
+}
+
 /** Runs `nbd-client dump ARGS`; resolves to the exit status. */
 export async function dumpCommand(argv: string[], output = new Output()): Promise<number> {
   const args = parseArgs(SUBCOMMAND, argv, OPTIONS)
@@ -189,7 +278,7 @@ export async function dumpCommand(argv: string[], output = new Output()): Promis
   const order = argv.filter((a) => /^--(no-)?colou?rs?$/.test(a))
   if (order.length > 0) colour = !order[order.length - 1]!.startsWith('--no-')
 
-  const h = new Handle(handleOptions(SUBCOMMAND, args))
+  const h = new Handle({ ...handleOptions(SUBCOMMAND, args), metaContexts: [CONTEXT_BASE_ALLOCATION] })
   try {
     await connectTarget(h, target)
     const size = h.getSize({ bigint: true })
@@ -199,12 +288,7 @@ export async function dumpCommand(argv: string[], output = new Output()): Promis
     let end = size
     if (limit !== undefined && offset + limit < end) end = offset + limit
     const dumper = new HexDumper(offset, size, colour)
-    if (end > offset) {
-      for await (const chunk of h.createReadStream({ start: offset, end: end - 1n })) {
-        const text = dumper.push(chunk as Buffer)
-        if (text.length > 0) await output.write(text)
-      }
-    }
+    for await (const text of dumpRange(h, dumper, offset, end)) await output.write(text)
     const tail = dumper.end()
     if (tail.length > 0) await output.write(tail)
     await h.shutdown()
