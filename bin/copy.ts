@@ -1,14 +1,17 @@
 // nbd-client copy: nbdcopy's options mapped onto the library's copy() (issue 10).
 //
-// The option parsing and its mapping to CopyOptions are here; the copy itself, the progress
-// bar and the --progress=FD lines wait for copy() to land in the library (see library.ts):
-// until then the subcommand fails with ENOTSUP after checking its arguments.
+// The option parsing, its mapping to CopyOptions, the endpoints (-, null:, URIs, files,
+// [ CMD ARGS ... ]) and the progress output (progress.ts) are here; the copy itself is the
+// library's copy(), not in this build yet (see library.ts): until it is, the subcommand fails
+// with ENOTSUP after checking its arguments.
 
-import { NbdError } from '../index'
+import { Handle, NbdError, type HandleOptions } from '../index'
 import {
-  COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, has, last, parseArgs, versionText, type OptionSpec,
+  COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, handleOptions, has, last, parseArgs, versionText,
+  type OptionSpec,
 } from './cli'
 import { libraryCopy, type CopyOptions } from './library'
+import { Progress } from './progress'
 
 const SUBCOMMAND = 'copy'
 
@@ -51,9 +54,15 @@ function count(name: string, text: string | true | undefined, min: number): numb
 }
 
 /** The CopyOptions nbdcopy's options ask for. */
-export function copyOptions(argv: string[]): { source: string; destination: string; options: CopyOptions; progress?: true | number } {
+export function copyOptions(argv: string[]): {
+  source: string | string[]
+  destination: string | string[]
+  options: CopyOptions
+  progress?: true | number
+} {
   const args = parseArgs(SUBCOMMAND, argv, OPTIONS)
-  if (args.positionals.length !== 2) throw new UsageError(SUBCOMMAND, 'expected a SOURCE and a DESTINATION')
+  const ends = splitEndpoints(args.positionals)
+  if (ends.length !== 2) throw new UsageError(SUBCOMMAND, 'expected a SOURCE and a DESTINATION')
   const options: CopyOptions = {}
   const connections = count('connections', last(args, 'connections'), 1)
   if (connections !== undefined) options.connections = connections
@@ -68,7 +77,38 @@ export function copyOptions(argv: string[]): { source: string; destination: stri
   options.flush = has(args, 'flush')
   const p = last(args, 'progress')
   const progress = p === undefined ? undefined : p === true ? true : count('progress', p, 0)
-  return { source: args.positionals[0]!, destination: args.positionals[1]!, options, progress }
+  return { source: ends[0]!, destination: ends[1]!, options, progress }
+}
+
+/**
+ * A copy endpoint as copy() takes it (API.md): `-` is stdin (source) or stdout (destination),
+ * `null:` discards, an NBD URI stays a string, `[ CMD ARGS ... ]` becomes a handle connected
+ * to that server, anything else is a file or device path.
+ */
+async function endpoint(spec: string | string[], role: 'source' | 'destination', handleOptions: HandleOptions): Promise<unknown> {
+  if (Array.isArray(spec)) {
+    const h = new Handle(handleOptions)
+    await h.connectSystemdSocketActivation(spec)
+    return h
+  }
+  if (spec === '-') return role === 'source' ? process.stdin : process.stdout
+  return spec
+}
+
+/** SOURCE and DESTINATION among the positionals, each a word or a `[ CMD ARGS ... ]` group. */
+export function splitEndpoints(positionals: string[]): (string | string[])[] {
+  const out: (string | string[])[] = []
+  for (let i = 0; i < positionals.length; i++) {
+    if (positionals[i] !== '[') {
+      out.push(positionals[i]!)
+      continue
+    }
+    const close = positionals.indexOf(']', i + 1)
+    if (close < 0) throw new UsageError(SUBCOMMAND, "'[' without a matching ']'")
+    out.push(positionals.slice(i + 1, close))
+    i = close
+  }
+  return out
 }
 
 /** Runs `nbd-client copy ARGS`; resolves to the exit status. */
@@ -82,9 +122,21 @@ export async function copyCommand(argv: string[], output = new Output()): Promis
     await output.write(versionText())
     return 0
   }
-  copyOptions(argv)
-  if (libraryCopy() === undefined) {
+  const { source, destination, options, progress } = copyOptions(argv)
+  const copy = libraryCopy()
+  if (copy === undefined) {
     throw new NbdError('ENOTSUP', 'copy() is not in this build of the library yet (issue 10)', SUBCOMMAND)
   }
-  throw new NbdError('ENOTSUP', 'the copy subcommand is not wired to copy() yet', SUBCOMMAND)
+  // Not exercised until copy() exists: the calls below follow API.md's signature.
+  const settings = handleOptions(SUBCOMMAND, args)
+  const src = await endpoint(source, 'source', settings)
+  const dst = await endpoint(destination, 'destination', settings)
+  const bar = progress === undefined ? undefined : new Progress(progress === true ? undefined : progress)
+  try {
+    await copy(src, dst, { ...options, onProgress: bar && ((p) => bar.update(p.bytesDone, p.bytesTotal)) })
+    bar?.finish()
+  } finally {
+    for (const end of [src, dst]) if (end instanceof Handle) await end.close()
+  }
+  return 0
 }
