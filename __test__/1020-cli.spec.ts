@@ -300,6 +300,9 @@ test('info equals nbdinfo on nbdkit: every mode, --map with totals, --can/--is e
   await crossWritePrefix(memory.uri, data)
   for (const server of [memory, sparse, readOnly]) {
     for (const mode of [...DESCRIBE_MODES, ...MAP_MODES]) await sameAsNbdinfo(t, mode, [server.uri])
+    for (const mode of [['--color'], ['--color', '--map'], ['--color', '--map', '--totals'], ['--color', '--no-color']]) {
+      await sameAsNbdinfo(t, mode, [server.uri])
+    }
     for (const f of FEATURES) await sameAsNbdinfo(t, ['--can', f], [server.uri])
     await sameAsNbdinfo(t, ['--is', 'read-only'], [server.uri])
   }
@@ -344,9 +347,9 @@ test('info equals nbdinfo on qemu-nbd: description, contexts, allocation depth, 
     },
   })
   if (!server) return
-  for (const mode of [...DESCRIBE_MODES, ...MAP_MODES]) await sameAsNbdinfo(t, mode, [server.uri])
+  for (const mode of [...DESCRIBE_MODES, ...MAP_MODES, ['--colour']]) await sameAsNbdinfo(t, mode, [server.uri])
   for (const context of ['qemu:allocation-depth', 'qemu:dirty-bitmap:b0']) {
-    for (const extra of [[], ['--json'], ['--totals'], ['--totals', '--json']]) {
+    for (const extra of [[], ['--json'], ['--totals'], ['--totals', '--json'], ['--color'], ['--totals', '--colour']]) {
       await sameAsNbdinfo(t, [`--map=${context}`, ...extra], [server.uri])
     }
   }

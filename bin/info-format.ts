@@ -4,6 +4,23 @@
 
 import type { ExportDetails, ExportInfo, MapExtent } from './library'
 
+// nbdinfo's colours (ANSI SGR), used when colour is on (a terminal, or --color).
+const BOLD_BLACK = '\x1b[1;30m'
+const GREY = '\x1b[22;90m'
+const GREEN = '\x1b[22;32m'
+const RED = '\x1b[22;31m'
+const RESTORE = '\x1b[0m'
+
+/** The colour nbdinfo gives extents of `flags` in `context` ('' for none). */
+export function extentColour(context: string, flags: number): string {
+  if (context === 'base:allocation') return flags === 0 ? BOLD_BLACK : ''
+  if (context.startsWith('qemu:dirty-bitmap:')) return flags === 0 ? GREEN : flags === 1 ? RED : ''
+  if (context === 'qemu:allocation-depth') {
+    return flags === 0 ? '' : flags === 1 ? '\x1b[1;37m\x1b[40m' : '\x1b[47m'
+  }
+  return ''
+}
+
 /** A JSON string as nbdinfo writes it: `\\` and `"` escaped, control bytes as \u00XX, the rest raw. */
 export function jsonString(s: string): string {
   let out = '"'
@@ -30,8 +47,9 @@ export function humanSize(bytes: bigint): { text: string; human: boolean } {
 }
 
 /** The first line of the text description (per connection). */
-export function protocolLine(info: ExportInfo): string {
-  return `protocol: ${info.protocol} ${info.tls ? 'with' : 'without'} TLS, using ${info.structured ? 'structured' : 'simple'} packets\n`
+export function protocolLine(info: ExportInfo, colour = false): string {
+  const line = `protocol: ${info.protocol} ${info.tls ? 'with' : 'without'} TLS, using ${info.structured ? 'structured' : 'simple'} packets\n`
+  return colour ? GREY + line + RESTORE : line
 }
 
 /** The per-connection keys that open the JSON document. */
@@ -50,18 +68,25 @@ const BLOCK_SIZES: [string, keyof ExportDetails][] = [
 ]
 
 /** One export in the text format; `content` is file(1)'s verdict on its first bytes. */
-export function exportText(d: ExportDetails, content?: string): string {
-  let out = `export=${jsonString(d.exportName)}:\n`
+export function exportText(d: ExportDetails, content?: string, colour = false): string {
+  const paint = (c: string): string => (colour ? c : '')
+  let out = `${paint(BOLD_BLACK)}export=${jsonString(d.exportName)}:\n`
   if (d.description) out += `\tdescription: ${d.description}\n`
   const size = humanSize(d.exportSize)
   out += size.human ? `\texport-size: ${d.exportSize} (${size.text})\n` : `\texport-size: ${d.exportSize}\n`
   if (content !== undefined) out += `\tcontent: ${content}\n`
   if (d.uri !== undefined) out += `\turi: ${d.uri}\n`
+  out += paint(RESTORE) + paint(GREY)
   if (d.contexts !== undefined) {
     out += '\tcontexts:\n'
     for (const c of d.contexts) out += `\t\t${c}\n`
   }
-  for (const [name, key] of FLAGS) out += `\t${name}: ${d[key] as boolean}\n`
+  out += `\tis_rotational: ${d.isRotational}\n${paint(RESTORE)}`
+  out += `\tis_read_only: ${d.isReadOnly}\n`
+  for (const [name, key] of FLAGS.slice(2)) {
+    const v = d[key] as boolean
+    out += `${paint(v ? GREEN : RED)}\t${name}: ${v}\n${paint(RESTORE)}`
+  }
   for (const [name, key] of BLOCK_SIZES) if (d[key] !== undefined) out += `\t${name}: ${d[key] as number}\n`
   return out
 }
@@ -87,12 +112,14 @@ export function exportJson(d: ExportDetails, content: string | undefined, first:
   return out
 }
 
-/** `--map` lines. */
-export function mapText(extents: MapExtent[]): string {
+/** `--map` lines; `context` chooses the colours. */
+export function mapText(extents: MapExtent[], context = '', colour = false): string {
   let out = ''
   for (const e of extents) {
-    out += `${String(e.offset).padStart(10)}  ${String(e.length).padStart(10)}  ${String(e.flags).padStart(3)}`
-    out += e.description ? `  ${e.description}\n` : '\n'
+    const paint = colour ? extentColour(context, e.flags) : ''
+    out += `${paint}${String(e.offset).padStart(10)}  ${String(e.length).padStart(10)}  ${String(e.flags).padStart(3)}`
+    out += e.description ? `  ${e.description}` : ''
+    out += paint ? `${RESTORE}\n` : '\n'
   }
   return out
 }
@@ -179,12 +206,14 @@ export function cG(x: number): string {
   return strip(withDecimals(q, 5 - e))
 }
 
-/** `--map --totals`. */
-export function totalsText(extents: MapExtent[], size: number): string {
+/** `--map --totals`; `context` chooses the colours. */
+export function totalsText(extents: MapExtent[], size: number, context = '', colour = false): string {
   if (size === 0) return ''
-  return totals(extents, size).map((t) =>
-    `${String(t.size).padStart(10)} ${fixed1(t.percent).padStart(5)}% ${String(t.flags).padStart(3)}` +
-    (t.description ? ` ${t.description}` : '') + '\n').join('')
+  return totals(extents, size).map((t) => {
+    const paint = colour ? extentColour(context, t.flags) : ''
+    return `${paint}${String(t.size).padStart(10)} ${fixed1(t.percent).padStart(5)}% ${String(t.flags).padStart(3)}` +
+      (t.description ? ` ${t.description}` : '') + (paint ? RESTORE : '') + '\n'
+  }).join('')
 }
 
 /** `--map --totals --json`. */

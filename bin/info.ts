@@ -37,6 +37,8 @@ const OPTIONS: OptionSpec[] = [
   { key: 'totals', long: ['totals', 'summary'], arg: 'none' },
   { key: 'content', long: ['content'], arg: 'none' },
   { key: 'no-content', long: ['no-content'], arg: 'none' },
+  { key: 'color', long: ['color', 'colors', 'colour', 'colours'], arg: 'none' },
+  { key: 'no-color', long: ['no-color', 'no-colors', 'no-colour', 'no-colours'], arg: 'none' },
 ]
 
 export const INFO_HELP = `
@@ -56,6 +58,7 @@ Describe an export, or list a server's exports (as nbdinfo):
     --totals             with --map: bytes and share of each type
     -L, --list           every export on the server
     --[no-]content       probe the content with file(1) (default: yes, but not with --list)
+    --color, --no-color  ANSI colours (default: when stdout is a terminal)
 
 ${COMMON_HELP}`
 
@@ -137,6 +140,10 @@ export async function infoCommand(argv: string[], output = new Output()): Promis
   }
   if (totals && map === undefined) throw new UsageError(SUBCOMMAND, 'you must use --totals only with --map')
   const options = handleOptions(SUBCOMMAND, args)
+  let colour = process.stdout.isTTY === true
+  // The last of --color / --no-color wins, as with getopt.
+  const order = argv.filter((a) => /^--(no-)?colou?rs?$/.test(a))
+  if (order.length > 0) colour = !order[order.length - 1]!.startsWith('--no-')
 
   if (sizeOnly) {
     const size = await withHandle(target, options, async (h) => h.getSize({ bigint: true }))
@@ -157,19 +164,19 @@ export async function infoCommand(argv: string[], output = new Output()): Promis
       for await (const e of mapExtents(h, map)) extents.push(e)
       return { extents, size: h.getSize() }
     })
-    if (totals) await output.write(json ? totalsJson(extents, size) : totalsText(extents, size))
-    else await output.write(json ? mapJson(extents) : mapText(extents))
+    if (totals) await output.write(json ? totalsJson(extents, size) : totalsText(extents, size, map, colour))
+    else await output.write(json ? mapJson(extents) : mapText(extents, map, colour))
     return 0
   }
 
   const probe = has(args, 'content') || (!list && !has(args, 'no-content'))
   const facts = await info(target, { list, handle: options, firstBytes: probe ? 8192 : undefined })
-  let out = json ? jsonHeader(facts) : protocolLine(facts)
+  let out = json ? jsonHeader(facts) : protocolLine(facts, colour)
   if (json && list && facts.exports.length === 0) out += '"exports": []\n'
   facts.exports.forEach((d, i) => {
     const head = facts.heads[i]
     const content = head !== undefined ? probeContent(head) : undefined
-    out += json ? exportJson(d, content, i === 0, i + 1 === facts.exports.length) : exportText(d, content)
+    out += json ? exportJson(d, content, i === 0, i + 1 === facts.exports.length) : exportText(d, content, colour)
   })
   if (json) out += '}\n'
   await output.write(out)
