@@ -188,6 +188,9 @@ test('requests follow the server\'s block sizes: aligned to the minimum, within 
   for (const c of sent.filter((c) => c.kind === 'READ' || c.kind === 'WRITE')) {
     t.true(c.count <= 65536 && c.count % 4096 === 0 && c.offset % 4096n === 0n, `${c.kind} ${c.offset}+${c.count}`)
   }
+  // No read-modify-write: an unaligned start is refused as strict mode refuses the request.
+  const err = await t.throwsAsync(pipeline(Readable.from([Buffer.alloc(8192)]), h.createWriteStream({ start: 100 })))
+  assertNbdError(t, err, 'EINVAL', 'pwrite')
 })
 
 test('bigint positions past 2^53: start, end and pos stay exact (nbdkit pattern, memory)', async (t) => {
