@@ -219,7 +219,8 @@ export class NbdReadStream extends Readable {
   #issue(): void {
     while (this.#wanted && this.#slots.length < READ_DEPTH && this.#pos < this.#limit) {
       const min = BigInt(this.#minimum)
-      const from = this.#pos - (this.#pos % min)
+      // Aligned down within the export; at or past its end as it is (that read fails anyway).
+      const from = this.#pos < this.#size ? this.#pos - (this.#pos % min) : this.#pos
       let to = from + BigInt(this.#requestSize)
       if (to > this.#limit) {
         // The last request: widened to the alignment, which the export's size respects.

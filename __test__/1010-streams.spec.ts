@@ -193,6 +193,17 @@ test('requests follow the server\'s block sizes: aligned to the minimum, within 
   assertNbdError(t, err, 'EINVAL', 'pwrite')
 })
 
+test('an export whose size is not a multiple of its minimum block size: a clear EINVAL, never a hang', async (t) => {
+  const server = await useNbdkit(t, ['--filter=blocksize-policy', 'memory', '10000', 'blocksize-minimum=4096'])
+  if (!server) return
+  const h = await openHandle(t, server)
+  for (const options of [{}, { end: 20_000 }, { start: 9000 }]) {
+    const err = await t.throwsAsync(collect(h.createReadStream(options)))
+    assertNbdError(t, err, 'EINVAL', 'pread')
+  }
+  t.is((await collect(h.createReadStream({ start: 4096, end: 8191 }))).length, 4096)
+})
+
 test('bigint positions past 2^53: start, end and pos stay exact (nbdkit pattern, memory)', async (t) => {
   const huge = 1n << 62n
   const pattern = await useNbdkit(t, ['pattern', String(huge)])
