@@ -168,8 +168,8 @@ test('dump [ CMD ARGS ... ] runs the server as nbddump does (systemd socket acti
   t.regex(r.stdout.toString(), /^0000000000: 4e 42 44 00 ff/)
 })
 
-test('dump over TLS with the --tls options equals nbddump over an nbds URI (PSK)', async (t) => {
-  if (!requireTool(t, 'nbddump', ...CROSSCHECK_TOOLS)) return
+test('dump and info over TLS with the --tls options equal nbddump and nbdinfo over an nbds URI (PSK)', async (t) => {
+  if (!requireTool(t, 'nbddump', 'nbdinfo', 'file', ...CROSSCHECK_TOOLS)) return
   const dir = makeTempDir('nbd-cli-tls-')
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }))
   const psk = path.join(dir, 'keys.psk')
@@ -188,6 +188,16 @@ test('dump over TLS with the --tls options equals nbddump over an nbds URI (PSK)
   t.is(plain.status, 1)
   t.is(plain.stdout.length, 0)
   t.regex(plain.stderr, /^nbd-client: [A-Z]+: connectUri: [^\n]+\n$/)
+  // info over the same TLS URI: nbdinfo's text ("with TLS", the nbds URI) and --is tls.
+  {
+    const ours = await cli('info', tlsUri)
+    const theirs = await run(['nbdinfo', tlsUri])
+    t.is(ours.status, 0, ours.stderr)
+    t.is(ours.stdout.toString(), theirs.stdout.toString())
+    t.regex(ours.stdout.toString(), /^protocol: newstyle-fixed with TLS/)
+    t.is((await cli('info', '--is', 'tls', tlsUri)).status, 0)
+    t.is((await cli('info', '--is', 'tls', '--tls=require', `--tls-psk-file=${psk}`, '--tls-username=alice', server.uri)).status, 0)
+  }
   const wrong = path.join(dir, 'wrong.psk')
   fs.writeFileSync(wrong, `alice:${randomBytes(32).toString('hex')}\n`)
   const bad = await cli('dump', '--tls=require', `--tls-psk-file=${wrong}`, '--tls-username=alice', server.uri)
