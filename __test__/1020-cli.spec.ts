@@ -189,15 +189,13 @@ test('dump and info over TLS with the --tls options equal nbddump and nbdinfo ov
   t.is(plain.stdout.length, 0)
   t.regex(plain.stderr, /^nbd-client: [A-Z]+: connectUri: [^\n]+\n$/)
   // info over the same TLS URI: nbdinfo's text ("with TLS", the nbds URI) and --is tls.
-  {
-    const ours = await cli('info', tlsUri)
-    const theirs = await run(['nbdinfo', tlsUri])
-    t.is(ours.status, 0, ours.stderr)
-    t.is(ours.stdout.toString(), theirs.stdout.toString())
-    t.regex(ours.stdout.toString(), /^protocol: newstyle-fixed with TLS/)
-    t.is((await cli('info', '--is', 'tls', tlsUri)).status, 0)
-    t.is((await cli('info', '--is', 'tls', '--tls=require', `--tls-psk-file=${psk}`, '--tls-username=alice', server.uri)).status, 0)
-  }
+  const ours = await cli('info', tlsUri)
+  const theirs = await run(['nbdinfo', tlsUri])
+  t.is(ours.status, 0, ours.stderr)
+  t.is(ours.stdout.toString(), theirs.stdout.toString())
+  t.regex(ours.stdout.toString(), /^protocol: newstyle-fixed with TLS/)
+  t.is((await cli('info', '--is', 'tls', tlsUri)).status, 0)
+  t.is((await cli('info', '--is', 'tls', '--tls=require', `--tls-psk-file=${psk}`, '--tls-username=alice', server.uri)).status, 0)
   const wrong = path.join(dir, 'wrong.psk')
   fs.writeFileSync(wrong, `alice:${randomBytes(32).toString('hex')}\n`)
   const bad = await cli('dump', '--tls=require', `--tls-psk-file=${wrong}`, '--tls-username=alice', server.uri)
