@@ -22,6 +22,9 @@
 
 import type * as Binding from './binding'
 import { mapExtents, type MapExtent, type MapOptions } from './map'
+import { NbdReadStream, NbdWriteStream, type ReadStreamOptions, type WriteStreamOptions } from './streams'
+
+export type { NbdReadStream, NbdWriteStream, ReadStreamOptions, WriteStreamOptions } from './streams'
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const native: typeof Binding = require('../binding.js')
@@ -943,6 +946,40 @@ export class Handle {
   /** Same as {@link Handle.close}, for `await using`. */
   async [asyncDispose](): Promise<void> {
     return this.close()
+  }
+
+  // ---- streams (streams.ts) ----
+
+  /**
+   * A `stream.Readable` of the export's bytes from `start` to `end` inclusive, with
+   * fs.createReadStream's conventions (`bytesRead`; destroyed on error or abort; bigint
+   * positions). Several reads are kept in flight, each within the server's limits.
+   *
+   * @example
+   * ```ts
+   * await pipeline(h.createReadStream(), zlib.createGzip(), fs.createWriteStream('disk.gz'))
+   * ```
+   */
+  createReadStream(options?: ReadStreamOptions): NbdReadStream {
+    return new NbdReadStream(this, options)
+  }
+
+  /**
+   * A `stream.Writable` that writes the export from `start` on, with fs.createWriteStream's
+   * conventions (`bytesWritten`; destroyed on error or abort). Small writes are gathered
+   * and large ones split into requests within the server's limits, kept in flight up to the
+   * stream's `highWaterMark`; the export is flushed before 'finish' unless `flush: false`.
+   * A write past the end of the export fails the stream with pwrite's error (`EINVAL`). There
+   * is no read-modify-write: on a server with a minimum block size, `start` and the total
+   * length must be multiples of it.
+   *
+   * @example
+   * ```ts
+   * await pipeline(fs.createReadStream('disk.img'), h.createWriteStream())
+   * ```
+   */
+  createWriteStream(options?: WriteStreamOptions): NbdWriteStream {
+    return new NbdWriteStream(this, options)
   }
 
   // ---- information ----

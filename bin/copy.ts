@@ -1,0 +1,142 @@
+// nbd-client copy: nbdcopy's options mapped onto the library's copy() (issue 10).
+//
+// The option parsing, its mapping to CopyOptions, the endpoints (-, null:, URIs, files,
+// [ CMD ARGS ... ]) and the progress output (progress.ts) are here; the copy itself is the
+// library's copy(), not in this build yet (see library.ts): until it is, the subcommand fails
+// with ENOTSUP after checking its arguments.
+
+import { Handle, NbdError, type HandleOptions } from '../index'
+import {
+  COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, handleOptions, has, last, parseArgs, versionText,
+  type OptionSpec,
+} from './cli'
+import { libraryCopy, type CopyOptions } from './library'
+import { Progress } from './progress'
+
+const SUBCOMMAND = 'copy'
+
+const OPTIONS: OptionSpec[] = [
+  ...COMMON_OPTIONS,
+  { key: 'connections', long: ['connections'], short: 'C', arg: 'required' },
+  { key: 'requests', long: ['requests'], short: 'R', arg: 'required' },
+  { key: 'request-size', long: ['request-size'], arg: 'required' },
+  { key: 'sparse', long: ['sparse'], short: 'S', arg: 'required' },
+  { key: 'allocated', long: ['allocated'], arg: 'none' },
+  { key: 'destination-is-zero', long: ['destination-is-zero', 'target-is-zero'], arg: 'none' },
+  { key: 'flush', long: ['flush'], arg: 'none' },
+  { key: 'progress', long: ['progress'], short: 'p', arg: 'optional' },
+]
+
+export const COPY_HELP = `
+Copy between exports, files and pipes (as nbdcopy):
+
+    ${PROGRAM} copy [OPTIONS] SOURCE DESTINATION
+
+SOURCE and DESTINATION are NBD URIs, file or device paths, or - (stdin, stdout);
+DESTINATION may also be null: (discard).
+
+    -C, --connections=N     connections per NBD side
+    -R, --requests=N        requests in flight per connection
+    --request-size=N        bytes per request
+    -S, --sparse=N          zero detection granularity (0: write every byte)
+    --allocated             zeroes become allocated zeroes, not holes
+    --destination-is-zero   the destination already reads as zeroes
+    --flush                 flush the destination at the end
+    -p, --progress[=FD]     a progress bar (on a terminal), or progress lines on FD
+
+${COMMON_HELP}`
+
+function count(name: string, text: string | true | undefined, min: number): number | undefined {
+  if (text === undefined) return undefined
+  const n = typeof text === 'string' && /^\d+$/.test(text) ? Number(text) : NaN
+  if (!Number.isSafeInteger(n) || n < min) throw new UsageError(SUBCOMMAND, `--${name} must be an integer >= ${min}, got ${String(text)}`)
+  return n
+}
+
+/** The CopyOptions nbdcopy's options ask for. */
+export function copyOptions(argv: string[]): {
+  source: string | string[]
+  destination: string | string[]
+  options: CopyOptions
+  progress?: true | number
+} {
+  const args = parseArgs(SUBCOMMAND, argv, OPTIONS)
+  const ends = splitEndpoints(args.positionals)
+  if (ends.length !== 2) throw new UsageError(SUBCOMMAND, 'expected a SOURCE and a DESTINATION')
+  const options: CopyOptions = {}
+  const connections = count('connections', last(args, 'connections'), 1)
+  if (connections !== undefined) options.connections = connections
+  const requests = count('requests', last(args, 'requests'), 1)
+  if (requests !== undefined) options.requests = requests
+  const requestSize = count('request-size', last(args, 'request-size'), 1)
+  if (requestSize !== undefined) options.requestSize = requestSize
+  const sparse = count('sparse', last(args, 'sparse'), 0)
+  if (sparse !== undefined) options.sparse = sparse === 0 ? false : sparse
+  if (has(args, 'allocated')) options.allocated = true
+  if (has(args, 'destination-is-zero')) options.destinationIsZero = true
+  options.flush = has(args, 'flush')
+  const p = last(args, 'progress')
+  const progress = p === undefined ? undefined : p === true ? true : count('progress', p, 0)
+  return { source: ends[0]!, destination: ends[1]!, options, progress }
+}
+
+/**
+ * A copy endpoint as copy() takes it (API.md): `-` is stdin (source) or stdout (destination),
+ * `null:` discards, an NBD URI stays a string, `[ CMD ARGS ... ]` becomes a handle connected
+ * to that server, anything else is a file or device path.
+ */
+async function endpoint(spec: string | string[], role: 'source' | 'destination', handleOptions: HandleOptions): Promise<unknown> {
+  if (Array.isArray(spec)) {
+    const h = new Handle(handleOptions)
+    await h.connectSystemdSocketActivation(spec)
+    return h
+  }
+  if (spec === '-') return role === 'source' ? process.stdin : process.stdout
+  return spec
+}
+
+/** SOURCE and DESTINATION among the positionals, each a word or a `[ CMD ARGS ... ]` group. */
+export function splitEndpoints(positionals: string[]): (string | string[])[] {
+  const out: (string | string[])[] = []
+  for (let i = 0; i < positionals.length; i++) {
+    if (positionals[i] !== '[') {
+      out.push(positionals[i]!)
+      continue
+    }
+    const close = positionals.indexOf(']', i + 1)
+    if (close < 0) throw new UsageError(SUBCOMMAND, "'[' without a matching ']'")
+    out.push(positionals.slice(i + 1, close))
+    i = close
+  }
+  return out
+}
+
+/** Runs `nbd-client copy ARGS`; resolves to the exit status. */
+export async function copyCommand(argv: string[], output = new Output()): Promise<number> {
+  const args = parseArgs(SUBCOMMAND, argv, OPTIONS)
+  if (has(args, 'help')) {
+    await output.write(COPY_HELP)
+    return 0
+  }
+  if (has(args, 'version')) {
+    await output.write(versionText())
+    return 0
+  }
+  const { source, destination, options, progress } = copyOptions(argv)
+  const copy = libraryCopy()
+  if (copy === undefined) {
+    throw new NbdError('ENOTSUP', 'copy() is not in this build of the library yet (issue 10)', SUBCOMMAND)
+  }
+  // Not exercised until copy() exists: the calls below follow API.md's signature.
+  const settings = handleOptions(SUBCOMMAND, args)
+  const src = await endpoint(source, 'source', settings)
+  const dst = await endpoint(destination, 'destination', settings)
+  const bar = progress === undefined ? undefined : new Progress(progress === true ? undefined : progress)
+  try {
+    await copy(src, dst, { ...options, onProgress: bar && ((p) => bar.update(p.bytesDone, p.bytesTotal)) })
+    bar?.finish()
+  } finally {
+    for (const end of [src, dst]) if (end instanceof Handle) await end.close()
+  }
+  return 0
+}

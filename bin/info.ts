@@ -1,0 +1,188 @@
+// nbd-client info: nbdinfo's modes, output and exit statuses.
+//
+//   info [--json] URI                 the export described (text or JSON)
+//   info --list [--json] URI          every export the server lists
+//   info --size URI                   the size in bytes
+//   info --can X / --is X URI         no output; exit 0 when true, 2 when false
+//   info --map[=CONTEXT] [--totals] [--json] URI
+//
+// The facts come from the library's info() and Handle.map() (for now the stand-ins in
+// library.ts); the text and JSON are written by info-format.ts. As nbdinfo, the output is
+// gathered first and printed at once, so a failure prints nothing on stdout; the content of
+// the export is probed with file(1) unless --no-content (or --list without --content).
+
+import { spawnSync } from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import { Handle, NbdError } from '../index'
+import {
+  COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, connectTarget, handleOptions, has, last,
+  parseArgs, parseTarget, versionText, type OptionSpec, type Target,
+} from './cli'
+import {
+  exportJson, exportText, jsonHeader, mapJson, mapText, protocolLine, totalsJson, totalsText,
+} from './info-format'
+import { info, mapExtents, type MapExtent } from './library'
+
+const SUBCOMMAND = 'info'
+
+const OPTIONS: OptionSpec[] = [
+  ...COMMON_OPTIONS,
+  { key: 'json', long: ['json'], arg: 'none' },
+  { key: 'list', long: ['list'], short: 'L', arg: 'none' },
+  { key: 'size', long: ['size'], arg: 'none' },
+  { key: 'can', long: ['can', 'is'], arg: 'required' },
+  { key: 'map', long: ['map'], arg: 'optional' },
+  { key: 'totals', long: ['totals', 'summary'], arg: 'none' },
+  { key: 'content', long: ['content'], arg: 'none' },
+  { key: 'no-content', long: ['no-content'], arg: 'none' },
+  { key: 'color', long: ['color', 'colors', 'colour', 'colours'], arg: 'none' },
+  { key: 'no-color', long: ['no-color', 'no-colors', 'no-colour', 'no-colours'], arg: 'none' },
+]
+
+export const INFO_HELP = `
+Describe an export, or list a server's exports (as nbdinfo):
+
+    ${PROGRAM} info [--json] NBD-URI | [ CMD ARGS ... ]
+    ${PROGRAM} info --size NBD-URI
+    ${PROGRAM} info --is read-only|rotational|tls NBD-URI
+    ${PROGRAM} info --can cache|connect|df|fast-zero|flush|fua|multi-conn|read|structured-reply|trim|write|zero NBD-URI
+    ${PROGRAM} info --map[=CONTEXT] [--totals] [--json] NBD-URI
+    ${PROGRAM} info -L|--list [--json] NBD-URI
+
+    --json               JSON output (nbdinfo's keys and values)
+    --size               only the size in bytes
+    --can X, --is X      no output: exit status 0 if true, 2 if false, 1 on error
+    --map[=CONTEXT]      the extents of CONTEXT (default base:allocation)
+    --totals             with --map: bytes and share of each type
+    -L, --list           every export on the server
+    --[no-]content       probe the content with file(1) (default: yes, but not with --list)
+    --color, --no-color  ANSI colours (default: when stdout is a terminal)
+
+${COMMON_HELP}`
+
+/** nbdinfo's names for --can / --is, and what each asks of the handle. */
+function feature(name: string, h: Handle): boolean | undefined {
+  switch (name.toLowerCase()) {
+    case 'connect': case 'read': return true
+    case 'tls': return h.getTlsNegotiated()
+    case 'sr': case 'structured': case 'structured reply': case 'structured-reply': case 'structured_reply':
+    case 'structured replies': case 'structured-replies': case 'structured_replies':
+      return h.getStructuredRepliesNegotiated()
+    case 'readonly': case 'read-only': case 'read_only': return h.isReadOnly()
+    case 'write': return !h.isReadOnly()
+    case 'rotational': return h.isRotational()
+    case 'cache': return h.canCache()
+    case 'df': return h.canDf()
+    case 'fastzero': case 'fast-zero': case 'fast_zero': return h.canFastZero()
+    case 'flush': return h.canFlush()
+    case 'fua': return h.canFua()
+    case 'multiconn': case 'multi-conn': case 'multi_conn': return h.canMultiConn()
+    case 'trim': return h.canTrim()
+    case 'zero': return h.canZero()
+    default: return undefined
+  }
+}
+
+/** Runs file(1) on `head` as nbdinfo does; undefined when that does not work. */
+function probeContent(head: Buffer): string | undefined {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-client-'))
+  try {
+    const file = path.join(dir, 'head')
+    fs.writeFileSync(file, head)
+    const r = spawnSync('file', ['-b', file], { encoding: 'utf8' })
+    if (r.status !== 0 || r.error) return undefined
+    const line = r.stdout.split('\n')[0]
+    return line === undefined || (line === '' && r.stdout === '') ? undefined : line
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true })
+  }
+}
+
+/** A connected handle for --size, --can and --map (not opt mode, as nbdinfo). */
+async function withHandle<T>(target: Target, options: ReturnType<typeof handleOptions>, run: (h: Handle) => Promise<T>): Promise<T> {
+  const h = new Handle(options)
+  try {
+    await connectTarget(h, target)
+    const result = await run(h)
+    await h.shutdown().catch(() => undefined)
+    return result
+  } finally {
+    await h.close()
+  }
+}
+
+/** Runs `nbd-client info ARGS`; resolves to the exit status. */
+export async function infoCommand(argv: string[], output = new Output()): Promise<number> {
+  const args = parseArgs(SUBCOMMAND, argv, OPTIONS)
+  if (has(args, 'help')) {
+    await output.write(INFO_HELP)
+    return 0
+  }
+  if (has(args, 'version')) {
+    await output.write(versionText())
+    return 0
+  }
+  const target = parseTarget(SUBCOMMAND, args.positionals)
+  const json = has(args, 'json')
+  const list = has(args, 'list')
+  const sizeOnly = has(args, 'size')
+  const can = last(args, 'can') as string | undefined
+  const mapArg = last(args, 'map')
+  const map = mapArg === undefined ? undefined : mapArg === true ? 'base:allocation' : mapArg
+  const totals = has(args, 'totals')
+  if (Number(list) + Number(can !== undefined) + Number(map !== undefined) + Number(sizeOnly) > 1) {
+    throw new UsageError(SUBCOMMAND, 'you cannot use --list, --map, --size and --can/--is together')
+  }
+  if (has(args, 'content') && has(args, 'no-content')) {
+    throw new UsageError(SUBCOMMAND, 'you cannot use --content and --no-content together')
+  }
+  if (totals && map === undefined) throw new UsageError(SUBCOMMAND, 'you must use --totals only with --map')
+  const options = handleOptions(SUBCOMMAND, args)
+  let colour = process.stdout.isTTY === true
+  // The last of --color / --no-color wins, as with getopt.
+  const order = argv.filter((a) => /^--(no-)?colou?rs?$/.test(a))
+  if (order.length > 0) colour = !order[order.length - 1]!.startsWith('--no-')
+
+  if (sizeOnly) {
+    const size = await withHandle(target, options, async (h) => h.getSize({ bigint: true }))
+    await output.write(`${size}\n`)
+    return 0
+  }
+  if (can !== undefined) {
+    const answer = await withHandle(target, options, async (h) => feature(can, h))
+    if (answer === undefined) throw new NbdError('EINVAL', `unknown --can or --is option: ${can}`, SUBCOMMAND)
+    return answer ? 0 : 2
+  }
+  if (map !== undefined) {
+    const { extents, size } = await withHandle(target, { ...options, metaContexts: [map] }, async (h) => {
+      if (!h.canMetaContext(map)) {
+        throw new NbdError('ENOTSUP', `--map: server does not support metadata context "${map}"`, SUBCOMMAND)
+      }
+      const extents: MapExtent[] = []
+      for await (const e of mapExtents(h, map)) extents.push(e)
+      return { extents, size: h.getSize() }
+    })
+    if (totals) await output.write(json ? totalsJson(extents, size) : totalsText(extents, size, map, colour))
+    else await output.write(json ? mapJson(extents) : mapText(extents, map, colour))
+    return 0
+  }
+
+  const probe = has(args, 'content') || (!list && !has(args, 'no-content'))
+  const facts = await info(target, { list, handle: options, firstBytes: probe ? 8192 : undefined })
+  let out = json ? jsonHeader(facts) : protocolLine(facts, colour)
+  if (json && list && facts.exports.length === 0) out += '"exports": []\n'
+  facts.exports.forEach((d, i) => {
+    const head = facts.heads[i]
+    const content = head !== undefined ? probeContent(head) : undefined
+    out += json ? exportJson(d, content, i === 0, i + 1 === facts.exports.length) : exportText(d, content, colour)
+  })
+  if (json) out += '}\n'
+  await output.write(out)
+  for (const { exportName, error } of facts.failures) {
+    const which = exportName === '' ? 'the default export' : `export: ${exportName}`
+    process.stderr.write(`${PROGRAM}: ${error.code}: ${error.message.replace(/\s*\n\s*/g, ' ')} for ${which}\n`)
+  }
+  return facts.failures.length > 0 ? 1 : 0
+}

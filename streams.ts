@@ -1,0 +1,437 @@
+/**
+ * Node streams over an export: {@link Handle.createReadStream} and
+ * {@link Handle.createWriteStream}, with fs.createReadStream / fs.createWriteStream's
+ * conventions (`end` inclusive, `bytesRead`, `bytesWritten`, destroy on error or abort).
+ *
+ * Both are built on the handle's public commands (`pread`, `pwrite`, `flush`), so they follow
+ * whatever driver runs those. Several requests are kept in flight so the socket stays busy,
+ * and each request stays within the server's limits: no larger than
+ * `getBlockSize('payload')` or the advertised maximum, and aligned to the advertised minimum.
+ *
+ * @module
+ */
+
+import { Readable, Writable, addAbortSignal } from 'node:stream'
+import type { Handle } from './index'
+import { NbdError } from './index'
+
+/** Options of {@link Handle.createReadStream}. */
+export interface ReadStreamOptions {
+  /** First byte to read (default 0). A bigint reaches past 2^53. */
+  start?: number | bigint
+  /**
+   * Last byte to read, inclusive as in fs.createReadStream (default: the export's last byte).
+   * A range reaching past the export fails, once the bytes before the end have been read,
+   * with pread's own error (`EINVAL`, as libnbd).
+   */
+  end?: number | bigint
+  /**
+   * Bytes per read request and the stream's buffer threshold, as in fs.createReadStream
+   * (default 256 KiB). A request is never larger than `getBlockSize('payload')` or the
+   * server's advertised maximum.
+   */
+  highWaterMark?: number
+  /** Destroys the stream with an `AbortError` (and drops the reads in flight). */
+  signal?: AbortSignal
+}
+
+/** Options of {@link Handle.createWriteStream}. */
+export interface WriteStreamOptions {
+  /** Where the first byte goes (default 0). A bigint reaches past 2^53. */
+  start?: number | bigint
+  /**
+   * Flush the export once everything is written, before 'finish' (default true; skipped
+   * when the server cannot flush, as nbdcopy does).
+   */
+  flush?: boolean
+  /**
+   * Bytes the stream accepts before `write()` returns false; writes in flight stay below it
+   * (default 4 MiB).
+   */
+  highWaterMark?: number
+  /** Destroys the stream with an `AbortError` (and drops the writes in flight). */
+  signal?: AbortSignal
+}
+
+/** Default request size of a read stream (nbdcopy's default request size). */
+const DEFAULT_READ_CHUNK = 256 * 1024
+/** Reads a read stream keeps in flight. */
+const READ_DEPTH = 8
+/** Default highWaterMark of a write stream: the bytes it keeps in flight. */
+const DEFAULT_WRITE_HWM = 4 * 1024 * 1024
+/** Bytes per write request (coalescing small writes, splitting large ones). */
+const WRITE_CHUNK = 256 * 1024
+const MAX_U64 = (1n << 64n) - 1n
+
+function invalid(operation: string, message: string, code = 'EINVAL'): NbdError {
+  return new NbdError(code, message, operation)
+}
+
+function describe(v: unknown): string {
+  if (v === null) return 'null'
+  if (typeof v === 'number' || typeof v === 'bigint' || typeof v === 'boolean') return `${typeof v} ${String(v)}`
+  return typeof v
+}
+
+function checkPosition(op: string, name: string, v: unknown): bigint {
+  if (typeof v === 'number') {
+    if (!Number.isSafeInteger(v) || v < 0) {
+      throw invalid(op, `${name} must be a non-negative safe integer or a bigint, got ${v}`)
+    }
+    return BigInt(v)
+  }
+  if (typeof v === 'bigint') {
+    if (v < 0n || v > MAX_U64) throw invalid(op, `${name} must be from 0 to 2^64-1, got ${v}`)
+    return v
+  }
+  throw invalid(op, `${name} must be a number or a bigint, got ${describe(v)}`)
+}
+
+function checkObject(op: string, options: unknown): Record<string, unknown> {
+  if (options === undefined) return {}
+  if (options === null || typeof options !== 'object') {
+    throw invalid(op, `options must be an object, got ${describe(options)}`)
+  }
+  return options as Record<string, unknown>
+}
+
+function checkHighWaterMark(op: string, v: unknown, fallback: number): number {
+  if (v === undefined) return fallback
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) {
+    throw invalid(op, `highWaterMark must be a positive integer, got ${describe(v)}`)
+  }
+  return v
+}
+
+function checkSignal(op: string, v: unknown): AbortSignal | undefined {
+  if (v !== undefined && !(v instanceof AbortSignal)) {
+    throw invalid(op, `signal must be an AbortSignal, got ${describe(v)}`)
+  }
+  return v
+}
+
+/** A position as pread/pwrite take it: a number while it is safe, else a bigint. */
+function offsetArg(v: bigint): number | bigint {
+  return v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v
+}
+
+/**
+ * The request size for `handle`: `wanted`, within the payload limit and the advertised
+ * maximum, and a multiple of the advertised minimum (the alignment strict mode checks).
+ */
+function requestSize(handle: Handle, wanted: number): { size: number; minimum: number } {
+  const minimum = Math.max(1, handle.getBlockSize('minimum'))
+  let size = Math.min(wanted, handle.getBlockSize('payload'))
+  const maximum = handle.getBlockSize('maximum')
+  if (maximum > 0) size = Math.min(size, maximum)
+  size = Math.max(minimum, size - (size % minimum))
+  return { size, minimum }
+}
+
+/** One read in the order it must be pushed: its data once it came, or its error. */
+interface ReadSlot {
+  data?: Buffer
+  error?: unknown
+  /** Bytes to drop at the front and keep of the reply (the request is widened for alignment). */
+  skip: number
+  keep: number
+}
+
+/**
+ * The `stream.Readable` of {@link Handle.createReadStream}. `bytesRead` counts the bytes
+ * pushed so far; `start`, `end` and `pos` are as in fs.ReadStream (`pos`: the next byte to
+ * be requested).
+ */
+export class NbdReadStream extends Readable {
+  /** Bytes delivered to the stream so far. */
+  bytesRead = 0
+  /** The first byte of the range. */
+  readonly start: number | bigint
+  /** The last byte of the range (inclusive), once known (the export's last byte by default). */
+  end: number | bigint | undefined
+
+  readonly #handle: Handle
+  readonly #chunk: number
+  readonly #stop = new AbortController()
+  #pos: bigint
+  /** One past the last byte wanted. */
+  #limit = 0n
+  #size = 0n
+  #minimum = 1
+  #requestSize = 0
+  readonly #slots: ReadSlot[] = []
+  #wanted = false
+  #ended = false
+
+  /** @internal Use {@link Handle.createReadStream}. */
+  constructor(handle: Handle, options?: ReadStreamOptions) {
+    const op = 'createReadStream'
+    const o = checkObject(op, options)
+    const start = o.start === undefined ? 0n : checkPosition(op, 'start', o.start)
+    const end = o.end === undefined ? undefined : checkPosition(op, 'end', o.end)
+    if (end !== undefined && start > end) {
+      throw invalid(op, `start (${start}) must be <= end (${end})`, 'ERANGE')
+    }
+    const chunk = checkHighWaterMark(op, o.highWaterMark, DEFAULT_READ_CHUNK)
+    const signal = checkSignal(op, o.signal)
+    super({ highWaterMark: chunk })
+    this.#handle = handle
+    this.#chunk = chunk
+    this.#pos = start
+    this.start = offsetArg(start)
+    this.end = end === undefined ? undefined : offsetArg(end)
+    // Not in super()'s options: an aborted signal would destroy the stream before its fields exist.
+    if (signal !== undefined) addAbortSignal(signal, this)
+  }
+
+  /** The next byte to be requested. */
+  get pos(): number | bigint {
+    return offsetArg(this.#pos)
+  }
+
+  override _construct(callback: (error?: Error | null) => void): void {
+    try {
+      const h = this.#handle
+      const size = h.getSize({ bigint: true })
+      this.#size = size
+      const { size: request, minimum } = requestSize(h, this.#chunk)
+      this.#requestSize = request
+      this.#minimum = minimum
+      if (this.end === undefined) {
+        // An empty export, or a start at or past its end, is an empty stream (as fs).
+        this.#limit = size > this.#pos ? size : this.#pos
+        this.end = offsetArg(this.#limit - 1n < this.#pos ? this.#pos : this.#limit - 1n)
+      } else {
+        this.#limit = BigInt(this.end) + 1n
+      }
+      callback()
+    } catch (e) {
+      callback(e as Error)
+    }
+  }
+
+  override _read(): void {
+    this.#wanted = true
+    this.#issue()
+  }
+
+  /** Starts reads until READ_DEPTH are in flight or the range is all requested. */
+  #issue(): void {
+    while (this.#wanted && this.#slots.length < READ_DEPTH && this.#pos < this.#limit) {
+      const min = BigInt(this.#minimum)
+      // Aligned down within the export; at or past its end as it is (that read fails anyway).
+      const from = this.#pos < this.#size ? this.#pos - (this.#pos % min) : this.#pos
+      let to = from + BigInt(this.#requestSize)
+      if (to > this.#limit) {
+        // The last request: widened to the alignment, which the export's size respects.
+        to = this.#limit + ((min - (this.#limit % min)) % min)
+      }
+      // Never across the export's end: the bytes before it are delivered, then a request
+      // at the end fails as pread does.
+      if (from < this.#size && to > this.#size) to = this.#size
+      const slot: ReadSlot = {
+        skip: Number(this.#pos - from),
+        keep: Number((to < this.#limit ? to : this.#limit) - this.#pos),
+      }
+      this.#slots.push(slot)
+      this.#pos = to < this.#limit ? to : this.#limit
+      this.#handle.pread(Number(to - from), offsetArg(from), { signal: this.#stop.signal }).then(
+        (data) => {
+          slot.data = data
+          this.#deliver()
+        },
+        (error) => {
+          slot.error = error
+          this.#deliver()
+        },
+      )
+    }
+    if (this.#slots.length === 0 && this.#pos >= this.#limit && !this.#ended) {
+      this.#ended = true
+      this.push(null)
+    }
+  }
+
+  /** Pushes the reads that are complete, in order; the first failed one destroys the stream. */
+  #deliver(): void {
+    if (this.destroyed) return
+    for (;;) {
+      const head = this.#slots[0]
+      if (head === undefined || (head.data === undefined && head.error === undefined)) break
+      this.#slots.shift()
+      if (head.error !== undefined) {
+        this.destroy(head.error as Error)
+        return
+      }
+      const data = head.data!
+      const piece = head.skip === 0 && head.keep === data.length ? data : data.subarray(head.skip, head.skip + head.keep)
+      this.bytesRead += piece.length
+      if (!this.push(piece)) this.#wanted = false
+    }
+    this.#issue()
+  }
+
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    // Reads in flight reject at once and write nothing anywhere; their replies are dropped.
+    this.#stop.abort()
+    this.#slots.length = 0
+    callback(error)
+  }
+}
+
+/**
+ * The `stream.Writable` of {@link Handle.createWriteStream}. `bytesWritten` counts the bytes
+ * the server has acknowledged; `pos` is where the next byte goes.
+ */
+export class NbdWriteStream extends Writable {
+  /** Bytes the server has acknowledged so far. */
+  bytesWritten = 0
+  /** Where the first byte goes. */
+  readonly start: number | bigint
+
+  readonly #handle: Handle
+  readonly #flush: boolean
+  readonly #stop = new AbortController()
+  readonly #limit: number
+  #pos: bigint
+  #requestSize = WRITE_CHUNK
+  /** Small writes gathered into one request. */
+  #gather: Buffer | undefined
+  #gathered = 0
+  #inFlightBytes = 0
+  readonly #inFlight = new Set<Promise<void>>()
+  /** The write callback held back while too many bytes are in flight. */
+  #held: (() => void) | undefined
+  #failed: unknown
+
+  /** @internal Use {@link Handle.createWriteStream}. */
+  constructor(handle: Handle, options?: WriteStreamOptions) {
+    const op = 'createWriteStream'
+    const o = checkObject(op, options)
+    const start = o.start === undefined ? 0n : checkPosition(op, 'start', o.start)
+    let flush = true
+    if (o.flush !== undefined) {
+      if (typeof o.flush !== 'boolean') throw invalid(op, `flush must be a boolean, got ${describe(o.flush)}`)
+      flush = o.flush
+    }
+    const hwm = checkHighWaterMark(op, o.highWaterMark, DEFAULT_WRITE_HWM)
+    const signal = checkSignal(op, o.signal)
+    super({ highWaterMark: hwm, decodeStrings: true })
+    this.#handle = handle
+    this.#flush = flush
+    this.#limit = hwm
+    this.#pos = start
+    this.start = offsetArg(start)
+    if (signal !== undefined) addAbortSignal(signal, this)
+  }
+
+  /** Where the next byte goes. */
+  get pos(): number | bigint {
+    return offsetArg(this.#pos + BigInt(this.#gathered))
+  }
+
+  override _construct(callback: (error?: Error | null) => void): void {
+    try {
+      // Requests follow one another from `start`: aligned when `start` is.
+      this.#requestSize = requestSize(this.#handle, WRITE_CHUNK).size
+      callback()
+    } catch (e) {
+      callback(e as Error)
+    }
+  }
+
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    this.#take(chunk)
+    this.#afterWrite(callback)
+  }
+
+  override _writev(chunks: { chunk: Buffer }[], callback: (error?: Error | null) => void): void {
+    for (const { chunk } of chunks) this.#take(chunk)
+    this.#afterWrite(callback)
+  }
+
+  /** Turns `chunk` into requests: whole ones sent at once, the rest gathered. */
+  #take(chunk: Buffer): void {
+    let rest = chunk
+    while (rest.length > 0) {
+      if (this.#gathered === 0 && rest.length >= this.#requestSize) {
+        // Whole requests straight from the caller's chunk (pwrite copies it as it starts).
+        const piece = rest.subarray(0, this.#requestSize)
+        rest = rest.subarray(this.#requestSize)
+        this.#send(piece)
+        continue
+      }
+      this.#gather ??= Buffer.allocUnsafe(this.#requestSize)
+      const n = Math.min(rest.length, this.#requestSize - this.#gathered)
+      rest.copy(this.#gather, this.#gathered, 0, n)
+      this.#gathered += n
+      rest = rest.subarray(n)
+      if (this.#gathered === this.#requestSize) this.#sendGathered()
+    }
+  }
+
+  /** Calls back now, or once the bytes in flight fall below the high-water mark. */
+  #afterWrite(callback: (error?: Error | null) => void): void {
+    if (this.#failed !== undefined) {
+      callback(this.#failed as Error)
+      return
+    }
+    if (this.#inFlightBytes < this.#limit) callback()
+    else this.#held = () => callback()
+  }
+
+  #sendGathered(): void {
+    if (this.#gathered === 0) return
+    // pwrite copies the bytes as it starts, so the gathering buffer is free again at once.
+    this.#send(this.#gather!.subarray(0, this.#gathered))
+    this.#gathered = 0
+  }
+
+  #send(piece: Buffer): void {
+    const offset = this.#pos
+    this.#pos += BigInt(piece.length)
+    const length = piece.length
+    this.#inFlightBytes += length
+    const done = this.#handle.pwrite(piece, offsetArg(offset), { signal: this.#stop.signal }).then(
+      () => {
+        this.#inFlightBytes -= length
+        this.bytesWritten += length
+        this.#inFlight.delete(done)
+        this.#release()
+      },
+      (error: unknown) => {
+        this.#inFlightBytes -= length
+        this.#inFlight.delete(done)
+        if (this.#failed === undefined) this.#failed = error
+        this.#release()
+        if (!this.destroyed) this.destroy(error as Error)
+      },
+    )
+    this.#inFlight.add(done)
+  }
+
+  #release(): void {
+    const held = this.#held
+    if (held !== undefined && (this.#inFlightBytes < this.#limit || this.#failed !== undefined)) {
+      this.#held = undefined
+      if (this.#failed !== undefined) return // destroy() reports the error
+      held()
+    }
+  }
+
+  override _final(callback: (error?: Error | null) => void): void {
+    this.#sendGathered()
+    const finish = async (): Promise<void> => {
+      while (this.#inFlight.size > 0) await Promise.all(this.#inFlight)
+      if (this.#failed !== undefined) throw this.#failed
+      if (this.#flush && this.#handle.canFlush()) await this.#handle.flush({ signal: this.#stop.signal })
+    }
+    finish().then(() => callback(), (e: Error) => callback(e))
+  }
+
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    this.#stop.abort()
+    this.#held = undefined
+    callback(error)
+  }
+}
