@@ -355,7 +355,8 @@ export class NbdWriteStream extends Writable {
     let rest = chunk
     while (rest.length > 0) {
       if (this.#gathered === 0 && rest.length >= this.#requestSize) {
-        // Whole requests straight from the caller's chunk (pwrite copies it as it starts).
+        // Whole requests straight from the caller's chunk: pwrite sends large ones from the
+        // chunk itself, which Writable's contract leaves to us until the write settles.
         const piece = rest.subarray(0, this.#requestSize)
         rest = rest.subarray(this.#requestSize)
         this.#send(piece)
@@ -382,8 +383,10 @@ export class NbdWriteStream extends Writable {
 
   #sendGathered(): void {
     if (this.#gathered === 0) return
-    // pwrite copies the bytes as it starts, so the gathering buffer is free again at once.
+    // pwrite may send large writes from the buffer itself while they are in flight: the
+    // gathered bytes go with their buffer, and the next ones gather in a new one.
     this.#send(this.#gather!.subarray(0, this.#gathered))
+    this.#gather = undefined
     this.#gathered = 0
   }
 

@@ -988,7 +988,10 @@ impl NativeHandle {
     pub fn close<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         self.closed.store(true, Ordering::SeqCst);
         if let Some(d) = self.driver.borrow_mut().take() {
-            d.close(true);
+            // Pending commands reject from the poll handle's close callback, on the next turn
+            // of the event loop, as they did on the tokio driver: code reacting to them (a
+            // stream's error handling, say) then runs after close() returned, not inside it.
+            d.close(false);
         }
         let h = self.handle.clone();
         env.spawn_future(async move {
