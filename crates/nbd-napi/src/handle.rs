@@ -479,6 +479,12 @@ impl NativeHandle {
         Ok(())
     }
 
+    /// Forgets the debug callback: messages (when on) go to stderr again.
+    #[napi]
+    pub fn clear_debug_callback(&self) {
+        self.handle.set_debug_sink(None);
+    }
+
     #[napi]
     pub fn get_debug(&self) -> bool {
         self.handle.config().debug
@@ -685,10 +691,21 @@ impl NativeHandle {
         spawn!(env, h.connect_systemd_socket_activation(argv))
     }
 
-    /// The pid of the server process started by connectCommand or socket activation.
+    /// The pid of the server process started by connectCommand or socket activation;
+    /// `ESRCH` when there is none.
     #[napi]
-    pub fn get_subprocess_pid(&self) -> Option<u32> {
-        self.handle.child_pid()
+    pub fn get_subprocess_pid(&self) -> Result<u32> {
+        self.handle.subprocess_pid().map_err(to_js)
+    }
+
+    #[napi]
+    pub fn set_socket_activation_name(&self, name: String) -> Result<()> {
+        self.handle.set_socket_activation_name(&name).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_socket_activation_name(&self) -> String {
+        self.handle.config().socket_activation_name
     }
 
     #[napi(ts_return_type = "Promise<void>")]
