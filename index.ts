@@ -117,8 +117,10 @@ export function supportsUri(): boolean {
 }
 
 /**
- * Whether `s` looks like an NBD URI (`nbd_is_uri`): a cheap check of the scheme
- * (`nbd:`, `nbds:`, `nbd+unix:`, …), not a full parse; {@link Handle.connectUri} validates.
+ * Whether `s` looks like an NBD URI (`nbd_is_uri`): a cheap check of the scheme followed by
+ * `://` (`nbd://`, `nbds://`, `nbd+unix://`, …; `nbd:foo` is not one), not a full parse;
+ * {@link Handle.connectUri} validates. Unlike libnbd 1.22 it does not count `nbd+ssh://`,
+ * which this library cannot connect to.
  */
 export function isUri(s: string): boolean {
   return typeof s === 'string' && native.isUri(s)

@@ -439,3 +439,16 @@ test('item 24: supportsVsock, getSubprocessPid ESRCH, the *_MASK and namespace c
   t.deepEqual(h.getMetaContexts(), [''])
   t.is(h.getStrictMode(), m.STRICT_MASK)
 })
+
+// ---- item 23: connectTcp takes any service name ----
+
+test('item 23: connectTcp resolves service names as getaddrinfo does', async (t) => {
+  // "discard" is port 9 in every services database; nothing listens there, so the connect
+  // itself is refused: the name was understood.
+  const h = new Handle()
+  t.teardown(() => h.close())
+  await expectReject(t, () => h.connectTcp('127.0.0.1', 'discard'), 'ECONNREFUSED', 'connectTcp')
+  const k = new Handle()
+  t.teardown(() => k.close())
+  await expectReject(t, () => k.connectTcp('127.0.0.1', 'no-such-service-here'), 'EINVAL', 'connectTcp')
+})

@@ -570,14 +570,25 @@ impl Handle {
             .await
     }
 
-    /// `nbd_connect_tcp`: `port` is a number or the service name `nbd`.
+    /// `nbd_connect_tcp`: `port` is a number or any service name getaddrinfo knows
+    /// (`nbd` is 10809).
     pub async fn connect_tcp(&self, host: &str, port: &str) -> Result<()> {
         self.begin_connect(|| Ok(()))?;
-        if let Ok(p) = port.parse::<u16>() {
+        let number = match port.parse::<u16>() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let name = port.to_string();
+                // The services database is file IO: off the runtime's threads.
+                tokio::task::spawn_blocking(move || transport::service_port(&name))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
+        if let Some(p) = number {
             self.set_target(UriTransport::Tcp { host: host.to_string(), port: p });
-        } else if port == "nbd" {
-            self.set_target(UriTransport::Tcp { host: host.to_string(), port: uri::DEFAULT_PORT });
         }
+        // An unknown service name fails in transport::connect_tcp, with its message.
         let (host, port) = (host.to_string(), port.to_string());
         self.finish_connect(async move { transport::connect_tcp(&host, &port).await })
             .await
