@@ -1442,9 +1442,12 @@ export class Handle {
     this.#sync(op, () => this.#native.setTlsUsername(checkString(op, 'name', name)))
   }
 
-  /** `nbd_get_tls_username` (`null` when unset: the login name is used). */
-  getTlsUsername(): string | null {
-    return this.#native.getTlsUsername() ?? null
+  /**
+   * The PSK user name (`nbd_get_tls_username`): the one set, else the login name
+   * (`$LOGNAME`, else `getlogin`), as libnbd; throws `EINVAL` when there is no login name.
+   */
+  getTlsUsername(): string {
+    return this.#sync('getTlsUsername', () => this.#native.getTlsUsername())
   }
 
   /** A psktool key file, lines `username:hexkey` (`nbd_set_tls_psk_file`): PSK instead of X.509. */
@@ -1459,7 +1462,11 @@ export class Handle {
     this.#sync(op, () => this.#native.setTlsHostname(checkString(op, 'host', host)))
   }
 
-  /** `nbd_get_tls_hostname` (`null` when unset). */
+  /**
+   * The name the server's certificate is checked against (`nbd_get_tls_hostname`): the one
+   * set, else the host given to {@link Handle.connectTcp} or in an `nbd://` URI; `null`
+   * when there is neither (before connecting, or over a Unix socket).
+   */
   getTlsHostname(): string | null {
     return this.#native.getTlsHostname() ?? null
   }

@@ -452,3 +452,36 @@ test('item 23: connectTcp resolves service names as getaddrinfo does', async (t)
   t.teardown(() => k.close())
   await expectReject(t, () => k.connectTcp('127.0.0.1', 'no-such-service-here'), 'EINVAL', 'connectTcp')
 })
+
+// ---- item 20: the effective TLS user and host names ----
+
+test('item 20: getTlsUsername is the login name and getTlsHostname the TCP host when unset', async (t) => {
+  const h = new Handle()
+  t.teardown(() => h.close())
+  // The login name as libnbd finds it: $LOGNAME first (this process is no worker thread,
+  // so process.env is the real environment).
+  const saved = process.env.LOGNAME
+  try {
+    process.env.LOGNAME = 'bob'
+    t.is(h.getTlsUsername(), 'bob')
+    delete process.env.LOGNAME
+    // Without it, getlogin(); with no controlling terminal there is no name: EINVAL.
+    try {
+      t.is(typeof h.getTlsUsername(), 'string')
+    } catch (e) {
+      t.is((e as NbdError).code, 'EINVAL')
+    }
+  } finally {
+    if (saved === undefined) delete process.env.LOGNAME
+    else process.env.LOGNAME = saved
+  }
+  t.is(h.getTlsHostname(), null, 'nothing set, nothing connected')
+  h.setTlsUsername('alice')
+  t.is(h.getTlsUsername(), 'alice')
+  const server = await useNbdkit(t, ['memory', '1M'], { tcp: true })
+  if (!server) return
+  await h.connectTcp('127.0.0.1', server.port!)
+  t.is(h.getTlsHostname(), '127.0.0.1')
+  const k = new Handle({ tlsHostname: 'srv.example' })
+  t.is(k.getTlsHostname(), 'srv.example')
+})

@@ -545,6 +545,26 @@ impl Handle {
         })
     }
 
+    /// `nbd_get_tls_username`: the name set, else the login name PSK would use
+    /// (`$LOGNAME`, else `getlogin`); `EINVAL` when there is none.
+    pub fn tls_username(&self) -> Result<String> {
+        match self.config().tls_username {
+            Some(name) => Ok(name),
+            None => crate::tls::login_name(),
+        }
+    }
+
+    /// `nbd_get_tls_hostname`: the name set, else the host the handle connects to over TCP
+    /// (what the server's certificate is checked against); `None` when neither exists.
+    pub fn tls_hostname(&self) -> Option<String> {
+        self.config().tls_hostname.or_else(|| {
+            match self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                Some(UriTransport::Tcp { host, .. }) => Some(host.clone()),
+                _ => None,
+            }
+        })
+    }
+
     /// `nbd_set_socket_activation_name`: `LISTEN_FDNAMES` for
     /// `connect_systemd_socket_activation` (empty: `unknown`). At most 255 printable ASCII
     /// characters other than `:`. Only on a newly created handle.

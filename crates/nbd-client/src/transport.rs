@@ -269,6 +269,10 @@ pub(crate) fn service_port(name: &str) -> Option<u16> {
     if name == "nbd" {
         return Some(nbd_proto::consts::DEFAULT_PORT);
     }
+    // Numbers are the caller's to parse: getaddrinfo would wrap 99999 to 34463.
+    if name.is_empty() || name.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let service = std::ffi::CString::new(name).ok()?;
     // SAFETY: zeroed addrinfo is a valid "no hints" value; only the fields set are read.
     let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
@@ -307,5 +311,7 @@ mod tests {
         assert_eq!(service_port("sink"), Some(9));
         assert_eq!(service_port("no-such-service-here"), None);
         assert_eq!(service_port("a\0b"), None);
+        assert_eq!(service_port("99999"), None, "not wrapped to 16 bits");
+        assert_eq!(service_port(""), None);
     }
 }

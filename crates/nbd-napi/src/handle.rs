@@ -522,9 +522,10 @@ impl NativeHandle {
         self.handle.configure(|c| c.tls_username = Some(name)).map_err(to_js)
     }
 
+    /// The name set, else the login name.
     #[napi]
-    pub fn get_tls_username(&self) -> Option<String> {
-        self.handle.config().tls_username
+    pub fn get_tls_username(&self) -> Result<String> {
+        self.handle.tls_username().map_err(to_js)
     }
 
     #[napi]
@@ -537,9 +538,10 @@ impl NativeHandle {
         self.handle.configure(|c| c.tls_hostname = Some(host)).map_err(to_js)
     }
 
+    /// The name set, else the TCP host connected to.
     #[napi]
     pub fn get_tls_hostname(&self) -> Option<String> {
-        self.handle.config().tls_hostname
+        self.handle.tls_hostname()
     }
 
     /// Bits: 1 TCP, 2 Unix, 4 vsock.
