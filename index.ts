@@ -46,28 +46,38 @@ export const CMD_FLAG_DF = 0x04
 export const CMD_FLAG_REQ_ONE = 0x08
 /** With {@link Handle.zero}: fail fast rather than zero slowly. */
 export const CMD_FLAG_FAST_ZERO = 0x10
-/** The command carries an explicit payload length (extended headers). */
+/**
+ * The command carries an explicit payload length (extended headers). With
+ * {@link STRICT_AUTO_FLAG} (the default) the client sets or clears it on writes to match the
+ * connection, whatever you pass.
+ */
 export const CMD_FLAG_PAYLOAD_LEN = 0x20
+/** Every `CMD_FLAG_*` bit this library knows (`LIBNBD_CMD_FLAG_MASK`). */
+export const CMD_FLAG_MASK = 0x3f
 
 /** Strict mode: refuse commands and flags the server did not advertise. */
 export const STRICT_COMMANDS = 0x01
 /** Strict mode: refuse flags unknown to or invalid for the command. */
 export const STRICT_FLAGS = 0x02
-/** Strict mode: refuse requests beyond the end of the export. */
+/** Strict mode: refuse requests beyond the end of the export (`ENOSPC` for pwrite, trim, zero; else `EINVAL`). */
 export const STRICT_BOUNDS = 0x04
 /** Strict mode: refuse requests of length 0. */
 export const STRICT_ZERO_SIZE = 0x08
 /** Strict mode: refuse requests not aligned to the server's minimum block size. */
 export const STRICT_ALIGN = 0x10
-/** Strict mode: refuse payloads larger than the payload maximum. */
+/** Strict mode: refuse writes larger than the payload maximum (reads stop at 64 MiB regardless). */
 export const STRICT_PAYLOAD = 0x20
-/** Strict mode: add flags the protocol requires automatically. */
+/** Strict mode: set or clear {@link CMD_FLAG_PAYLOAD_LEN} on writes to match the connection. */
 export const STRICT_AUTO_FLAG = 0x40
+/** Every `STRICT_*` bit (`LIBNBD_STRICT_MASK`), the default strict mode. */
+export const STRICT_MASK = 0x7f
 
 /** Handshake flag: use fixed newstyle when the server offers it. */
 export const HANDSHAKE_FLAG_FIXED_NEWSTYLE = 0x01
 /** Handshake flag: skip the 124 zero bytes when the server offers it. */
 export const HANDSHAKE_FLAG_NO_ZEROES = 0x02
+/** Every `HANDSHAKE_FLAG_*` bit (`LIBNBD_HANDSHAKE_FLAG_MASK`). */
+export const HANDSHAKE_FLAG_MASK = 0x03
 
 /** base:allocation extent flag: the extent is a hole. */
 export const STATE_HOLE = 0x01
@@ -77,6 +87,14 @@ export const STATE_ZERO = 0x02
 export const STATE_DIRTY = 0x01
 /** The name of the block allocation meta context. */
 export const CONTEXT_BASE_ALLOCATION = 'base:allocation'
+/** The namespace of the contexts the NBD protocol defines (`LIBNBD_NAMESPACE_BASE`). */
+export const NAMESPACE_BASE = 'base:'
+/** The namespace of qemu's contexts (`LIBNBD_NAMESPACE_QEMU`). */
+export const NAMESPACE_QEMU = 'qemu:'
+/** The prefix of qemu's dirty bitmap contexts: append the bitmap's name (`LIBNBD_CONTEXT_QEMU_DIRTY_BITMAP`). */
+export const CONTEXT_QEMU_DIRTY_BITMAP = 'qemu:dirty-bitmap:'
+/** qemu's allocation depth context (`LIBNBD_CONTEXT_QEMU_ALLOCATION_DEPTH`). */
+export const CONTEXT_QEMU_ALLOCATION_DEPTH = 'qemu:allocation-depth'
 
 /** {@link Handle.setUriAllowTransports} bit: `nbd://`, `nbds://`. */
 export const ALLOW_TRANSPORT_TCP = 0x1
@@ -84,6 +102,13 @@ export const ALLOW_TRANSPORT_TCP = 0x1
 export const ALLOW_TRANSPORT_UNIX = 0x2
 /** {@link Handle.setUriAllowTransports} bit: `nbd+vsock://`, `nbds+vsock://`. */
 export const ALLOW_TRANSPORT_VSOCK = 0x4
+/** Every `ALLOW_TRANSPORT_*` bit this library knows. */
+export const ALLOW_TRANSPORT_MASK = 0x7
+
+/** Whether this build can connect over AF_VSOCK (`nbd_supports_vsock`): true on Linux. */
+export function supportsVsock(): boolean {
+  return native.supportsVsock()
+}
 
 /** Whether this build speaks TLS (`nbd_supports_tls`). */
 export function supportsTls(): boolean {
@@ -96,8 +121,10 @@ export function supportsUri(): boolean {
 }
 
 /**
- * Whether `s` looks like an NBD URI (`nbd_is_uri`): a cheap check of the scheme
- * (`nbd:`, `nbds:`, `nbd+unix:`, …), not a full parse; {@link Handle.connectUri} validates.
+ * Whether `s` looks like an NBD URI (`nbd_is_uri`): a cheap check of the scheme followed by
+ * `://` (`nbd://`, `nbds://`, `nbd+unix://`, …; `nbd:foo` is not one), not a full parse;
+ * {@link Handle.connectUri} validates. Unlike libnbd 1.22 it does not count `nbd+ssh://`,
+ * which this library cannot connect to.
  */
 export function isUri(s: string): boolean {
   return typeof s === 'string' && native.isUri(s)
@@ -109,7 +136,7 @@ export type TlsMode = 'disable' | 'allow' | 'require'
 // ---- errors ----
 
 const ERRNO: Record<string, number> = {
-  EPERM: 1, ENOENT: 2, EINTR: 4, EIO: 5, ENOEXEC: 8, EBADF: 9, ENODEV: 19, EAGAIN: 11, ENOMEM: 12, EACCES: 13,
+  EPERM: 1, ENOENT: 2, ESRCH: 3, EINTR: 4, EIO: 5, ENOEXEC: 8, EBADF: 9, ENODEV: 19, EAGAIN: 11, ENOMEM: 12, EACCES: 13,
   EFAULT: 14, EBUSY: 16, EEXIST: 17, ENOTDIR: 20, EINVAL: 22, EMFILE: 24, ENOSPC: 28,
   EPIPE: 32, ERANGE: 34, ENAMETOOLONG: 36, ENOSYS: 38, EPROTO: 71, EOVERFLOW: 75,
   ENOTSOCK: 88, EPROTONOSUPPORT: 93, ENOTSUP: 95, EAFNOSUPPORT: 97, EADDRINUSE: 98, EADDRNOTAVAIL: 99,
@@ -275,7 +302,7 @@ function checkOptions(op: string, opts: unknown, named: readonly FlagName[]): { 
 export interface HandleOptions {
   /** Export to attach to ({@link Handle.setExportName}); default `''`. */
   exportName?: string
-  /** Name used in messages ({@link Handle.setHandleName}). */
+  /** Name used in messages ({@link Handle.setHandleName}); default `nbd1`, `nbd2`, … in order of creation. */
   name?: string
   /** Strict-mode bits ({@link Handle.setStrictMode}); default all `STRICT_*`. */
   strict?: number
@@ -658,7 +685,35 @@ export class Handle {
 
   /** The pid of the server process {@link Handle.connectCommand} started, or `null`. */
   get subprocessPid(): number | null {
-    return this.#native.getSubprocessPid() ?? null
+    try {
+      return this.#native.getSubprocessPid()
+    } catch {
+      return null
+    }
+  }
+
+  /**
+   * The pid of the server process {@link Handle.connectCommand} or
+   * {@link Handle.connectSystemdSocketActivation} started (`nbd_get_subprocess_pid`); throws
+   * `ESRCH` when the handle started none.
+   */
+  getSubprocessPid(): number {
+    return this.#sync('getSubprocessPid', () => this.#native.getSubprocessPid())
+  }
+
+  /**
+   * The name a socket-activated server sees in `LISTEN_FDNAMES`
+   * (`nbd_set_socket_activation_name`); empty (the default) means `unknown`. At most 255
+   * printable ASCII characters other than `:`. Before connecting.
+   */
+  setSocketActivationName(name: string): void {
+    const op = 'setSocketActivationName'
+    this.#sync(op, () => this.#native.setSocketActivationName(checkString(op, 'name', name)))
+  }
+
+  /** `nbd_get_socket_activation_name`. */
+  getSocketActivationName(): string {
+    return this.#native.getSocketActivationName()
   }
 
   /** Connects over AF_VSOCK to `cid` and `port` (`nbd_connect_vsock`; Linux). */
@@ -805,10 +860,12 @@ export class Handle {
   /**
    * Asks for the status of `count` bytes at `offset` in each negotiated meta context
    * (`nbd_block_status_64`), or only in `contexts` (`nbd_block_status_filter`, which needs
-   * {@link Handle.canBlockStatusPayload}). Resolves to the extents per context name, with
-   * absolute offsets (numbers, or bigints past 2^53 − 1, so they are always exact). The
-   * server may describe less than `count` bytes, and its final extent may run past the
-   * request; with `reqOne` it describes one extent per context.
+   * {@link Handle.canBlockStatusPayload}; every name must have been negotiated, but an empty
+   * list or a name given twice is sent as is, for the server to judge, as libnbd does).
+   * Without a negotiated context it rejects with `ENOTSUP`, unless {@link STRICT_COMMANDS}
+   * is cleared (then the server answers). Resolves to the extents per context name, with
+   * absolute offsets (numbers, or bigints past 2^53 − 1, so they are always exact). The server may describe less than `count` bytes, and its final extent
+   * may run past the request; with `reqOne` it describes one extent per context.
    */
   blockStatus(
     count: number,
@@ -913,7 +970,8 @@ export class Handle {
   /**
    * Disconnects cleanly (`nbd_shutdown`): waits for the commands in flight, sends
    * NBD_CMD_DISC and closes the write side. With `abandonPending` the disconnect is sent
-   * at once and commands the server does not answer first reject with `ESHUTDOWN`.
+   * at once: commands not yet sent are never sent and reject with `ENOTCONN`; those on the
+   * wire that the server does not answer first reject with `ESHUTDOWN`.
    * The handle then is `closed`; getters keep working.
    */
   async shutdown(opts?: { abandonPending?: boolean }): Promise<void> {
@@ -983,6 +1041,9 @@ export class Handle {
   }
 
   // ---- information ----
+
+  // The getters below answer while negotiating (after optInfo), connected, or closed after
+  // shutdown; on a `dead` handle they throw `EINVAL`, as libnbd's.
 
   /**
    * The export size in bytes (`nbd_get_size`). As a number it throws `ERANGE` past
@@ -1085,16 +1146,22 @@ export class Handle {
     return this.#sync('getTlsNegotiated', () => this.#native.getTlsNegotiated())
   }
 
-  /** Whether meta context `name` was negotiated (`nbd_can_meta_context`). */
+  /**
+   * Whether meta context `name` was negotiated (`nbd_can_meta_context`). Throws `EINVAL`
+   * when contexts were asked for ({@link Handle.addMetaContext}) but the server has not
+   * answered for this export yet (option mode before optInfo/optGo/optSetMetaContext,
+   * `requestMetaContext: false`, after a refused optGo or after optStarttls).
+   */
   canMetaContext(name: string): boolean {
     const op = 'canMetaContext'
     return this.#sync(op, () => this.#native.canMetaContext(checkString(op, 'name', name)))
   }
 
   /**
-   * A URI for the current connection (`nbd_get_uri`), e.g. `nbd+unix:///disk?socket=/run/s`.
-   * `ENOTSUP` when the handle was connected in a way a URI cannot describe (connectSocket,
-   * connectCommand).
+   * A URI for the current connection (`nbd_get_uri`), e.g. `nbd+unix:///disk?socket=/run/s`,
+   * with the TLS user (`user@`) and TLS parameters whenever they are set. `EINVAL` when the
+   * handle was connected in a way a URI cannot describe (connectSocket, connectCommand,
+   * socket activation), as libnbd for the first two.
    */
   getUri(): string {
     return this.#sync('getUri', () => this.#native.getUri())
@@ -1144,7 +1211,7 @@ export class Handle {
     this.#sync(op, () => this.#native.setHandleName(checkString(op, 'name', name)))
   }
 
-  /** The handle's name (`nbd_get_handle_name`). */
+  /** The handle's name (`nbd_get_handle_name`): `nbd1`, `nbd2`, … unless set. */
   getHandleName(): string {
     return this.#native.getHandleName()
   }
@@ -1295,7 +1362,15 @@ export class Handle {
     }
   }
 
-  /** `nbd_get_debug`. */
+  /**
+   * Forgets the debug callback (`nbd_clear_debug_callback`): while debugging is on,
+   * messages go to stderr again.
+   */
+  clearDebugCallback(): void {
+    this.#native.clearDebugCallback()
+  }
+
+  /** `nbd_get_debug`; `LIBNBD_DEBUG=1` in the environment turns debugging on for new handles. */
   getDebug(): boolean {
     return this.#native.getDebug()
   }
@@ -1341,9 +1416,12 @@ export class Handle {
     this.#sync(op, () => this.#native.setTlsUsername(checkString(op, 'name', name)))
   }
 
-  /** `nbd_get_tls_username` (`null` when unset: the login name is used). */
-  getTlsUsername(): string | null {
-    return this.#native.getTlsUsername() ?? null
+  /**
+   * The PSK user name (`nbd_get_tls_username`): the one set, else the login name
+   * (`$LOGNAME`, else `getlogin`), as libnbd; throws `EINVAL` when there is no login name.
+   */
+  getTlsUsername(): string {
+    return this.#sync('getTlsUsername', () => this.#native.getTlsUsername())
   }
 
   /** A psktool key file, lines `username:hexkey` (`nbd_set_tls_psk_file`): PSK instead of X.509. */
@@ -1358,7 +1436,11 @@ export class Handle {
     this.#sync(op, () => this.#native.setTlsHostname(checkString(op, 'host', host)))
   }
 
-  /** `nbd_get_tls_hostname` (`null` when unset). */
+  /**
+   * The name the server's certificate is checked against (`nbd_get_tls_hostname`): the one
+   * set, else the host given to {@link Handle.connectTcp} or in an `nbd://` URI; `null`
+   * when there is neither (before connecting, or over a Unix socket).
+   */
   getTlsHostname(): string | null {
     return this.#native.getTlsHostname() ?? null
   }

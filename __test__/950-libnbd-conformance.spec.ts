@@ -5,6 +5,7 @@
 import fs from 'node:fs'
 import path from 'node:path'
 import { randomBytes } from 'node:crypto'
+import { execFileSync } from 'node:child_process'
 import test from 'ava'
 import {
   CMD_FLAG_PAYLOAD_LEN,
@@ -330,4 +331,157 @@ test('item 19: block status without a negotiated context goes to the server when
   await expectReject(t, () => h.blockStatus(4096, 0), 'EINVAL', 'blockStatus')
   t.true(h.stats.bytesSent > before, 'sent, and refused by the server')
   t.is(h.state, 'ready')
+})
+
+// ---- item 10: URI query keys in any case ----
+
+test('item 10: connectUri takes SOCKET= as socket=', async (t) => {
+  const server = await useNbdkit(t, ['memory', '1M'])
+  if (!server) return
+  const h = new Handle()
+  t.teardown(() => h.close())
+  await h.connectUri(`NBD+UNIX:///?SOCKET=${server.socket}`)
+  t.is(h.getSize(), MiB)
+})
+
+// ---- item 11: socket activation name ----
+
+test('item 11: LISTEN_FDNAMES is unknown by default and setSocketActivationName sets it', async (t) => {
+  if (!requireTool(t, 'nbdkit')) return
+  const dir = makeTempDir('nbd-conf-act-')
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }))
+  for (const [name, want] of [['', 'unknown'], ['nbd-a', 'nbd-a']] as const) {
+    const out = path.join(dir, `names-${want}`)
+    const h = new Handle()
+    t.teardown(() => h.close())
+    t.is(h.getSocketActivationName(), '')
+    if (name) h.setSocketActivationName(name)
+    t.is(h.getSocketActivationName(), name)
+    // exec keeps the pid, so LISTEN_PID still names nbdkit.
+    await h.connectSystemdSocketActivation(['sh', '-c', `echo "$LISTEN_FDNAMES" > ${out}; exec nbdkit -f memory 1M`])
+    t.is(h.getSize(), MiB)
+    t.is(fs.readFileSync(out, 'utf8').trim(), want)
+    t.is(h.getSubprocessPid(), h.subprocessPid)
+  }
+  expectThrow(t, () => new Handle().setSocketActivationName('a:b'), 'EINVAL', 'setSocketActivationName')
+})
+
+// ---- items 13, 14, 15: handle names, LIBNBD_DEBUG, the closing message ----
+
+test('item 13: handles are named nbd1, nbd2, … in order of creation', (t) => {
+  const a = new Handle()
+  const b = new Handle()
+  const na = /^nbd(\d+)$/.exec(a.getHandleName())
+  const nb = /^nbd(\d+)$/.exec(b.getHandleName())
+  t.truthy(na, a.getHandleName())
+  t.truthy(nb, b.getHandleName())
+  t.true(Number(nb![1]) > Number(na![1]))
+  t.is(new Handle({ name: 'mine' }).getHandleName(), 'mine')
+})
+
+test('item 14: LIBNBD_DEBUG=1 turns debugging on for new handles', (t) => {
+  const script = "const { Handle } = require('./dist/index.js'); console.log(new Handle().getDebug())"
+  const run = (env: NodeJS.ProcessEnv) =>
+    execFileSync(process.execPath, ['-e', script], { cwd: path.join(__dirname, '..'), env, encoding: 'utf8' }).trim()
+  const env = { ...process.env }
+  delete env.LIBNBD_DEBUG
+  t.is(run(env), 'false')
+  t.is(run({ ...env, LIBNBD_DEBUG: '1' }), 'true')
+  t.is(run({ ...env, LIBNBD_DEBUG: '0' }), 'false')
+})
+
+test('item 15: close() reports "closing handle" to the debug callback; clearDebugCallback forgets it', async (t) => {
+  const lines: string[] = []
+  const h = new Handle({ debug: (context, message) => lines.push(`${context}: ${message}`) })
+  await h.close()
+  t.truthy(await waitForLine(lines, /closing handle/), lines.join('\n'))
+  const k = new Handle({ debug: (_c, m) => lines.push(m) })
+  k.clearDebugCallback()
+  k.setDebug(false)
+  const before = lines.length
+  await k.close()
+  await new Promise((r) => setTimeout(r, 50))
+  t.is(lines.length, before)
+})
+
+// ---- item 21: getUri ----
+
+test('item 21: getUri is EINVAL for a connection no URI describes, and writes the TLS user and files when set', async (t) => {
+  const server = await useNbdkit(t, ['memory', '1M'])
+  if (!server) return
+  const c = new Handle()
+  t.teardown(() => c.close())
+  await c.connectCommand(['nbdkit', '-s', 'memory', '1M'])
+  expectThrow(t, () => c.getUri(), 'EINVAL', 'getUri')
+  const h = await openHandle(t, server, { tlsUsername: 'alice', tlsPskFile: '/k.psk' })
+  const uri = h.getUri()
+  t.regex(uri, /^nbd\+unix:\/\/alice@\//)
+  t.regex(uri, /tls-psk-file=%2Fk\.psk|tls-psk-file=\/k\.psk/)
+})
+
+// ---- item 24: the missing calls and constants ----
+
+test('item 24: supportsVsock, getSubprocessPid ESRCH, the *_MASK and namespace constants, addMetaContext("")', async (t) => {
+  const m = await import('nbd-client')
+  t.is(m.supportsVsock(), process.platform === 'linux')
+  expectThrow(t, () => new Handle().getSubprocessPid(), 'ESRCH', 'getSubprocessPid')
+  t.is(new Handle().subprocessPid, null)
+  t.is(m.CMD_FLAG_MASK, 0x3f)
+  t.is(m.STRICT_MASK, 0x7f)
+  t.is(m.HANDSHAKE_FLAG_MASK, 0x03)
+  t.is(m.ALLOW_TRANSPORT_MASK, 0x07)
+  t.is(m.NAMESPACE_BASE, 'base:')
+  t.is(m.NAMESPACE_QEMU, 'qemu:')
+  t.is(m.CONTEXT_QEMU_DIRTY_BITMAP, 'qemu:dirty-bitmap:')
+  t.is(m.CONTEXT_QEMU_ALLOCATION_DEPTH, 'qemu:allocation-depth')
+  const h = new Handle()
+  h.addMetaContext('')
+  t.deepEqual(h.getMetaContexts(), [''])
+  t.is(h.getStrictMode(), m.STRICT_MASK)
+})
+
+// ---- item 23: connectTcp takes any service name ----
+
+test('item 23: connectTcp resolves service names as getaddrinfo does', async (t) => {
+  // "discard" is port 9 in every services database; nothing listens there, so the connect
+  // itself is refused: the name was understood.
+  const h = new Handle()
+  t.teardown(() => h.close())
+  await expectReject(t, () => h.connectTcp('127.0.0.1', 'discard'), 'ECONNREFUSED', 'connectTcp')
+  const k = new Handle()
+  t.teardown(() => k.close())
+  await expectReject(t, () => k.connectTcp('127.0.0.1', 'no-such-service-here'), 'EINVAL', 'connectTcp')
+})
+
+// ---- item 20: the effective TLS user and host names ----
+
+test('item 20: getTlsUsername is the login name and getTlsHostname the TCP host when unset', async (t) => {
+  const h = new Handle()
+  t.teardown(() => h.close())
+  // The login name as libnbd finds it: $LOGNAME first (this process is no worker thread,
+  // so process.env is the real environment).
+  const saved = process.env.LOGNAME
+  try {
+    process.env.LOGNAME = 'bob'
+    t.is(h.getTlsUsername(), 'bob')
+    delete process.env.LOGNAME
+    // Without it, getlogin(); with no controlling terminal there is no name: EINVAL.
+    try {
+      t.is(typeof h.getTlsUsername(), 'string')
+    } catch (e) {
+      t.is((e as NbdError).code, 'EINVAL')
+    }
+  } finally {
+    if (saved === undefined) delete process.env.LOGNAME
+    else process.env.LOGNAME = saved
+  }
+  t.is(h.getTlsHostname(), null, 'nothing set, nothing connected')
+  h.setTlsUsername('alice')
+  t.is(h.getTlsUsername(), 'alice')
+  const server = await useNbdkit(t, ['memory', '1M'], { tcp: true })
+  if (!server) return
+  await h.connectTcp('127.0.0.1', server.port!)
+  t.is(h.getTlsHostname(), '127.0.0.1')
+  const k = new Handle({ tlsHostname: 'srv.example' })
+  t.is(k.getTlsHostname(), 'srv.example')
 })

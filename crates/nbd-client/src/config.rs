@@ -12,7 +12,8 @@ use crate::uri::UriPolicy;
 pub struct Config {
     /// Export to attach to (`nbd_set_export_name`).
     pub export_name: String,
-    /// Name used in messages (`nbd_set_handle_name`).
+    /// Name used in messages (`nbd_set_handle_name`). When empty, [`crate::Handle::new`]
+    /// names the handle `nbd1`, `nbd2`, … as libnbd's `nbd_create` does.
     pub handle_name: String,
     /// Strict-mode bits (`nbd_set_strict_mode`), all by default.
     pub strict: u32,
@@ -55,6 +56,9 @@ pub struct Config {
     pub connect_timeout: Option<Duration>,
     /// Commands on the wire at once; more are queued.
     pub max_in_flight: usize,
+    /// `LISTEN_FDNAMES` for socket activation (`nbd_set_socket_activation_name`); empty
+    /// means systemd's `unknown`.
+    pub socket_activation_name: String,
 }
 
 impl Default for Config {
@@ -82,6 +86,7 @@ impl Default for Config {
             handshake_flags: FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES,
             connect_timeout: None,
             max_in_flight: 64,
+            socket_activation_name: String::new(),
         }
     }
 }

@@ -158,8 +158,18 @@ impl std::fmt::Debug for Handle {
 }
 
 impl Handle {
-    /// A newly created handle (`nbd_create`).
-    pub fn new(config: Config) -> Handle {
+    /// A newly created handle (`nbd_create`). As libnbd, a handle without a name is named
+    /// `nbd1`, `nbd2`, … in order of creation, and `LIBNBD_DEBUG=1` in the environment turns
+    /// debugging on.
+    pub fn new(mut config: Config) -> Handle {
+        static CREATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = CREATED.fetch_add(1, Ordering::Relaxed) + 1;
+        if config.handle_name.is_empty() {
+            config.handle_name = format!("nbd{n}");
+        }
+        if std::env::var_os("LIBNBD_DEBUG").is_some_and(|v| v == "1") {
+            config.debug = true;
+        }
         let debug_on = config.debug;
         Handle {
             inner: Arc::new(Inner {
@@ -224,12 +234,10 @@ impl Handle {
         Ok(())
     }
 
-    /// `nbd_add_meta_context`.
+    /// `nbd_add_meta_context`. An empty name is accepted, as libnbd does (the server
+    /// judges it).
     pub fn add_meta_context(&self, name: &str) -> Result<()> {
         check_string("meta context name", name)?;
-        if name.is_empty() {
-            return Err(Error::usage(Errno::EINVAL, "meta context name is empty"));
-        }
         self.negotiation_setting(|c| c.meta_contexts.push(name.to_string()))
     }
 
@@ -499,7 +507,8 @@ impl Handle {
     }
 
     /// `nbd_get_uri`: a URI for the current connection (host, port or socket, export,
-    /// TLS). `ENOTSUP` for connections a URI cannot describe (a socket passed in).
+    /// TLS, and the TLS user and files whenever they are set). `EINVAL` for connections a
+    /// URI cannot describe (a socket passed in, a command's stdin/stdout), as libnbd.
     pub fn get_uri(&self) -> Result<String> {
         let state = self.state();
         if state == State::Created {
@@ -507,8 +516,8 @@ impl Handle {
         }
         let Some(transport) = self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Err(Error::usage(
-                Errno::ENOTSUP,
-                "the handle was not connected in a way a URI can describe (connectUri, \
+                Errno::EINVAL,
+                "cannot construct a URI for this connection type (a URI needs connectUri, \
                  connectTcp, connectUnix or connectVsock)",
             ));
         };
@@ -521,11 +530,12 @@ impl Handle {
             tls,
             transport,
             export_name: c.export_name,
-            tls_username: if tls { c.tls_username } else { None },
-            tls_certificates: if tls { c.tls_certificates } else { None },
-            tls_psk_file: if tls { c.tls_psk_file } else { None },
-            tls_hostname: if tls { c.tls_hostname } else { None },
-            tls_verify_peer: if tls && !c.tls_verify_peer { Some(false) } else { None },
+            // Written whenever set, TLS or not (libnbd does).
+            tls_username: c.tls_username,
+            tls_certificates: c.tls_certificates,
+            tls_psk_file: c.tls_psk_file,
+            tls_hostname: c.tls_hostname,
+            tls_verify_peer: if c.tls_verify_peer { None } else { Some(false) },
             unknown_params: Vec::new(),
         };
         Ok(uri::format(&u))
@@ -553,10 +563,11 @@ impl Handle {
 
     async fn connect_child(&self, argv: Vec<String>, activation: bool) -> Result<()> {
         let inner = self.inner.clone();
+        let name = self.config().socket_activation_name;
         let open = async move {
             let spawned = tokio::task::spawn_blocking(move || {
                 if activation {
-                    subprocess::spawn_socket_activation(&argv)
+                    subprocess::spawn_socket_activation_named(&argv, &name)
                 } else {
                     subprocess::spawn_command(&argv)
                 }
@@ -584,6 +595,45 @@ impl Handle {
         self.inner.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.pid())
     }
 
+    /// `nbd_get_subprocess_pid`: the server process's pid; `ESRCH` when there is none.
+    pub fn subprocess_pid(&self) -> Result<u32> {
+        self.child_pid().ok_or_else(|| {
+            Error::usage(
+                Errno::ESRCH,
+                "the handle has no subprocess (only connectCommand and \
+                 connectSystemdSocketActivation start one)",
+            )
+        })
+    }
+
+    /// `nbd_get_tls_username`: the name set, else the login name PSK would use
+    /// (`$LOGNAME`, else `getlogin`); `EINVAL` when there is none.
+    pub fn tls_username(&self) -> Result<String> {
+        match self.config().tls_username {
+            Some(name) => Ok(name),
+            None => crate::tls::login_name(),
+        }
+    }
+
+    /// `nbd_get_tls_hostname`: the name set, else the host the handle connects to over TCP
+    /// (what the server's certificate is checked against); `None` when neither exists.
+    pub fn tls_hostname(&self) -> Option<String> {
+        self.config().tls_hostname.or_else(|| {
+            match self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                Some(UriTransport::Tcp { host, .. }) => Some(host.clone()),
+                _ => None,
+            }
+        })
+    }
+
+    /// `nbd_set_socket_activation_name`: `LISTEN_FDNAMES` for
+    /// `connect_systemd_socket_activation` (empty: `unknown`). At most 255 printable ASCII
+    /// characters other than `:`. Only on a newly created handle.
+    pub fn set_socket_activation_name(&self, name: &str) -> Result<()> {
+        subprocess::check_socket_name(name)?;
+        self.configure(|c| c.socket_activation_name = name.to_string())
+    }
+
     /// `nbd_connect_vsock` (Linux).
     pub async fn connect_vsock(&self, cid: u32, port: u32) -> Result<()> {
         self.begin_connect(|| Ok(()))?;
@@ -601,14 +651,25 @@ impl Handle {
             .await
     }
 
-    /// `nbd_connect_tcp`: `port` is a number or the service name `nbd`.
+    /// `nbd_connect_tcp`: `port` is a number or any service name getaddrinfo knows
+    /// (`nbd` is 10809).
     pub async fn connect_tcp(&self, host: &str, port: &str) -> Result<()> {
         self.begin_connect(|| Ok(()))?;
-        if let Ok(p) = port.parse::<u16>() {
+        let number = match port.parse::<u16>() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let name = port.to_string();
+                // The services database is file IO: off the runtime's threads.
+                tokio::task::spawn_blocking(move || transport::service_port(&name))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
+        if let Some(p) = number {
             self.set_target(UriTransport::Tcp { host: host.to_string(), port: p });
-        } else if port == "nbd" {
-            self.set_target(UriTransport::Tcp { host: host.to_string(), port: uri::DEFAULT_PORT });
         }
+        // An unknown service name fails in transport::connect_tcp, with its message.
         let (host, port) = (host.to_string(), port.to_string());
         self.finish_connect(async move { transport::connect_tcp(&host, &port).await })
             .await
@@ -1172,6 +1233,9 @@ impl Handle {
     /// Closes the handle: fails every pending command, stops the driver and closes the
     /// socket. Idempotent.
     pub async fn close(&self) {
+        if self.inner.debug_on.load(Ordering::Relaxed) {
+            (self.debug_hub().sink)("close", "closing handle");
+        }
         self.inner.closing.send_replace(true);
         // A closed handle is as good as freed (nbd_close): its details go too, and every
         // call but close fails with EINVAL.

@@ -48,5 +48,5 @@ pub use nbd_proto::state::State;
 pub use nbd_proto::transmission::{Command, CommandKind};
 pub use nbd_proto::{Errno, Error, Fault, Result};
 pub use subprocess::{spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child};
-pub use vsock::connect_vsock;
+pub use vsock::{connect_vsock, supports_vsock};
 pub use tls::supports_tls;

@@ -93,9 +93,8 @@ pub fn spawn_command(argv: &[String]) -> Result<(OwnedFd, Child)> {
 /// `nbd_connect_systemd_socket_activation`: runs `argv` with a listening Unix socket as
 /// fd 3 and `LISTEN_PID` (the child's own pid) and `LISTEN_FDS=1` in its environment, then
 /// connects to that socket. For qemu-nbd (e.g. `["qemu-nbd", "-f", "qcow2", path]`), nbdkit
-/// and other servers that support socket activation. `LISTEN_FDNAMES` is not set, so the
-/// server sees the name `unknown` (libnbd's default); see
-/// [`spawn_socket_activation_named`].
+/// and other servers that support socket activation. `LISTEN_FDNAMES` is `unknown`
+/// (libnbd's default); see [`spawn_socket_activation_named`].
 ///
 /// The socket lives in a private directory under `$TMPDIR` (or `/tmp` when that path would
 /// be too long for a socket address); the directory and socket are removed as soon as we are
@@ -107,7 +106,7 @@ pub fn spawn_socket_activation(argv: &[String]) -> Result<(OwnedFd, Child)> {
 
 /// [`spawn_socket_activation`] with `LISTEN_FDNAMES=name` (libnbd's
 /// `nbd_set_socket_activation_name`), which some servers such as qemu-storage-daemon use to
-/// tell sockets apart. An empty `name` leaves `LISTEN_FDNAMES` unset. A name must be at most
+/// tell sockets apart. An empty `name` means `unknown`. A name must be at most
 /// 255 printable ASCII characters other than `:` (systemd's rule), else `EINVAL`.
 pub fn spawn_socket_activation_named(argv: &[String], name: &str) -> Result<(OwnedFd, Child)> {
     check_socket_name(name)?;
@@ -548,7 +547,7 @@ fn check_argv(argv: &[String]) -> Result<Vec<CString>> {
         .collect()
 }
 
-fn check_socket_name(name: &str) -> Result<()> {
+pub(crate) fn check_socket_name(name: &str) -> Result<()> {
     if name.len() > 255 {
         return Err(Error::usage(
             Errno::EINVAL,
@@ -578,9 +577,9 @@ impl Plan {
             entry.resize(entry.len() + PID_ROOM, 0);
             pid_entry = Some(entry);
             env.push(CString::new("LISTEN_FDS=1").expect("no NUL"));
-            if !name.is_empty() {
-                env.push(CString::new(format!("LISTEN_FDNAMES={name}")).expect("checked: no NUL"));
-            }
+            // systemd's name for a socket nobody named, which libnbd passes too.
+            let name = if name.is_empty() { "unknown" } else { name };
+            env.push(CString::new(format!("LISTEN_FDNAMES={name}")).expect("checked: no NUL"));
         }
         for (key, value) in std::env::vars_os() {
             let ours = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];

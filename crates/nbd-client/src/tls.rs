@@ -1004,7 +1004,7 @@ extern "C" {
 }
 
 /// The login name, as libnbd finds it: `$LOGNAME`, else `getlogin_r`.
-fn login_name() -> Result<String> {
+pub(crate) fn login_name() -> Result<String> {
     if let Some(name) = std::env::var_os("LOGNAME").filter(|n| !n.is_empty()) {
         return name.into_string().map_err(|_| {
             Error::usage(

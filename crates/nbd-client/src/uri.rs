@@ -166,14 +166,16 @@ pub fn supports_uri() -> bool {
 }
 
 /// A cheap guess whether `s` is meant as an NBD URI rather than, say, a file name
-/// (`nbd_is_uri`): true when it begins with one of the six NBD schemes and a colon, in any
-/// case. It does not check the rest, so [`parse`] may still refuse a string this accepts.
+/// (`nbd_is_uri`): true when it begins with one of the six NBD schemes followed by `://`,
+/// in any case (`nbd:foo` is not one, as in libnbd). It does not check the rest, so
+/// [`parse`] may still refuse a string this accepts. libnbd 1.22 also counts `nbd+ssh://`
+/// and `nbds+ssh://`, which this library does not connect to, so it does not count them.
 pub fn is_uri(s: &str) -> bool {
     SCHEMES.iter().any(|&(name, _, _)| {
         let name = name.as_bytes();
-        s.len() > name.len()
+        s.len() >= name.len() + 3
             && s.as_bytes()[..name.len()].eq_ignore_ascii_case(name)
-            && s.as_bytes()[name.len()] == b':'
+            && &s.as_bytes()[name.len()..name.len() + 3] == b"://"
     })
 }
 

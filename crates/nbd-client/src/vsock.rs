@@ -19,6 +19,12 @@ pub async fn connect_vsock(cid: u32, port: u32) -> Result<OwnedFd> {
     imp::connect(cid, port).await
 }
 
+/// `nbd_supports_vsock`: whether this build can connect over AF_VSOCK (Linux builds can;
+/// whether the running kernel has a vsock transport is another matter).
+pub fn supports_vsock() -> bool {
+    cfg!(target_os = "linux")
+}
+
 #[cfg(target_os = "linux")]
 mod imp {
     use std::io;

@@ -11,7 +11,7 @@ use tokio::net::UnixStream;
 use tokio::task::JoinSet;
 
 use nbd_client::consts::*;
-use nbd_client::{CancelToken, Config, DestBuf, Errno, Error, Handle, Protocol, State};
+use nbd_client::{CancelToken, Config, DestBuf, Errno, Error, Handle, Op, Protocol, State};
 use nbd_embedded::{MemoryServer, ServerOptions};
 
 const MIB: u64 = 1024 * 1024;
@@ -691,4 +691,29 @@ async fn close_with_a_read_pending_rejects_it_and_releases_the_buffer_untouched(
         .await
         .unwrap();
     assert!(n.is_ok() || n.is_err());
+}
+
+/// The handle is `Dead` before the command blamed for a protocol violation hears of it
+/// (issue 11, item 26): a completion that looks at the state sees the final one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_protocol_violation_is_dead_before_the_command_hears() {
+    let (h, mut s, _) = hand_played(Config::default(), 6100).await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let seen = h.clone();
+    h.submit(Op::Read { count: 512, offset: 0, flags: 0 }, None, move |r| {
+        let _ = tx.send((r.map(drop), seen.state()));
+    })
+    .unwrap();
+    let req = next_request(&mut s).await;
+    // A structured chunk where only simple replies were negotiated blames its command.
+    let mut chunk = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+    chunk.extend(1u16.to_be_bytes()); // DONE
+    chunk.extend(0u16.to_be_bytes()); // NONE
+    chunk.extend(req.cookie.to_be_bytes());
+    chunk.extend(0u32.to_be_bytes());
+    s.write_all(&chunk).await.unwrap();
+    let (result, state) = tokio::time::timeout(Duration::from_secs(5), rx).await.unwrap().unwrap();
+    assert_errno(result, Errno::EPROTO);
+    assert_eq!(state, State::Dead, "the state the completion saw");
+    h.close().await;
 }

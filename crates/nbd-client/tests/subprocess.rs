@@ -280,7 +280,8 @@ async fn socket_activation_serves_qemu_nbd() {
 #[tokio::test]
 async fn socket_activation_environment_and_fds() {
     let script = "echo \"env $LISTEN_PID $LISTEN_FDS ${LISTEN_FDNAMES-unset} $$\" >&2; exec sleep 1000";
-    for (name, shown) in [("", "unset"), ("nbd", "nbd")] {
+    // No name is systemd's `unknown`, which libnbd passes too.
+    for (name, shown) in [("", "unknown"), ("nbd", "nbd")] {
         std::env::set_var("LISTEN_FDNAMES", "stale-from-our-environment");
         let spawned = spawn_socket_activation_named(&argv(&["sh", "-c", script]), name);
         std::env::remove_var("LISTEN_FDNAMES");

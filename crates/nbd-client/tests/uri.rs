@@ -663,15 +663,20 @@ fn is_uri_is_a_scheme_check() {
         "nbd+unix:///?socket=/s",
         "nbds+unix://",
         "nbd+vsock:///",
-        "nbds+vsock:",
+        "nbds+vsock://",
         "NBD://h",
-        "nbd:",
-        "nbd:garbage that parse refuses",
+        "nbd://garbage that parse refuses",
     ] {
         assert!(uri::is_uri(yes), "{yes}");
     }
+    // As libnbd: the scheme must be followed by "://".
     for no in [
         "",
+        "nbd:",
+        "nbds+vsock:",
+        "nbd:foo",
+        "nbd:/x",
+        "nbd:/",
         "nbd",
         "nbds",
         "nbdx://h",

@@ -518,6 +518,16 @@ impl NativeHandle {
         Ok(())
     }
 
+    /// Forgets the debug callback: messages (when on) go to stderr again.
+    #[napi]
+    pub fn clear_debug_callback(&self) {
+        self.handle.set_debug_sink(None);
+        *self.debug_js.borrow_mut() = None;
+        if let Some(d) = self.driver.borrow().as_ref() {
+            d.conn.borrow_mut().queue_debug(false);
+        }
+    }
+
     #[napi]
     pub fn get_debug(&self) -> bool {
         self.handle.config().debug
@@ -555,9 +565,10 @@ impl NativeHandle {
         self.handle.configure(|c| c.tls_username = Some(name)).map_err(to_js)
     }
 
+    /// The name set, else the login name.
     #[napi]
-    pub fn get_tls_username(&self) -> Option<String> {
-        self.handle.config().tls_username
+    pub fn get_tls_username(&self) -> Result<String> {
+        self.handle.tls_username().map_err(to_js)
     }
 
     #[napi]
@@ -570,9 +581,10 @@ impl NativeHandle {
         self.handle.configure(|c| c.tls_hostname = Some(host)).map_err(to_js)
     }
 
+    /// The name set, else the TCP host connected to.
     #[napi]
     pub fn get_tls_hostname(&self) -> Option<String> {
-        self.handle.config().tls_hostname
+        self.handle.tls_hostname()
     }
 
     /// Bits: 1 TCP, 2 Unix, 4 vsock.
@@ -724,10 +736,21 @@ impl NativeHandle {
         spawn!(env, h.connect_systemd_socket_activation(argv))
     }
 
-    /// The pid of the server process started by connectCommand or socket activation.
+    /// The pid of the server process started by connectCommand or socket activation;
+    /// `ESRCH` when there is none.
     #[napi]
-    pub fn get_subprocess_pid(&self) -> Option<u32> {
-        self.handle.child_pid()
+    pub fn get_subprocess_pid(&self) -> Result<u32> {
+        self.handle.subprocess_pid().map_err(to_js)
+    }
+
+    #[napi]
+    pub fn set_socket_activation_name(&self, name: String) -> Result<()> {
+        self.handle.set_socket_activation_name(&name).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn get_socket_activation_name(&self) -> String {
+        self.handle.config().socket_activation_name
     }
 
     #[napi(ts_return_type = "Promise<void>")]

@@ -29,6 +29,12 @@ pub fn supports_uri() -> bool {
     nbd_client::uri::supports_uri()
 }
 
+/// Whether this build can connect over AF_VSOCK (`nbd_supports_vsock`).
+#[napi]
+pub fn supports_vsock() -> bool {
+    nbd_client::supports_vsock()
+}
+
 /// Whether this build speaks TLS (`nbd_supports_tls`).
 #[napi]
 pub fn supports_tls() -> bool {

@@ -44,6 +44,7 @@ pub enum Errno {
     ENOEXEC,
     ENODEV,
     EAFNOSUPPORT,
+    ESRCH,
 }
 
 use Errno::*;
@@ -88,6 +89,7 @@ const TABLE: &[(Errno, &str, i32)] = &[
     (ENOEXEC, "ENOEXEC", 8),
     (ENODEV, "ENODEV", 19),
     (EAFNOSUPPORT, "EAFNOSUPPORT", 97),
+    (ESRCH, "ESRCH", 3),
 ];
 
 impl Errno {
