@@ -7,8 +7,8 @@
 
 import { CONTEXT_BASE_ALLOCATION, Handle, NbdError, STATE_ZERO } from '../index'
 import {
-  COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, connectTarget, handleOptions, has, last, parseArgs,
-  parseSize, parseTarget, versionText, type OptionSpec,
+  COLOUR_OPTIONS, COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, colourWanted, connectTarget, handleOptions,
+  has, last, parseArgs, parseSize, parseTarget, versionText, type OptionSpec,
 } from './cli'
 
 const SUBCOMMAND = 'dump'
@@ -17,8 +17,7 @@ const OPTIONS: OptionSpec[] = [
   ...COMMON_OPTIONS,
   { key: 'length', long: ['length', 'limit'], short: 'n', arg: 'required' },
   { key: 'offset', long: ['offset'], short: 'o', arg: 'required' },
-  { key: 'color', long: ['color', 'colors', 'colour', 'colours'], arg: 'none' },
-  { key: 'no-color', long: ['no-color', 'no-colors', 'no-colour', 'no-colours'], arg: 'none' },
+  ...COLOUR_OPTIONS,
 ]
 
 export const DUMP_HELP = `
@@ -342,10 +341,7 @@ export async function dumpCommand(argv: string[], output = new Output()): Promis
   const offsetArg = last(args, 'offset')
   const limit = typeof lengthArg === 'string' ? parseSize(SUBCOMMAND, 'length', lengthArg) : undefined
   const offset = typeof offsetArg === 'string' ? parseSize(SUBCOMMAND, 'offset', offsetArg) : 0n
-  let colour = process.stdout.isTTY === true
-  // The last of --color / --no-color wins, as with getopt.
-  const order = argv.filter((a) => /^--(no-)?colou?rs?$/.test(a))
-  if (order.length > 0) colour = !order[order.length - 1]!.startsWith('--no-')
+  const colour = colourWanted(argv)
 
   const h = new Handle({ ...handleOptions(SUBCOMMAND, args), metaContexts: [CONTEXT_BASE_ALLOCATION] })
   try {
