@@ -125,6 +125,19 @@ export const COMMON_OPTIONS: OptionSpec[] = [
   { key: 'tls-hostname', long: ['tls-hostname'], arg: 'required' },
 ]
 
+/** --color / --no-color, as libnbd's tools spell them. */
+export const COLOUR_OPTIONS: OptionSpec[] = [
+  { key: 'color', long: ['color', 'colors', 'colour', 'colours'], arg: 'none' },
+  { key: 'no-color', long: ['no-color', 'no-colors', 'no-colour', 'no-colours'], arg: 'none' },
+]
+
+/** Whether to colour stdout: the last of --color / --no-color, else whether it is a terminal. */
+export function colourWanted(argv: string[]): boolean {
+  const given = argv.filter((a) => /^--(no-)?colou?rs?$/.test(a))
+  if (given.length === 0) return process.stdout.isTTY === true
+  return !given[given.length - 1]!.startsWith('--no-')
+}
+
 /** The help text lines for {@link COMMON_OPTIONS}. */
 export const COMMON_HELP = `Options of every subcommand:
 

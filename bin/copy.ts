@@ -85,9 +85,9 @@ export function copyOptions(argv: string[]): {
  * `null:` discards, an NBD URI stays a string, `[ CMD ARGS ... ]` becomes a handle connected
  * to that server, anything else is a file or device path.
  */
-async function endpoint(spec: string | string[], role: 'source' | 'destination', handleOptions: HandleOptions): Promise<unknown> {
+async function endpoint(spec: string | string[], role: 'source' | 'destination', settings: HandleOptions): Promise<unknown> {
   if (Array.isArray(spec)) {
-    const h = new Handle(handleOptions)
+    const h = new Handle(settings)
     await h.connectSystemdSocketActivation(spec)
     return h
   }

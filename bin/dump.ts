@@ -7,8 +7,8 @@
 
 import { CONTEXT_BASE_ALLOCATION, Handle, NbdError, STATE_ZERO } from '../index'
 import {
-  COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, connectTarget, handleOptions, has, last, parseArgs,
-  parseSize, parseTarget, versionText, type OptionSpec,
+  COLOUR_OPTIONS, COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, colourWanted, connectTarget, handleOptions,
+  has, last, parseArgs, parseSize, parseTarget, versionText, type OptionSpec,
 } from './cli'
 
 const SUBCOMMAND = 'dump'
@@ -17,8 +17,7 @@ const OPTIONS: OptionSpec[] = [
   ...COMMON_OPTIONS,
   { key: 'length', long: ['length', 'limit'], short: 'n', arg: 'required' },
   { key: 'offset', long: ['offset'], short: 'o', arg: 'required' },
-  { key: 'color', long: ['color', 'colors', 'colour', 'colours'], arg: 'none' },
-  { key: 'no-color', long: ['no-color', 'no-colors', 'no-colour', 'no-colours'], arg: 'none' },
+  ...COLOUR_OPTIONS,
 ]
 
 export const DUMP_HELP = `
@@ -49,6 +48,9 @@ const BRIGHT_MAGENTA = '\x1b[1;35m'
 const RESTORE = '\x1b[0m'
 
 const ZERO_LINE = Buffer.alloc(16)
+const HEX_DIGIT = Buffer.from('0123456789abcdef', 'latin1')
+/** Lines formatted into one string at most (8192 lines of at most 96 bytes: 768 KiB). */
+const PLAIN_BATCH = 8192
 
 const HEX = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'))
 
@@ -74,6 +76,7 @@ export class HexDumper {
   #lineFill = 0
   readonly #previous = Buffer.alloc(16)
   #squashing = false
+  #scratch = Buffer.alloc(0)
 
   /** `start`: address of the first byte; `exportSize`: the export's size (its last line is never squashed). */
   constructor(start: bigint, exportSize: bigint, colour: boolean) {
@@ -97,7 +100,13 @@ export class HexDumper {
       out += this.#emit(this.#line, 16)
       this.#lineFill = 0
     }
-    for (; i + 16 <= data.length; i += 16) out += this.#emit(data.subarray(i, i + 16), 16)
+    if (this.#colour) {
+      for (; i + 16 <= data.length; i += 16) out += this.#emit(data.subarray(i, i + 16), 16)
+    } else {
+      const whole = Math.floor((data.length - i) / 16)
+      out += this.#plainLines(data, i, whole)
+      i += whole * 16
+    }
     if (i < data.length) {
       this.#line.set(data.subarray(i))
       this.#lineFill = data.length - i
@@ -150,6 +159,65 @@ export class HexDumper {
     const out = this.#emit(this.#line, this.#lineFill)
     this.#lineFill = 0
     return out
+  }
+
+  /**
+   * `count` whole lines of `data` from `from`, without colour: the same as #emit for each, but
+   * written byte by byte into one buffer (a dense dump is millions of lines).
+   */
+  #plainLines(data: Uint8Array, from: number, count: number): string {
+    // In batches: Node makes a string of more than about 1 MB from a Buffer an external one,
+    // whose memory the garbage collector does not see growing (RSS then climbs by gigabytes).
+    let text = ''
+    for (let done = 0; done < count; done += PLAIN_BATCH) {
+      text += this.#plainBatch(data, from + done * 16, Math.min(PLAIN_BATCH, count - done))
+    }
+    return text
+  }
+
+  #plainBatch(data: Uint8Array, from: number, count: number): string {
+    // One scratch buffer, reused: the text leaves it as a string.
+    if (this.#scratch.length < count * 96 + 2) this.#scratch = Buffer.allocUnsafe(count * 96 + 2)
+    const out = this.#scratch
+    let n = 0
+    const previous = this.#previous
+    for (let line = 0; line < count; line++) {
+      const at = from + line * 16
+      const address = this.#address
+      this.#address += 16n
+      let same = address > this.#first && address + 16n < this.#exportSize
+      for (let j = 0; same && j < 16; j++) same = data[at + j] === previous[j]
+      if (same) {
+        if (!this.#squashing) {
+          this.#squashing = true
+          out[n++] = 0x2a // '*'
+          out[n++] = 0x0a
+        }
+        continue
+      }
+      this.#squashing = false
+      for (let j = 0; j < 16; j++) previous[j] = data[at + j]!
+      const hex = address.toString(16)
+      for (let k = hex.length; k < 10; k++) out[n++] = 0x30
+      n += out.write(hex, n, 'latin1')
+      out[n++] = 0x3a // ':'
+      out[n++] = 0x20
+      for (let j = 0; j < 16; j++) {
+        const c = data[at + j]!
+        out[n++] = HEX_DIGIT[c >> 4]!
+        out[n++] = HEX_DIGIT[c & 15]!
+        out[n++] = 0x20
+        if (j === 7) out[n++] = 0x20
+      }
+      out[n++] = 0x7c // '|'
+      for (let j = 0; j < 16; j++) {
+        const c = data[at + j]!
+        out[n++] = isPrint(c) ? c : 0x2e
+      }
+      out[n++] = 0x7c
+      out[n++] = 0x0a
+    }
+    return out.toString('latin1', 0, n)
   }
 
   #emit(bytes: Uint8Array, length: number): string {
@@ -273,10 +341,7 @@ export async function dumpCommand(argv: string[], output = new Output()): Promis
   const offsetArg = last(args, 'offset')
   const limit = typeof lengthArg === 'string' ? parseSize(SUBCOMMAND, 'length', lengthArg) : undefined
   const offset = typeof offsetArg === 'string' ? parseSize(SUBCOMMAND, 'offset', offsetArg) : 0n
-  let colour = process.stdout.isTTY === true
-  // The last of --color / --no-color wins, as with getopt.
-  const order = argv.filter((a) => /^--(no-)?colou?rs?$/.test(a))
-  if (order.length > 0) colour = !order[order.length - 1]!.startsWith('--no-')
+  const colour = colourWanted(argv)
 
   const h = new Handle({ ...handleOptions(SUBCOMMAND, args), metaContexts: [CONTEXT_BASE_ALLOCATION] })
   try {

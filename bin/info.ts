@@ -17,8 +17,8 @@ import os from 'node:os'
 import path from 'node:path'
 import { Handle, NbdError } from '../index'
 import {
-  COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, connectTarget, handleOptions, has, last,
-  parseArgs, parseTarget, versionText, type OptionSpec, type Target,
+  COLOUR_OPTIONS, COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, colourWanted, connectTarget,
+  handleOptions, has, last, parseArgs, parseTarget, versionText, type OptionSpec, type Target,
 } from './cli'
 import {
   exportJson, exportText, jsonHeader, mapJson, mapText, protocolLine, totalsJson, totalsText,
@@ -37,8 +37,7 @@ const OPTIONS: OptionSpec[] = [
   { key: 'totals', long: ['totals', 'summary'], arg: 'none' },
   { key: 'content', long: ['content'], arg: 'none' },
   { key: 'no-content', long: ['no-content'], arg: 'none' },
-  { key: 'color', long: ['color', 'colors', 'colour', 'colours'], arg: 'none' },
-  { key: 'no-color', long: ['no-color', 'no-colors', 'no-colour', 'no-colours'], arg: 'none' },
+  ...COLOUR_OPTIONS,
 ]
 
 export const INFO_HELP = `
@@ -140,10 +139,7 @@ export async function infoCommand(argv: string[], output = new Output()): Promis
   }
   if (totals && map === undefined) throw new UsageError(SUBCOMMAND, 'you must use --totals only with --map')
   const options = handleOptions(SUBCOMMAND, args)
-  let colour = process.stdout.isTTY === true
-  // The last of --color / --no-color wins, as with getopt.
-  const order = argv.filter((a) => /^--(no-)?colou?rs?$/.test(a))
-  if (order.length > 0) colour = !order[order.length - 1]!.startsWith('--no-')
+  const colour = colourWanted(argv)
 
   if (sizeOnly) {
     const size = await withHandle(target, options, async (h) => h.getSize({ bigint: true }))

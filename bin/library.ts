@@ -9,6 +9,7 @@
 // exported here, under the contract's names and shapes.
 
 import { Handle, NbdError, type HandleOptions } from '../index'
+import { connectTarget, type Target } from './cli'
 
 /** One export, as `nbdinfo --json` describes it, with camelCase keys (API.md: info()). */
 export interface ExportDetails {
@@ -56,13 +57,6 @@ export interface MapExtent {
   description: string
 }
 
-/** How to reach the server: a URI or a `[ CMD ARGS ... ]` subprocess. */
-export type Target = { uri: string } | { command: string[] }
-
-async function connect(h: Handle, target: Target): Promise<void> {
-  if ('uri' in target) await h.connectUri(target.uri)
-  else await h.connectSystemdSocketActivation(target.command)
-}
 
 function orUndefined<T>(get: () => T): T | undefined {
   try {
@@ -136,7 +130,7 @@ export async function info(
   }
   const h = new Handle(settings)
   try {
-    await connect(h, target)
+    await connectTarget(h, target)
     const result = {
       protocol: h.getProtocol(),
       tls: h.getTlsNegotiated(),
@@ -165,7 +159,7 @@ export async function info(
             // Reading data ends negotiation: one connection per export, as nbdinfo does.
             const one = new Handle(settings)
             try {
-              await connect(one, target)
+              await connectTarget(one, target)
               one.setExportName(name) // after connecting: a URI names its own export
               const d = await describe(one, description, uri)
               result.heads.push(await readHead(one, d))
