@@ -145,6 +145,8 @@ enum Shutdown {
 const INPUT_SIZE: usize = 256 * 1024;
 /// Read data still to come beyond this goes straight from the socket into its destination.
 const DIRECT_READ_MIN: usize = 32 * 1024;
+/// What one read asks for while large reads are coming: room for a few reply headers.
+const SMALL_FILL: usize = 4096;
 /// Write payloads up to this size are copied next to their header when submitted.
 pub const COPY_PAYLOAD_MAX: usize = 16 * 1024;
 /// Pieces gathered into one `sendmsg`.
@@ -169,6 +171,8 @@ pub struct Connection<U: CommandData> {
     completions: Vec<Completion<U>>,
     shutdown: Shutdown,
     ended: bool,
+    /// The last read's data was large (see [`Connection::fill`]).
+    large_reads: bool,
     /// Debug messages kept for the owner ([`Connection::take_debug`]) instead of going to
     /// the handle's sink.
     debug_queue: Option<Vec<(&'static str, String)>>,
@@ -209,6 +213,7 @@ impl<U: CommandData> Connection<U> {
             shutdown: Shutdown::None,
             ended: false,
             debug_queue: None,
+            large_reads: false,
         }
     }
 
@@ -723,8 +728,15 @@ impl<U: CommandData> Connection<U> {
                 self.input.resize(want, 0);
             }
         }
-        let room = self.input.len() - self.end;
-        match recv(self.fd.as_raw_fd(), &mut self.input[self.end..]) {
+        // After a large read's data, the next reply is likely another large read: take only
+        // what its header needs, so that its data goes straight into its destination rather
+        // than through this buffer (one copy, not two). Small replies are read in batches.
+        let room = if self.large_reads {
+            (self.input.len() - self.end).min(SMALL_FILL)
+        } else {
+            self.input.len() - self.end
+        };
+        match recv(self.fd.as_raw_fd(), &mut self.input[self.end..self.end + room]) {
             Ok(0) => Ok(Fill::Eof),
             Ok(n) => {
                 self.end += n;
@@ -788,6 +800,7 @@ impl<U: CommandData> Connection<U> {
                 len,
             } => {
                 self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
+                self.large_reads = len >= DIRECT_READ_MIN;
                 self.payload = Some(InPayload {
                     cookie,
                     buf_offset,
@@ -866,7 +879,7 @@ impl<U: CommandData> Connection<U> {
             }
             let left = p.len - p.done;
             let result = match dest {
-                Some(ptr) if left >= DIRECT_READ_MIN => {
+                Some(ptr) if left >= DIRECT_READ_MIN || (self.large_reads && left >= SMALL_FILL) => {
                     // SAFETY: as above.
                     let slice = unsafe { std::slice::from_raw_parts_mut(ptr.add(p.buf_offset + p.done), left) };
                     match recv(self.fd.as_raw_fd(), slice) {

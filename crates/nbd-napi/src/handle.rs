@@ -292,7 +292,7 @@ impl NativeHandle {
         // The Buffer is made now only for the event-loop driver (which reads straight into
         // it); the tokio driver reads into memory of its own.
         let own = if self.driver(env.raw()).is_some() {
-            match settle::new_buffer(env.raw(), count as usize) {
+            match settle::read_buffer(env.raw(), count as usize) {
                 Some((v, p)) => Some((v, p, count as usize)),
                 None => {
                     let e = nbd_client::Error::usage(Errno::ENOMEM, format!("cannot allocate {count} bytes"));
