@@ -5,6 +5,7 @@
 // library's copy() (the native engine for URIs, files and null:, the JavaScript one for
 // stdin/stdout and subprocesses).
 
+import fs from 'node:fs'
 import { CONTEXT_BASE_ALLOCATION, Handle, isUri, type HandleOptions } from '../index'
 import {
   COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, handleOptions, has, last, parseArgs, versionText,
@@ -81,7 +82,8 @@ export function copyOptions(argv: string[]): {
 }
 
 /**
- * A copy endpoint as copy() takes it (API.md): `-` is stdin (source) or stdout (destination),
+ * A copy endpoint as copy() takes it (API.md): `-` is stdin (source) or stdout (destination)
+ * (`/dev/fd/N` when that is a regular file),
  * `null:` discards, an NBD URI stays a string (copy() connects, with the native engine), a
  * file or device path stays a path, and `[ CMD ARGS ... ]` becomes a handle connected to that
  * server (systemd socket activation). With --tls… options or --debug a URI is connected here
@@ -100,7 +102,13 @@ async function endpoint(spec: string | string[], role: 'source' | 'destination',
     return h
   }
   if (Array.isArray(spec)) return connect((h) => h.connectSystemdSocketActivation(spec))
-  if (spec === '-') return role === 'source' ? process.stdin : process.stdout
+  if (spec === '-') {
+    // As nbdcopy: a regular file on stdin or stdout is copied as that file (random access, and
+    // holes in a destination), a pipe or terminal as a stream.
+    const fd = role === 'source' ? 0 : 1
+    if (fs.fstatSync(fd).isFile()) return `/dev/fd/${fd}`
+    return role === 'source' ? process.stdin : process.stdout
+  }
   const custom = Object.keys(settings).some((k) => k !== 'uriAllowLocalFile')
   if (custom && isUri(spec)) return connect((h) => h.connectUri(spec))
   return spec
