@@ -246,7 +246,7 @@ test('usage errors and failures: one line on stderr with the code, exit status 1
   }
   const debug = await cli('--debug', 'dump', 'nbd+unix:///?socket=/nonexistent/sock')
   t.is(debug.status, 1)
-  // Debug lines (the trace, "closing handle") come first; the error is still one line of its own.
+  // The debug lines (libnbd's 'closing handle' among them) come first; then the error line.
   t.regex(debug.stderr, /^nbd-client: ENOENT: connectUri: /m)
   t.true(debug.stderr.includes('    at '), 'a stack trace with --debug')
 })

@@ -1,16 +1,17 @@
-// nbd-client copy: nbdcopy's options mapped onto the library's copy() (issue 10).
+// nbd-client copy: nbdcopy's options mapped onto the library's copy().
 //
 // The option parsing, its mapping to CopyOptions, the endpoints (-, null:, URIs, files,
 // [ CMD ARGS ... ]) and the progress output (progress.ts) are here; the copy itself is the
-// library's copy(), not in this build yet (see library.ts): until it is, the subcommand fails
-// with ENOTSUP after checking its arguments.
+// library's copy() (the native engine for URIs, files and null:, the JavaScript one for
+// stdin/stdout and subprocesses).
 
-import { Handle, NbdError, type HandleOptions } from '../index'
+import fs from 'node:fs'
+import { CONTEXT_BASE_ALLOCATION, Handle, isUri, type HandleOptions } from '../index'
 import {
   COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, handleOptions, has, last, parseArgs, versionText,
   type OptionSpec,
 } from './cli'
-import { libraryCopy, type CopyOptions } from './library'
+import { copy, type CopyEndpoint, type CopyOptions } from './library'
 import { Progress } from './progress'
 
 const SUBCOMMAND = 'copy'
@@ -81,17 +82,35 @@ export function copyOptions(argv: string[]): {
 }
 
 /**
- * A copy endpoint as copy() takes it (API.md): `-` is stdin (source) or stdout (destination),
- * `null:` discards, an NBD URI stays a string, `[ CMD ARGS ... ]` becomes a handle connected
- * to that server, anything else is a file or device path.
+ * A copy endpoint as copy() takes it (API.md): `-` is stdin (source) or stdout (destination)
+ * (`/dev/fd/N` when that is a regular file),
+ * `null:` discards, an NBD URI stays a string (copy() connects, with the native engine), a
+ * file or device path stays a path, and `[ CMD ARGS ... ]` becomes a handle connected to that
+ * server (systemd socket activation). With --tls… options or --debug a URI is connected here
+ * with them, and copy() takes the handle (its getUri() carries the TLS user and files).
  */
-async function endpoint(spec: string | string[], role: 'source' | 'destination', settings: HandleOptions): Promise<unknown> {
-  if (Array.isArray(spec)) {
-    const h = new Handle(settings)
-    await h.connectSystemdSocketActivation(spec)
+async function endpoint(spec: string | string[], role: 'source' | 'destination', settings: HandleOptions): Promise<CopyEndpoint> {
+  const connect = async (how: (h: Handle) => Promise<void>): Promise<Handle> => {
+    // The source's extents decide what is read; a destination needs no context.
+    const h = new Handle({ ...settings, metaContexts: role === 'source' ? [CONTEXT_BASE_ALLOCATION] : [] })
+    try {
+      await how(h)
+    } catch (e) {
+      await h.close()
+      throw e
+    }
     return h
   }
-  if (spec === '-') return role === 'source' ? process.stdin : process.stdout
+  if (Array.isArray(spec)) return connect((h) => h.connectSystemdSocketActivation(spec))
+  if (spec === '-') {
+    // As nbdcopy: a regular file on stdin or stdout is copied as that file (random access, and
+    // holes in a destination), a pipe or terminal as a stream.
+    const fd = role === 'source' ? 0 : 1
+    if (fs.fstatSync(fd).isFile()) return `/dev/fd/${fd}`
+    return role === 'source' ? process.stdin : process.stdout
+  }
+  const custom = Object.keys(settings).some((k) => k !== 'uriAllowLocalFile')
+  if (custom && isUri(spec)) return connect((h) => h.connectUri(spec))
   return spec
 }
 
@@ -123,20 +142,16 @@ export async function copyCommand(argv: string[], output = new Output()): Promis
     return 0
   }
   const { source, destination, options, progress } = copyOptions(argv)
-  const copy = libraryCopy()
-  if (copy === undefined) {
-    throw new NbdError('ENOTSUP', 'copy() is not in this build of the library yet (issue 10)', SUBCOMMAND)
-  }
-  // Not exercised until copy() exists: the calls below follow API.md's signature.
   const settings = handleOptions(SUBCOMMAND, args)
-  const src = await endpoint(source, 'source', settings)
-  const dst = await endpoint(destination, 'destination', settings)
-  const bar = progress === undefined ? undefined : new Progress(progress === true ? undefined : progress)
+  const ends: CopyEndpoint[] = []
   try {
-    await copy(src, dst, { ...options, onProgress: bar && ((p) => bar.update(p.bytesDone, p.bytesTotal)) })
+    ends.push(await endpoint(source, 'source', settings))
+    ends.push(await endpoint(destination, 'destination', settings))
+    const bar = progress === undefined ? undefined : new Progress(progress === true ? undefined : progress)
+    await copy(ends[0]!, ends[1]!, { ...options, onProgress: bar && ((p) => bar.update(p.bytesDone, p.bytesTotal)) })
     bar?.finish()
   } finally {
-    for (const end of [src, dst]) if (end instanceof Handle) await end.close()
+    for (const end of ends) if (end instanceof Handle) await end.close()
   }
   return 0
 }

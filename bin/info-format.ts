@@ -1,4 +1,4 @@
-// nbdinfo's output formats, from the library's ExportInfo and map extents: the text
+// nbdinfo's output formats, from the library's ExportInfo (info()) and map extents (Handle.map()): the text
 // description, --json, --map and --map --totals (text and JSON). Pure functions, so each
 // format is tested on its own and the info subcommand only gathers and prints.
 
@@ -67,14 +67,14 @@ const BLOCK_SIZES: [string, keyof ExportDetails][] = [
   ['block_size_maximum', 'blockSizeMaximum'],
 ]
 
-/** One export in the text format; `content` is file(1)'s verdict on its first bytes. */
-export function exportText(d: ExportDetails, content?: string, colour = false): string {
+/** One export in the text format (`content` is file(1)'s verdict on its first bytes, when probed). */
+export function exportText(d: ExportDetails, colour = false): string {
   const paint = (c: string): string => (colour ? c : '')
   let out = `${paint(BOLD_BLACK)}export=${jsonString(d.exportName)}:\n`
   if (d.description) out += `\tdescription: ${d.description}\n`
-  const size = humanSize(d.exportSize)
+  const size = humanSize(BigInt(d.exportSize))
   out += size.human ? `\texport-size: ${d.exportSize} (${size.text})\n` : `\texport-size: ${d.exportSize}\n`
-  if (content !== undefined) out += `\tcontent: ${content}\n`
+  if (d.content !== undefined) out += `\tcontent: ${d.content}\n`
   if (d.uri !== undefined) out += `\turi: ${d.uri}\n`
   out += paint(RESTORE) + paint(GREY)
   if (d.contexts !== undefined) {
@@ -92,11 +92,11 @@ export function exportText(d: ExportDetails, content?: string, colour = false): 
 }
 
 /** One export in the JSON format, opening the "exports" array when `first`, closing it when `last`. */
-export function exportJson(d: ExportDetails, content: string | undefined, first: boolean, last: boolean): string {
+export function exportJson(d: ExportDetails, first: boolean, last: boolean): string {
   let out = first ? '"exports": [\n' : ''
   out += `\t{\n\t"export-name": ${jsonString(d.exportName)},\n`
   if (d.description) out += `\t"description": ${jsonString(d.description)},\n`
-  if (content !== undefined) out += `\t"content": ${jsonString(content)},\n`
+  if (d.content !== undefined) out += `\t"content": ${jsonString(d.content)},\n`
   if (d.uri !== undefined) out += `\t"uri": ${jsonString(d.uri)},\n`
   if (d.contexts !== undefined) {
     out += '\t"contexts": [\n'
@@ -107,7 +107,7 @@ export function exportJson(d: ExportDetails, content: string | undefined, first:
   }
   for (const [name, key] of FLAGS) out += `\t"${name}": ${d[key] as boolean},\n`
   for (const [name, key] of BLOCK_SIZES) if (d[key] !== undefined) out += `\t"${name}": ${d[key] as number},\n`
-  out += `\t"export-size": ${d.exportSize},\n\t"export-size-str": "${humanSize(d.exportSize).text}"\n`
+  out += `\t"export-size": ${d.exportSize},\n\t"export-size-str": ${jsonString(d.exportSizeStr)}\n`
   out += last ? '\t} ]\n' : '\t},\n'
   return out
 }

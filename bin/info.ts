@@ -6,16 +6,12 @@
 //   info --can X / --is X URI         no output; exit 0 when true, 2 when false
 //   info --map[=CONTEXT] [--totals] [--json] URI
 //
-// The facts come from the library's info() and Handle.map() (for now the stand-ins in
-// library.ts); the text and JSON are written by info-format.ts. As nbdinfo, the output is
-// gathered first and printed at once, so a failure prints nothing on stdout; the content of
-// the export is probed with file(1) unless --no-content (or --list without --content).
+// The facts come from the library's info() and Handle.map(); the text and JSON are written by
+// info-format.ts. As nbdinfo, the output is gathered first and printed at once, so a failure
+// prints nothing on stdout; the content of the export is probed with file(1) (info()'s
+// `content`) unless --no-content (or --list without --content).
 
-import { spawnSync } from 'node:child_process'
-import fs from 'node:fs'
-import os from 'node:os'
-import path from 'node:path'
-import { Handle, NbdError } from '../index'
+import { Handle, NbdError, type HandleOptions } from '../index'
 import {
   COLOUR_OPTIONS, COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, colourWanted, connectTarget,
   handleOptions, has, last, parseArgs, parseTarget, versionText, type OptionSpec, type Target,
@@ -23,7 +19,7 @@ import {
 import {
   exportJson, exportText, jsonHeader, mapJson, mapText, protocolLine, totalsJson, totalsText,
 } from './info-format'
-import { info, mapExtents, type MapExtent } from './library'
+import { info, type ExportDetails, type ExportInfo, type MapExtent } from './library'
 
 const SUBCOMMAND = 'info'
 
@@ -84,23 +80,114 @@ function feature(name: string, h: Handle): boolean | undefined {
   }
 }
 
-/** Runs file(1) on `head` as nbdinfo does; undefined when that does not work. */
-function probeContent(head: Buffer): string | undefined {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-client-'))
+function maybe<T>(get: () => T): T | undefined {
   try {
-    const file = path.join(dir, 'head')
-    fs.writeFileSync(file, head)
-    const r = spawnSync('file', ['-b', file], { encoding: 'utf8' })
-    if (r.status !== 0 || r.error) return undefined
-    const line = r.stdout.split('\n')[0]
-    return line === undefined || (line === '' && r.stdout === '') ? undefined : line
+    return get()
+  } catch {
+    return undefined
+  }
+}
+
+/** A handle in option mode with nbdinfo's settings (full info), connected to `target`. */
+async function optHandle(target: Target, options: HandleOptions): Promise<Handle> {
+  const h = new Handle({ ...options, optMode: true, fullInfo: true })
+  try {
+    await connectTarget(h, target)
+  } catch (e) {
+    await h.close()
+    throw e
+  }
+  return h
+}
+
+/** Ends a handle as nbdinfo does: NBD_OPT_ABORT while negotiating, else NBD_CMD_DISC. */
+async function finish(h: Handle): Promise<void> {
+  if (h.state === 'negotiating') await h.optAbort().catch(() => undefined)
+  else if (h.state === 'ready') await h.shutdown().catch(() => undefined)
+  await h.close()
+}
+
+/**
+ * nbdinfo's content line for export `name`, from a connection of its own: the library's probe
+ * ends option mode, and with --list the listing connection must stay in it.
+ */
+async function contentOf(target: Target, options: HandleOptions, name: string): Promise<string | undefined> {
+  const h = await optHandle(target, options)
+  try {
+    h.setExportName(name) // after connecting: a URI names its own export
+    return (await info(h, { content: true })).exports[0]?.content
   } finally {
-    fs.rmSync(dir, { recursive: true, force: true })
+    await finish(h)
+  }
+}
+
+interface Failure {
+  exportName: string
+  error: NbdError
+}
+
+/**
+ * The library's info() on the command's own connection (so --tls…, --debug and [ CMD ... ]
+ * apply), completed with what info() leaves to the caller of a Handle: the `uri` of a URI
+ * target, the content probe with --list --content (a connection per export), and, as nbdinfo,
+ * an export that will not be described reported on stderr while the others are still printed.
+ */
+async function describeTarget(target: Target, options: HandleOptions, list: boolean, probe: boolean): Promise<{
+  facts: ExportInfo
+  failures: Failure[]
+}> {
+  const h = await optHandle(target, options)
+  try {
+    const facts: ExportInfo = {
+      protocol: h.getProtocol(),
+      tls: h.getTlsNegotiated(),
+      structured: h.getStructuredRepliesNegotiated(),
+      exports: [],
+    }
+    const failures: Failure[] = []
+    // nbdinfo prints a URI only for a URI target (not for a subprocess).
+    const uriNow = (): string | undefined => ('uri' in target ? maybe(() => h.getUri()) : undefined)
+    const add = (d: ExportDetails, uri: string | undefined): void => {
+      if (uri !== undefined) d.uri = uri
+      facts.exports.push(d)
+    }
+    if (!list) {
+      const uri = uriNow()
+      try {
+        for (const d of (await info(h, { content: probe })).exports) add(d, uri)
+      } catch (e) {
+        failures.push({ exportName: h.getExportName(), error: e as NbdError })
+      }
+      return { facts, failures }
+    }
+    for (const { name, description } of await h.optList()) {
+      if (h.state !== 'negotiating') break
+      h.setExportName(name)
+      const uri = uriNow()
+      try {
+        const d = (await info(h, { content: false })).exports[0]!
+        // As info({ list: true }): the listing's description, where the server gave one there.
+        if (description !== undefined) {
+          if (description) d.description = description
+          else delete d.description
+        }
+        if (probe) {
+          const content = await contentOf(target, options, name)
+          if (content !== undefined) d.content = content
+        }
+        add(d, uri)
+      } catch (e) {
+        failures.push({ exportName: name, error: e as NbdError })
+      }
+    }
+    return { facts, failures }
+  } finally {
+    await finish(h)
   }
 }
 
 /** A connected handle for --size, --can and --map (not opt mode, as nbdinfo). */
-async function withHandle<T>(target: Target, options: ReturnType<typeof handleOptions>, run: (h: Handle) => Promise<T>): Promise<T> {
+async function withHandle<T>(target: Target, options: HandleOptions, run: (h: Handle) => Promise<T>): Promise<T> {
   const h = new Handle(options)
   try {
     await connectTarget(h, target)
@@ -157,7 +244,7 @@ export async function infoCommand(argv: string[], output = new Output()): Promis
         throw new NbdError('ENOTSUP', `--map: server does not support metadata context "${map}"`, SUBCOMMAND)
       }
       const extents: MapExtent[] = []
-      for await (const e of mapExtents(h, map)) extents.push(e)
+      for await (const e of h.map({ context: map })) extents.push(e)
       return { extents, size: h.getSize() }
     })
     if (totals) await output.write(json ? totalsJson(extents, size) : totalsText(extents, size, map, colour))
@@ -166,19 +253,17 @@ export async function infoCommand(argv: string[], output = new Output()): Promis
   }
 
   const probe = has(args, 'content') || (!list && !has(args, 'no-content'))
-  const facts = await info(target, { list, handle: options, firstBytes: probe ? 8192 : undefined })
+  const { facts, failures } = await describeTarget(target, options, list, probe)
   let out = json ? jsonHeader(facts) : protocolLine(facts, colour)
   if (json && list && facts.exports.length === 0) out += '"exports": []\n'
   facts.exports.forEach((d, i) => {
-    const head = facts.heads[i]
-    const content = head !== undefined ? probeContent(head) : undefined
-    out += json ? exportJson(d, content, i === 0, i + 1 === facts.exports.length) : exportText(d, content, colour)
+    out += json ? exportJson(d, i === 0, i + 1 === facts.exports.length) : exportText(d, colour)
   })
   if (json) out += '}\n'
   await output.write(out)
-  for (const { exportName, error } of facts.failures) {
+  for (const { exportName, error } of failures) {
     const which = exportName === '' ? 'the default export' : `export: ${exportName}`
     process.stderr.write(`${PROGRAM}: ${error.code}: ${error.message.replace(/\s*\n\s*/g, ' ')} for ${which}\n`)
   }
-  return facts.failures.length > 0 ? 1 : 0
+  return failures.length > 0 ? 1 : 0
 }

@@ -1,16 +1,16 @@
 // nbdcopy's progress output, for `nbd-client copy -p` / `--progress=FD`: on stderr a bar
-// redrawn in place (a spinner, the percentage, 40 cells), ending with a full bar and \r\n (as
-// libnbd 1.14's nbdcopy prints it); on a file descriptor one `N/100` line per update, ending
+// redrawn in place (a spinner, the percentage, 40 cells), ending with a full bar and \n (as
+// libnbd 1.14's nbdcopy prints it; a terminal shows that \n as \r\n); on a file descriptor one `N/100` line per update, ending
 // with `100/100`. Both start at 0 and end at 100 whatever the copy reports, as nbdcopy does.
 
 import fs from 'node:fs'
 
 const SPINNER = ['▝', '▐', '▗', '▃', '▖', '▍', '▘', '▀']
 
-/** The bar line for `fraction` (0..1) with spinner position `spin`; ends in \r, or \r\n when full. */
+/** The bar line for `fraction` (0..1) with spinner position `spin`; ends in \r, or \n when full. */
 export function progressBar(fraction: number, spin: number): string {
   const f = Math.min(1, Math.max(0, fraction))
-  if (f === 1) return `█ 100% [${'*'.repeat(40)}]\r\n`
+  if (f === 1) return `█ 100% [${'*'.repeat(40)}]\n`
   // As nbdcopy: a cell is starred while its index is below 40 × fraction.
   const stars = Math.min(40, Math.ceil(40 * f))
   const percent = String(Math.trunc(100 * f)).padStart(3)
@@ -40,7 +40,8 @@ export class Progress {
     if (this.#done || bytesTotal === 0) return
     const fraction = bytesDone / bytesTotal
     const text = this.#lines ? progressLine(fraction) : progressBar(fraction, this.#spin++)
-    if (fraction >= 1 && !this.#lines) this.#done = true
+    // The end is drawn once: the copy's final report and finish() both say 100%.
+    if (fraction >= 1) this.#done = true
     fs.writeSync(this.#fd, text)
   }
 
