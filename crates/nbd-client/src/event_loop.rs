@@ -171,6 +171,10 @@ pub struct Connection<U: CommandData> {
     completions: Vec<Completion<U>>,
     shutdown: Shutdown,
     ended: bool,
+    /// A sent request segment's memory, for the next one.
+    spare_bytes: Option<Vec<u8>>,
+    /// Writes whose payload is in the output queue as [`Segment::Write`].
+    borrowed_queued: usize,
     /// The last read's data was large (see [`Connection::fill`]).
     large_reads: bool,
     /// Debug messages kept for the owner ([`Connection::take_debug`]) instead of going to
@@ -214,6 +218,8 @@ impl<U: CommandData> Connection<U> {
             ended: false,
             debug_queue: None,
             large_reads: false,
+            spare_bytes: None,
+            borrowed_queued: 0,
         }
     }
 
@@ -282,6 +288,13 @@ impl<U: CommandData> Connection<U> {
     /// Finished commands, to be settled by the owner.
     pub fn take_completions(&mut self) -> Vec<Completion<U>> {
         std::mem::take(&mut self.completions)
+    }
+
+    /// Finished commands, swapped into `batch` (which must be empty): the owner keeps one
+    /// vector for them and gives it back each time, so no wake-up allocates.
+    pub fn swap_completions(&mut self, batch: &mut Vec<Completion<U>>) {
+        debug_assert!(batch.is_empty());
+        std::mem::swap(&mut self.completions, batch);
     }
 
     /// True when completions are waiting to be taken.
@@ -401,14 +414,14 @@ impl<U: CommandData> Connection<U> {
                     len,
                     sent: 0,
                 });
+                self.borrowed_queued += 1;
             }
             other => {
-                let session = self.session.clone();
-                let data = self.bytes_tail();
+                let data = bytes_tail(&mut self.out, &mut self.spare_bytes);
                 let at = data.len();
                 match &tracking.filter {
-                    Some(ids) => session.encode_block_status_filter(cookie, &cmd, flags, ids, data),
-                    None => session.encode_request(cookie, &cmd, flags, data),
+                    Some(ids) => self.session.encode_block_status_filter(cookie, &cmd, flags, ids, data),
+                    None => self.session.encode_request(cookie, &cmd, flags, data),
                 }
                 if let Payload::Owned(bytes) = other {
                     data.extend_from_slice(&bytes);
@@ -422,19 +435,6 @@ impl<U: CommandData> Connection<U> {
             .register_with(cookie, cmd, tracking, Entry { user, fault: None });
     }
 
-    /// The byte segment at the end of the output queue, new if the last one is not.
-    fn bytes_tail(&mut self) -> &mut Vec<u8> {
-        if !matches!(self.out.back(), Some(Segment::Bytes { .. })) {
-            self.out.push_back(Segment::Bytes {
-                data: Vec::with_capacity(4096),
-                sent: 0,
-            });
-        }
-        match self.out.back_mut() {
-            Some(Segment::Bytes { data, .. }) => data,
-            _ => unreachable!(),
-        }
-    }
 
     /// Moves queued commands onto the wire while there is room.
     fn promote(&mut self) {
@@ -603,7 +603,13 @@ impl<U: CommandData> Connection<U> {
             written -= take;
             if *sent == total {
                 let seg = self.out.pop_front().expect("front exists");
-                if let Segment::Disconnect { .. } = seg {
+                if let Segment::Bytes { mut data, .. } = seg {
+                    // Kept for the next batch of requests.
+                    data.clear();
+                    self.spare_bytes = Some(data);
+                } else if let Segment::Write { .. } = seg {
+                    self.borrowed_queued -= 1;
+                } else if let Segment::Disconnect { .. } = seg {
                     // Nothing may follow NBD_CMD_DISC: close our side.
                     // SAFETY: shutdown(2) on our own socket.
                     unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
@@ -623,7 +629,9 @@ impl<U: CommandData> Connection<U> {
             .is_some_and(|e| e.user.cancelled());
         let error = if cancelled { cancelled_error() } else { detached_error("write", len) };
         if !partly_sent {
+            let before = self.out.len();
             self.out.retain(|s| !matches!(s, Segment::Write { cookie: c, .. } if *c == cookie));
+            self.borrowed_queued -= before - self.out.len();
             if let Some(entry) = self.decoder.unregister(cookie) {
                 self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                 self.completions.push(Completion {
@@ -816,6 +824,9 @@ impl<U: CommandData> Connection<U> {
     /// but the request must still be sent whole): copies the unsent rest into the output
     /// queue now, while its owner's memory is known to be there.
     fn own_unsent_payload(&mut self, cookie: u64, entry: &mut Entry<U>) -> Result<()> {
+        if self.borrowed_queued == 0 {
+            return Ok(());
+        }
         let Some(i) = self
             .out
             .iter()
@@ -837,6 +848,7 @@ impl<U: CommandData> Connection<U> {
         // SAFETY: `source` just said `len` bytes live at `src`.
         data.extend_from_slice(unsafe { std::slice::from_raw_parts(src.add(from), len - from) });
         self.out[i] = Segment::Bytes { data, sent: 0 };
+        self.borrowed_queued -= 1;
         Ok(())
     }
 
@@ -945,6 +957,7 @@ impl<U: CommandData> Connection<U> {
         }
         self.payload = None;
         self.out.clear();
+        self.borrowed_queued = 0;
         if let Some((user, e)) = culprit {
             self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.completions.push(Completion {
@@ -990,11 +1003,25 @@ impl<U: CommandData> Connection<U> {
             self.lifeline.end(Error::io(Errno::ENOTCONN, "the handle was closed"));
             self.payload = None;
             self.out.clear();
+            self.borrowed_queued = 0;
         }
         self.fail_all(Error::io(
             Errno::ENOTCONN,
             "the handle was closed before the command finished",
         ));
+    }
+}
+
+/// The byte segment at the end of the output queue `out`, new (from `spare` if there is one)
+/// if the last one is not.
+fn bytes_tail<'a>(out: &'a mut VecDeque<Segment>, spare: &mut Option<Vec<u8>>) -> &'a mut Vec<u8> {
+    if !matches!(out.back(), Some(Segment::Bytes { .. })) {
+        let data = spare.take().unwrap_or_else(|| Vec::with_capacity(4096));
+        out.push_back(Segment::Bytes { data, sent: 0 });
+    }
+    match out.back_mut() {
+        Some(Segment::Bytes { data, .. }) => data,
+        _ => unreachable!("a byte segment was just pushed"),
     }
 }
 

@@ -130,6 +130,8 @@ pub(crate) struct LoopDriver {
     env_gone: Cell<bool>,
     resource: std::mem::ManuallyDrop<Ref>,
     async_context: sys::napi_async_context,
+    /// The vector completions are settled from, kept between wake-ups.
+    batch: RefCell<Vec<Completion<JsCommand>>>,
     /// `shutdown()` promises waiting for NBD_CMD_DISC to be out.
     shutdown_waiters: RefCell<Vec<sys::napi_deferred>>,
     /// The JavaScript debug callback, called here directly (in order with the completions)
@@ -189,6 +191,7 @@ impl LoopDriver {
             env_gone: Cell::new(false),
             resource: std::mem::ManuallyDrop::new(Ref::new(env, resource_obj).ok_or_else(|| fail("no reference"))?),
             async_context,
+            batch: RefCell::new(Vec::with_capacity(64)),
             shutdown_waiters: RefCell::default(),
             debug_js,
             orphans: RefCell::default(),
@@ -273,19 +276,23 @@ impl LoopDriver {
                 self.deliver_debug(debug);
                 self.in_turn.set(false);
             }
-            let completions = self.conn.borrow_mut().take_completions();
+            // One vector carries every wake-up's completions: swapped in, drained, kept.
+            let mut completions = std::mem::take(&mut *self.batch.borrow_mut());
+            self.conn.borrow_mut().swap_completions(&mut completions);
             let shutdown_done = self.conn.borrow().shutdown_done();
-            let waiters = if shutdown_done {
+            let waiters = if shutdown_done && !self.shutdown_waiters.borrow().is_empty() {
                 std::mem::take(&mut *self.shutdown_waiters.borrow_mut())
             } else {
                 Vec::new()
             };
             if completions.is_empty() && waiters.is_empty() {
+                *self.batch.borrow_mut() = completions;
                 break;
             }
             self.in_turn.set(true);
-            self.settle(completions, waiters);
+            self.settle_batch(&mut completions, waiters);
             self.in_turn.set(false);
+            *self.batch.borrow_mut() = completions;
             if self.closed.get() {
                 break;
             }
@@ -335,11 +342,16 @@ impl LoopDriver {
     }
 
     /// Settles completions inside a callback scope; promise reactions run as it closes.
-    fn settle(&self, completions: Vec<Completion<JsCommand>>, waiters: Vec<sys::napi_deferred>) {
+    fn settle(&self, mut completions: Vec<Completion<JsCommand>>, waiters: Vec<sys::napi_deferred>) {
+        self.settle_batch(&mut completions, waiters)
+    }
+
+    /// As [`LoopDriver::settle`], draining `completions` (its memory is kept).
+    fn settle_batch(&self, completions: &mut Vec<Completion<JsCommand>>, waiters: Vec<sys::napi_deferred>) {
         let env = self.env;
         let mut cb_scope = ptr::null_mut();
         unsafe { sys::napi_open_callback_scope(env, self.resource.value(), self.async_context, &mut cb_scope) };
-        for c in completions {
+        for c in completions.drain(..) {
             settle_one(env, &self.make_error, c);
         }
         for w in waiters {

@@ -39,6 +39,32 @@
 //! returns every other command so the driver can fail them too.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes cookies for the in-flight table. Cookies are the driver's own counter, never the
+/// peer's choice, so a multiplicative hash spreads them well and costs one instruction
+/// (the default SipHash defends against keys an attacker picks, which these are not; a
+/// reply naming an unknown cookie is only looked up, never inserted).
+#[derive(Default)]
+struct CookieHasher(u64);
+
+impl Hasher for CookieHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type CookieMap<V> = HashMap<u64, V, BuildHasherDefault<CookieHasher>>;
 
 use crate::consts::*;
 use crate::errno::Errno;
@@ -467,7 +493,7 @@ pub struct ReplyDecoder<T> {
     extended: bool,
     contexts: Vec<(u32, String)>,
     export_size: u64,
-    table: HashMap<u64, InFlight<T>>,
+    table: CookieMap<InFlight<T>>,
     /// Set between a `ReadData` event and `payload_done`: (cookie, reply is done).
     in_payload: Option<(u64, bool)>,
     /// A command whose final chunk has been consumed and whose `Done` is still to report.
@@ -490,7 +516,7 @@ impl<T> ReplyDecoder<T> {
                 .iter()
                 .map(|m| (m.id, m.name.clone()))
                 .collect(),
-            table: HashMap::new(),
+            table: CookieMap::default(),
             in_payload: None,
             finished: None,
         }
