@@ -738,13 +738,16 @@ export class Handle {
 
   /** Reads `count` bytes at `offset` into a new Buffer (`nbd_pread`). */
   pread(count: number, offset: number | bigint, opts?: CmdOptions): Promise<Buffer> {
-    return this.#command('pread', () => {
-      const op = 'pread'
-      const c = checkCount(op, count)
-      const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, [])
+    // The hot path is written out (no closures): it runs once per command.
+    try {
+      const c = checkCount('pread', count)
+      const o = checkOffset('pread', offset)
+      if (opts === undefined) return this.#native.pread(c, o, 0, null)
+      const { flags, signal } = checkOptions('pread', opts, [])
       return run(signal, (cancel) => this.#native.pread(c, o, flags, cancel))
-    })
+    } catch (e) {
+      return Promise.reject(toNbdError(e, 'pread'))
+    }
   }
 
   /**
@@ -781,13 +784,15 @@ export class Handle {
    * call rejects with `EFAULT` (the connection stays usable).
    */
   preadInto(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions): Promise<void> {
-    return this.#command('preadInto', () => {
-      const op = 'preadInto'
-      const b = checkBuffer(op, buf)
-      const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, [])
+    try {
+      const b = checkBuffer('preadInto', buf)
+      const o = checkOffset('preadInto', offset)
+      if (opts === undefined) return this.#native.preadInto(b, o, 0, null)
+      const { flags, signal } = checkOptions('preadInto', opts, [])
       return run(signal, (cancel) => this.#native.preadInto(b, o, flags, cancel))
-    })
+    } catch (e) {
+      return Promise.reject(toNbdError(e, 'preadInto'))
+    }
   }
 
   /**
@@ -800,13 +805,15 @@ export class Handle {
    * refused with `EINVAL`.
    */
   pwrite(buf: Uint8Array, offset: number | bigint, opts?: CmdOptions & { fua?: boolean }): Promise<void> {
-    return this.#command('pwrite', () => {
-      const op = 'pwrite'
-      const b = checkBuffer(op, buf)
-      const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, ['fua'])
+    try {
+      const b = checkBuffer('pwrite', buf)
+      const o = checkOffset('pwrite', offset)
+      if (opts === undefined) return this.#native.pwrite(b, o, 0, null)
+      const { flags, signal } = checkOptions('pwrite', opts, ['fua'])
       return run(signal, (cancel) => this.#native.pwrite(b, o, flags, cancel))
-    })
+    } catch (e) {
+      return Promise.reject(toNbdError(e, 'pwrite'))
+    }
   }
 
   /** Asks the server to commit all completed writes to stable storage (`nbd_flush`). */
