@@ -361,3 +361,20 @@ test('every endpoint combination copies the same bytes', async (t) => {
     }
   }
 })
+
+test('a TLS (PSK) Handle as the source: the native engine connects with its URI and key file', async (t) => {
+  const dir = tempDir(t)
+  const psk = path.join(dir, 'keys.psk')
+  fs.writeFileSync(psk, `alice:${crypto.randomBytes(32).toString('hex')}\n`)
+  const server = await useNbdkit(t, ['--tls=require', `--tls-psk=${psk}`, 'pattern', '4M'], { readOnly: true })
+  if (!server) return
+  const h = new Handle({ tls: 'require', tlsPskFile: psk, tlsUsername: 'alice' })
+  t.teardown(() => h.close())
+  await h.connectUnix(server.socket!)
+  t.true(h.getTlsNegotiated())
+  t.regex(h.getUri(), /^nbds\+unix:/)
+  const r = await copy(h, path.join(dir, 'tls.img'))
+  t.is(r.engine, 'native')
+  const plain = await h.pread(4 * MiB, 0)
+  t.is(fileSha(path.join(dir, 'tls.img')), sha(plain))
+})
