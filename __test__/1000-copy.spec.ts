@@ -231,7 +231,7 @@ test.serial('abort mid-copy stops promptly and leaves no fd behind (both engines
       ac.abort()
     }, 300)
     const err = await t.throwsAsync(p)
-    t.is(err?.name, 'AbortError')
+    t.is(err?.name, 'AbortError', `${typeof dest === 'string' ? 'file' : 'Writable'}: ${err?.stack}`)
     t.is((err as { code?: string }).code, 'ABORT_ERR')
     t.true(abortedAt > 0, 'the copy was still running when aborted')
     t.true(Date.now() - abortedAt < 1500, `rejected ${Date.now() - abortedAt} ms after the abort`)
