@@ -11,7 +11,7 @@ import path from 'node:path'
 import { PassThrough, Readable, Writable } from 'node:stream'
 import test, { type ExecutionContext } from 'ava'
 import { CONTEXT_BASE_ALLOCATION, Handle, NbdError, copy, type CopyProgress } from 'nbd-client'
-import { crossReadAll, nbdinfoMap } from './helpers/crosscheck'
+import { crossReadAll, crossWritePrefix, nbdinfoMap } from './helpers/crosscheck'
 import { countOpenFds, connectedSocketFd, waitFor } from './helpers/fds'
 import { assertNbdError, openHandle, seededBytes, KiB, MiB } from './helpers/nbd'
 import { makeTempDir, requireTool, useNbdkit, useNbdServer, useQemuNbd } from './helpers/servers'
@@ -231,7 +231,7 @@ test.serial('abort mid-copy stops promptly and leaves no fd behind (both engines
       ac.abort()
     }, 300)
     const err = await t.throwsAsync(p)
-    t.is(err?.name, 'AbortError')
+    t.is(err?.name, 'AbortError', `${typeof dest === 'string' ? 'file' : 'Writable'}: ${err?.stack}`)
     t.is((err as { code?: string }).code, 'ABORT_ERR')
     t.true(abortedAt > 0, 'the copy was still running when aborted')
     t.true(Date.now() - abortedAt < 1500, `rejected ${Date.now() - abortedAt} ms after the abort`)
@@ -312,4 +312,69 @@ test('bad arguments reject with EINVAL', async (t) => {
   assertNbdError(t, missing, 'ENOENT', 'copy')
   await copy(Readable.from([seededBytes(1000, 1)]), path.join(dir, 'small.img'))
   t.is(fs.statSync(path.join(dir, 'small.img')).size, 1000)
+})
+
+test('every endpoint combination copies the same bytes', async (t) => {
+  const server = await useNbdkit(t, ['sparse-random', '4M', 'seed=5', 'percent=40', 'runlength=32768'], { readOnly: true })
+  const dest = await useNbdkit(t, ['memory', '4M'])
+  if (!server || !dest) return
+  const whole = await crossReadAll(server.uri)
+  const want = sha(whole)
+  const dir = tempDir(t)
+  const srcFile = path.join(dir, 'src.img')
+  fs.writeFileSync(srcFile, whole)
+  const sources: [string, () => Promise<Parameters<typeof copy>[0]>][] = [
+    ['uri', async () => server.uri],
+    ['handle (uri)', async () => openHandle(t, server)],
+    ['handle (socket)', async () => {
+      const h = new Handle({ metaContexts: [CONTEXT_BASE_ALLOCATION] })
+      t.teardown(() => h.close())
+      await h.connectSocket(await connectedSocketFd(server))
+      return h
+    }],
+    ['file', async () => srcFile],
+    ['readable', async () => Readable.from([whole.subarray(0, 1000000), whole.subarray(1000000)])],
+  ]
+  let written: Buffer[] = []
+  const dests: [string, () => Promise<Parameters<typeof copy>[1]>, () => Promise<string>][] = [
+    ['uri', async () => dest.uri, async () => sha(await crossReadAll(dest.uri))],
+    ['handle (socket)', async () => {
+      const h = new Handle()
+      t.teardown(() => h.close())
+      await h.connectSocket(await connectedSocketFd(dest))
+      return h
+    }, async () => sha(await crossReadAll(dest.uri))],
+    ['file', async () => path.join(dir, 'dst.img'), async () => fileSha(path.join(dir, 'dst.img'))],
+    ['null:', async () => 'null:', async () => want],
+    ['writable', async () => {
+      written = []
+      return new Writable({ write: (c: Buffer, _e, cb) => { written.push(c); cb() } })
+    }, async () => sha(Buffer.concat(written))],
+  ]
+  for (const [sname, makeSource] of sources) {
+    for (const [dname, makeDest, check] of dests) {
+      await crossWritePrefix(dest.uri, Buffer.alloc(4 * MiB, 0xa5))
+      fs.writeFileSync(path.join(dir, 'dst.img'), Buffer.alloc(1 * MiB, 0xa5))
+      const r = await copy(await makeSource(), await makeDest())
+      t.is(r.bytes, 4 * MiB, `${sname} → ${dname}`)
+      t.is(await check(), want, `${sname} → ${dname}`)
+    }
+  }
+})
+
+test('a TLS (PSK) Handle as the source: the native engine connects with its URI and key file', async (t) => {
+  const dir = tempDir(t)
+  const psk = path.join(dir, 'keys.psk')
+  fs.writeFileSync(psk, `alice:${crypto.randomBytes(32).toString('hex')}\n`)
+  const server = await useNbdkit(t, ['--tls=require', `--tls-psk=${psk}`, 'pattern', '4M'], { readOnly: true })
+  if (!server) return
+  const h = new Handle({ tls: 'require', tlsPskFile: psk, tlsUsername: 'alice' })
+  t.teardown(() => h.close())
+  await h.connectUnix(server.socket!)
+  t.true(h.getTlsNegotiated())
+  t.regex(h.getUri(), /^nbds\+unix:/)
+  const r = await copy(h, path.join(dir, 'tls.img'))
+  t.is(r.engine, 'native')
+  const plain = await h.pread(4 * MiB, 0)
+  t.is(fileSha(path.join(dir, 'tls.img')), sha(plain))
 })
