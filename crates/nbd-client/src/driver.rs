@@ -607,7 +607,13 @@ struct InputBuffer {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The last read's data was large: read only a few headers' worth next, so that the
+    /// next large payload goes straight to its destination (copied once, not twice).
+    large_reads: bool,
 }
+
+/// What one read asks for while large reads are coming.
+const SMALL_FILL: usize = 4096;
 
 const INPUT_SIZE: usize = 256 * 1024;
 /// Read payload still to come beyond this is read straight into the destination.
@@ -621,6 +627,7 @@ impl InputBuffer {
             end: early.len(),
             buf,
             start: 0,
+            large_reads: false,
         }
     }
 
@@ -652,7 +659,12 @@ impl InputBuffer {
     /// Reads once from the socket; returns the byte count (0 at end of stream).
     async fn fill(&mut self, reader: &mut Reader, shared: &Shared) -> std::io::Result<usize> {
         self.make_room(4096);
-        let n = reader.read(&mut self.buf[self.end..]).await?;
+        let room = if self.large_reads {
+            (self.buf.len() - self.end).min(SMALL_FILL)
+        } else {
+            self.buf.len() - self.end
+        };
+        let n = reader.read(&mut self.buf[self.end..self.end + room]).await?;
         self.end += n;
         shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
@@ -786,6 +798,7 @@ impl ReaderTask {
                 len,
             } => {
                 self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
+                self.input.large_reads = len >= DIRECT_READ_MIN;
                 self.read_payload(cookie, buf_offset, len).await?;
                 self.decoder.payload_done();
             }
@@ -824,7 +837,7 @@ impl ReaderTask {
                 continue;
             }
             let left = len - done;
-            if left < DIRECT_READ_MIN {
+            if left < DIRECT_READ_MIN && !(self.input.large_reads && left >= SMALL_FILL) {
                 match self.input.fill(&mut self.reader, &self.shared).await {
                     Ok(0) => return Err(self.end_of_stream()),
                     Ok(_) => continue,
