@@ -20,6 +20,7 @@
  * @packageDocumentation
  */
 
+import { markAsUntransferable } from 'node:worker_threads'
 import type * as Binding from './binding'
 import { mapExtents, type MapExtent, type MapOptions } from './map'
 import { NbdReadStream, NbdWriteStream, type ReadStreamOptions, type WriteStreamOptions } from './streams'
@@ -476,6 +477,30 @@ function abortable<T>(signal: AbortSignal, start: (cancel: Binding.NativeCancel)
   })
 }
 
+// ---- small read buffers ----
+//
+// `pread` results of up to 16 KiB are slices of 256 KiB slabs, handed out in turn, as Node's
+// own pool hands out small Buffers: one backing store (and one garbage-collection record)
+// per slab instead of per read. A slab is zeroed when made and marked untransferable (as
+// Node's pool), so no slice's ArrayBuffer can be detached under a read in flight; like any
+// pooled Buffer, a slice's `.buffer` also holds its neighbours' bytes.
+
+const POOLED_READ_MAX = 16 * 1024
+const SLAB_SIZE = 256 * 1024
+let slab: ArrayBuffer | undefined
+let slabUsed = 0
+
+function pooledBuffer(count: number): Buffer {
+  if (slab === undefined || slabUsed + count > SLAB_SIZE) {
+    slab = new ArrayBuffer(SLAB_SIZE)
+    markAsUntransferable(slab)
+    slabUsed = 0
+  }
+  const b = Buffer.from(slab, slabUsed, count)
+  slabUsed += (count + 7) & ~7
+  return b
+}
+
 /** Runs a native command with or without an abort signal. */
 function run<T>(signal: AbortSignal | undefined, start: (cancel: Binding.NativeCancel | null) => Promise<T>): Promise<T> {
   return signal === undefined ? start(null) : abortable(signal, start)
@@ -742,6 +767,14 @@ export class Handle {
     try {
       const c = checkCount('pread', count)
       const o = checkOffset('pread', offset)
+      if (c > 0 && c <= POOLED_READ_MAX) {
+        // Small reads land in a slice of a shared slab (as Buffer.allocUnsafe's pool), not a
+        // Buffer of their own: a backing store per read costs more than the read.
+        const b = pooledBuffer(c)
+        if (opts === undefined) return this.#native.preadPooled(b, o, 0, null)
+        const { flags, signal } = checkOptions('pread', opts, [])
+        return run(signal, (cancel) => this.#native.preadPooled(b, o, flags, cancel))
+      }
       if (opts === undefined) return this.#native.pread(c, o, 0, null)
       const { flags, signal } = checkOptions('pread', opts, [])
       return run(signal, (cancel) => this.#native.pread(c, o, flags, cancel))

@@ -140,3 +140,34 @@ test('a command issued from a completion goes out with the others of the same wa
   t.is(h.stats.chunksSent - before, 2000n)
   t.is(h.state, 'ready')
 })
+
+test('small pread results share pooled slabs: each holds its own bytes, and no result can detach another read', async (t) => {
+  const server = await useNbdkit(t, ['memory', '16M'])
+  if (!server) return
+  const h = await openHandle(t, server)
+  const data = seededBytes(4 * MiB, 33)
+  await h.pwrite(data, 0)
+  const sizes = [1, 512, 4096, 5000, 16 * KiB]
+  const reads = Array.from({ length: 500 }, (_, i) => {
+    const size = sizes[i % sizes.length]!
+    const offset = (i * 7919) % (4 * MiB - size)
+    return h.pread(size, offset).then((b) => ({ b, offset, size }))
+  })
+  // Trying to take the first result's memory away while the others are in flight.
+  const first = await reads[0]!
+  try {
+    structuredClone(first.b.buffer, { transfer: [first.b.buffer] })
+  } catch {
+    // Refused outright is fine too: either way the memory stays where it is.
+  }
+  t.is(first.b.length, first.size, 'the result was not detached')
+  for (const { b, offset, size } of await Promise.all(reads)) {
+    t.true(Buffer.isBuffer(b))
+    t.is(b.length, size)
+    t.true(b.equals(data.subarray(offset, offset + size)), `read of ${size} at ${offset}`)
+  }
+  // Results are independent: changing one leaves the others alone.
+  const [x, y] = await Promise.all([h.pread(4096, 0), h.pread(4096, 4096)])
+  x.fill(0)
+  t.true(y.equals(data.subarray(4096, 8192)))
+})

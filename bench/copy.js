@@ -3,6 +3,9 @@
 //
 //   node bench/copy.js [--rows name,...] [--runs N] [--quick] [--json FILE]
 //
+// The last row (dense2g-stream) compares Handle.createReadStream with the copy engine rather
+// than with nbdcopy: its columns are copy() and the stream.
+//
 // Rows (issue 10): an 8 GiB sparse-random export to a file; a 2 GiB dense export (nbdkit
 // pattern) to a file, to an nbdkit memory export and to null:; each with the default
 // connections and with one connection each (-C 1 / connections: 1). Every run is a fresh
@@ -30,6 +33,10 @@ const ROWS = [
   { name: 'dense2g-nbd-c1', label: '2 GiB dense → nbdkit memory, 1 conn', src: 'dense', dst: 'nbd', c1: true },
   { name: 'dense2g-null', label: '2 GiB dense → null:', src: 'dense', dst: 'null' },
   { name: 'dense2g-null-c1', label: '2 GiB dense → null:, 1 conn', src: 'dense', dst: 'null', c1: true },
+  // Issue 13: a stream's throughput against the copy engine's on the same export. Here the
+  // first column is copy(SRC, 'null:', { connections: 1 }) (one connection, as a stream has),
+  // the second h.createReadStream() piped into a Writable that drops the bytes.
+  { name: 'dense2g-stream', label: '2 GiB dense: stream vs copy() → null:', src: 'dense', dst: 'null', stream: true },
 ]
 
 function parseArgs(argv) {
@@ -104,10 +111,18 @@ async function main() {
     for (const row of ROWS.filter((r) => args.rows.includes(r.name))) {
       const src = servers[row.src].uri
       const dst = row.dst === 'file' ? file : row.dst === 'null' ? 'null:' : servers.nbd.uri
-      const theirs = ['nbdcopy', ...(row.c1 ? ['-C', '1'] : []), src, dst]
+      const engine = `require(${JSON.stringify(DIST)}).copy(${JSON.stringify(src)}, 'null:', { flush: false, connections: 1 }).catch((e) => { console.error(e); process.exit(1) })`
+      const streamed = [
+        `const { Handle } = require(${JSON.stringify(DIST)}); const { Writable, pipeline } = require('node:stream');`,
+        `(async () => { const h = new Handle(); await h.connectUri(${JSON.stringify(src)});`,
+        `pipeline(h.createReadStream(), new Writable({ write(c, e, cb) { cb() } }), (e) => { if (e) { console.error(e); process.exit(1) } h.close() }) })()`,
+      ].join(' ')
+      const theirs = row.stream
+        ? [process.execPath, '-e', engine]
+        : ['nbdcopy', ...(row.c1 ? ['-C', '1'] : []), src, dst]
       const options = JSON.stringify({ flush: false, ...(row.c1 ? { connections: 1 } : {}) })
       const script = `require(${JSON.stringify(DIST)}).copy(${JSON.stringify(src)}, ${JSON.stringify(dst)}, ${options}).catch((e) => { console.error(e); process.exit(1) })`
-      const ours = [process.execPath, '-e', script]
+      const ours = [process.execPath, '-e', row.stream ? streamed : script]
       const times = { nbdcopy: [], ours: [] }
       for (let i = 0; i < args.runs; i++) {
         for (const [side, argv] of [['nbdcopy', theirs], ['ours', ours]]) {

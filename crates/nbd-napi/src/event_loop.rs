@@ -50,6 +50,9 @@ pub(crate) enum Outcome {
     Void,
     /// The Buffer made for a `pread`.
     Buffer,
+    /// The caller's buffer itself (a small `pread`, whose Buffer index.ts takes from its
+    /// pool).
+    CallerBuffer,
     /// `{ data, chunks }` of a `preadStructured` (offset, count, structured replies).
     Structured(u64, u64, bool),
     /// Extents per context.
@@ -104,6 +107,10 @@ fn settle_one(env: Env, make_error: &ErrorFactory, c: Completion<JsCommand>) {
                     settle::structured(env, r.value(), &detail, *offset, *count, *s)
                 }
                 (Outcome::Extents, _) => settle::extents(env, &detail),
+                (Outcome::CallerBuffer, _) => match &user.caller {
+                    Some(b) => b.obj.value(),
+                    None => settle::undefined(env),
+                },
                 _ => settle::undefined(env),
             };
             settle::resolve(env, user.deferred, value);

@@ -832,6 +832,30 @@ impl NativeHandle {
         self.start(env, c, None, Some(target), Payload::None, cancel)
     }
 
+    /// Reads `buf.length` bytes into `buf` and resolves with `buf`: a small `pread`, whose
+    /// Buffer index.ts takes from its pool. No zeroing (every byte is written on success, and
+    /// on failure the Buffer is never handed out).
+    #[napi(ts_return_type = "Promise<Buffer>")]
+    pub fn pread_pooled<'env>(
+        &self,
+        env: &'env Env,
+        #[napi(ts_arg_type = "Buffer")] buf: Unknown,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Unknown<'env> {
+        let op = "pread";
+        let Some(target) = CallerBuf::new(env.raw(), buf.value().value) else {
+            return self.reject(env, op, &nbd_client::Error::usage(Errno::EINVAL, "buf must be a Uint8Array"));
+        };
+        let o = match offset(offset_) {
+            Ok(o) => o,
+            Err(e) => return self.reject(env, op, &from_js(e)),
+        };
+        let c = Self::read_cmd(op, target.len as u64, o, flags, Outcome::CallerBuffer);
+        self.start(env, c, None, Some(target), Payload::None, cancel)
+    }
+
     /// Writes `buf`: small writes are copied now; large ones are sent from `buf` (event-loop
     /// driver) or copied now (tokio driver).
     #[napi(ts_return_type = "Promise<void>")]

@@ -217,14 +217,17 @@ unsafe extern "C" fn call_js(env: Env, _js: Value, context: *mut c_void, data: *
         }
     };
     let value = match (outcome, target) {
-        (_, Some(target)) => {
+        (outcome, Some(target)) => {
             // A preadInto: the data lands in the caller's buffer now, if it is still there.
             let data = reply.data.unwrap_or_default();
             match target.check() {
                 Some((ptr, len)) if len == data.len() => {
                     // SAFETY: checked live and as long as the data, on the JavaScript thread.
                     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, len) };
-                    settle::undefined(env)
+                    match outcome {
+                        Outcome::CallerBuffer => target.obj.value(),
+                        _ => settle::undefined(env),
+                    }
                 }
                 _ => {
                     let e = Error::usage(
@@ -245,7 +248,7 @@ unsafe extern "C" fn call_js(env: Env, _js: Value, context: *mut c_void, data: *
             settle::structured(env, data, &reply.detail, offset, count, s)
         }
         (Outcome::Extents, None) => settle::extents(env, &reply.detail),
-        (Outcome::Void, None) => settle::undefined(env),
+        (Outcome::Void, None) | (Outcome::CallerBuffer, None) => settle::undefined(env),
     };
     settle::resolve(env, deferred, value);
 }
