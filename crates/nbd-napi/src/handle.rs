@@ -305,6 +305,35 @@ impl NativeHandle {
         self.start(env, c, own, None, Payload::None, cancel)
     }
 
+    /// A read into the caller's buffer `buf`: `preadInto` (zeroed first, before any check,
+    /// when `preadInitialize` is on; resolves to nothing) or a pooled `pread` (resolves with
+    /// `buf`, which nobody has seen, so it is not zeroed).
+    #[allow(clippy::too_many_arguments)]
+    fn read_into<'env>(
+        &self,
+        env: &'env Env,
+        op: &'static str,
+        buf: Unknown,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+        outcome: Outcome,
+    ) -> Unknown<'env> {
+        let Some(target) = CallerBuf::new(env.raw(), buf.value().value) else {
+            return self.reject(env, op, &nbd_client::Error::usage(Errno::EINVAL, "buf must be a Uint8Array"));
+        };
+        if matches!(outcome, Outcome::Void) && self.pread_initialize.get() && target.len > 0 {
+            // SAFETY: just looked up, on the JavaScript thread.
+            unsafe { std::ptr::write_bytes(target.ptr, 0, target.len) };
+        }
+        let o = match offset(offset_) {
+            Ok(o) => o,
+            Err(e) => return self.reject(env, op, &from_js(e)),
+        };
+        let c = Self::read_cmd(op, target.len as u64, o, flags, outcome);
+        self.start(env, c, None, Some(target), Payload::None, cancel)
+    }
+
     fn read_cmd(operation: &'static str, count: u64, offset: u64, flags: u32, outcome: Outcome) -> Cmd {
         Cmd {
             operation,
@@ -816,20 +845,7 @@ impl NativeHandle {
         flags: u32,
         cancel: Option<&NativeCancel>,
     ) -> Unknown<'env> {
-        let op = "preadInto";
-        let Some(target) = CallerBuf::new(env.raw(), buf.value().value) else {
-            return self.reject(env, op, &nbd_client::Error::usage(Errno::EINVAL, "buf must be a Uint8Array"));
-        };
-        if self.pread_initialize.get() && target.len > 0 {
-            // SAFETY: just looked up, on the JavaScript thread.
-            unsafe { std::ptr::write_bytes(target.ptr, 0, target.len) };
-        }
-        let o = match offset(offset_) {
-            Ok(o) => o,
-            Err(e) => return self.reject(env, op, &from_js(e)),
-        };
-        let c = Self::read_cmd(op, target.len as u64, o, flags, Outcome::Void);
-        self.start(env, c, None, Some(target), Payload::None, cancel)
+        self.read_into(env, "preadInto", buf, offset_, flags, cancel, Outcome::Void)
     }
 
     /// Reads `buf.length` bytes into `buf` and resolves with `buf`: a small `pread`, whose
@@ -844,16 +860,7 @@ impl NativeHandle {
         flags: u32,
         cancel: Option<&NativeCancel>,
     ) -> Unknown<'env> {
-        let op = "pread";
-        let Some(target) = CallerBuf::new(env.raw(), buf.value().value) else {
-            return self.reject(env, op, &nbd_client::Error::usage(Errno::EINVAL, "buf must be a Uint8Array"));
-        };
-        let o = match offset(offset_) {
-            Ok(o) => o,
-            Err(e) => return self.reject(env, op, &from_js(e)),
-        };
-        let c = Self::read_cmd(op, target.len as u64, o, flags, Outcome::CallerBuffer);
-        self.start(env, c, None, Some(target), Payload::None, cancel)
+        self.read_into(env, "pread", buf, offset_, flags, cancel, Outcome::CallerBuffer)
     }
 
     /// Writes `buf`: small writes are copied now; large ones are sent from `buf` (event-loop
