@@ -56,7 +56,7 @@ export interface WriteStreamOptions {
 /** Default request size of a read stream (nbdcopy's default request size). */
 const DEFAULT_READ_CHUNK = 256 * 1024
 /** Reads a read stream keeps in flight. */
-const READ_DEPTH = 8
+const READ_DEPTH = 16
 /** Default highWaterMark of a write stream: the bytes it keeps in flight. */
 const DEFAULT_WRITE_HWM = 4 * 1024 * 1024
 /** Bytes per write request (coalescing small writes, splitting large ones). */
