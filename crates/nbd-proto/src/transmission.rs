@@ -3,7 +3,9 @@
 //!
 //! # Driving it
 //!
-//! A driver has a writer and a reader that may run concurrently.
+//! A driver writes requests and reads replies; the two halves may run concurrently (the
+//! tokio driver of `nbd-client` runs them as two tasks) or interleaved on one thread (its
+//! event-loop driver, which the Node binding polls with libuv). Both follow these rules:
 //!
 //! * Before sending, [`Session::check`] refuses what libnbd refuses client-side, and
 //!   [`Session::encode_request`] appends the request header (the write payload follows it
