@@ -171,3 +171,18 @@ test('small pread results share pooled slabs: each holds its own bytes, and no r
   x.fill(0)
   t.true(y.equals(data.subarray(4096, 8192)))
 })
+
+test('close() while shutdown() waits for a pending command: the command rejects and the shutdown settles', async (t) => {
+  const server = await useNbdkit(t, ['--filter=delay', 'memory', '8M', 'rdelay=2'])
+  if (!server) return
+  const h = await openHandle(t, server)
+  const read = outcome(h.pread(4096, 0))
+  const shutdown = outcome(h.shutdown())
+  await sleep(50)
+  await h.close()
+  t.is(codeOf(await read), 'ENOTCONN')
+  // Never left pending: it resolves (the handle is closed, there is nothing left to shut down).
+  const settled = await Promise.race([shutdown, sleep(1000).then(() => 'still pending')])
+  t.is(settled, 'resolved')
+  t.is(h.state, 'closed')
+})

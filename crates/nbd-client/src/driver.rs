@@ -218,6 +218,19 @@ impl Lifeline {
         })
     }
 
+    /// The state of a handle whose transmission this lifeline follows, with `in_flight`
+    /// commands pending: closed once a disconnect was asked for, dead after any other end.
+    pub(crate) fn state(&self, in_flight: usize) -> nbd_proto::state::State {
+        use nbd_proto::state::State;
+        match self.ended() {
+            Some(end) if end.requested || self.is_disconnecting() => State::Closed,
+            Some(_) => State::Dead,
+            None if self.is_disconnecting() => State::Closed,
+            None if in_flight > 0 => State::Processing,
+            None => State::Ready,
+        }
+    }
+
     /// True once the application asked for a disconnect.
     pub(crate) fn is_disconnecting(&self) -> bool {
         self.disconnecting.load(Ordering::SeqCst)

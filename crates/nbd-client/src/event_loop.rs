@@ -276,13 +276,8 @@ impl<U: CommandData> Connection<U> {
 
     /// The state a handle on this connection is in.
     pub fn state(&self) -> State {
-        match self.lifeline.ended() {
-            Some(end) if end.requested || self.shutdown != Shutdown::None => State::Closed,
-            Some(_) => State::Dead,
-            None if self.shutdown != Shutdown::None => State::Closed,
-            None if self.shared.in_flight.load(Ordering::Relaxed) > 0 => State::Processing,
-            None => State::Ready,
-        }
+        // `shutdown` marks the lifeline as disconnecting before anything else.
+        self.lifeline.state(self.shared.in_flight.load(Ordering::Relaxed))
     }
 
     /// Finished commands, to be settled by the owner.
@@ -295,11 +290,6 @@ impl<U: CommandData> Connection<U> {
     pub fn swap_completions(&mut self, batch: &mut Vec<Completion<U>>) {
         debug_assert!(batch.is_empty());
         std::mem::swap(&mut self.completions, batch);
-    }
-
-    /// True when completions are waiting to be taken.
-    pub fn has_completions(&self) -> bool {
-        !self.completions.is_empty()
     }
 
     /// Checks a command as libnbd would (state, strict mode) and queues it. On refusal the
@@ -346,12 +336,8 @@ impl<U: CommandData> Connection<U> {
     }
 
     fn check_state(&self) -> Result<()> {
-        let state = self.state();
-        state::check(Call::Command, state)?;
-        if self.shutdown != Shutdown::None {
-            return Err(Error::usage(Errno::EINVAL, "invalid state: the handle is shutting down"));
-        }
-        Ok(())
+        // A handle shutting down is `closed`, which the table refuses.
+        state::check(Call::Command, self.state())
     }
 
     /// Encodes a command into the output queue and registers it with the decoder.

@@ -331,13 +331,7 @@ impl Handle {
                 None if self.in_flight() > 0 => State::Processing,
                 None => State::Ready,
             },
-            Phase::Detached { lifeline, .. } => match lifeline.ended() {
-                Some(end) if end.requested || lifeline.is_disconnecting() => State::Closed,
-                Some(_) => State::Dead,
-                None if lifeline.is_disconnecting() => State::Closed,
-                None if self.in_flight() > 0 => State::Processing,
-                None => State::Ready,
-            },
+            Phase::Detached { lifeline, .. } => lifeline.state(self.in_flight()),
             Phase::Failed { .. } => State::Dead,
             Phase::Closed => State::Closed,
         }

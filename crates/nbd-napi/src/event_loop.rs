@@ -303,18 +303,11 @@ impl LoopDriver {
             if self.closed.get() {
                 break;
             }
-            let mut conn = self.conn.borrow_mut();
-            conn.flush();
+            // What the settled code issued leaves now; a write failing here completes
+            // commands, which the next round settles.
+            self.conn.borrow_mut().flush();
         }
         if !self.closed.get() {
-            self.conn.borrow_mut().flush();
-            if self.conn.borrow().has_completions() {
-                // Failed while flushing: settle those on the next wake-up at the latest.
-                self.in_turn.set(true);
-                let completions = self.conn.borrow_mut().take_completions();
-                self.settle(completions, Vec::new());
-                self.in_turn.set(false);
-            }
             self.update();
         }
         unsafe { sys::napi_close_handle_scope(env, scope) };
@@ -401,27 +394,18 @@ impl LoopDriver {
         promise
     }
 
-    /// Closes the connection: pending commands reject now (`settle`) or from the close
-    /// callback (a finalizer), and the poll handle and socket go.
-    pub(crate) fn close(self: &Rc<Self>, settle_now: bool) {
+    /// Closes the connection and the poll handle; the socket goes with the driver. Pending
+    /// commands reject, and `shutdown()` promises resolve, from the close callback on the
+    /// next turn of the loop: never inside `close()` (code reacting to them, a stream's
+    /// error handling say, then runs after it) nor inside a finalizer (no JavaScript there).
+    pub(crate) fn close(self: &Rc<Self>) {
         if self.closed.replace(true) {
             return;
         }
         self.conn.borrow_mut().close();
         unsafe { sys::napi_remove_env_cleanup_hook(self.env, Some(env_cleanup), Rc::as_ptr(self) as *mut c_void) };
-        if settle_now {
-            let completions = self.conn.borrow_mut().take_completions();
-            let waiters = std::mem::take(&mut *self.shutdown_waiters.borrow_mut());
-            for c in completions {
-                settle_one(self.env, &self.make_error, c);
-            }
-            for w in waiters {
-                settle::resolve(self.env, w, settle::undefined(self.env));
-            }
-        } else {
-            let completions = self.conn.borrow_mut().take_completions();
-            self.orphans.borrow_mut().extend(completions);
-        }
+        let completions = self.conn.borrow_mut().take_completions();
+        self.orphans.borrow_mut().extend(completions);
         // SAFETY: our poll handle, closed once; `on_close` frees it and the driver's count.
         unsafe {
             uv_poll_stop(self.poll);
@@ -437,14 +421,7 @@ impl LoopDriver {
             return;
         }
         self.conn.borrow_mut().close();
-        let _ = self.conn.borrow_mut().take_completions().into_iter().map(|c| {
-            if let Some((r, _, _)) = c.user.own {
-                r.leak()
-            }
-            if let Some(b) = c.user.caller {
-                b.obj.leak()
-            }
-        }).count();
+        self.conn.borrow_mut().take_completions().into_iter().for_each(forget_refs);
         unsafe {
             uv_poll_stop(self.poll);
             uv_close(self.poll, on_close);
@@ -478,26 +455,31 @@ unsafe extern "C" fn on_close(handle: *mut c_void) {
     // SAFETY: the count stored in `start`; the handle is closed, so this is the last use.
     let driver = unsafe { Rc::from_raw(*(handle as *const *const LoopDriver)) };
     let orphans = std::mem::take(&mut *driver.orphans.borrow_mut());
+    let waiters = std::mem::take(&mut *driver.shutdown_waiters.borrow_mut());
     if driver.env_gone.get() {
-        for c in orphans {
-            if let Some((r, _, _)) = c.user.own {
-                r.leak()
-            }
-            if let Some(b) = c.user.caller {
-                b.obj.leak()
-            }
-        }
-    } else if !orphans.is_empty() {
+        orphans.into_iter().for_each(forget_refs);
+    } else if !orphans.is_empty() || !waiters.is_empty() {
         let env = driver.env;
         let mut scope = ptr::null_mut();
         unsafe { sys::napi_open_handle_scope(env, &mut scope) };
-        driver.settle(orphans, Vec::new());
+        driver.settle(orphans, waiters);
         unsafe { sys::napi_close_handle_scope(env, scope) };
     }
     let size = unsafe { uv_handle_size(UV_POLL) };
     let layout = std::alloc::Layout::from_size_align(size.max(8), 16).expect("valid layout");
     drop(driver);
     unsafe { std::alloc::dealloc(handle.cast(), layout) };
+}
+
+/// Drops a completion whose environment is going away without deleting its references
+/// (Node-API calls are no longer allowed there).
+fn forget_refs(c: Completion<JsCommand>) {
+    if let Some((r, _, _)) = c.user.own {
+        r.leak()
+    }
+    if let Some(b) = c.user.caller {
+        b.obj.leak()
+    }
 }
 
 unsafe extern "C" fn env_cleanup(arg: *mut c_void) {

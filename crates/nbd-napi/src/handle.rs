@@ -150,7 +150,7 @@ impl Drop for NativeHandle {
         if let Some(d) = self.driver.borrow_mut().take() {
             // No JavaScript inside a finalizer: pending commands reject from the poll
             // handle's close callback.
-            d.close(false);
+            d.close();
         }
         self.handle.close_in_background();
     }
@@ -1042,10 +1042,7 @@ impl NativeHandle {
     pub fn close<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         self.closed.store(true, Ordering::SeqCst);
         if let Some(d) = self.driver.borrow_mut().take() {
-            // Pending commands reject from the poll handle's close callback, on the next turn
-            // of the event loop, as they did on the tokio driver: code reacting to them (a
-            // stream's error handling, say) then runs after close() returned, not inside it.
-            d.close(false);
+            d.close();
         }
         let h = self.handle.clone();
         env.spawn_future(async move {
