@@ -10,6 +10,7 @@ import path from 'node:path'
 import { Readable, Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import zlib from 'node:zlib'
+import { waitFor } from './helpers/fds'
 import { Handle, NbdError } from 'nbd-client'
 import { CROSSCHECK_TOOLS, crossReadAll, crossWritePrefix } from './helpers/crosscheck'
 import { assertNbdError, expectThrow, openHandle, patternBytes, seededBytes, KiB, MiB } from './helpers/nbd'
@@ -247,7 +248,11 @@ test('backpressure: a paused reader stops the requests; a slow writer holds the 
     received += chunk.length
     if (received >= MiB) rs.pause()
   })
+  // Paused once the reads in flight have landed. Waited for rather than slept on: other
+  // tests in this process read, hash and compare whole files synchronously, which can hold
+  // the event loop up (seen once in CI: 7 reads still in flight after 300 ms).
   await new Promise((resolve) => setTimeout(resolve, 300))
+  t.true(await waitFor(() => h.inFlight === 0, 10_000), `${h.inFlight} reads still in flight`)
   const requested = Number(rs.pos)
   // Paused: what was asked for is bounded by the buffer and the reads in flight.
   t.true(requested <= received + 128 * KiB * 18, `requested ${requested}, received ${received}`)
