@@ -483,7 +483,7 @@ impl Handle {
         })?;
         let u = parsed.expect("set by the precheck");
         self.set_target(u.transport.clone());
-        match u.transport {
+        match u.transport.clone() {
             UriTransport::Tcp { host, port } => {
                 let port = port.to_string();
                 self.finish_connect(async move { transport::connect_tcp(&host, &port).await })
@@ -496,6 +496,10 @@ impl Handle {
             UriTransport::Vsock { cid, port } => {
                 self.finish_connect(async move { crate::vsock::connect_vsock(cid, port).await })
                     .await
+            }
+            UriTransport::Ssh { .. } => {
+                let argv = uri::ssh_argv(&u).expect("an ssh transport");
+                self.connect_child(argv, false).await
             }
         }
     }
