@@ -75,7 +75,7 @@ test('socket=: ssh runs nc -U on the remote host; data goes both ways; getUri gi
   if (!server) return
   const h = fresh(t)
   const socket = server.socket!
-  await h.connectUri(`nbd+ssh://alice@host-a:2222/?socket=${encodeURIComponent(socket)}&compress`)
+  await h.connectUri(`nbd+ssh://alice@host-a:2222/?socket=${encodeURIComponent(socket)}&compress=true`)
   t.is(h.state, 'ready')
   t.deepEqual(argvOf('host-a'), ['ssh', '-C', '-p', '2222', '-o', 'User=alice', '--', 'host-a', 'nc', '-U', socket])
   t.is(h.getSize(), 4 * MiB)

@@ -11,6 +11,7 @@ import {
   CMD_FLAG_PAYLOAD_LEN,
   Handle,
   NbdError,
+  isUri,
   STRICT_AUTO_FLAG,
   STRICT_COMMANDS,
   STRICT_PAYLOAD,
@@ -417,6 +418,27 @@ test('item 21: getUri is EINVAL for a connection no URI describes, and writes th
   const uri = h.getUri()
   t.regex(uri, /^nbd\+unix:\/\/alice@\//)
   t.regex(uri, /tls-psk-file=%2Fk\.psk|tls-psk-file=\/k\.psk/)
+})
+
+// ---- item 22: isUri, nbd+ssh (see 255-uri-ssh) and tls-verify-peer's values ----
+
+test('item 22: tls-verify-peer takes the values libnbd parses, and a bare name is EINVAL', async (t) => {
+  const words: Array<[string, boolean]> = [['t', true], ['Y', true], ['on', true], ['1', true], ['f', false], ['N', false], ['off', false], ['0', false]]
+  for (const [word, value] of words) {
+    const h = new Handle()
+    t.teardown(() => h.close())
+    // The socket does not exist: the settings are applied before the connection fails.
+    await expectReject(t, () => h.connectUri(`nbds+unix:///?socket=/nonexistent/s&tls-verify-peer=${word}`), '*', 'connectUri')
+    t.is(h.getTlsVerifyPeer(), value, word)
+  }
+  for (const word of ['', 'maybe', '2']) {
+    const h = new Handle()
+    t.teardown(() => h.close())
+    const q = word === '' ? 'tls-verify-peer' : `tls-verify-peer=${word}`
+    const err = await expectReject(t, () => h.connectUri(`nbds+unix:///?socket=/s&${q}`), 'EINVAL', 'connectUri')
+    t.regex(err!.message, /could not parse tls-verify-peer parameter/)
+  }
+  t.true(isUri('nbd+ssh://h/') && isUri('NBDS+SSH://h') && !isUri('nbd+ssh:h'))
 })
 
 // ---- item 24: the missing calls and constants ----

@@ -34,8 +34,9 @@
 //! - `user@` is the TLS user name (percent-decoded). A password (`user:pw@`) is refused.
 //! - Query parameters, percent-decoded, separated by `&` or `;`, their names in any case
 //!   (`SOCKET=` is `socket=`, as libnbd): `socket`, `tls-certificates`,
-//!   `tls-psk-file`, `tls-hostname`, `tls-verify-peer` (`true`/`false`, `yes`/`no`, `on`/`off`,
-//!   `1`/`0`, any case; a bare `tls-verify-peer` means true; anything else is `EINVAL`), and
+//!   `tls-psk-file`, `tls-hostname`, `tls-verify-peer` (as libnbd: `true`/`false`, `t`/`f`,
+//!   `yes`/`no`, `y`/`n`, `on`/`off` in any case, `1`/`0`; anything else, a bare
+//!   `tls-verify-peer` included, is `EINVAL`), and
 //!   for ssh URIs `nbd-port` and `compress` (a boolean read the same way). A parameter given
 //!   twice takes its last value. Parameters with other names are ignored, as libnbd ignores them; they
 //!   are kept in [`NbdUri::unknown_params`] so a caller can mention them in debug output.
@@ -827,18 +828,21 @@ fn parse_query(query: &str) -> Result<Params> {
     Ok(params)
 }
 
+/// A boolean query parameter, read as libnbd reads one: `1`, `true`, `t`, `yes`, `y`, `on`
+/// or `0`, `false`, `f`, `no`, `n`, `off`, the words in any case. Anything else, the empty
+/// value of a bare name included, is `EINVAL`.
 fn parse_bool(name: &str, value: &str) -> Result<bool> {
-    const TRUE: [&str; 5] = ["", "1", "true", "yes", "on"];
-    const FALSE: [&str; 4] = ["0", "false", "no", "off"];
+    const TRUE: [&str; 6] = ["1", "true", "t", "yes", "y", "on"];
+    const FALSE: [&str; 6] = ["0", "false", "f", "no", "n", "off"];
     if TRUE.iter().any(|w| w.eq_ignore_ascii_case(value)) {
         Ok(true)
     } else if FALSE.iter().any(|w| w.eq_ignore_ascii_case(value)) {
         Ok(false)
     } else {
         Err(invalid(format!(
-            "{name}={} in the URI is not a boolean (use true or false, yes or no, on or off, \
-             1 or 0)",
-            clip(value)
+            "could not parse {name} parameter, expecting {name}=true|false (got {}; also \
+             accepted: 1 or 0, t or f, yes or no, y or n, on or off)",
+            shown(value)
         )))
     }
 }

@@ -446,32 +446,39 @@ fn tls_parameters() {
 
 #[test]
 fn tls_verify_peer_booleans() {
+    // libnbd's parse_bool: "1"/"0" exactly, the words in any case, one-letter forms too.
     for (word, value) in [
         ("1", true),
         ("true", true),
         ("TRUE", true),
+        ("t", true),
         ("yes", true),
+        ("Y", true),
         ("On", true),
-        ("", true),
         ("0", false),
         ("false", false),
         ("False", false),
+        ("F", false),
         ("no", false),
+        ("n", false),
         ("OFF", false),
     ] {
         let text = format!("nbds://h/?tls-verify-peer={word}");
         assert_eq!(ok(&text).tls_verify_peer, Some(value), "{text}");
     }
-    assert_eq!(ok("nbds://h/?tls-verify-peer").tls_verify_peer, Some(true));
     assert_eq!(
         ok("nbds://h/?tls-verify-peer=%66alse").tls_verify_peer,
         Some(false)
     );
     bad(
         "nbds://h/?tls-verify-peer=maybe",
-        "tls-verify-peer=maybe in the URI is not a boolean",
+        "could not parse tls-verify-peer parameter, expecting tls-verify-peer=true|false",
     );
-    bad("nbds://h/?tls-verify-peer=2", "not a boolean");
+    // A bare name has the value "", which is neither (libnbd refuses it the same way).
+    bad("nbds://h/?tls-verify-peer", "could not parse tls-verify-peer");
+    bad("nbds://h/?tls-verify-peer=", "could not parse tls-verify-peer");
+    bad("nbds://h/?tls-verify-peer=2", "could not parse");
+    bad("nbds://h/?tls-verify-peer=yess", "could not parse");
     bad("nbds://h/?tls-verify-peer=%ff", "not valid UTF-8");
 }
 
@@ -712,7 +719,7 @@ fn ssh_uris() {
     let u = ok("nbd+ssh://example.com/disk");
     assert_eq!(u, plain(ssh("example.com", None, SshRemote::Tcp(10809), false), "disk"));
     assert_eq!(u.scheme(), "nbd+ssh");
-    let u = ok("nbds+ssh://alice@example.com:2222/?socket=/run/nbd.sock&compress");
+    let u = ok("nbds+ssh://alice@example.com:2222/?socket=/run/nbd.sock&compress=y");
     assert!(u.tls);
     assert_eq!(u.tls_username.as_deref(), Some("alice"));
     assert_eq!(
@@ -735,7 +742,8 @@ fn ssh_uris() {
     bad("nbd+ssh://h/?nbd-port=65536", "out of range");
     bad("nbd+ssh://h/?nbd-port=x", "not a number");
     bad("nbd+ssh://h:0/", "out of range");
-    bad("nbd+ssh://h/?compress=maybe", "not a boolean");
+    bad("nbd+ssh://h/?compress=maybe", "could not parse compress parameter");
+    bad("nbd+ssh://h/?compress", "could not parse compress parameter");
 
     // Elsewhere nbd-port and compress are parameters like any unknown one: ignored, kept.
     let u = ok("nbd://h/?nbd-port=x&compress=maybe");
@@ -772,7 +780,7 @@ fn ssh_commands() {
     // Written back in libnbd's forms: the default remote port and a false compress left out.
     assert_eq!(uri::format(&ok("nbd+ssh://h/?nbd-port=10809&compress=no")), "nbd+ssh://h/");
     assert_eq!(
-        uri::format(&ok("NBDS+SSH://u@h:22/e?nbd-port=9&compress")),
+        uri::format(&ok("NBDS+SSH://u@h:22/e?nbd-port=9&compress=TRUE")),
         "nbds+ssh://u@h:22/e?compress=true&nbd-port=9"
     );
     assert_eq!(
