@@ -72,7 +72,7 @@ use crate::consts::*;
 use crate::errno::Errno;
 use crate::error::{Error, Result};
 use crate::handshake::Negotiated;
-use crate::wire::{put_u16, put_u32, put_u64, server_text, Reader};
+use crate::wire::{put_u16, put_u32, put_u64, server_text, FieldReader};
 
 /// A transmission-phase command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -600,7 +600,7 @@ impl<T> ReplyDecoder<T> {
         if let Some(cookie) = self.finished.take() {
             return Ok(self.done(cookie, 0));
         }
-        let mut r = Reader::new(input);
+        let mut r = FieldReader::new(input);
         let Some(magic) = r.u32() else { return Ok(need_more()) };
         match magic {
             SIMPLE_REPLY_MAGIC => self.simple(input),
@@ -650,7 +650,7 @@ impl<T> ReplyDecoder<T> {
         if input.len() < SIMPLE_HEADER {
             return Ok(need_more());
         }
-        let mut r = Reader::new(&input[4..SIMPLE_HEADER]);
+        let mut r = FieldReader::new(&input[4..SIMPLE_HEADER]);
         let error = r.u32().unwrap();
         let cookie = r.u64().unwrap();
         let Some(entry) = self.table.get(&cookie) else {
@@ -728,7 +728,7 @@ impl<T> ReplyDecoder<T> {
             if input.len() < header + 8 {
                 return Ok(need_more());
             }
-            let offset = Reader::new(&input[header..header + 8]).u64().unwrap();
+            let offset = FieldReader::new(&input[header..header + 8]).u64().unwrap();
             let len = length - 8;
             let buf_offset = self.in_range(cookie, &cmd, offset, len, "data")?;
             self.record_chunk(cookie, offset, len, ChunkStatus::Data);
@@ -784,7 +784,7 @@ impl<T> ReplyDecoder<T> {
                         format!("NBD_REPLY_TYPE_OFFSET_HOLE chunk has length {length}, not 12"),
                     ));
                 }
-                let mut r = Reader::new(payload);
+                let mut r = FieldReader::new(payload);
                 let offset = r.u64().unwrap();
                 let len = r.u32().unwrap() as u64;
                 if len == 0 {
@@ -831,7 +831,7 @@ impl<T> ReplyDecoder<T> {
         kind: u16,
         payload: &[u8],
     ) -> Result<Error, Fatal<T>> {
-        let mut r = Reader::new(payload);
+        let mut r = FieldReader::new(payload);
         let (Some(error), Some(msg_len)) = (r.u32(), r.u16()) else {
             return Err(self.fatal(Some(cookie), "error chunk shorter than its error and length fields"));
         };
@@ -848,7 +848,7 @@ impl<T> ReplyDecoder<T> {
                 self.record_chunk(cookie, cmd.offset, 0, ChunkStatus::Error);
             }
             REPLY_TYPE_ERROR_OFFSET if tail.len() == 8 => {
-                let offset = Reader::new(tail).u64().unwrap();
+                let offset = FieldReader::new(tail).u64().unwrap();
                 self.in_range(cookie, cmd, offset, 1, "error offset")?;
                 self.record_chunk(cookie, offset, 0, ChunkStatus::Error);
                 where_ = format!(" at offset {offset}");
@@ -1010,7 +1010,7 @@ impl<T> ReplyDecoder<T> {
         if input.len() < total {
             return Ok(need_more());
         }
-        let mut r = Reader::new(&input[header..total]);
+        let mut r = FieldReader::new(&input[header..total]);
         let context_id = r.u32().unwrap();
         let count = (length - prefix) / descriptor;
         if wide {

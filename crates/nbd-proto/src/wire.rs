@@ -20,14 +20,14 @@ pub fn put_u64(out: &mut Vec<u8>, v: u64) {
 
 /// A forward-only reader over a byte slice.
 #[derive(Debug, Clone, Copy)]
-pub struct Reader<'a> {
+pub struct FieldReader<'a> {
     bytes: &'a [u8],
 }
 
-impl<'a> Reader<'a> {
+impl<'a> FieldReader<'a> {
     /// Reads from the start of `bytes`.
-    pub fn new(bytes: &'a [u8]) -> Reader<'a> {
-        Reader { bytes }
+    pub fn new(bytes: &'a [u8]) -> FieldReader<'a> {
+        FieldReader { bytes }
     }
 
     /// Bytes not yet read.
@@ -75,7 +75,7 @@ mod tests {
 
     #[test]
     fn reader_reports_short_input() {
-        let mut r = Reader::new(&[0, 1, 2]);
+        let mut r = FieldReader::new(&[0, 1, 2]);
         assert_eq!(r.u16(), Some(1));
         assert_eq!(r.u16(), None);
         assert_eq!(r.remaining(), 1);
