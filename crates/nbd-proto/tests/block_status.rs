@@ -269,7 +269,7 @@ fn a_4_gib_block_status_chunk_fails_without_waiting_for_it() {
 fn block_status_needs_negotiated_contexts() {
     let mut n = negotiated(false, 0);
     n.meta_contexts.clear();
-    let e = Session::new(n).check(&bs(0, 512), STRICT_MASK).unwrap_err();
+    let e = Session::new(n).strict(STRICT_MASK).check(&bs(0, 512)).unwrap_err();
     assert_eq!(e.errno(), Errno::ENOTSUP);
 }
 
@@ -278,13 +278,13 @@ fn block_status_flags_and_64_bit_counts() {
     let s = Session::new(negotiated(false, 0));
     let mut c = bs(0, 512);
     c.flags = CMD_FLAG_REQ_ONE as u32;
-    assert_eq!(s.check(&c, STRICT_MASK).unwrap(), CMD_FLAG_REQ_ONE);
+    assert_eq!(s.strict(STRICT_MASK).check(&c).unwrap(), CMD_FLAG_REQ_ONE);
     c.flags = CMD_FLAG_FUA as u32;
-    assert_eq!(s.check(&c, STRICT_MASK).unwrap_err().errno(), Errno::EINVAL);
+    assert_eq!(s.strict(STRICT_MASK).check(&c).unwrap_err().errno(), Errno::EINVAL);
     let big = Command { length: 5 << 30, ..bs(0, 0) };
-    assert_eq!(s.check(&big, 0).unwrap_err().errno(), Errno::ERANGE, "needs extended headers");
+    assert_eq!(s.strict(0).check(&big).unwrap_err().errno(), Errno::ERANGE, "needs extended headers");
     let ext = Session::new(negotiated(true, 0));
-    assert!(ext.check(&big, STRICT_MASK & !STRICT_BOUNDS).is_ok());
+    assert!(ext.strict(STRICT_MASK & !STRICT_BOUNDS).check(&big).is_ok());
 }
 
 #[test]

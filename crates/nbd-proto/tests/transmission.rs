@@ -52,7 +52,7 @@ fn cmd(kind: CommandKind, offset: u64, length: u64, flags: u32) -> Command {
 
 #[track_caller]
 fn refused(s: &Session, c: Command, strict: u32, errno: Errno) -> Error {
-    match s.check(&c, strict) {
+    match s.strict(strict).check(&c) {
         Ok(f) => panic!("{c:?} under strict {strict:#x} passed with flags {f:#x}, expected {errno}"),
         Err(e) => {
             assert_eq!(e.errno(), errno, "{c:?}: {e}");
@@ -65,7 +65,7 @@ fn refused(s: &Session, c: Command, strict: u32, errno: Errno) -> Error {
 
 #[track_caller]
 fn passes(s: &Session, c: Command, strict: u32) -> u16 {
-    match s.check(&c, strict) {
+    match s.strict(strict).check(&c) {
         Ok(f) => f,
         Err(e) => panic!("{c:?} under strict {strict:#x} was refused: {e}"),
     }

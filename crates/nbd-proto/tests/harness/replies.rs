@@ -20,7 +20,7 @@ const COMMAND_BYTES: usize = 1 + 8 + 8 + 8;
 /// length u64)][reply bytes...]`. Bits: 0 structured replies, 1 extended headers.
 /// `count` is taken modulo 33; the kind modulo 7 (read, write, flush, trim, cache,
 /// write-zeroes, disconnect); the length of reads and writes modulo 64 MiB + 1, as
-/// `Session::check` allows no more. Commands with a cookie seen before are dropped (a
+/// `StrictChecks::check` allows no more. Commands with a cookie seen before are dropped (a
 /// driver never has two commands with one cookie).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Case {
