@@ -18,7 +18,8 @@ pub fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_be_bytes());
 }
 
-/// A forward-only reader over a byte slice.
+/// A forward-only reader of big-endian fields over a byte slice (not an IO reader: a
+/// decoder's view of bytes already read).
 #[derive(Debug, Clone, Copy)]
 pub struct FieldReader<'a> {
     bytes: &'a [u8],
@@ -50,14 +51,17 @@ impl<'a> FieldReader<'a> {
         std::mem::take(&mut self.bytes)
     }
 
+    /// The next big-endian `u16`, or `None` if fewer than 2 bytes are left.
     pub fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
 
+    /// The next big-endian `u32`, or `None` if fewer than 4 bytes are left.
     pub fn u32(&mut self) -> Option<u32> {
         self.take(4).map(|b| u32::from_be_bytes(b.try_into().unwrap()))
     }
 
+    /// The next big-endian `u64`, or `None` if fewer than 8 bytes are left.
     pub fn u64(&mut self) -> Option<u64> {
         self.take(8).map(|b| u64::from_be_bytes(b.try_into().unwrap()))
     }

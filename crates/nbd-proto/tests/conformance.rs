@@ -127,7 +127,7 @@ fn starttls_forgets_structured_replies_meta_contexts_and_export_details() {
     let before = hs.export_known().expect("NBD_OPT_INFO told the details");
     assert!(before.structured_replies);
     assert!(before.meta_valid);
-    assert_eq!(before.can_meta_context(CONTEXT_BASE_ALLOCATION, &base()).unwrap(), true);
+    assert!(before.can_meta_context(CONTEXT_BASE_ALLOCATION, &base()).unwrap());
 
     hs.request(OptRequest::StartTls).unwrap();
     let (sent, events) = feed(&mut hs, &reply(OPT_STARTTLS, REP_ACK, &[]));
@@ -186,7 +186,7 @@ fn can_meta_context_is_einval_until_the_server_answered_for_the_export() {
     assert_eq!(e.errno(), Errno::EINVAL);
     assert!(e.message().contains("meta context"), "{}", e.message());
     // Nothing asked for: a plain no.
-    assert_eq!(n.can_meta_context(CONTEXT_BASE_ALLOCATION, &[]).unwrap(), false);
+    assert!(!n.can_meta_context(CONTEXT_BASE_ALLOCATION, &[]).unwrap());
 
     // With request_meta_context off, GO does not set contexts: still no answer.
     let out = answer(&mut hs, OptRequest::Go, &export_ok(OPT_GO, 512));
@@ -206,7 +206,7 @@ fn a_context_the_server_did_not_agree_to_is_false_once_it_answered() {
     let out = answer(&mut hs, OptRequest::Go, &server);
     let Outcome::Ready(n) = out else { panic!("expected Ready, got {out:?}") };
     assert!(n.meta_valid);
-    assert_eq!(n.can_meta_context(CONTEXT_BASE_ALLOCATION, &base()).unwrap(), false);
+    assert!(!n.can_meta_context(CONTEXT_BASE_ALLOCATION, &base()).unwrap());
 }
 
 #[test]

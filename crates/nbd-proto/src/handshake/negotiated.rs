@@ -9,8 +9,11 @@ use crate::error::{Error, Result};
 /// The handshake style the server spoke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
+    /// The oldstyle greeting: size and flags, no options.
     Oldstyle,
+    /// Newstyle without `NBD_FLAG_FIXED_NEWSTYLE`: only `NBD_OPT_EXPORT_NAME`.
     Newstyle,
+    /// Fixed newstyle: option negotiation.
     FixedNewstyle,
 }
 
@@ -28,8 +31,11 @@ impl Protocol {
 /// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockSize {
+    /// The smallest block the server can address (requests are aligned to it).
     pub minimum: u32,
+    /// The block size the server handles best.
     pub preferred: u32,
+    /// The largest payload the server accepts in one request.
     pub maximum: u32,
 }
 
@@ -67,18 +73,25 @@ impl ExportInfo {
 /// A meta context the server agreed to, with the id its block status replies use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaContext {
+    /// The id the server gave it for this connection.
     pub id: u32,
+    /// Its name, such as `base:allocation`.
     pub name: String,
 }
 
 /// The result of a successful handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiated {
+    /// The handshake style the server spoke.
     pub protocol: Protocol,
+    /// Structured replies were negotiated (`NBD_OPT_STRUCTURED_REPLY`, or implied by
+    /// extended headers).
     pub structured_replies: bool,
+    /// Extended headers were negotiated (`NBD_OPT_EXTENDED_HEADERS`: 64-bit lengths).
     pub extended_headers: bool,
     /// TLS is running on the connection.
     pub tls: bool,
+    /// The export's size, flags and details.
     pub export: ExportInfo,
     /// Meta contexts negotiated for this export (empty when none were asked for).
     pub meta_contexts: Vec<MetaContext>,
@@ -113,6 +126,8 @@ impl Negotiated {
 /// One export listed by `NBD_OPT_LIST`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportEntry {
+    /// The export's name.
     pub name: String,
+    /// Its description (empty when the server sent none).
     pub description: String,
 }
