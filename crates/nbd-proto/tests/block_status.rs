@@ -9,6 +9,9 @@ use nbd_proto::transmission::{
 };
 use nbd_proto::{Errno, Fault};
 
+mod bytes;
+use bytes::*;
+
 fn negotiated(extended: bool, flags: u16) -> Negotiated {
     Negotiated {
         protocol: Protocol::FixedNewstyle,
@@ -30,48 +33,6 @@ fn negotiated(extended: bool, flags: u16) -> Negotiated {
 
 fn bs(offset: u64, length: u64) -> Command {
     Command { kind: CommandKind::BlockStatus, offset, length, flags: 0 }
-}
-
-/// A compact structured chunk header.
-fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend(flags.to_be_bytes());
-    v.extend(kind.to_be_bytes());
-    v.extend(cookie.to_be_bytes());
-    v.extend((payload.len() as u32).to_be_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-/// An extended chunk header.
-fn ext_chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = EXTENDED_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend(flags.to_be_bytes());
-    v.extend(kind.to_be_bytes());
-    v.extend(cookie.to_be_bytes());
-    v.extend(0u64.to_be_bytes());
-    v.extend((payload.len() as u64).to_be_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-fn extents32(id: u32, list: &[(u32, u32)]) -> Vec<u8> {
-    let mut v = id.to_be_bytes().to_vec();
-    for (len, flags) in list {
-        v.extend(len.to_be_bytes());
-        v.extend(flags.to_be_bytes());
-    }
-    v
-}
-
-fn extents64(id: u32, list: &[(u64, u64)]) -> Vec<u8> {
-    let mut v = id.to_be_bytes().to_vec();
-    v.extend((list.len() as u32).to_be_bytes());
-    for (len, flags) in list {
-        v.extend(len.to_be_bytes());
-        v.extend(flags.to_be_bytes());
-    }
-    v
 }
 
 enum End {

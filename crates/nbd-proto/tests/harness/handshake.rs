@@ -1,5 +1,6 @@
 //! The `handshake` target: server bytes fed to [`Handshake`] whole and in pieces.
 
+use super::bytes::{self, push16, push32, push64};
 use super::{check_allocation, chunking, measure, mutate, Rng, Source};
 use nbd_proto::consts::*;
 use nbd_proto::handshake::{Handshake, HandshakeConfig, Negotiated, Protocol};
@@ -400,22 +401,8 @@ fn check_outcome(case: &Case, run: &Run) -> std::result::Result<(), String> {
 
 // ---- generation ----
 
-fn be16(v: &mut Vec<u8>, x: u16) {
-    v.extend(x.to_be_bytes());
-}
-fn be32(v: &mut Vec<u8>, x: u32) {
-    v.extend(x.to_be_bytes());
-}
-fn be64(v: &mut Vec<u8>, x: u64) {
-    v.extend(x.to_be_bytes());
-}
-
 fn opt_reply(v: &mut Vec<u8>, option: u32, reply: u32, payload: &[u8]) {
-    be64(v, OPT_REPLY_MAGIC);
-    be32(v, option);
-    be32(v, reply);
-    be32(v, payload.len() as u32);
-    v.extend_from_slice(payload);
+    v.extend(bytes::opt_reply(option, reply, payload));
 }
 
 fn size(rng: &mut Rng) -> u64 {
@@ -449,15 +436,15 @@ fn info(rng: &mut Rng) -> Vec<u8> {
     let mut p = Vec::new();
     match rng.below(7) {
         0 | 1 => {
-            be16(&mut p, INFO_EXPORT);
-            be64(&mut p, size(rng));
-            be16(
+            push16(&mut p, INFO_EXPORT);
+            push64(&mut p, size(rng));
+            push16(
                 &mut p,
                 rng.next_u64() as u16 | if rng.chance(3, 4) { 1 } else { 0 },
             );
         }
         2 | 3 => {
-            be16(&mut p, INFO_BLOCK_SIZE);
+            push16(&mut p, INFO_BLOCK_SIZE);
             let (min, pref, max) = if rng.chance(3, 4) {
                 let min = 1u32 << rng.below(17);
                 let pref = min << rng.below(4);
@@ -470,20 +457,20 @@ fn info(rng: &mut Rng) -> Vec<u8> {
             } else {
                 (pow2(rng), rng.next_u64() as u32, rng.next_u64() as u32)
             };
-            be32(&mut p, min);
-            be32(&mut p, pref);
-            be32(&mut p, max);
+            push32(&mut p, min);
+            push32(&mut p, pref);
+            push32(&mut p, max);
         }
         4 => {
-            be16(&mut p, INFO_NAME);
+            push16(&mut p, INFO_NAME);
             p.extend(text(rng));
         }
         5 => {
-            be16(&mut p, INFO_DESCRIPTION);
+            push16(&mut p, INFO_DESCRIPTION);
             p.extend(text(rng));
         }
         _ => {
-            be16(&mut p, rng.next_u64() as u16);
+            push16(&mut p, rng.next_u64() as u16);
             let n = rng.below(20) as usize;
             p.extend(rng.bytes(n));
         }
@@ -492,11 +479,8 @@ fn info(rng: &mut Rng) -> Vec<u8> {
 }
 
 fn export_name_reply(rng: &mut Rng, v: &mut Vec<u8>, zeroes: bool) {
-    be64(v, size(rng));
-    be16(v, rng.next_u64() as u16);
-    if zeroes {
-        v.extend([0u8; 124]);
-    }
+    let size = size(rng);
+    v.extend(bytes::export_name_reply(size, rng.next_u64() as u16, zeroes));
 }
 
 const ERRORS: &[u32] = &[
@@ -534,21 +518,21 @@ pub fn generate(rng: &mut Rng) -> Case {
             *v = rng.bytes(n);
         }
         1 => {
-            be64(v, NBDMAGIC);
-            be64(v, OLDSTYLE_MAGIC);
-            be64(v, size(rng));
-            be32(v, rng.next_u64() as u32);
+            push64(v, NBDMAGIC);
+            push64(v, OLDSTYLE_MAGIC);
+            push64(v, size(rng));
+            push32(v, rng.next_u64() as u32);
             v.extend([0u8; 124]);
         }
         _ => {
-            be64(v, NBDMAGIC);
-            be64(v, IHAVEOPT);
+            push64(v, NBDMAGIC);
+            push64(v, IHAVEOPT);
             let server_flags = match rng.below(4) {
                 0 => rng.next_u64() as u16,
                 1 => FLAG_FIXED_NEWSTYLE,
                 _ => FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
             };
-            be16(v, server_flags);
+            push16(v, server_flags);
             let client = server_flags as u32 & config.handshake_flags & 3;
             let zeroes = client & FLAG_C_NO_ZEROES == 0;
             if client & FLAG_C_FIXED_NEWSTYLE == 0 {
@@ -573,9 +557,9 @@ pub fn generate(rng: &mut Rng) -> Case {
                 for i in 0..=infos {
                     if i == export_at {
                         let mut p = Vec::new();
-                        be16(&mut p, INFO_EXPORT);
-                        be64(&mut p, rng.below(1 << 40));
-                        be16(&mut p, rng.next_u64() as u16 | FLAG_HAS_FLAGS);
+                        push16(&mut p, INFO_EXPORT);
+                        push64(&mut p, rng.below(1 << 40));
+                        push16(&mut p, rng.next_u64() as u16 | FLAG_HAS_FLAGS);
                         opt_reply(v, OPT_GO, REP_INFO, &p);
                     }
                     if i < infos {

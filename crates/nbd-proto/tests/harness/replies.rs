@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::bytes::{self, push16, push32, push64};
 use super::{check_allocation, chunking, measure, mutate, Rng, Source};
 use nbd_proto::consts::*;
 use nbd_proto::handshake::{ExportInfo, Negotiated, Protocol};
@@ -721,15 +722,6 @@ fn finish(
 
 // ---- generation ----
 
-fn be16(v: &mut Vec<u8>, x: u16) {
-    v.extend(x.to_be_bytes());
-}
-fn be32(v: &mut Vec<u8>, x: u32) {
-    v.extend(x.to_be_bytes());
-}
-fn be64(v: &mut Vec<u8>, x: u64) {
-    v.extend(x.to_be_bytes());
-}
 
 /// A chunk header in the case's framing.
 fn chunk_header(
@@ -741,27 +733,13 @@ fn chunk_header(
     offset: u64,
     len: u64,
 ) {
-    if extended {
-        be32(v, EXTENDED_REPLY_MAGIC);
-        be16(v, flags);
-        be16(v, kind);
-        be64(v, cookie);
-        be64(v, offset);
-        be64(v, len);
+    v.extend(if extended {
+        bytes::ext_chunk_header(flags, kind, cookie, offset, len)
     } else {
-        be32(v, STRUCTURED_REPLY_MAGIC);
-        be16(v, flags);
-        be16(v, kind);
-        be64(v, cookie);
-        be32(v, len as u32);
-    }
+        bytes::chunk_header(flags, kind, cookie, len as u32)
+    });
 }
 
-fn simple_reply(v: &mut Vec<u8>, error: u32, cookie: u64) {
-    be32(v, SIMPLE_REPLY_MAGIC);
-    be32(v, error);
-    be64(v, cookie);
-}
 
 fn error_chunk(rng: &mut Rng, v: &mut Vec<u8>, ext: bool, done: bool, cookie: u64, cmd: &Command) {
     let msg = if rng.chance(1, 2) {
@@ -771,11 +749,11 @@ fn error_chunk(rng: &mut Rng, v: &mut Vec<u8>, ext: bool, done: bool, cookie: u6
     };
     let with_offset = rng.chance(1, 3);
     let mut payload = Vec::new();
-    be32(&mut payload, rng.pick(&[5u32, 1, 22, 28, 0, 108, 999]));
-    be16(&mut payload, msg.len() as u16);
+    push32(&mut payload, rng.pick(&[5u32, 1, 22, 28, 0, 108, 999]));
+    push16(&mut payload, msg.len() as u16);
     payload.extend(&msg);
     let kind = if with_offset {
-        be64(
+        push64(
             &mut payload,
             cmd.offset.wrapping_add(rng.below(cmd.length.max(1) + 1)),
         );
@@ -821,7 +799,7 @@ fn reply(rng: &mut Rng, v: &mut Vec<u8>, case_bits: u8, cookie: u64, cmd: &Comma
         } else {
             0
         };
-        simple_reply(v, error, cookie);
+        v.extend(bytes::simple_reply(error, cookie));
         if error == 0 && cmd.kind == CommandKind::Read {
             data(rng, v, cmd.length);
         }
@@ -867,12 +845,12 @@ fn reply(rng: &mut Rng, v: &mut Vec<u8>, case_bits: u8, cookie: u64, cmd: &Comma
             0 => error_chunk(rng, v, ext, last, cookie, cmd),
             1 | 2 if n <= u32::MAX as u64 => {
                 chunk_header(v, ext, flags, REPLY_TYPE_OFFSET_HOLE, cookie, offset, 12);
-                be64(v, offset);
-                be32(v, n as u32);
+                push64(v, offset);
+                push32(v, n as u32);
             }
             _ => {
                 chunk_header(v, ext, flags, REPLY_TYPE_OFFSET_DATA, cookie, offset, n + 8);
-                be64(v, offset);
+                push64(v, offset);
                 data(rng, v, n);
             }
         }
