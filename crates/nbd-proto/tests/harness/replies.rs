@@ -7,7 +7,7 @@ use super::bytes::{self, push16, push32, push64};
 use super::{check_allocation, chunking, measure, mutate, Rng, Source};
 use nbd_proto::consts::*;
 use nbd_proto::handshake::{ExportInfo, Negotiated, Protocol};
-use nbd_proto::transmission::{Command, CommandKind, Decoded, Event, ReplyDecoder};
+use nbd_proto::transmission::{Command, CommandKind, Decoded, Event, Fatal, ReplyDecoder};
 use nbd_proto::{Errno, Fault};
 
 /// At most this many commands are registered in one case.
@@ -196,39 +196,11 @@ pub fn check(case: &Case) -> Result<Stats, String> {
 /// The driver loop of the `transmission` module documentation, with the server's bytes
 /// arriving in pieces of `sizes`.
 fn run(case: &Case, sizes: &[usize]) -> Result<Vec<Seen>, String> {
-    let mut decoder: ReplyDecoder<u64> = ReplyDecoder::new(&case.negotiated());
-    let mut live: HashMap<u64, Command> = HashMap::new();
-    for &(cookie, cmd) in &case.commands {
-        decoder.register(cookie, cmd, tag(cookie));
-        live.insert(cookie, cmd);
-    }
-    let mut seen = Vec::new();
-    // Bytes received and not yet consumed are `buf[pos..]`.
-    let mut buf: Vec<u8> = Vec::new();
-    let mut pos = 0;
-    let mut next_piece = 0;
-    let mut stream_at = 0;
-    // Receives the next piece; false when the server has nothing more.
-    let mut receive = |buf: &mut Vec<u8>, pos: &mut usize| -> bool {
-        let Some(&n) = sizes.get(next_piece) else {
-            return false;
-        };
-        next_piece += 1;
-        if *pos > 0 && *pos * 2 >= buf.len() {
-            buf.drain(..*pos);
-            *pos = 0;
-        }
-        buf.extend_from_slice(&case.stream[stream_at..stream_at + n]);
-        stream_at += n;
-        true
-    };
+    let mut driver = Driver::new(case, sizes);
     // Every decode call either consumes bytes, asks for more, or reports the one `Done`
     // of a command finished by a payload or hole; so the calls are bounded by this.
     let max_calls = 2 * (case.stream.len() + case.commands.len()) + sizes.len() + 8;
     let mut calls = 0;
-    let mut idle_events = 0;
-    let mut oracle = Oracle::default();
-
     loop {
         calls += 1;
         if calls > max_calls {
@@ -237,155 +209,215 @@ fn run(case: &Case, sizes: &[usize]) -> Result<Vec<Seen>, String> {
                 case.stream.len()
             ));
         }
-        if decoder.len() != live.len() {
+        if driver.decoder.len() != driver.live.len() {
             return Err(format!(
                 "the decoder holds {} commands, {} are in flight",
-                decoder.len(),
-                live.len()
+                driver.decoder.len(),
+                driver.live.len()
             ));
         }
-        let available = buf.len() - pos;
-        let decoded = decoder.decode(&buf[pos..]);
-        match decoded {
-            Ok(Decoded {
-                consumed: 0,
-                event: None,
-            }) => {
-                let needed = decision_point(
-                    &buf[pos..],
-                    case.structured() || case.extended(),
-                    case.extended(),
-                );
+        if !driver.step()? {
+            return finish(driver.decoder, driver.live, driver.seen);
+        }
+    }
+}
+
+/// The server's bytes as a driver receives them: in pieces of `sizes`, into a buffer whose
+/// unconsumed part is `buf[pos..]`.
+struct Feed<'a> {
+    stream: &'a [u8],
+    sizes: &'a [usize],
+    next_piece: usize,
+    stream_at: usize,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<'a> Feed<'a> {
+    fn new(stream: &'a [u8], sizes: &'a [usize]) -> Feed<'a> {
+        Feed { stream, sizes, next_piece: 0, stream_at: 0, buf: Vec::new(), pos: 0 }
+    }
+
+    /// Received and not yet consumed.
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// Receives the next piece; false when the server has nothing more.
+    fn receive(&mut self) -> bool {
+        let Some(&n) = self.sizes.get(self.next_piece) else {
+            return false;
+        };
+        self.next_piece += 1;
+        if self.pos > 0 && self.pos * 2 >= self.buf.len() {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(&self.stream[self.stream_at..self.stream_at + n]);
+        self.stream_at += n;
+        true
+    }
+
+    /// Consumes a read payload of `len` bytes, as a driver copies it into the buffer,
+    /// receiving as needed; false when the stream ends inside it.
+    fn skip_payload(&mut self, len: usize) -> bool {
+        let mut left = len;
+        loop {
+            let n = left.min(self.buf.len() - self.pos);
+            self.pos += n;
+            left -= n;
+            if left == 0 {
+                return true;
+            }
+            if !self.receive() {
+                return false;
+            }
+        }
+    }
+}
+
+/// A driver of one case: the decoder, the commands in flight as the driver knows them,
+/// and what it has seen.
+struct Driver<'a> {
+    case: &'a Case,
+    decoder: ReplyDecoder<u64>,
+    live: HashMap<u64, Command>,
+    seen: Vec<Seen>,
+    feed: Feed<'a>,
+    oracle: Oracle,
+    idle_events: u32,
+}
+
+impl<'a> Driver<'a> {
+    fn new(case: &'a Case, sizes: &'a [usize]) -> Driver<'a> {
+        let mut decoder: ReplyDecoder<u64> = ReplyDecoder::new(&case.negotiated());
+        let mut live: HashMap<u64, Command> = HashMap::new();
+        for &(cookie, cmd) in &case.commands {
+            decoder.register(cookie, cmd, tag(cookie));
+            live.insert(cookie, cmd);
+        }
+        Driver {
+            case,
+            decoder,
+            live,
+            seen: Vec::new(),
+            feed: Feed::new(&case.stream, sizes),
+            oracle: Oracle::default(),
+            idle_events: 0,
+        }
+    }
+
+    /// One decode call and what the driver does about it; false when the run is over.
+    fn step(&mut self) -> Result<bool, String> {
+        let available = self.feed.pending().len();
+        match self.decoder.decode(self.feed.pending()) {
+            Ok(Decoded { consumed: 0, event: None }) => {
+                let (case, pending) = (self.case, self.feed.pending());
+                let needed = decision_point(pending, case.structured() || case.extended(), case.extended());
                 if available >= needed {
                     return Err(format!(
                         "asked for more input while holding {available} bytes; {needed} decide the next step"
                     ));
                 }
-                if !receive(&mut buf, &mut pos) {
-                    seen.push(Seen::End {
-                        in_payload: false,
-                        in_flight: live.len(),
-                    });
-                    return finish(decoder, live, seen);
-                }
+                Ok(self.feed.receive() || self.ended(false))
             }
             Ok(Decoded { consumed, event }) => {
                 if consumed > available {
                     return Err(format!("consumed {consumed} of {available} bytes"));
                 }
                 let step = Step::of(&event);
-                oracle.check(&buf[pos..pos + consumed], &step, &live)?;
-                pos += consumed;
+                self.oracle.check(&self.feed.pending()[..consumed], &step, &self.live)?;
+                self.feed.pos += consumed;
                 if consumed == 0 {
-                    idle_events += 1;
-                    if idle_events > 1 {
+                    self.idle_events += 1;
+                    if self.idle_events > 1 {
                         return Err("two events in a row consumed nothing".into());
                     }
                 } else {
-                    idle_events = 0;
+                    self.idle_events = 0;
                 }
                 match event {
-                    None => {}
-                    Some(Event::ReadData {
-                        cookie,
-                        buf_offset,
-                        len,
-                    }) => {
-                        check_range(&live, cookie, buf_offset, len, "ReadData")?;
-                        seen.push(Seen::Data {
-                            cookie,
-                            buf_offset,
-                            len,
-                        });
-                        // Consume the payload, as a driver copies it into the buffer.
-                        let mut left = len;
-                        loop {
-                            let n = left.min(buf.len() - pos);
-                            pos += n;
-                            left -= n;
-                            if left == 0 {
-                                break;
-                            }
-                            if !receive(&mut buf, &mut pos) {
-                                seen.push(Seen::End {
-                                    in_payload: true,
-                                    in_flight: live.len(),
-                                });
-                                return finish(decoder, live, seen);
-                            }
-                        }
-                        decoder.payload_done();
-                    }
-                    Some(Event::ReadHole {
-                        cookie,
-                        buf_offset,
-                        len,
-                    }) => {
-                        check_range(&live, cookie, buf_offset, len, "ReadHole")?;
-                        seen.push(Seen::Hole {
-                            cookie,
-                            buf_offset,
-                            len,
-                        });
-                    }
-                    Some(Event::Done {
-                        cookie,
-                        user,
-                        result,
-                        ..
-                    }) => {
-                        if live.remove(&cookie).is_none() {
-                            return Err(format!("Done for cookie {cookie}, not in flight"));
-                        }
-                        if user != tag(cookie) {
-                            return Err(format!(
-                                "Done for cookie {cookie} with another's user data"
-                            ));
-                        }
-                        let result = match result {
-                            Ok(()) => Ok(()),
-                            Err(e) => {
-                                if e.fault() != Fault::Server || e.message().is_empty() {
-                                    return Err(format!("a command failed with {e:?}"));
-                                }
-                                Err((e.errno(), e.fault(), e.message().to_string()))
-                            }
-                        };
-                        seen.push(Seen::Done { cookie, result });
-                    }
+                    Some(event) => self.event(event),
+                    None => Ok(true),
                 }
             }
             Err(fatal) => {
-                let e = &fatal.error;
-                if e.fault() != Fault::Protocol
-                    || e.errno() != Errno::EPROTO
-                    || e.message().is_empty()
-                {
-                    return Err(format!("Fatal carries {e:?}, not a protocol error"));
-                }
-                let cookie = match fatal.command {
-                    Some((cookie, user)) => {
-                        if live.remove(&cookie).is_none() {
-                            return Err(format!("Fatal names cookie {cookie}, not in flight"));
-                        }
-                        if user != tag(cookie) {
-                            return Err(format!(
-                                "Fatal for cookie {cookie} with another's user data"
-                            ));
-                        }
-                        Some(cookie)
-                    }
-                    None => None,
-                };
-                seen.push(Seen::Fatal {
-                    cookie,
-                    message: e.message().to_string(),
-                });
+                let seen = fatal_seen(&mut self.live, fatal)?;
+                self.seen.push(seen);
                 // The driver stops reading and fails every other command.
-                return finish(decoder, live, seen);
+                Ok(false)
             }
         }
     }
+
+    /// The server has nothing more to send: the run is over.
+    fn ended(&mut self, in_payload: bool) -> bool {
+        self.seen.push(Seen::End {
+            in_payload,
+            in_flight: self.live.len(),
+        });
+        false
+    }
+
+    fn event(&mut self, event: Event<u64>) -> Result<bool, String> {
+        match event {
+            Event::ReadData { cookie, buf_offset, len } => {
+                check_range(&self.live, cookie, buf_offset, len, "ReadData")?;
+                self.seen.push(Seen::Data { cookie, buf_offset, len });
+                if !self.feed.skip_payload(len) {
+                    return Ok(self.ended(true));
+                }
+                self.decoder.payload_done();
+            }
+            Event::ReadHole { cookie, buf_offset, len } => {
+                check_range(&self.live, cookie, buf_offset, len, "ReadHole")?;
+                self.seen.push(Seen::Hole { cookie, buf_offset, len });
+            }
+            Event::Done { cookie, user, result, .. } => {
+                if self.live.remove(&cookie).is_none() {
+                    return Err(format!("Done for cookie {cookie}, not in flight"));
+                }
+                if user != tag(cookie) {
+                    return Err(format!("Done for cookie {cookie} with another's user data"));
+                }
+                let result = match result {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        if e.fault() != Fault::Server || e.message().is_empty() {
+                            return Err(format!("a command failed with {e:?}"));
+                        }
+                        Err((e.errno(), e.fault(), e.message().to_string()))
+                    }
+                };
+                self.seen.push(Seen::Done { cookie, result });
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// A protocol violation must be a protocol error, naming a command in flight if any.
+fn fatal_seen(live: &mut HashMap<u64, Command>, fatal: Fatal<u64>) -> Result<Seen, String> {
+    let e = &fatal.error;
+    if e.fault() != Fault::Protocol || e.errno() != Errno::EPROTO || e.message().is_empty() {
+        return Err(format!("Fatal carries {e:?}, not a protocol error"));
+    }
+    let cookie = match fatal.command {
+        Some((cookie, user)) => {
+            if live.remove(&cookie).is_none() {
+                return Err(format!("Fatal names cookie {cookie}, not in flight"));
+            }
+            if user != tag(cookie) {
+                return Err(format!("Fatal for cookie {cookie} with another's user data"));
+            }
+            Some(cookie)
+        }
+        None => None,
+    };
+    Ok(Seen::Fatal {
+        cookie,
+        message: e.message().to_string(),
+    })
 }
 
 /// One decode step's event, without the user data.
