@@ -553,104 +553,129 @@ impl Oracle {
             ));
         };
         let payload = &bytes[h.size..];
-        let wrong = |what: &str| Err(format!("{step:?} from a reply whose {what}"));
-        let cmd_offset = |cookie: u64| live.get(&cookie).map_or(0, |c| c.offset);
         match *step {
-            Step::Data {
-                cookie,
-                buf_offset,
-                len,
-            } => {
-                if h.cookie != cookie {
-                    return wrong("cookie differs");
-                }
-                let c = self.covered.entry(cookie).or_insert(0);
-                *c = c.saturating_add(len as u64);
-                if h.simple {
-                    let want = live.get(&cookie).map_or(0, |c| c.length) as usize;
-                    if h.error != 0 || !payload.is_empty() || buf_offset != 0 || len != want {
-                        return wrong("simple header does not announce this data");
-                    }
-                    self.pending_done = Some(cookie);
-                } else {
-                    if h.kind != REPLY_TYPE_OFFSET_DATA || payload.len() != 8 {
-                        return wrong("chunk is no NBD_REPLY_TYPE_OFFSET_DATA header");
-                    }
-                    let offset = be_u64(payload);
-                    if buf_offset as u64 != offset.wrapping_sub(cmd_offset(cookie))
-                        || len as u64 != h.length.wrapping_sub(8)
-                    {
-                        return wrong("offset or length differ");
-                    }
-                    if h.flags & REPLY_FLAG_DONE != 0 {
-                        self.pending_done = Some(cookie);
-                    }
-                }
-                Ok(())
+            Step::Data { cookie, buf_offset, len } => {
+                self.data(&h, payload, step, (cookie, buf_offset, len), live)
             }
-            Step::Hole {
-                cookie,
-                buf_offset,
-                len,
-            } => {
-                let c = self.covered.entry(cookie).or_insert(0);
-                *c = c.saturating_add(len as u64);
-                if h.cookie != cookie
-                    || h.simple
-                    || h.kind != REPLY_TYPE_OFFSET_HOLE
-                    || payload.len() != 12
-                {
-                    return wrong("header is no NBD_REPLY_TYPE_OFFSET_HOLE for this cookie");
-                }
-                let offset = be_u64(&payload[..8]);
-                if buf_offset as u64 != offset.wrapping_sub(cmd_offset(cookie))
-                    || len as u64 != be_u64(&payload[8..])
-                {
-                    return wrong("offset or length differ");
-                }
-                if h.flags & REPLY_FLAG_DONE != 0 {
-                    self.pending_done = Some(cookie);
-                }
-                Ok(())
+            Step::Hole { cookie, buf_offset, len } => {
+                self.hole(&h, payload, step, (cookie, buf_offset, len), live)
             }
-            Step::Done { cookie, failed } => {
-                if h.cookie != cookie {
-                    return wrong("cookie differs");
-                }
-                if h.simple {
-                    if !payload.is_empty() {
-                        return wrong("simple header is followed by consumed bytes");
-                    }
-                    if h.error != 0 {
-                        self.errored.insert(cookie);
-                    }
-                } else {
-                    if h.flags & REPLY_FLAG_DONE == 0 {
-                        return wrong("chunk is not flagged final");
-                    }
-                    if payload.len() as u64 != h.length {
-                        return wrong("chunk's payload was not consumed whole");
-                    }
-                    if h.kind & (1 << 15) != 0 {
-                        self.errored.insert(cookie);
-                    } else if h.kind != REPLY_TYPE_NONE {
-                        return wrong("chunk type is neither NONE nor an error");
-                    }
-                }
-                self.result(cookie, failed, live)
-            }
+            Step::Done { cookie, failed } => self.done(&h, payload, step, cookie, failed, live),
             Step::Nothing => {
                 if h.simple
                     || h.kind & (1 << 15) == 0
                     || h.flags & REPLY_FLAG_DONE != 0
                     || payload.len() as u64 != h.length
                 {
-                    return wrong("bytes are no whole, non-final error chunk");
+                    return wrong(step, "bytes are no whole, non-final error chunk");
                 }
                 self.errored.insert(h.cookie);
                 Ok(())
             }
         }
+    }
+
+    /// `ReadData` (cookie, buffer offset, length) from a simple header or an
+    /// `NBD_REPLY_TYPE_OFFSET_DATA` chunk header.
+    fn data(
+        &mut self,
+        h: &Header,
+        payload: &[u8],
+        step: &Step,
+        (cookie, buf_offset, len): (u64, usize, usize),
+        live: &HashMap<u64, Command>,
+    ) -> Result<(), String> {
+        if h.cookie != cookie {
+            return wrong(step, "cookie differs");
+        }
+        self.cover(cookie, len);
+        if h.simple {
+            let want = live.get(&cookie).map_or(0, |c| c.length) as usize;
+            if h.error != 0 || !payload.is_empty() || buf_offset != 0 || len != want {
+                return wrong(step, "simple header does not announce this data");
+            }
+            self.pending_done = Some(cookie);
+            return Ok(());
+        }
+        if h.kind != REPLY_TYPE_OFFSET_DATA || payload.len() != 8 {
+            return wrong(step, "chunk is no NBD_REPLY_TYPE_OFFSET_DATA header");
+        }
+        let offset = be_u64(payload);
+        if buf_offset as u64 != offset.wrapping_sub(cmd_offset(live, cookie))
+            || len as u64 != h.length.wrapping_sub(8)
+        {
+            return wrong(step, "offset or length differ");
+        }
+        if h.flags & REPLY_FLAG_DONE != 0 {
+            self.pending_done = Some(cookie);
+        }
+        Ok(())
+    }
+
+    /// `ReadHole` (cookie, buffer offset, length) from an `NBD_REPLY_TYPE_OFFSET_HOLE`.
+    fn hole(
+        &mut self,
+        h: &Header,
+        payload: &[u8],
+        step: &Step,
+        (cookie, buf_offset, len): (u64, usize, usize),
+        live: &HashMap<u64, Command>,
+    ) -> Result<(), String> {
+        self.cover(cookie, len);
+        if h.cookie != cookie || h.simple || h.kind != REPLY_TYPE_OFFSET_HOLE || payload.len() != 12 {
+            return wrong(step, "header is no NBD_REPLY_TYPE_OFFSET_HOLE for this cookie");
+        }
+        let offset = be_u64(&payload[..8]);
+        if buf_offset as u64 != offset.wrapping_sub(cmd_offset(live, cookie))
+            || len as u64 != be_u64(&payload[8..])
+        {
+            return wrong(step, "offset or length differ");
+        }
+        if h.flags & REPLY_FLAG_DONE != 0 {
+            self.pending_done = Some(cookie);
+        }
+        Ok(())
+    }
+
+    /// `Done` from a simple reply or a final chunk (none or an error).
+    fn done(
+        &mut self,
+        h: &Header,
+        payload: &[u8],
+        step: &Step,
+        cookie: u64,
+        failed: bool,
+        live: &HashMap<u64, Command>,
+    ) -> Result<(), String> {
+        if h.cookie != cookie {
+            return wrong(step, "cookie differs");
+        }
+        if h.simple {
+            if !payload.is_empty() {
+                return wrong(step, "simple header is followed by consumed bytes");
+            }
+            if h.error != 0 {
+                self.errored.insert(cookie);
+            }
+        } else {
+            if h.flags & REPLY_FLAG_DONE == 0 {
+                return wrong(step, "chunk is not flagged final");
+            }
+            if payload.len() as u64 != h.length {
+                return wrong(step, "chunk's payload was not consumed whole");
+            }
+            if h.kind & (1 << 15) != 0 {
+                self.errored.insert(cookie);
+            } else if h.kind != REPLY_TYPE_NONE {
+                return wrong(step, "chunk type is neither NONE nor an error");
+            }
+        }
+        self.result(cookie, failed, live)
+    }
+
+    fn cover(&mut self, cookie: u64, len: usize) {
+        let c = self.covered.entry(cookie).or_insert(0);
+        *c = c.saturating_add(len as u64);
     }
 
     fn result(&mut self, cookie: u64, failed: bool, live: &HashMap<u64, Command>) -> Result<(), String> {
@@ -672,6 +697,16 @@ impl Oracle {
         }
         Ok(())
     }
+}
+
+/// An oracle verdict: `step` does not match the reply it came from.
+fn wrong(step: &Step, what: &str) -> Result<(), String> {
+    Err(format!("{step:?} from a reply whose {what}"))
+}
+
+/// The offset of command `cookie` (0 when it is not in flight).
+fn cmd_offset(live: &HashMap<u64, Command>, cookie: u64) -> u64 {
+    live.get(&cookie).map_or(0, |c| c.offset)
 }
 
 /// How many bytes at the front of `input` suffice for the decoder to do something
