@@ -555,10 +555,10 @@ impl Oracle {
         let payload = &bytes[h.size..];
         match *step {
             Step::Data { cookie, buf_offset, len } => {
-                self.data(&h, payload, step, (cookie, buf_offset, len), live)
+                self.data(&Reply { h: &h, payload, step, live }, (cookie, buf_offset, len))
             }
             Step::Hole { cookie, buf_offset, len } => {
-                self.hole(&h, payload, step, (cookie, buf_offset, len), live)
+                self.hole(&Reply { h: &h, payload, step, live }, (cookie, buf_offset, len))
             }
             Step::Done { cookie, failed } => self.done(&h, payload, step, cookie, failed, live),
             Step::Nothing => {
@@ -577,14 +577,8 @@ impl Oracle {
 
     /// `ReadData` (cookie, buffer offset, length) from a simple header or an
     /// `NBD_REPLY_TYPE_OFFSET_DATA` chunk header.
-    fn data(
-        &mut self,
-        h: &Header,
-        payload: &[u8],
-        step: &Step,
-        (cookie, buf_offset, len): (u64, usize, usize),
-        live: &HashMap<u64, Command>,
-    ) -> Result<(), String> {
+    fn data(&mut self, r: &Reply, (cookie, buf_offset, len): (u64, usize, usize)) -> Result<(), String> {
+        let Reply { h, payload, step, live } = *r;
         if h.cookie != cookie {
             return wrong(step, "cookie differs");
         }
@@ -600,35 +594,33 @@ impl Oracle {
         if h.kind != REPLY_TYPE_OFFSET_DATA || payload.len() != 8 {
             return wrong(step, "chunk is no NBD_REPLY_TYPE_OFFSET_DATA header");
         }
-        let offset = be_u64(payload);
-        if buf_offset as u64 != offset.wrapping_sub(cmd_offset(live, cookie))
-            || len as u64 != h.length.wrapping_sub(8)
-        {
-            return wrong(step, "offset or length differ");
-        }
-        if h.flags & REPLY_FLAG_DONE != 0 {
-            self.pending_done = Some(cookie);
-        }
-        Ok(())
+        let same_len = len as u64 == h.length.wrapping_sub(8);
+        self.placed(step, h, live, (cookie, buf_offset), be_u64(payload), same_len)
     }
 
     /// `ReadHole` (cookie, buffer offset, length) from an `NBD_REPLY_TYPE_OFFSET_HOLE`.
-    fn hole(
-        &mut self,
-        h: &Header,
-        payload: &[u8],
-        step: &Step,
-        (cookie, buf_offset, len): (u64, usize, usize),
-        live: &HashMap<u64, Command>,
-    ) -> Result<(), String> {
+    fn hole(&mut self, r: &Reply, (cookie, buf_offset, len): (u64, usize, usize)) -> Result<(), String> {
+        let Reply { h, payload, step, live } = *r;
         self.cover(cookie, len);
         if h.cookie != cookie || h.simple || h.kind != REPLY_TYPE_OFFSET_HOLE || payload.len() != 12 {
             return wrong(step, "header is no NBD_REPLY_TYPE_OFFSET_HOLE for this cookie");
         }
-        let offset = be_u64(&payload[..8]);
-        if buf_offset as u64 != offset.wrapping_sub(cmd_offset(live, cookie))
-            || len as u64 != be_u64(&payload[8..])
-        {
+        let same_len = len as u64 == be_u64(&payload[8..]);
+        self.placed(step, h, live, (cookie, buf_offset), be_u64(&payload[..8]), same_len)
+    }
+
+    /// What data and holes share: the event's place in the buffer is the chunk's `offset`
+    /// (and its length the chunk's), and a final chunk's `Done` comes next.
+    fn placed(
+        &mut self,
+        step: &Step,
+        h: &Header,
+        live: &HashMap<u64, Command>,
+        (cookie, buf_offset): (u64, usize),
+        offset: u64,
+        same_len: bool,
+    ) -> Result<(), String> {
+        if buf_offset as u64 != offset.wrapping_sub(cmd_offset(live, cookie)) || !same_len {
             return wrong(step, "offset or length differ");
         }
         if h.flags & REPLY_FLAG_DONE != 0 {
@@ -697,6 +689,15 @@ impl Oracle {
         }
         Ok(())
     }
+}
+
+/// A decode step with the reply bytes it consumed, parsed, and the commands in flight.
+#[derive(Clone, Copy)]
+struct Reply<'a> {
+    h: &'a Header,
+    payload: &'a [u8],
+    step: &'a Step,
+    live: &'a HashMap<u64, Command>,
 }
 
 /// An oracle verdict: `step` does not match the reply it came from.
