@@ -41,7 +41,7 @@ pub struct HandshakeConfig {
     /// Handshake flags the client is willing to use (`FLAG_C_FIXED_NEWSTYLE`,
     /// `FLAG_C_NO_ZEROES`); the ones sent are these masked by what the server offers.
     pub handshake_flags: u32,
-    /// Stop after the first negotiations and wait for [`OptRequest`]s.
+    /// Stop after the first negotiations and wait for [`OptRequest`](super::OptRequest)s.
     pub opt_mode: bool,
     /// Send `NBD_OPT_SET_META_CONTEXT` before `NBD_OPT_GO`/`NBD_OPT_INFO` when
     /// `meta_contexts` is not empty and structured replies were negotiated.
@@ -50,7 +50,7 @@ pub struct HandshakeConfig {
     pub meta_contexts: Vec<String>,
     /// Whether to negotiate TLS.
     pub tls: TlsMode,
-    /// Keep a log of what is sent and received ([`Handshake::take_debug`]).
+    /// Keep a log of what is sent and received ([`Handshake::take_debug`](super::Handshake::take_debug)).
     pub debug: bool,
 }
 

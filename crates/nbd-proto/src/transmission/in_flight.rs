@@ -98,7 +98,7 @@ pub enum Detail {
     Chunks(Vec<ReadChunk>),
 }
 
-/// Extra bookkeeping for a command (see [`ReplyDecoder::register_with`]).
+/// Extra bookkeeping for a command (see [`ReplyDecoder::register_with`](super::ReplyDecoder::register_with)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tracking {
     /// Block status filtered to these context ids.

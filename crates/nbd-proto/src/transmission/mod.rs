@@ -8,9 +8,8 @@
 //! event-loop driver, which the Node binding polls with libuv). Both follow these rules:
 //!
 //! * Before sending, [`StrictChecks::check`] (from [`Session::strict`]) refuses what libnbd
-//!   refuses client-side, and
-//!   [`Session::encode_request`] appends the request header (the write payload follows it
-//!   on the wire, sent from the caller's buffer).
+//!   refuses client-side, and [`Session::encode_request`] appends the request header (the
+//!   write payload follows it on the wire, sent from the caller's buffer).
 //! * [`ReplyDecoder::register`] must learn of a command before its request can be answered,
 //!   i.e. before the request is written.
 //! * The reader feeds what it has read to [`ReplyDecoder::decode`] and acts on the

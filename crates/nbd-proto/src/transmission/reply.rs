@@ -1,5 +1,5 @@
 //! The reply decoder: turns the server's reply bytes into [`Event`]s for the commands in
-//! the [in-flight table](super::in_flight), checking every reply against the command it
+//! the in-flight table (`in_flight.rs`), checking every reply against the command it
 //! answers (see the module documentation of [`transmission`](super) for the run loop).
 
 use crate::consts::*;
@@ -54,8 +54,9 @@ pub struct Fatal<T> {
     pub command: Option<(u64, T)>,
 }
 
-/// The decoder of the replies to the commands in flight; it owns the
-/// [`InFlightTable`](super::in_flight) and is how a driver registers commands in it.
+/// The decoder of the replies to the commands in flight; it owns the in-flight table
+/// (`InFlightTable`, in `transmission/in_flight.rs`) and is how a driver registers
+/// commands in it.
 #[derive(Debug)]
 pub struct ReplyDecoder<T> {
     structured: bool,
