@@ -198,7 +198,7 @@ impl Handle {
 
     /// Changes settings that shape the connection: only on a newly created handle.
     pub fn configure(&self, change: impl FnOnce(&mut Config)) -> Result<()> {
-        state::check(Call::Configure, self.state())?;
+        state::ensure_allowed(Call::Configure, self.state())?;
         self.update_config(change);
         Ok(())
     }
@@ -219,7 +219,7 @@ impl Handle {
     /// Changes a setting that option mode may change between requests (export name, meta
     /// contexts, info requests): before connecting or while negotiating.
     pub fn negotiation_setting(&self, change: impl Fn(&mut Config)) -> Result<()> {
-        state::check(Call::SetExportName, self.state())?;
+        state::ensure_allowed(Call::SetExportName, self.state())?;
         let mut phase = self.phase();
         self.update_config(&change);
         if let Phase::Negotiating { negotiation, .. } = &mut *phase {
@@ -397,7 +397,7 @@ impl Handle {
     /// What the handshake settled; an error before the server has told.
     pub fn negotiated(&self) -> Result<Negotiated> {
         let state = self.state();
-        state::check(Call::Info, state)?;
+        state::ensure_allowed(Call::Info, state)?;
         let negotiated = match &*self.phase() {
             Phase::Connected { driver, .. } => Some(driver.session.negotiated.clone()),
             Phase::Detached { session, .. } => Some(session.negotiated.clone()),
@@ -510,7 +510,7 @@ impl Handle {
     pub fn get_uri(&self) -> Result<String> {
         let state = self.state();
         if state == State::Created {
-            return state::check(Call::Info, state).map(|()| String::new());
+            return state::ensure_allowed(Call::Info, state).map(|()| String::new());
         }
         let Some(transport) = self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Err(Error::usage(
@@ -681,7 +681,7 @@ impl Handle {
             Phase::Created => {}
             _ => {
                 drop(phase);
-                return state::check(Call::Connect, self.state());
+                return state::ensure_allowed(Call::Connect, self.state());
             }
         }
         precheck()?;
@@ -808,7 +808,7 @@ impl Handle {
     /// Runs one option request; `None` when `NBD_OPT_GO` moved the connection to
     /// transmission.
     async fn opt(&self, req: OptRequest) -> Result<Option<OptReply>> {
-        state::check(Call::Opt, self.state())?;
+        state::ensure_allowed(Call::Opt, self.state())?;
         let (socket, mut negotiation) = {
             let mut phase = self.phase();
             match std::mem::replace(&mut *phase, Phase::Connecting) {
@@ -819,7 +819,7 @@ impl Handle {
                 other => {
                     *phase = other;
                     drop(phase);
-                    return state::check(Call::Opt, State::Connecting).map(|()| None);
+                    return state::ensure_allowed(Call::Opt, State::Connecting).map(|()| None);
                 }
             }
         };
@@ -1148,7 +1148,7 @@ impl Handle {
         cmd: &Command,
     ) -> Result<(mpsc::UnboundedSender<Request>, Arc<Lifeline>, u16, Arc<Session>)> {
         let state = self.state();
-        state::check(Call::Command, state)?;
+        state::ensure_allowed(Call::Command, state)?;
         let (session, requests, lifeline) = match &*self.phase() {
             Phase::Connected {
                 driver,
@@ -1162,7 +1162,7 @@ impl Handle {
                 ))
             }
         };
-        let flags = session.check(cmd, self.inner.strict.load(Ordering::Relaxed))?;
+        let flags = session.strict(self.inner.strict.load(Ordering::Relaxed)).check(cmd)?;
         Ok((requests, lifeline, flags, session))
     }
 
@@ -1172,7 +1172,7 @@ impl Handle {
     /// once with `abandon_pending`), then waits briefly for the server to hang up.
     pub async fn shutdown(&self, abandon_pending: bool) -> Result<()> {
         let state = self.state();
-        state::check(Call::Shutdown, state)?;
+        state::ensure_allowed(Call::Shutdown, state)?;
         if state == State::Negotiating {
             // Nothing is in flight while negotiating: end politely with NBD_OPT_ABORT.
             return self.opt_abort().await;
@@ -1194,7 +1194,7 @@ impl Handle {
                     }
                     (driver.requests.clone(), driver.lifeline.clone())
                 }
-                _ => return state::check(Call::Shutdown, State::Closed),
+                _ => return state::ensure_allowed(Call::Shutdown, State::Closed),
             }
         };
         let (done, sent) = oneshot::channel();
