@@ -447,7 +447,8 @@ pub enum Detail {
     None,
     /// Block status: one entry per context that answered, in the order they came.
     Extents(Vec<ContextExtents>),
-    /// A read registered with `record_chunks`: its chunks in the order they came.
+    /// A read registered with `record_chunks`: its chunks in the order they came (a simple
+    /// reply's data is one data chunk).
     Chunks(Vec<ReadChunk>),
 }
 
@@ -686,6 +687,10 @@ impl<T> ReplyDecoder<T> {
                 ));
             }
             self.table.get_mut(&cookie).unwrap().seen = cmd.length;
+            if cmd.length > 0 {
+                // Without structured replies the whole read comes as one data chunk.
+                self.record_chunk(cookie, cmd.offset, cmd.length, ChunkStatus::Data);
+            }
             self.in_payload = Some((cookie, true));
             return Ok(Decoded {
                 consumed: SIMPLE_HEADER,
