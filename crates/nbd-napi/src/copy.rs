@@ -144,4 +144,3 @@ impl NativeCopy {
         self.cancel.cancel();
     }
 }
-
