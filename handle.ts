@@ -13,7 +13,7 @@ import { CMD_FLAG_REQ_ONE, type CONTEXT_BASE_ALLOCATION, type STRICT_COMMANDS } 
 import { invalid, makeError, toNbdError, type NbdError } from './errors'
 import { mapExtents, type MapExtent, type MapOptions } from './map'
 import { native } from './native'
-import { POOLED_READ_MAX, pooledBuffer } from './read-pool'
+import { pooledBuffer } from './read-pool'
 import { NbdReadStream, NbdWriteStream, type ReadStreamOptions, type WriteStreamOptions } from './streams'
 import type {
   BlockSizeKind,
@@ -43,6 +43,9 @@ import {
   checkStringList,
   checkUint32,
 } from './validation'
+
+/** The largest `pread` whose Buffer is a slice of a pooled slab (read-pool.ts). */
+const POOLED_READ_MAX = 16 * 1024
 
 const asyncDispose: typeof Symbol.asyncDispose =
   (Symbol as { asyncDispose?: typeof Symbol.asyncDispose }).asyncDispose ??

@@ -12,13 +12,11 @@
 
 import { markAsUntransferable } from 'node:worker_threads'
 
-/** The largest read that gets a pooled Buffer. */
-export const POOLED_READ_MAX = 16 * 1024
 const SLAB_SIZE = 256 * 1024
 let slab: ArrayBuffer | undefined
 let slabUsed = 0
 
-/** A Buffer of `count` bytes (at most {@link POOLED_READ_MAX}) in the current slab. */
+/** A Buffer of `count` bytes (small: at most a few per cent of a slab) in the current slab. */
 export function pooledBuffer(count: number): Buffer {
   if (slab === undefined || slabUsed + count > SLAB_SIZE) {
     slab = new ArrayBuffer(SLAB_SIZE)
