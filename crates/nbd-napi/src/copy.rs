@@ -83,13 +83,10 @@ impl NativeCopy {
     /// `make_error(code, errno, operation, message)` makes the `NbdError` a copy rejects with.
     #[napi(constructor)]
     pub fn new(
-        env: Env,
         #[napi(ts_arg_type = "(code: string, errno: number, operation: string, message: string) => Error")]
-        make_error: Unknown,
-    ) -> Result<Self> {
-        let make_error = ErrorFactory::new(env.raw(), make_error.value().value)
-            .ok_or_else(|| Error::from_reason("cannot keep the error factory"))?;
-        Ok(NativeCopy { progress: Arc::default(), cancel: CancelToken::new(), make_error })
+        make_error: ErrorFactory,
+    ) -> Self {
+        NativeCopy { progress: Arc::default(), cancel: CancelToken::new(), make_error }
     }
 
     /// Copies; rejects with an `NbdError` (`ECANCELED` once aborted).

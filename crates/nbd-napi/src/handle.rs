@@ -357,12 +357,9 @@ impl NativeHandle {
     pub fn new(
         env: Env,
         #[napi(ts_arg_type = "(code: string, errno: number, operation: string, message: string) => Error")]
-        make_error: Unknown,
+        make_error: ErrorFactory,
     ) -> Result<Self> {
-        let raw = env.raw();
-        let make_error = ErrorFactory::new(raw, make_error.value().value)
-            .ok_or_else(|| Error::from_reason("cannot keep the error factory"))?;
-        let completer = Completer::new(raw, make_error)
+        let completer = Completer::new(env.raw(), make_error)
             .ok_or_else(|| make_error.throwable("create", &invalid("cannot create the completion channel")))?;
         let handle = Handle::default();
         handle.set_event_loop_driver(true);

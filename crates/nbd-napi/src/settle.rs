@@ -105,7 +105,7 @@ pub(crate) fn integer(env: Env, n: u64) -> Value {
     let mut v = ptr::null_mut();
     // SAFETY: on the JavaScript thread.
     unsafe {
-        if n <= (1u64 << 53) - 1 {
+        if n < (1u64 << 53) {
             sys::napi_create_double(env, n as f64, &mut v);
         } else {
             sys::napi_create_bigint_uint64(env, n, &mut v);
@@ -192,7 +192,7 @@ pub(crate) fn structured(env: Env, data: Value, detail: &Detail) -> Value {
 /// reference per environment, never deleted (it lives as long as the environment, and a
 /// reference deleted while an environment is torn down would be a use after free).
 #[derive(Clone, Copy)]
-pub(crate) struct ErrorFactory {
+pub struct ErrorFactory {
     env: Env,
     raw: sys::napi_ref,
 }
@@ -246,6 +246,23 @@ pub(crate) fn error(env: Env, make_error: &ErrorFactory, operation: &str, e: &Er
         return string(env, &format!("{operation}: {}", e.message()));
     }
     result
+}
+
+/// The factory as the argument of a constructor (`NativeHandle`, `NativeCopy`).
+impl napi::bindgen_prelude::FromNapiValue for ErrorFactory {
+    unsafe fn from_napi_value(env: Env, value: Value) -> napi::Result<Self> {
+        ErrorFactory::new(env, value).ok_or_else(|| napi::Error::from_reason("cannot keep the error factory"))
+    }
+}
+
+impl napi::bindgen_prelude::TypeName for ErrorFactory {
+    fn type_name() -> &'static str {
+        "Function"
+    }
+
+    fn value_type() -> napi::ValueType {
+        napi::ValueType::Function
+    }
 }
 
 impl ErrorFactory {
