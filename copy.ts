@@ -21,11 +21,11 @@ import fs from 'node:fs'
 import path from 'node:path'
 import type { Readable, Writable } from 'node:stream'
 import type * as Binding from './binding'
-import { CONTEXT_BASE_ALLOCATION, Handle, NbdError, STATE_ZERO, isUri } from './index'
-import { abortError, checkAborted } from './internal'
-
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const native: typeof Binding = require('../binding.js')
+import { CONTEXT_BASE_ALLOCATION, STATE_ZERO } from './constants'
+import { NbdError, abortError, checkAborted, makeError } from './errors'
+import { Handle } from './handle'
+import { native } from './native'
+import { isUri } from './support'
 
 /** One end of a copy: an NBD URI, `'null:'` (destination only), a file or block device path, a `Handle`, or a Node stream. */
 export type CopyEndpoint = string | Handle | Readable | Writable
@@ -210,13 +210,10 @@ export async function copy(source: CopyEndpoint, destination: CopyEndpoint, opti
 }
 
 async function copyNative(src: NativeEndpoint, dst: NativeEndpoint, s: Settled): Promise<CopyResult> {
-  const job = new native.NativeCopy()
+  const job = new native.NativeCopy(makeError)
   const onAbort = () => job.abort()
   s.signal?.addEventListener('abort', onAbort, { once: true })
-  const progress = progressReporter(s, () => {
-    const [bytesDone, bytesTotal, bytesZero] = job.progress()
-    return { bytesDone: bytesDone!, bytesTotal: bytesTotal!, bytesZero: bytesZero! }
-  })
+  const progress = progressReporter(s, () => job.progress())
   let ok = false
   try {
     const r = await job.run(src, dst, {
@@ -232,10 +229,9 @@ async function copyNative(src: NativeEndpoint, dst: NativeEndpoint, s: Settled):
     return { bytes: r.bytes, dataBytes: r.dataBytes, zeroBytes: r.zeroBytes, seconds: r.seconds, engine: 'native' }
   } catch (e) {
     if (s.signal?.aborted) throw abortError(s.signal)
-    const message = e instanceof Error ? e.message : String(e)
-    const m = /^\[([A-Z]+):(\d+)\] ([\s\S]*)$/.exec(message)
-    if (m) throw new NbdError(m[1]!, m[3]!, 'copy', Number(m[2]))
-    throw fail(message)
+    // The engine's failures are NbdErrors of operation 'copy' already.
+    if (e instanceof NbdError) throw e
+    throw fail(e instanceof Error ? e.message : String(e))
   } finally {
     s.signal?.removeEventListener('abort', onAbort)
     progress.stop(ok)

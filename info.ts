@@ -9,8 +9,8 @@ import { execFile } from 'node:child_process'
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
-import { Handle, NbdError } from './index'
-import { abortError, checkAborted } from './internal'
+import { NbdError, abortError, checkAborted } from './errors'
+import { Handle } from './handle'
 
 /** One export as {@link info} describes it (nbdinfo's JSON keys in camelCase). */
 export interface ExportDetails {

@@ -9,7 +9,9 @@
  * @packageDocumentation
  */
 
-import { CMD_FLAG_REQ_ONE, CONTEXT_BASE_ALLOCATION, NbdError, type Handle } from './index'
+import { CMD_FLAG_REQ_ONE, CONTEXT_BASE_ALLOCATION } from './constants'
+import { NbdError } from './errors'
+import type { Handle } from './handle'
 
 /** Options of {@link Handle.map}. */
 export interface MapOptions {

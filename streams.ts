@@ -12,8 +12,8 @@
  */
 
 import { Readable, Writable, addAbortSignal } from 'node:stream'
-import type { Handle } from './index'
-import { NbdError } from './index'
+import { NbdError } from './errors'
+import type { Handle } from './handle'
 
 /** Options of {@link Handle.createReadStream}. */
 export interface ReadStreamOptions {

@@ -42,10 +42,7 @@
  */
 
 import type * as Binding from './binding'
-
-// The native addon sits at the package root, next to dist/ from which this file runs.
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const native: typeof Binding = require('../binding.js')
+import { native } from './native'
 
 /** Options of {@link EmbeddedServer}'s constructor. Every field is optional. */
 export interface EmbeddedServerOptions {

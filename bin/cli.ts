@@ -157,6 +157,22 @@ export function versionText(): string {
   return `${PROGRAM} ${version}\n`
 }
 
+/**
+ * Writes `help` for `--help`, or the version for `--version`, when `args` asks for them:
+ * whether it did, and the command is done (exit status 0).
+ */
+export async function answerHelpOrVersion(args: ParsedArgs, help: string, output: Output): Promise<boolean> {
+  if (has(args, 'help')) {
+    await output.write(help)
+    return true
+  }
+  if (has(args, 'version')) {
+    await output.write(versionText())
+    return true
+  }
+  return false
+}
+
 /** Handle settings from the common options (TLS, --debug). */
 export function handleOptions(subcommand: string, args: ParsedArgs): HandleOptions {
   const o: HandleOptions = { uriAllowLocalFile: true }

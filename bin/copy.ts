@@ -8,7 +8,7 @@
 import fs from 'node:fs'
 import { CONTEXT_BASE_ALLOCATION, Handle, isUri, type HandleOptions } from '../index'
 import {
-  COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, handleOptions, has, last, parseArgs, versionText,
+  COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, answerHelpOrVersion, handleOptions, has, last, parseArgs,
   type OptionSpec,
 } from './cli'
 import { copy, type CopyEndpoint, type CopyOptions } from './library'
@@ -133,14 +133,7 @@ export function splitEndpoints(positionals: string[]): (string | string[])[] {
 /** Runs `nbd-client copy ARGS`; resolves to the exit status. */
 export async function copyCommand(argv: string[], output = new Output()): Promise<number> {
   const args = parseArgs(SUBCOMMAND, argv, OPTIONS)
-  if (has(args, 'help')) {
-    await output.write(COPY_HELP)
-    return 0
-  }
-  if (has(args, 'version')) {
-    await output.write(versionText())
-    return 0
-  }
+  if (await answerHelpOrVersion(args, COPY_HELP, output)) return 0
   const { source, destination, options, progress } = copyOptions(argv)
   const settings = handleOptions(SUBCOMMAND, args)
   const ends: CopyEndpoint[] = []

@@ -7,8 +7,8 @@
 
 import { CONTEXT_BASE_ALLOCATION, Handle, NbdError, STATE_ZERO } from '../index'
 import {
-  COLOUR_OPTIONS, COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, colourWanted, connectTarget, handleOptions,
-  has, last, parseArgs, parseSize, parseTarget, versionText, type OptionSpec,
+  COLOUR_OPTIONS, COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, answerHelpOrVersion, colourWanted, connectTarget,
+  handleOptions, last, parseArgs, parseSize, parseTarget, type OptionSpec,
 } from './cli'
 
 const SUBCOMMAND = 'dump'
@@ -328,14 +328,7 @@ async function* dumpRange(h: Handle, dumper: HexDumper, from: bigint, to: bigint
 /** Runs `nbd-client dump ARGS`; resolves to the exit status. */
 export async function dumpCommand(argv: string[], output = new Output()): Promise<number> {
   const args = parseArgs(SUBCOMMAND, argv, OPTIONS)
-  if (has(args, 'help')) {
-    await output.write(DUMP_HELP)
-    return 0
-  }
-  if (has(args, 'version')) {
-    await output.write(versionText())
-    return 0
-  }
+  if (await answerHelpOrVersion(args, DUMP_HELP, output)) return 0
   const target = parseTarget(SUBCOMMAND, args.positionals)
   const lengthArg = last(args, 'length')
   const offsetArg = last(args, 'offset')

@@ -13,8 +13,8 @@
 
 import { Handle, NbdError, type HandleOptions } from '../index'
 import {
-  COLOUR_OPTIONS, COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, colourWanted, connectTarget,
-  handleOptions, has, last, parseArgs, parseTarget, versionText, type OptionSpec, type Target,
+  COLOUR_OPTIONS, COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, answerHelpOrVersion, colourWanted,
+  connectTarget, handleOptions, has, last, parseArgs, parseTarget, type OptionSpec, type Target,
 } from './cli'
 import {
   exportJson, exportText, jsonHeader, mapJson, mapText, protocolLine, totalsJson, totalsText,
@@ -202,14 +202,7 @@ async function withHandle<T>(target: Target, options: HandleOptions, run: (h: Ha
 /** Runs `nbd-client info ARGS`; resolves to the exit status. */
 export async function infoCommand(argv: string[], output = new Output()): Promise<number> {
   const args = parseArgs(SUBCOMMAND, argv, OPTIONS)
-  if (has(args, 'help')) {
-    await output.write(INFO_HELP)
-    return 0
-  }
-  if (has(args, 'version')) {
-    await output.write(versionText())
-    return 0
-  }
+  if (await answerHelpOrVersion(args, INFO_HELP, output)) return 0
   const target = parseTarget(SUBCOMMAND, args.positionals)
   const json = has(args, 'json')
   const list = has(args, 'list')

@@ -7,7 +7,9 @@
 // (`nbd-client: CODE: operation: message`, plus the stack with --debug); 2 for a false
 // `info --can`/`--is` test, as nbdinfo.
 
-import { COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, errorLine, has, parseArgs, versionText } from './cli'
+import {
+  COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, answerHelpOrVersion, errorLine, parseArgs,
+} from './cli'
 import { copyCommand } from './copy'
 import { dumpCommand } from './dump'
 import { infoCommand } from './info'
@@ -50,15 +52,7 @@ async function main(argv: string[]): Promise<number> {
   const before = argv.slice(0, i)
   const name = argv[i]
   if (name === undefined || name === '--') {
-    const args = parseArgs('', before, COMMON_OPTIONS)
-    if (has(args, 'help')) {
-      await new Output().write(HELP)
-      return 0
-    }
-    if (has(args, 'version')) {
-      await new Output().write(versionText())
-      return 0
-    }
+    if (await answerHelpOrVersion(parseArgs('', before, COMMON_OPTIONS), HELP, new Output())) return 0
     throw new UsageError('', `a subcommand is required: ${Object.keys(SUBCOMMANDS).join(', ')}`)
   }
   const subcommand = SUBCOMMANDS[name]

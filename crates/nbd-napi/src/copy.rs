@@ -1,5 +1,6 @@
 //! `NativeCopy`: the binding of `nbd-copy`, which `copy.ts` builds `copy()` on. Bytes move
-//! in Rust; JavaScript only starts the copy, polls its counters and may abort it.
+//! in Rust; JavaScript only starts the copy, polls its counters and may abort it. Failures
+//! reject with `NbdError`s of operation `copy`, made by the error factory.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -10,7 +11,8 @@ use napi_derive::napi;
 use nbd_client::{CancelToken, Config};
 use nbd_copy::{Endpoint, Options, Progress};
 
-use crate::{invalid, to_js};
+use crate::invalid;
+use crate::settle::{self, ErrorFactory};
 
 /// One end of a copy, as `copy.ts` resolved it.
 #[napi(object)]
@@ -45,7 +47,15 @@ pub struct NativeCopyResult {
     pub request_size: u32,
 }
 
-fn endpoint(e: NativeCopyEndpoint) -> Result<Endpoint> {
+/// Counters of a copy in progress.
+#[napi(object)]
+pub struct NativeCopyProgress {
+    pub bytes_done: f64,
+    pub bytes_total: f64,
+    pub bytes_zero: f64,
+}
+
+fn endpoint(e: NativeCopyEndpoint) -> nbd_client::Result<Endpoint> {
     match e.kind.as_str() {
         "nbd" => {
             let uri = e.uri.ok_or_else(|| invalid("an nbd endpoint needs a uri"))?;
@@ -65,25 +75,29 @@ fn endpoint(e: NativeCopyEndpoint) -> Result<Endpoint> {
 pub struct NativeCopy {
     progress: Arc<Progress>,
     cancel: CancelToken,
+    make_error: ErrorFactory,
 }
 
 #[napi]
 impl NativeCopy {
+    /// `make_error(code, errno, operation, message)` makes the `NbdError` a copy rejects with.
     #[napi(constructor)]
-    pub fn new() -> Self {
-        NativeCopy { progress: Arc::default(), cancel: CancelToken::new() }
+    pub fn new(
+        #[napi(ts_arg_type = "(code: string, errno: number, operation: string, message: string) => Error")]
+        make_error: ErrorFactory,
+    ) -> Self {
+        NativeCopy { progress: Arc::default(), cancel: CancelToken::new(), make_error }
     }
 
-    /// Copies; rejects with `[CODE:errno] message` (ECANCELED once aborted).
+    /// Copies; rejects with an `NbdError` (`ECANCELED` once aborted).
     #[napi]
-    pub async fn run(
+    pub fn run<'env>(
         &self,
+        env: &'env Env,
         source: NativeCopyEndpoint,
         destination: NativeCopyEndpoint,
         options: NativeCopyOptions,
-    ) -> Result<NativeCopyResult> {
-        let src = endpoint(source)?;
-        let dst = endpoint(destination)?;
+    ) -> Result<PromiseRaw<'env, NativeCopyResult>> {
         let opts = Options {
             connections: options.connections.map(|n| n as usize),
             requests: options.requests as usize,
@@ -96,36 +110,34 @@ impl NativeCopy {
         let progress = self.progress.clone();
         let cancel = self.cancel.clone();
         // On napi's tokio runtime; the connections' drivers run there too.
-        let report = nbd_copy::copy(src, dst, opts, progress, cancel).await.map_err(to_js)?;
-        Ok(NativeCopyResult {
-            bytes: report.bytes as f64,
-            data_bytes: report.data_bytes as f64,
-            zero_bytes: report.zero_bytes as f64,
-            seconds: report.seconds,
-            connections: report.connections as u32,
-            request_size: report.request_size,
+        settle::spawn(env, self.make_error, "copy", async move {
+            let src = endpoint(source)?;
+            let dst = endpoint(destination)?;
+            let report = nbd_copy::copy(src, dst, opts, progress, cancel).await?;
+            Ok(NativeCopyResult {
+                bytes: report.bytes as f64,
+                data_bytes: report.data_bytes as f64,
+                zero_bytes: report.zero_bytes as f64,
+                seconds: report.seconds,
+                connections: report.connections as u32,
+                request_size: report.request_size,
+            })
         })
     }
 
-    /// `[bytesDone, bytesTotal, bytesZero]` so far.
+    /// The counters so far.
     #[napi]
-    pub fn progress(&self) -> Vec<f64> {
-        vec![
-            self.progress.bytes_done.load(Ordering::Relaxed) as f64,
-            self.progress.bytes_total.load(Ordering::Relaxed) as f64,
-            self.progress.bytes_zero.load(Ordering::Relaxed) as f64,
-        ]
+    pub fn progress(&self) -> NativeCopyProgress {
+        NativeCopyProgress {
+            bytes_done: self.progress.bytes_done.load(Ordering::Relaxed) as f64,
+            bytes_total: self.progress.bytes_total.load(Ordering::Relaxed) as f64,
+            bytes_zero: self.progress.bytes_zero.load(Ordering::Relaxed) as f64,
+        }
     }
 
     /// Stops the copy: pending commands are abandoned, everything opened is closed.
     #[napi]
     pub fn abort(&self) {
         self.cancel.cancel();
-    }
-}
-
-impl Default for NativeCopy {
-    fn default() -> Self {
-        Self::new()
     }
 }

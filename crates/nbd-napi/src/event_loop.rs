@@ -50,11 +50,11 @@ pub(crate) enum Outcome {
     Void,
     /// The Buffer made for a `pread`.
     Buffer,
-    /// The caller's buffer itself (a small `pread`, whose Buffer index.ts takes from its
+    /// The caller's buffer itself (a small `pread`, whose Buffer handle.ts takes from its
     /// pool).
     CallerBuffer,
-    /// `{ data, chunks }` of a `preadStructured` (offset, count, structured replies).
-    Structured(u64, u64, bool),
+    /// `{ data, chunks }` of a `preadStructured`.
+    Structured,
     /// Extents per context.
     Extents,
 }
@@ -94,7 +94,7 @@ fn settle_one(env: Env, make_error: &ErrorFactory, c: Completion<JsCommand>) {
     let Completion { user, result, detail } = c;
     if user.cancelled() {
         // The caller's promise was rejected when the signal aborted; this one is only
-        // awaited by index.ts, which ignores it.
+        // awaited by handle.ts, which ignores it.
         settle::resolve(env, user.deferred, settle::undefined(env));
         return;
     }
@@ -103,9 +103,7 @@ fn settle_one(env: Env, make_error: &ErrorFactory, c: Completion<JsCommand>) {
         Ok(()) => {
             let value = match (&user.outcome, &user.own) {
                 (Outcome::Buffer, Some((r, _, _))) => r.value(),
-                (Outcome::Structured(offset, count, s), Some((r, _, _))) => {
-                    settle::structured(env, r.value(), &detail, *offset, *count, *s)
-                }
+                (Outcome::Structured, Some((r, _, _))) => settle::structured(env, r.value(), &detail),
                 (Outcome::Extents, _) => settle::extents(env, &detail),
                 (Outcome::CallerBuffer, _) => match &user.caller {
                     Some(b) => b.obj.value(),

@@ -1,4 +1,4 @@
-//! `NativeHandle` and `NativeCancel`: the classes `index.ts` builds `Handle` on.
+//! `NativeHandle` and `NativeCancel`: the classes `handle.ts` builds `Handle` on.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -16,20 +16,9 @@ use nbd_client::event_loop::{Payload, Submission, COPY_PAYLOAD_MAX};
 use nbd_client::{CancelToken, Command, CommandKind, Errno, Handle, Op};
 
 use crate::event_loop::{JsCommand, LoopDriver, Outcome};
+use crate::invalid;
 use crate::settle::{self, CallerBuf, ErrorFactory, Ref};
 use crate::tokio_path::Completer;
-use crate::{invalid, to_js};
-
-/// A conversion error of this binding as a core error (always a bad argument).
-fn from_js(e: napi::Error) -> nbd_client::Error {
-    let reason = e.reason.clone();
-    // `invalid` wraps core errors as "[CODE:errno] message": keep the message only.
-    let message = match reason.find("] ") {
-        Some(i) if reason.starts_with('[') => reason[i + 2..].to_string(),
-        _ => reason,
-    };
-    nbd_client::Error::usage(Errno::EINVAL, message)
-}
 
 // ---- JavaScript buffers and promises ----
 //
@@ -44,8 +33,8 @@ fn from_js(e: napi::Error) -> nbd_client::Error {
 // copied when it is issued and a read's are copied into the caller's buffer on the
 // JavaScript thread when it completes, after the same check.
 
-/// An offset: a number (a safe integer, checked by index.ts) or a bigint.
-fn offset(v: Either<f64, BigInt>) -> Result<u64> {
+/// An offset: a number (a safe integer, checked by validation.ts) or a bigint.
+fn offset(v: Either<f64, BigInt>) -> nbd_client::Result<u64> {
     match v {
         Either::A(n) if n >= 0.0 && n.fract() == 0.0 && n <= 9_007_199_254_740_991.0 => Ok(n as u64),
         Either::A(n) => Err(invalid(format!("offset {n} is not a non-negative safe integer"))),
@@ -60,7 +49,7 @@ fn offset(v: Either<f64, BigInt>) -> Result<u64> {
     }
 }
 
-fn count(n: f64) -> Result<u64> {
+fn count(n: f64) -> nbd_client::Result<u64> {
     if n >= 0.0 && n.fract() == 0.0 && n <= 9_007_199_254_740_991.0 {
         Ok(n as u64)
     } else {
@@ -68,7 +57,7 @@ fn count(n: f64) -> Result<u64> {
     }
 }
 
-fn tls_mode(mode: &str) -> Result<nbd_client::TlsMode> {
+fn tls_mode(mode: &str) -> nbd_client::Result<nbd_client::TlsMode> {
     match mode {
         "disable" => Ok(nbd_client::TlsMode::Disable),
         "allow" => Ok(nbd_client::TlsMode::Allow),
@@ -120,11 +109,18 @@ pub struct NativeStats {
     pub chunks_received: BigInt,
 }
 
+/// An export the server lists (`optList`).
+#[napi(object)]
+pub struct NativeExportListing {
+    pub name: String,
+    pub description: String,
+}
+
 /// Debug messages on their way to a JavaScript callback: (context, message).
 type DebugCallback =
     ThreadsafeFunction<(String, String), (), FnArgs<(String, String)>, Status, false, true>;
 
-/// The handle, as `nbd-client` implements it. Wrapped by `Handle` in index.ts.
+/// The handle, as `nbd-client` implements it. Wrapped by `Handle` in handle.ts.
 #[napi]
 pub struct NativeHandle {
     handle: Handle,
@@ -156,9 +152,11 @@ impl Drop for NativeHandle {
     }
 }
 
+/// The promise of a call that runs on tokio (`$work` uses `h`, the handle's clone):
+/// rejected with `$op`'s `NbdError`.
 macro_rules! spawn {
-    ($env:expr, $fut:expr) => {
-        $env.spawn_future(async move { $fut.await.map_err(to_js) })
+    ($self:ident, $env:expr, $op:literal, $work:expr) => {
+        settle::spawn($env, $self.make_error, $op, async move { $work.await })
     };
 }
 
@@ -194,6 +192,12 @@ impl NativeHandle {
     fn reject<'env>(&self, env: &'env Env, operation: &str, e: &nbd_client::Error) -> Unknown<'env> {
         let v = settle::rejected(env.raw(), &self.make_error, operation, e);
         unsafe { Unknown::from_napi_value(env.raw(), v) }.expect("a promise")
+    }
+
+    /// A core error as `operation`'s `NbdError`, for a synchronous call to throw.
+    fn fail(&self, operation: &'static str) -> impl Fn(nbd_client::Error) -> Error {
+        let make_error = self.make_error;
+        move |e| make_error.throwable(operation, &e)
     }
 
     fn value<'env>(env: &'env Env, v: settle::Value) -> Unknown<'env> {
@@ -328,7 +332,7 @@ impl NativeHandle {
         }
         let o = match offset(offset_) {
             Ok(o) => o,
-            Err(e) => return self.reject(env, op, &from_js(e)),
+            Err(e) => return self.reject(env, op, &e),
         };
         let c = Self::read_cmd(op, target.len as u64, o, flags, outcome);
         self.start(env, c, None, Some(target), Payload::None, cancel)
@@ -339,7 +343,7 @@ impl NativeHandle {
             operation,
             command: Command { kind: CommandKind::Read, offset, length: count, flags },
             filter: None,
-            record_chunks: matches!(outcome, Outcome::Structured(..)),
+            record_chunks: matches!(outcome, Outcome::Structured),
             outcome,
         }
     }
@@ -353,12 +357,10 @@ impl NativeHandle {
     pub fn new(
         env: Env,
         #[napi(ts_arg_type = "(code: string, errno: number, operation: string, message: string) => Error")]
-        make_error: Unknown,
+        make_error: ErrorFactory,
     ) -> Result<Self> {
-        let raw = env.raw();
-        let make_error = ErrorFactory::new(raw, make_error.value().value)
-            .ok_or_else(|| invalid("cannot keep the error factory"))?;
-        let completer = Completer::new(raw, make_error).ok_or_else(|| invalid("cannot create the completion channel"))?;
+        let completer = Completer::new(env.raw(), make_error)
+            .ok_or_else(|| make_error.throwable("create", &invalid("cannot create the completion channel")))?;
         let handle = Handle::default();
         handle.set_event_loop_driver(true);
         Ok(NativeHandle {
@@ -383,7 +385,7 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_export_name(&self, name: String) -> Result<()> {
-        self.handle.set_export_name(&name).map_err(to_js)
+        self.handle.set_export_name(&name).map_err(self.fail("setExportName"))
     }
 
     #[napi]
@@ -403,7 +405,7 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_strict_mode(&self, flags: u32) -> Result<()> {
-        self.handle.set_strict_mode(flags).map_err(to_js)
+        self.handle.set_strict_mode(flags).map_err(self.fail("setStrictMode"))
     }
 
     #[napi]
@@ -426,7 +428,7 @@ impl NativeHandle {
     pub fn set_request_structured_replies(&self, on: bool) -> Result<()> {
         self.handle
             .configure(|c| c.request_structured_replies = on)
-            .map_err(to_js)
+            .map_err(self.fail("setRequestStructuredReplies"))
     }
 
     #[napi]
@@ -438,7 +440,7 @@ impl NativeHandle {
     pub fn set_request_block_size(&self, on: bool) -> Result<()> {
         self.handle
             .negotiation_setting(|c| c.request_block_size = on)
-            .map_err(to_js)
+            .map_err(self.fail("setRequestBlockSize"))
     }
 
     #[napi]
@@ -448,7 +450,7 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_full_info(&self, on: bool) -> Result<()> {
-        self.handle.negotiation_setting(|c| c.full_info = on).map_err(to_js)
+        self.handle.negotiation_setting(|c| c.full_info = on).map_err(self.fail("setFullInfo"))
     }
 
     #[napi]
@@ -460,7 +462,7 @@ impl NativeHandle {
     pub fn set_request_extended_headers(&self, on: bool) -> Result<()> {
         self.handle
             .configure(|c| c.request_extended_headers = on)
-            .map_err(to_js)
+            .map_err(self.fail("setRequestExtendedHeaders"))
     }
 
     #[napi]
@@ -472,7 +474,7 @@ impl NativeHandle {
     pub fn set_request_meta_context(&self, on: bool) -> Result<()> {
         self.handle
             .negotiation_setting(|c| c.request_meta_context = on)
-            .map_err(to_js)
+            .map_err(self.fail("setRequestMetaContext"))
     }
 
     #[napi]
@@ -482,7 +484,7 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_opt_mode(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.opt_mode = on).map_err(to_js)
+        self.handle.configure(|c| c.opt_mode = on).map_err(self.fail("setOptMode"))
     }
 
     #[napi]
@@ -492,12 +494,12 @@ impl NativeHandle {
 
     #[napi]
     pub fn add_meta_context(&self, name: String) -> Result<()> {
-        self.handle.add_meta_context(&name).map_err(to_js)
+        self.handle.add_meta_context(&name).map_err(self.fail("addMetaContext"))
     }
 
     #[napi]
     pub fn clear_meta_contexts(&self) -> Result<()> {
-        self.handle.clear_meta_contexts().map_err(to_js)
+        self.handle.clear_meta_contexts().map_err(self.fail("clearMetaContexts"))
     }
 
     /// The meta contexts that will be (or were) asked for.
@@ -529,7 +531,8 @@ impl NativeHandle {
                     .build_threadsafe_function::<(String, String)>()
                     .callee_handled::<false>()
                     .weak::<true>()
-                    .build_callback(|ctx| Ok(FnArgs::from(ctx.value)))?;
+                    .build_callback(|ctx| Ok(FnArgs::from(ctx.value)))
+                    .map_err(|e| self.fail("setDebug")(invalid(e.reason.clone())))?;
                 let tsfn = Arc::new(tsfn);
                 Some(Arc::new(move |context: &str, message: &str| {
                     tsfn.call(
@@ -565,8 +568,8 @@ impl NativeHandle {
     /// `disable`, `allow` or `require`.
     #[napi]
     pub fn set_tls(&self, mode: String) -> Result<()> {
-        let mode = tls_mode(&mode)?;
-        self.handle.configure(|c| c.tls = mode).map_err(to_js)
+        let mode = tls_mode(&mode).map_err(self.fail("setTls"))?;
+        self.handle.configure(|c| c.tls = mode).map_err(self.fail("setTls"))
     }
 
     #[napi]
@@ -576,12 +579,12 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_tls_certificates(&self, dir: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_certificates = Some(dir)).map_err(to_js)
+        self.handle.configure(|c| c.tls_certificates = Some(dir)).map_err(self.fail("setTlsCertificates"))
     }
 
     #[napi]
     pub fn set_tls_verify_peer(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.tls_verify_peer = on).map_err(to_js)
+        self.handle.configure(|c| c.tls_verify_peer = on).map_err(self.fail("setTlsVerifyPeer"))
     }
 
     #[napi]
@@ -591,23 +594,23 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_tls_username(&self, name: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_username = Some(name)).map_err(to_js)
+        self.handle.configure(|c| c.tls_username = Some(name)).map_err(self.fail("setTlsUsername"))
     }
 
     /// The name set, else the login name.
     #[napi]
     pub fn get_tls_username(&self) -> Result<String> {
-        self.handle.tls_username().map_err(to_js)
+        self.handle.tls_username().map_err(self.fail("getTlsUsername"))
     }
 
     #[napi]
     pub fn set_tls_psk_file(&self, path: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_psk_file = Some(path)).map_err(to_js)
+        self.handle.configure(|c| c.tls_psk_file = Some(path)).map_err(self.fail("setTlsPskFile"))
     }
 
     #[napi]
     pub fn set_tls_hostname(&self, host: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_hostname = Some(host)).map_err(to_js)
+        self.handle.configure(|c| c.tls_hostname = Some(host)).map_err(self.fail("setTlsHostname"))
     }
 
     /// The name set, else the TCP host connected to.
@@ -620,9 +623,9 @@ impl NativeHandle {
     #[napi]
     pub fn set_uri_allow_transports(&self, mask: u32) -> Result<()> {
         if mask & !nbd_client::uri::ALLOW_TRANSPORT_MASK != 0 {
-            return Err(invalid(format!("uriAllowTransports {mask:#x} has unknown bits")));
+            return Err(self.fail("setUriAllowTransports")(invalid(format!("uriAllowTransports {mask:#x} has unknown bits"))));
         }
-        self.handle.configure(|c| c.uri_policy.allow_transports = mask).map_err(to_js)
+        self.handle.configure(|c| c.uri_policy.allow_transports = mask).map_err(self.fail("setUriAllowTransports"))
     }
 
     #[napi]
@@ -632,8 +635,8 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_uri_allow_tls(&self, mode: String) -> Result<()> {
-        let mode = tls_mode(&mode)?;
-        self.handle.configure(|c| c.uri_policy.allow_tls = mode).map_err(to_js)
+        let mode = tls_mode(&mode).map_err(self.fail("setUriAllowTls"))?;
+        self.handle.configure(|c| c.uri_policy.allow_tls = mode).map_err(self.fail("setUriAllowTls"))
     }
 
     #[napi]
@@ -643,7 +646,7 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_uri_allow_local_file(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.uri_policy.allow_local_file = on).map_err(to_js)
+        self.handle.configure(|c| c.uri_policy.allow_local_file = on).map_err(self.fail("setUriAllowLocalFile"))
     }
 
     #[napi]
@@ -654,9 +657,9 @@ impl NativeHandle {
     #[napi]
     pub fn set_handshake_flags(&self, flags: u32) -> Result<()> {
         if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(invalid(format!("handshake flags {flags:#x} include unknown bits")));
+            return Err(self.fail("setHandshakeFlags")(invalid(format!("handshake flags {flags:#x} include unknown bits"))));
         }
-        self.handle.configure(|c| c.handshake_flags = flags).map_err(to_js)
+        self.handle.configure(|c| c.handshake_flags = flags).map_err(self.fail("setHandshakeFlags"))
     }
 
     #[napi]
@@ -668,26 +671,26 @@ impl NativeHandle {
     #[napi]
     pub fn set_connect_timeout(&self, ms: f64) -> Result<()> {
         if !(ms >= 0.0 && ms.is_finite()) {
-            return Err(invalid(format!("connectTimeout {ms} is not a non-negative number")));
+            return Err(self.fail("create")(invalid(format!("connectTimeout {ms} is not a non-negative number"))));
         }
         let limit = match ms {
             0.0 => None,
             _ => Some(Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| {
-                to_js(nbd_client::Error::usage(
+                self.fail("create")(nbd_client::Error::usage(
                     Errno::ERANGE,
                     format!("connectTimeout {ms} ms is too large"),
                 ))
             })?),
         };
-        self.handle.configure(|c| c.connect_timeout = limit).map_err(to_js)
+        self.handle.configure(|c| c.connect_timeout = limit).map_err(self.fail("create"))
     }
 
     #[napi]
     pub fn set_max_in_flight(&self, n: u32) -> Result<()> {
         if n == 0 {
-            return Err(invalid("maxInFlight must be at least 1"));
+            return Err(self.fail("create")(invalid("maxInFlight must be at least 1")));
         }
-        self.handle.configure(|c| c.max_in_flight = n as usize).map_err(to_js)
+        self.handle.configure(|c| c.max_in_flight = n as usize).map_err(self.fail("create"))
     }
 
     #[napi]
@@ -723,13 +726,13 @@ impl NativeHandle {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_socket<'env>(&self, env: &'env Env, fd: i32) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
-        spawn!(env, h.connect_socket(fd))
+        spawn!(self, env, "connectSocket", h.connect_socket(fd))
     }
 
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_unix<'env>(&self, env: &'env Env, path: String) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
-        spawn!(env, h.connect_unix(&path))
+        spawn!(self, env, "connectUnix", h.connect_unix(&path))
     }
 
     #[napi(ts_return_type = "Promise<void>")]
@@ -740,19 +743,19 @@ impl NativeHandle {
         port: String,
     ) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
-        spawn!(env, h.connect_tcp(&host, &port))
+        spawn!(self, env, "connectTcp", h.connect_tcp(&host, &port))
     }
 
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_uri<'env>(&self, env: &'env Env, uri: String) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
-        spawn!(env, h.connect_uri(&uri))
+        spawn!(self, env, "connectUri", h.connect_uri(&uri))
     }
 
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_command<'env>(&self, env: &'env Env, argv: Vec<String>) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
-        spawn!(env, h.connect_command(argv))
+        spawn!(self, env, "connectCommand", h.connect_command(argv))
     }
 
     #[napi(ts_return_type = "Promise<void>")]
@@ -762,19 +765,19 @@ impl NativeHandle {
         argv: Vec<String>,
     ) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
-        spawn!(env, h.connect_systemd_socket_activation(argv))
+        spawn!(self, env, "connectSystemdSocketActivation", h.connect_systemd_socket_activation(argv))
     }
 
     /// The pid of the server process started by connectCommand or socket activation;
     /// `ESRCH` when there is none.
     #[napi]
     pub fn get_subprocess_pid(&self) -> Result<u32> {
-        self.handle.subprocess_pid().map_err(to_js)
+        self.handle.subprocess_pid().map_err(self.fail("getSubprocessPid"))
     }
 
     #[napi]
     pub fn set_socket_activation_name(&self, name: String) -> Result<()> {
-        self.handle.set_socket_activation_name(&name).map_err(to_js)
+        self.handle.set_socket_activation_name(&name).map_err(self.fail("setSocketActivationName"))
     }
 
     #[napi]
@@ -785,12 +788,12 @@ impl NativeHandle {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_vsock<'env>(&self, env: &'env Env, cid: u32, port: u32) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
-        spawn!(env, h.connect_vsock(cid, port))
+        spawn!(self, env, "connectVsock", h.connect_vsock(cid, port))
     }
 
     #[napi]
     pub fn get_uri(&self) -> Result<String> {
-        self.handle.get_uri().map_err(to_js)
+        self.handle.get_uri().map_err(self.fail("getUri"))
     }
 
     // ---- commands ----
@@ -808,7 +811,7 @@ impl NativeHandle {
     ) -> Unknown<'env> {
         let (c, o) = match (count(count_), offset(offset_)) {
             (Ok(c), Ok(o)) => (c, o),
-            (Err(e), _) | (_, Err(e)) => return self.reject(env, "pread", &from_js(e)),
+            (Err(e), _) | (_, Err(e)) => return self.reject(env, "pread", &e),
         };
         self.read(env, "pread", c, o, flags, Outcome::Buffer, cancel)
     }
@@ -824,14 +827,9 @@ impl NativeHandle {
     ) -> Unknown<'env> {
         let (c, o) = match (count(count_), offset(offset_)) {
             (Ok(c), Ok(o)) => (c, o),
-            (Err(e), _) | (_, Err(e)) => return self.reject(env, "preadStructured", &from_js(e)),
+            (Err(e), _) | (_, Err(e)) => return self.reject(env, "preadStructured", &e),
         };
-        let structured = self
-            .handle
-            .negotiated_so_far()
-            .map(|n| n.structured_replies)
-            .unwrap_or(false);
-        self.read(env, "preadStructured", c, o, flags, Outcome::Structured(o, c, structured), cancel)
+        self.read(env, "preadStructured", c, o, flags, Outcome::Structured, cancel)
     }
 
     /// Reads into `buf` directly (event-loop driver) or on completion (tokio driver). With
@@ -849,7 +847,7 @@ impl NativeHandle {
     }
 
     /// Reads `buf.length` bytes into `buf` and resolves with `buf`: a small `pread`, whose
-    /// Buffer index.ts takes from its pool. No zeroing (every byte is written on success, and
+    /// Buffer handle.ts takes from its pool. No zeroing (every byte is written on success, and
     /// on failure the Buffer is never handed out).
     #[napi(ts_return_type = "Promise<Buffer>")]
     pub fn pread_pooled<'env>(
@@ -880,7 +878,7 @@ impl NativeHandle {
         };
         let o = match offset(offset_) {
             Ok(o) => o,
-            Err(e) => return self.reject(env, op, &from_js(e)),
+            Err(e) => return self.reject(env, op, &e),
         };
         let len = source.len;
         let c = Cmd {
@@ -912,7 +910,7 @@ impl NativeHandle {
     ) -> Unknown<'env> {
         let (c, o) = match (count(count_), offset(offset_)) {
             (Ok(c), Ok(o)) => (c, o),
-            (Err(e), _) | (_, Err(e)) => return self.reject(env, "blockStatus", &from_js(e)),
+            (Err(e), _) | (_, Err(e)) => return self.reject(env, "blockStatus", &e),
         };
         let cmd = Cmd {
             operation: "blockStatus",
@@ -946,7 +944,7 @@ impl NativeHandle {
         };
         let (c, o) = match (count(count_), offset(offset_)) {
             (Ok(c), Ok(o)) => (c, o),
-            (Err(e), _) | (_, Err(e)) => return self.reject(env, operation, &from_js(e)),
+            (Err(e), _) | (_, Err(e)) => return self.reject(env, operation, &e),
         };
         let cmd = Cmd {
             operation,
@@ -963,28 +961,28 @@ impl NativeHandle {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn opt_go<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
-        spawn!(env, h.opt_go())
+        spawn!(self, env, "optGo", h.opt_go())
     }
 
     #[napi(ts_return_type = "Promise<void>")]
     pub fn opt_abort<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
-        spawn!(env, h.opt_abort())
+        spawn!(self, env, "optAbort", h.opt_abort())
     }
 
     #[napi(ts_return_type = "Promise<void>")]
     pub fn opt_info<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
-        env.spawn_future(async move { h.opt_info().await.map(drop).map_err(to_js) })
+        settle::spawn(env, self.make_error, "optInfo", async move { h.opt_info().await.map(drop) })
     }
 
-    /// The exports as `[name, description]` pairs.
-    #[napi(ts_return_type = "Promise<Array<[string, string]>>")]
-    pub fn opt_list<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Vec<Vec<String>>>> {
+    /// The exports the server lists.
+    #[napi]
+    pub fn opt_list<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Vec<NativeExportListing>>> {
         let h = self.handle.clone();
-        env.spawn_future(async move {
-            let list = h.opt_list().await.map_err(to_js)?;
-            Ok(list.into_iter().map(|e| vec![e.name, e.description]).collect())
+        settle::spawn(env, self.make_error, "optList", async move {
+            let list = h.opt_list().await?;
+            Ok(list.into_iter().map(|e| NativeExportListing { name: e.name, description: e.description }).collect())
         })
     }
 
@@ -995,7 +993,7 @@ impl NativeHandle {
         queries: Option<Vec<String>>,
     ) -> Result<PromiseRaw<'env, Vec<String>>> {
         let h = self.handle.clone();
-        spawn!(env, h.opt_list_meta_context(queries))
+        spawn!(self, env, "optListMetaContext", h.opt_list_meta_context(queries))
     }
 
     #[napi(ts_return_type = "Promise<string[]>")]
@@ -1005,25 +1003,25 @@ impl NativeHandle {
         queries: Option<Vec<String>>,
     ) -> Result<PromiseRaw<'env, Vec<String>>> {
         let h = self.handle.clone();
-        spawn!(env, h.opt_set_meta_context(queries))
+        spawn!(self, env, "optSetMetaContext", h.opt_set_meta_context(queries))
     }
 
     #[napi(ts_return_type = "Promise<boolean>")]
     pub fn opt_structured_reply<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, bool>> {
         let h = self.handle.clone();
-        spawn!(env, h.opt_structured_reply())
+        spawn!(self, env, "optStructuredReply", h.opt_structured_reply())
     }
 
     #[napi(ts_return_type = "Promise<boolean>")]
     pub fn opt_extended_headers<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, bool>> {
         let h = self.handle.clone();
-        spawn!(env, h.opt_extended_headers())
+        spawn!(self, env, "optExtendedHeaders", h.opt_extended_headers())
     }
 
     #[napi(ts_return_type = "Promise<boolean>")]
     pub fn opt_starttls<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, bool>> {
         let h = self.handle.clone();
-        spawn!(env, h.opt_starttls())
+        spawn!(self, env, "optStarttls", h.opt_starttls())
     }
 
     // ---- ending ----
@@ -1034,7 +1032,7 @@ impl NativeHandle {
             return Ok(Self::value(env, d.shutdown(abandon_pending)));
         }
         let h = self.handle.clone();
-        let p = spawn!(env, h.shutdown(abandon_pending))?;
+        let p = spawn!(self, env, "shutdown", h.shutdown(abandon_pending))?;
         Ok(Self::value(env, p.raw()))
     }
 
@@ -1056,123 +1054,123 @@ impl NativeHandle {
     /// The export size in bytes.
     #[napi]
     pub fn get_size(&self) -> Result<BigInt> {
-        let n = self.handle.negotiated().map_err(to_js)?;
+        let n = self.handle.negotiated().map_err(self.fail("getSize"))?;
         Ok(BigInt::from(n.export.size))
     }
 
     /// `minimum`, `preferred`, `maximum` (0 when the server sent none) or `payload`.
     #[napi]
     pub fn get_block_size(&self, kind: String) -> Result<u32> {
-        let n = self.handle.negotiated().map_err(to_js)?;
+        let n = self.handle.negotiated().map_err(self.fail("getBlockSize"))?;
         let bs = n.export.block_size;
         match kind.as_str() {
             "minimum" => Ok(bs.map_or(0, |b| b.minimum)),
             "preferred" => Ok(bs.map_or(0, |b| b.preferred)),
             "maximum" => Ok(bs.map_or(0, |b| b.maximum)),
             "payload" => Ok(n.export.payload_max()),
-            other => Err(invalid(format!(
+            other => Err(self.fail("getBlockSize")(invalid(format!(
                 "block size kind {other:?} is not one of minimum, preferred, maximum, payload"
-            ))),
+            )))),
         }
     }
 
     /// Whether the server set transmission flag `flag` (one of the `FLAG_*` values).
-    fn flag(&self, flag: u16) -> Result<bool> {
-        let n = self.handle.negotiated().map_err(to_js)?;
+    fn flag(&self, operation: &'static str, flag: u16) -> Result<bool> {
+        let n = self.handle.negotiated().map_err(self.fail(operation))?;
         Ok(n.export.has(flag))
     }
 
     #[napi]
     pub fn is_read_only(&self) -> Result<bool> {
-        self.flag(FLAG_READ_ONLY)
+        self.flag("isReadOnly", FLAG_READ_ONLY)
     }
 
     #[napi]
     pub fn is_rotational(&self) -> Result<bool> {
-        self.flag(FLAG_ROTATIONAL)
+        self.flag("isRotational", FLAG_ROTATIONAL)
     }
 
     #[napi]
     pub fn can_flush(&self) -> Result<bool> {
-        self.flag(FLAG_SEND_FLUSH)
+        self.flag("canFlush", FLAG_SEND_FLUSH)
     }
 
     #[napi]
     pub fn can_fua(&self) -> Result<bool> {
-        self.flag(FLAG_SEND_FUA)
+        self.flag("canFua", FLAG_SEND_FUA)
     }
 
     #[napi]
     pub fn can_trim(&self) -> Result<bool> {
-        self.flag(FLAG_SEND_TRIM)
+        self.flag("canTrim", FLAG_SEND_TRIM)
     }
 
     #[napi]
     pub fn can_zero(&self) -> Result<bool> {
-        self.flag(FLAG_SEND_WRITE_ZEROES)
+        self.flag("canZero", FLAG_SEND_WRITE_ZEROES)
     }
 
     #[napi]
     pub fn can_fast_zero(&self) -> Result<bool> {
-        self.flag(FLAG_SEND_FAST_ZERO)
+        self.flag("canFastZero", FLAG_SEND_FAST_ZERO)
     }
 
     /// DF needs structured replies as well as the server's flag (as libnbd).
     #[napi]
     pub fn can_df(&self) -> Result<bool> {
-        let n = self.handle.negotiated().map_err(to_js)?;
+        let n = self.handle.negotiated().map_err(self.fail("canDf"))?;
         Ok(n.structured_replies && n.export.has(FLAG_SEND_DF))
     }
 
     #[napi]
     pub fn can_multi_conn(&self) -> Result<bool> {
-        self.flag(FLAG_CAN_MULTI_CONN)
+        self.flag("canMultiConn", FLAG_CAN_MULTI_CONN)
     }
 
     #[napi]
     pub fn can_cache(&self) -> Result<bool> {
-        self.flag(FLAG_SEND_CACHE)
+        self.flag("canCache", FLAG_SEND_CACHE)
     }
 
     #[napi]
     pub fn get_protocol(&self) -> Result<&'static str> {
-        Ok(self.handle.negotiated_so_far().map_err(to_js)?.protocol.name())
+        Ok(self.handle.negotiated_so_far().map_err(self.fail("getProtocol"))?.protocol.name())
     }
 
     #[napi]
     pub fn get_structured_replies_negotiated(&self) -> Result<bool> {
-        Ok(self.handle.negotiated_so_far().map_err(to_js)?.structured_replies)
+        Ok(self.handle.negotiated_so_far().map_err(self.fail("getStructuredRepliesNegotiated"))?.structured_replies)
     }
 
     #[napi]
     pub fn get_extended_headers_negotiated(&self) -> Result<bool> {
-        Ok(self.handle.negotiated_so_far().map_err(to_js)?.extended_headers)
+        Ok(self.handle.negotiated_so_far().map_err(self.fail("getExtendedHeadersNegotiated"))?.extended_headers)
     }
 
     #[napi]
     pub fn get_tls_negotiated(&self) -> Result<bool> {
-        Ok(self.handle.negotiated_so_far().map_err(to_js)?.tls)
+        Ok(self.handle.negotiated_so_far().map_err(self.fail("getTlsNegotiated"))?.tls)
     }
 
     /// Whether meta context `name` was negotiated (`EINVAL` when contexts were asked for
     /// and the server has not answered for this export).
     #[napi]
     pub fn can_meta_context(&self, name: String) -> Result<bool> {
-        self.handle.can_meta_context(&name).map_err(to_js)
+        self.handle.can_meta_context(&name).map_err(self.fail("canMetaContext"))
     }
 
     /// Filtered block status needs extended headers and the server's flag.
     #[napi]
     pub fn can_block_status_payload(&self) -> Result<bool> {
-        let n = self.handle.negotiated().map_err(to_js)?;
+        let n = self.handle.negotiated().map_err(self.fail("canBlockStatusPayload"))?;
         Ok(n.extended_headers && n.export.has(FLAG_BLOCK_STAT_PAYLOAD))
     }
 
     #[napi]
     pub fn get_canonical_export_name(&self) -> Result<String> {
-        let n = self.handle.negotiated().map_err(to_js)?;
+        let n = self.handle.negotiated().map_err(self.fail("getCanonicalExportName"))?;
         n.export.canonical_name.ok_or_else(|| {
-            to_js(nbd_client::Error::server(
+            self.fail("getCanonicalExportName")(nbd_client::Error::server(
                 nbd_client::Errno::ENOTSUP,
                 "server did not advertise a canonical name (setFullInfo(true) asks for it)",
             ))
@@ -1181,9 +1179,9 @@ impl NativeHandle {
 
     #[napi]
     pub fn get_export_description(&self) -> Result<String> {
-        let n = self.handle.negotiated().map_err(to_js)?;
+        let n = self.handle.negotiated().map_err(self.fail("getExportDescription"))?;
         n.export.description.ok_or_else(|| {
-            to_js(nbd_client::Error::server(
+            self.fail("getExportDescription")(nbd_client::Error::server(
                 nbd_client::Errno::ENOTSUP,
                 "server did not advertise a description (setFullInfo(true) asks for it)",
             ))

@@ -1,9 +1,11 @@
 //! Node-API binding of `nbd-client`.
 //!
 //! This crate only converts: JavaScript values to Rust types and back, and `nbd-client`
-//! errors to JavaScript errors. Arguments arrive already validated by `index.ts` (the
-//! public API), which also turns the errors thrown here into `NbdError`s: each message
-//! starts with `[CODE:errno] `, the one error bridge ([`to_js`]).
+//! errors to JavaScript errors. Arguments arrive already validated by the TypeScript layer
+//! (`validation.ts`). Every error crosses as an object: the `NbdError` (code, errno,
+//! operation, message) that `errors.ts`'s factory makes, called from here
+//! ([`settle::ErrorFactory`]), whether a command's promise rejects, a synchronous call
+//! throws, or a call that runs on tokio rejects.
 
 mod copy;
 mod event_loop;
@@ -41,15 +43,7 @@ pub fn supports_tls() -> bool {
     nbd_client::supports_tls()
 }
 
-/// Turns a core error into a JavaScript error whose message carries the errno.
-pub(crate) fn to_js(e: nbd_client::Error) -> napi::Error {
-    napi::Error::new(
-        napi::Status::GenericFailure,
-        format!("[{}:{}] {}", e.errno().name(), e.errno().number(), e.message()),
-    )
-}
-
 /// An `EINVAL` for a bad argument that reached Rust.
-pub(crate) fn invalid(message: impl Into<String>) -> napi::Error {
-    to_js(nbd_client::Error::usage(nbd_client::Errno::EINVAL, message))
+pub(crate) fn invalid(message: impl Into<String>) -> nbd_client::Error {
+    nbd_client::Error::usage(nbd_client::Errno::EINVAL, message)
 }

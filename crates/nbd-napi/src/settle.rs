@@ -1,13 +1,14 @@
 //! Settling command promises on the JavaScript thread: results built as JavaScript values
-//! (buffers, extents, chunks) and errors made by the `NbdError` factory that `index.ts`
-//! hands to every handle. Raw Node-API calls: this is the hot path of every command.
+//! (buffers, extents, chunks) and errors made by the `NbdError` factory that `errors.ts`
+//! hands to every handle, also for the errors of synchronous calls and of the calls that
+//! run on tokio ([`spawn`]). Raw Node-API calls: this is the hot path of every command.
 
 use std::ffi::c_void;
 use std::ptr;
 
 use napi::sys;
 
-use nbd_client::{ChunkStatus, Detail, Error};
+use nbd_client::{ChunkStatus, Detail, Error, ReadChunk};
 
 pub(crate) type Env = sys::napi_env;
 pub(crate) type Value = sys::napi_value;
@@ -104,7 +105,7 @@ pub(crate) fn integer(env: Env, n: u64) -> Value {
     let mut v = ptr::null_mut();
     // SAFETY: on the JavaScript thread.
     unsafe {
-        if n <= (1u64 << 53) - 1 {
+        if n < (1u64 << 53) {
             sys::napi_create_double(env, n as f64, &mut v);
         } else {
             sys::napi_create_bigint_uint64(env, n, &mut v);
@@ -159,42 +160,39 @@ pub(crate) fn extents(env: Env, detail: &Detail) -> Value {
     out
 }
 
-/// A structured read's result: `{ data, chunks }`. Without structured replies the whole
-/// read came as one data chunk.
-pub(crate) fn structured(env: Env, data: Value, detail: &Detail, offset: u64, count: u64, structured: bool) -> Value {
+/// A structured read's result: `{ data, chunks }`, the chunks as the core recorded them
+/// (a simple reply's data is one data chunk).
+pub(crate) fn structured(env: Env, data: Value, detail: &Detail) -> Value {
     let out = object(env);
     set(env, out, c"data", data);
-    let chunk = |offset: u64, length: u64, status: &str| {
-        let o = object(env);
-        set(env, o, c"offset", integer(env, offset));
-        set(env, o, c"length", integer(env, length));
-        set(env, o, c"status", string(env, status));
-        o
+    let chunks: &[ReadChunk] = match detail {
+        Detail::Chunks(chunks) => chunks,
+        _ => &[],
     };
-    let chunks = match detail {
-        Detail::Chunks(chunks) if structured || count == 0 => array(
-            env,
-            chunks.iter().map(|c| {
-                let status = match c.status {
-                    ChunkStatus::Data => "data",
-                    ChunkStatus::Hole => "hole",
-                    ChunkStatus::Error => "error",
-                };
-                chunk(c.offset, c.length, status)
-            }),
-        ),
-        _ if count == 0 => array(env, std::iter::empty()),
-        _ => array(env, std::iter::once(chunk(offset, count, "data"))),
-    };
-    set(env, out, c"chunks", chunks);
+    let list = array(
+        env,
+        chunks.iter().map(|c| {
+            let status = match c.status {
+                ChunkStatus::Data => "data",
+                ChunkStatus::Hole => "hole",
+                ChunkStatus::Error => "error",
+            };
+            let o = object(env);
+            set(env, o, c"offset", integer(env, c.offset));
+            set(env, o, c"length", integer(env, c.length));
+            set(env, o, c"status", string(env, status));
+            o
+        }),
+    );
+    set(env, out, c"chunks", list);
     out
 }
 
-/// index.ts's `NbdError` factory, `(code, errno, operation, message) => NbdError`: one
+/// errors.ts's `NbdError` factory, `(code, errno, operation, message) => NbdError`: one
 /// reference per environment, never deleted (it lives as long as the environment, and a
 /// reference deleted while an environment is torn down would be a use after free).
 #[derive(Clone, Copy)]
-pub(crate) struct ErrorFactory {
+pub struct ErrorFactory {
     env: Env,
     raw: sys::napi_ref,
 }
@@ -237,7 +235,7 @@ pub(crate) fn error(env: Env, make_error: &ErrorFactory, operation: &str, e: &Er
         string(env, e.message()),
     ];
     let mut result = ptr::null_mut();
-    // SAFETY: on the JavaScript thread; the factory is a function (index.ts's).
+    // SAFETY: on the JavaScript thread; the factory is a function (errors.ts's).
     let status = unsafe {
         sys::napi_call_function(env, undefined(env), make_error.value(), args.len(), args.as_ptr(), &mut result)
     };
@@ -248,6 +246,47 @@ pub(crate) fn error(env: Env, make_error: &ErrorFactory, operation: &str, e: &Er
         return string(env, &format!("{operation}: {}", e.message()));
     }
     result
+}
+
+/// The factory as the argument of a constructor (`NativeHandle`, `NativeCopy`).
+impl napi::bindgen_prelude::FromNapiValue for ErrorFactory {
+    unsafe fn from_napi_value(env: Env, value: Value) -> napi::Result<Self> {
+        ErrorFactory::new(env, value).ok_or_else(|| napi::Error::from_reason("cannot keep the error factory"))
+    }
+}
+
+impl napi::bindgen_prelude::TypeName for ErrorFactory {
+    fn type_name() -> &'static str {
+        "Function"
+    }
+
+    fn value_type() -> napi::ValueType {
+        napi::ValueType::Function
+    }
+}
+
+impl ErrorFactory {
+    /// `e` as `operation`'s `NbdError`, for napi-rs to throw from a synchronous call or to
+    /// reject a promise with: the object itself crosses (napi-rs keeps a reference to it),
+    /// on the JavaScript thread.
+    pub(crate) fn throwable(&self, operation: &str, e: &Error) -> napi::Error {
+        let value = error(self.env, self, operation, e);
+        // SAFETY: a live value of this environment, on its thread.
+        napi::Error::from(unsafe { napi::Unknown::from_raw_unchecked(self.env, value) })
+    }
+}
+
+/// Runs `work` on napi's tokio runtime and returns its promise: resolved with the value,
+/// or rejected with `operation`'s `NbdError`, made on the JavaScript thread.
+pub(crate) fn spawn<'env, T: napi::bindgen_prelude::ToNapiValue + Send + 'static>(
+    env: &'env napi::Env,
+    make_error: ErrorFactory,
+    operation: &'static str,
+    work: impl std::future::Future<Output = nbd_client::Result<T>> + Send + 'static,
+) -> napi::Result<napi::bindgen_prelude::PromiseRaw<'env, T>> {
+    env.spawn_future_with_callback(async move { Ok(work.await) }, move |_, result| {
+        result.map_err(|e| make_error.throwable(operation, &e))
+    })
 }
 
 /// A new promise and its resolver.

@@ -243,9 +243,9 @@ unsafe extern "C" fn call_js(env: Env, _js: Value, context: *mut c_void, data: *
             }
         }
         (Outcome::Buffer, None) => settle::buffer_from_vec(env, reply.data.unwrap_or_default()),
-        (Outcome::Structured(offset, count, s), None) => {
+        (Outcome::Structured, None) => {
             let data = settle::buffer_from_vec(env, reply.data.unwrap_or_default());
-            settle::structured(env, data, &reply.detail, offset, count, s)
+            settle::structured(env, data, &reply.detail)
         }
         (Outcome::Extents, None) => settle::extents(env, &reply.detail),
         (Outcome::Void, None) | (Outcome::CallerBuffer, None) => settle::undefined(env),

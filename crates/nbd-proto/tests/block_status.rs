@@ -339,3 +339,24 @@ fn an_error_offset_chunk_is_recorded_and_fails_the_read() {
     assert!(e.message().contains("oops"));
     assert_eq!(detail, Detail::Chunks(vec![ReadChunk { offset: 256, length: 0, status: ChunkStatus::Error }]));
 }
+
+#[test]
+fn a_simple_read_reply_is_recorded_as_one_data_chunk() {
+    let mut n = negotiated(false, 0);
+    n.structured_replies = false;
+    let mut d: ReplyDecoder<u32> = ReplyDecoder::new(&n);
+    let read = Command { kind: CommandKind::Read, offset: 4096, length: 8, flags: 0 };
+    d.register_with(6, read, Tracking { filter: None, record_chunks: true }, 0);
+    let mut input = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+    input.extend(0u32.to_be_bytes());
+    input.extend(6u64.to_be_bytes());
+    let Decoded { consumed, event } = d.decode(&input).expect("valid");
+    assert_eq!(consumed, input.len());
+    assert!(matches!(event, Some(Event::ReadData { cookie: 6, buf_offset: 0, len: 8 })));
+    d.payload_done();
+    let Decoded { event: Some(Event::Done { result, detail, .. }), .. } = d.decode(&[]).expect("valid") else {
+        panic!("expected the read to finish")
+    };
+    assert!(result.is_ok());
+    assert_eq!(detail, Detail::Chunks(vec![ReadChunk { offset: 4096, length: 8, status: ChunkStatus::Data }]));
+}

@@ -94,7 +94,8 @@ pub enum Detail {
     None,
     /// Block status: one entry per context that answered, in the order they came.
     Extents(Vec<ContextExtents>),
-    /// A read registered with `record_chunks`: its chunks in the order they came.
+    /// A read registered with `record_chunks`: its chunks in the order they came (a simple
+    /// reply's data is one data chunk).
     Chunks(Vec<ReadChunk>),
 }
 

@@ -258,6 +258,10 @@ impl<T> ReplyDecoder<T> {
                 ));
             }
             self.table.seen_all(cookie);
+            if cmd.length > 0 {
+                // Without structured replies the whole read comes as one data chunk.
+                self.table.record_chunk(cookie, cmd.offset, cmd.length, ChunkStatus::Data);
+            }
             self.in_payload = Some((cookie, true));
             return Ok(Decoded {
                 consumed: SIMPLE_HEADER,
