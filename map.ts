@@ -118,10 +118,11 @@ export async function* mapExtents(h: Handle, options?: MapOptions): AsyncGenerat
     }
     for (const e of extents) {
       if (cursor >= p.end) break
-      if (e.offset !== cursor) {
+      if (Number(e.offset) !== cursor) {
         throw fail(`the server's extents of "${p.context}" skip from ${cursor} to ${e.offset}`, 'EPROTO')
       }
-      const length = Math.min(e.length, p.end - cursor)
+      // An extent may be longer than 2^53 − 1 (a bigint); the map never goes past p.end.
+      const length = Math.min(Number(e.length), p.end - cursor)
       if (run !== undefined && run.flags === e.flags) {
         run.length += length
       } else {

@@ -79,8 +79,10 @@ export type DebugCallback = (context: string, message: string) => void
 
 /** One extent of a block status reply: `length` bytes at `offset` with context-specific `flags`. */
 export interface Extent {
-  offset: number
-  length: number
+  /** Absolute offset: a number, or a bigint past 2^53 − 1 (exact either way). */
+  offset: number | bigint
+  /** A number, or a bigint past 2^53 − 1. */
+  length: number | bigint
   /** For `base:allocation`: {@link STATE_HOLE}, {@link STATE_ZERO}; for dirty bitmaps: {@link STATE_DIRTY}. */
   flags: number
 }

@@ -441,6 +441,39 @@ test('item 22: tls-verify-peer takes the values libnbd parses, and a bare name i
   t.true(isUri('nbd+ssh://h/') && isUri('NBDS+SSH://h') && !isUri('nbd+ssh:h'))
 })
 
+// ---- item 9: preadInto zeroes the caller's buffer before any check ----
+
+test('item 9: preadInto zeroes the buffer first, even when the call then fails', async (t) => {
+  const unconnected = new Handle()
+  t.teardown(() => unconnected.close())
+  const b = Buffer.alloc(4096, 0xaa)
+  await expectReject(t, () => unconnected.preadInto(b, 0), '*', 'preadInto')
+  t.true(b.every((x) => x === 0), 'zeroed although the handle is not connected')
+  const server = await useNbdkit(t, ['memory', '1M'])
+  if (!server) return
+  const h = await openHandle(t, server)
+  const past = Buffer.alloc(4096, 0x55)
+  await expectReject(t, () => h.preadInto(past, 1 * MiB), 'EINVAL', 'preadInto')
+  t.true(past.every((x) => x === 0), 'zeroed although the range is past the end')
+})
+
+// ---- item 25: extents past 2^53 are exact ----
+
+test('item 25: block status offsets and lengths past 2^53 - 1 come back as exact bigints', async (t) => {
+  // A 2^60-byte export of nothing: nbdkit null reports one extent as large as asked for.
+  const server = await useNbdkit(t, ['null', String(2n ** 60n)])
+  if (!server) return
+  const h = await openHandle(t, server, { metaContexts: ['base:allocation'] })
+  t.is(h.getSize({ bigint: true }), 2n ** 60n)
+  const at = 2n ** 53n + 1n // not representable as a double
+  const reply = await h.blockStatus(1 * MiB, at)
+  const extents = reply['base:allocation']!
+  t.true(extents.length >= 1)
+  t.is(extents[0]!.offset, at, 'a bigint, exact')
+  const low = await h.blockStatus(4096, 4096)
+  t.is(low['base:allocation']![0]!.offset, 4096, 'a plain number below 2^53')
+})
+
 // ---- item 24: the missing calls and constants ----
 
 test('item 24: supportsVsock, getSubprocessPid ESRCH, the *_MASK and namespace constants, addMetaContext("")', async (t) => {
