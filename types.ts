@@ -89,7 +89,8 @@ export interface Extent {
 
 /** One chunk of a structured read reply. */
 export interface ReadChunk {
-  offset: number
+  /** Absolute offset: a number, or a bigint past 2^53 − 1 (exact either way). */
+  offset: number | bigint
   length: number
   /** `data` (bytes sent), `hole` (zeroes), or `error` (the server failed at `offset`; length 0). */
   status: 'data' | 'hole' | 'error'
