@@ -1,30 +1,33 @@
-//! The handle: configuration, state, connecting, commands, ending.
+//! The handle: a state cell ([`Phase`]) and one method per libnbd call.
+//!
+//! Settings live in [`Settings`]; connecting runs the steps of [`crate::connect`]; commands
+//! go to one of the drivers of [`crate::driver`]. Each method checks its own row of the
+//! state table (`nbd_proto::state`) and its own arguments, so a binding above only converts.
 
 use std::os::fd::{OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use nbd_proto::consts::MAX_STRING;
-use nbd_proto::handshake::{
-    ExportEntry, ExportInfo, Handshake, Negotiated, OptReply, OptRequest, Outcome,
+use nbd_proto::consts::{
+    FLAG_BLOCK_STAT_PAYLOAD, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_SEND_DF, MAX_STRING, STRICT_MASK,
 };
+use nbd_proto::handshake::{ExportEntry, ExportInfo, Negotiated, OptReply, OptRequest, TlsMode};
 use nbd_proto::state::{self, Call, State};
 use nbd_proto::transmission::{Command, CommandKind, Detail, Session, Tracking};
 use nbd_proto::{Errno, Error, Result};
 
 use crate::buffer::{DestBuf, SourceBuf};
 use crate::cancel::CancelToken;
-use crate::config::Config;
-use crate::driver::{
-    Callback, CallbackReply, CommandRequest, Completed, Debug, DebugSink, Driver, InFlightGuard,
-    Lifeline, Payload, Request, Shared,
-};
-use crate::transport::{self, io_error, Stream};
-use crate::subprocess::{self, Child};
-use crate::uri::{self, NbdUri, UriTransport};
+use crate::connect::{self, Handshaken, Link, Negotiation, Opened, OptStep, Ready, Target, TlsParams};
+use crate::driver::tasks::{Callback, CallbackReply, CommandRequest, Completed, Driver, Payload, Request};
+use crate::driver::{cancelled_error, closed_error, Counters, DebugSink, DebugSwitch, InFlightGuard, Lifeline};
+use crate::settings::{NegotiationSettings, Settings};
+use crate::transport::subprocess::{self, Child};
+use crate::transport::{self, tcp, Stream};
+use crate::uri::{self, NbdUri, UriTransport, ALLOW_TRANSPORT_MASK};
 
 /// A command for [`Handle::submit`].
 pub enum Op {
@@ -61,9 +64,13 @@ pub struct Reply {
 /// Byte and chunk counters of a connection (libnbd's `nbd_stats_*`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Bytes written to the server, handshake included.
     pub bytes_sent: u64,
+    /// Requests (and handshake messages) written.
     pub chunks_sent: u64,
+    /// Bytes read from the server.
     pub bytes_received: u64,
+    /// Replies, reply chunks and handshake messages read.
     pub chunks_received: u64,
 }
 
@@ -74,31 +81,26 @@ pub struct Handle {
 }
 
 struct Inner {
-    config: Mutex<Config>,
+    settings: Mutex<Settings>,
+    /// `settings.strict` and `settings.debug`, for the paths that read them without the
+    /// settings' lock (every command; the driver before each message). Only
+    /// [`Handle::update_settings`] writes them, right after the settings.
     strict: AtomicU32,
+    debug_on: Arc<AtomicBool>,
     phase: Mutex<Phase>,
-    shared: Arc<Shared>,
+    counters: Arc<Counters>,
     /// Set when the application closes the handle; a connect in progress gives up.
     closing: watch::Sender<bool>,
-    /// Where debug messages go when `config.debug` is on.
+    /// Where debug messages go when `settings.debug` is on.
     debug_sink: Arc<Mutex<Option<DebugSink>>>,
-    /// `config.debug`, for the driver, which checks it before each message.
-    debug_on: Arc<std::sync::atomic::AtomicBool>,
     /// Hand plain connections to an event-loop driver ([`Handle::set_event_loop_driver`]).
-    event_loop: std::sync::atomic::AtomicBool,
+    event_loop: AtomicBool,
     /// Where the handle connected, for `get_uri`.
     target: Mutex<Option<UriTransport>>,
     /// The server process of `connect_command` / socket activation. Declared after
     /// `phase` so that on drop the socket closes first (a server on stdin then sees end of
     /// file and exits by itself); dropping it ends and reaps the process.
     child: Mutex<Option<Arc<Child>>>,
-}
-
-/// A connection in option negotiation, between option requests. The handshake machine
-/// keeps what has been learned (the export's details from `NBD_OPT_INFO`, meta contexts).
-struct Negotiation {
-    hs: Handshake,
-    stream: Stream,
 }
 
 /// Where the handle is in its life. Each variant holding a socket keeps it open until
@@ -144,14 +146,14 @@ enum Phase {
 
 impl Default for Handle {
     fn default() -> Self {
-        Handle::new(Config::default())
+        Handle::new(Settings::default())
     }
 }
 
 impl std::fmt::Debug for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handle")
-            .field("name", &self.config().handle_name)
+            .field("name", &self.settings().handle_name)
             .field("state", &self.state())
             .finish()
     }
@@ -161,26 +163,25 @@ impl Handle {
     /// A newly created handle (`nbd_create`). As libnbd, a handle without a name is named
     /// `nbd1`, `nbd2`, … in order of creation, and `LIBNBD_DEBUG=1` in the environment turns
     /// debugging on.
-    pub fn new(mut config: Config) -> Handle {
-        static CREATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    pub fn new(mut settings: Settings) -> Handle {
+        static CREATED: AtomicU64 = AtomicU64::new(0);
         let n = CREATED.fetch_add(1, Ordering::Relaxed) + 1;
-        if config.handle_name.is_empty() {
-            config.handle_name = format!("nbd{n}");
+        if settings.handle_name.is_empty() {
+            settings.handle_name = format!("nbd{n}");
         }
         if std::env::var_os("LIBNBD_DEBUG").is_some_and(|v| v == "1") {
-            config.debug = true;
+            settings.debug = true;
         }
-        let debug_on = config.debug;
         Handle {
             inner: Arc::new(Inner {
-                strict: AtomicU32::new(config.strict),
-                config: Mutex::new(config),
+                strict: AtomicU32::new(settings.strict),
+                debug_on: Arc::new(AtomicBool::new(settings.debug)),
+                settings: Mutex::new(settings),
                 phase: Mutex::new(Phase::Created),
-                shared: Arc::new(Shared::default()),
+                counters: Arc::new(Counters::default()),
                 closing: watch::channel(false).0,
                 debug_sink: Arc::default(),
-                debug_on: Arc::new(std::sync::atomic::AtomicBool::new(debug_on)),
-                event_loop: std::sync::atomic::AtomicBool::new(false),
+                event_loop: AtomicBool::new(false),
                 target: Mutex::new(None),
                 child: Mutex::new(None),
             }),
@@ -188,131 +189,254 @@ impl Handle {
     }
 
     fn phase(&self) -> MutexGuard<'_, Phase> {
-        self.inner.phase.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner.phase)
     }
 
+    // ---- settings ----
+
     /// A copy of the current settings.
-    pub fn config(&self) -> Config {
-        self.inner.config.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    pub fn settings(&self) -> Settings {
+        lock(&self.inner.settings).clone()
+    }
+
+    /// The one way settings change: `change`, then the lock-free copies.
+    fn update_settings(&self, change: impl FnOnce(&mut Settings)) {
+        let mut settings = lock(&self.inner.settings);
+        change(&mut settings);
+        self.inner.strict.store(settings.strict, Ordering::Relaxed);
+        self.inner.debug_on.store(settings.debug, Ordering::Relaxed);
     }
 
     /// Changes settings that shape the connection: only on a newly created handle.
-    pub fn configure(&self, change: impl FnOnce(&mut Config)) -> Result<()> {
+    pub fn configure(&self, change: impl FnOnce(&mut Settings)) -> Result<()> {
         state::check(Call::Configure, self.state())?;
-        self.update_config(change);
+        self.update_settings(change);
         Ok(())
     }
 
-    fn update_config(&self, change: impl FnOnce(&mut Config)) {
-        let mut config = self.inner.config.lock().unwrap_or_else(|p| p.into_inner());
-        change(&mut config);
-        self.inner.strict.store(config.strict, Ordering::Relaxed);
+    /// Changes what the handshake asks for where option mode may change it between
+    /// requests (export name, meta contexts, info requests): before connecting or while
+    /// negotiating. While negotiating, the handshake takes the new settings whole; another
+    /// export name forgets what was learned about the previous export.
+    pub fn negotiation_setting(&self, change: impl FnOnce(&mut NegotiationSettings)) -> Result<()> {
+        state::check(Call::SetExportName, self.state())?;
+        let mut phase = self.phase();
+        self.update_settings(|s| change(&mut s.negotiation));
+        if let Phase::Negotiating { negotiation, .. } = &mut *phase {
+            let settings = self.settings().handshake();
+            negotiation.hs.set_export_name(&settings.export_name);
+            *negotiation.hs.config_mut() = settings;
+        }
+        Ok(())
     }
 
     /// `nbd_set_export_name`: before connecting, or while negotiating, where another name
     /// forgets what was learned about the previous export (the same name changes nothing).
     pub fn set_export_name(&self, name: &str) -> Result<()> {
         check_string("export name", name)?;
-        self.negotiation_setting(|c| c.export_name = name.to_string())
-    }
-
-    /// Changes a setting that option mode may change between requests (export name, meta
-    /// contexts, info requests): before connecting or while negotiating.
-    pub fn negotiation_setting(&self, change: impl Fn(&mut Config)) -> Result<()> {
-        state::check(Call::SetExportName, self.state())?;
-        let mut phase = self.phase();
-        self.update_config(&change);
-        if let Phase::Negotiating { negotiation, .. } = &mut *phase {
-            let c = self.config();
-            negotiation.hs.set_export_name(&c.export_name);
-            let hs = negotiation.hs.config_mut();
-            hs.meta_contexts = c.meta_contexts;
-            hs.request_meta_context = c.request_meta_context;
-            hs.request_block_size = c.request_block_size;
-            hs.full_info = c.full_info;
-        }
-        Ok(())
+        self.negotiation_setting(|n| n.export_name = name.to_string())
     }
 
     /// `nbd_add_meta_context`. An empty name is accepted, as libnbd does (the server
     /// judges it).
     pub fn add_meta_context(&self, name: &str) -> Result<()> {
         check_string("meta context name", name)?;
-        self.negotiation_setting(|c| c.meta_contexts.push(name.to_string()))
+        self.negotiation_setting(|n| n.meta_contexts.push(name.to_string()))
     }
 
     /// `nbd_clear_meta_contexts`.
     pub fn clear_meta_contexts(&self) -> Result<()> {
-        self.negotiation_setting(|c| c.meta_contexts.clear())
+        self.negotiation_setting(|n| n.meta_contexts.clear())
     }
 
-    /// Sets (or removes) where debug messages go; they flow when `config.debug` is on.
-    pub fn set_debug_sink(&self, sink: Option<DebugSink>) {
-        *self.inner.debug_sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+    /// `nbd_set_request_block_size`: before connecting or while negotiating.
+    pub fn set_request_block_size(&self, on: bool) -> Result<()> {
+        self.negotiation_setting(|n| n.request_block_size = on)
+    }
+
+    /// `nbd_set_full_info`: before connecting or while negotiating.
+    pub fn set_full_info(&self, on: bool) -> Result<()> {
+        self.negotiation_setting(|n| n.full_info = on)
+    }
+
+    /// `nbd_set_request_meta_context`: before connecting or while negotiating.
+    pub fn set_request_meta_context(&self, on: bool) -> Result<()> {
+        self.negotiation_setting(|n| n.request_meta_context = on)
+    }
+
+    /// `nbd_set_request_structured_replies`: only on a newly created handle.
+    pub fn set_request_structured_replies(&self, on: bool) -> Result<()> {
+        self.configure(|s| s.negotiation.request_structured_replies = on)
+    }
+
+    /// `nbd_set_request_extended_headers`: only on a newly created handle.
+    pub fn set_request_extended_headers(&self, on: bool) -> Result<()> {
+        self.configure(|s| s.negotiation.request_extended_headers = on)
+    }
+
+    /// `nbd_set_opt_mode`: only on a newly created handle.
+    pub fn set_opt_mode(&self, on: bool) -> Result<()> {
+        self.configure(|s| s.negotiation.opt_mode = on)
+    }
+
+    /// `nbd_set_handshake_flags`: `FLAG_C_FIXED_NEWSTYLE` and `FLAG_C_NO_ZEROES` only; only
+    /// on a newly created handle.
+    pub fn set_handshake_flags(&self, flags: u32) -> Result<()> {
+        if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return Err(Error::usage(
+                Errno::EINVAL,
+                format!("handshake flags {flags:#x} include unknown bits"),
+            ));
+        }
+        self.configure(|s| s.negotiation.handshake_flags = flags)
+    }
+
+    /// `nbd_set_tls`: only on a newly created handle.
+    pub fn set_tls(&self, mode: TlsMode) -> Result<()> {
+        self.configure(|s| s.tls.mode = mode)
+    }
+
+    /// `nbd_set_tls_certificates`: only on a newly created handle.
+    pub fn set_tls_certificates(&self, dir: &str) -> Result<()> {
+        self.configure(|s| s.tls.certificates = Some(dir.into()))
+    }
+
+    /// `nbd_set_tls_verify_peer`: only on a newly created handle.
+    pub fn set_tls_verify_peer(&self, on: bool) -> Result<()> {
+        self.configure(|s| s.tls.verify_peer = on)
+    }
+
+    /// `nbd_set_tls_username`: only on a newly created handle.
+    pub fn set_tls_username(&self, name: &str) -> Result<()> {
+        self.configure(|s| s.tls.username = Some(name.to_string()))
+    }
+
+    /// `nbd_set_tls_psk_file`: only on a newly created handle.
+    pub fn set_tls_psk_file(&self, path: &str) -> Result<()> {
+        self.configure(|s| s.tls.psk_file = Some(path.into()))
+    }
+
+    /// `nbd_set_tls_hostname`: only on a newly created handle.
+    pub fn set_tls_hostname(&self, host: &str) -> Result<()> {
+        self.configure(|s| s.tls.hostname = Some(host.to_string()))
+    }
+
+    /// `nbd_set_uri_allow_transports`: `ALLOW_TRANSPORT_*` bits only; only on a newly
+    /// created handle.
+    pub fn set_uri_allow_transports(&self, mask: u32) -> Result<()> {
+        if mask & !ALLOW_TRANSPORT_MASK != 0 {
+            return Err(Error::usage(
+                Errno::EINVAL,
+                format!("uriAllowTransports {mask:#x} has unknown bits"),
+            ));
+        }
+        self.configure(|s| s.uri_policy.allow_transports = mask)
+    }
+
+    /// `nbd_set_uri_allow_tls`: only on a newly created handle.
+    pub fn set_uri_allow_tls(&self, mode: TlsMode) -> Result<()> {
+        self.configure(|s| s.uri_policy.allow_tls = mode)
+    }
+
+    /// `nbd_set_uri_allow_local_file`: only on a newly created handle.
+    pub fn set_uri_allow_local_file(&self, on: bool) -> Result<()> {
+        self.configure(|s| s.uri_policy.allow_local_file = on)
+    }
+
+    /// The limit on the whole connect and handshake (`None`: none): only on a newly
+    /// created handle.
+    pub fn set_connect_timeout(&self, limit: Option<Duration>) -> Result<()> {
+        self.configure(|s| s.connect_timeout = limit)
+    }
+
+    /// Commands on the wire at once (at least 1): only on a newly created handle.
+    pub fn set_max_in_flight(&self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Err(Error::usage(Errno::EINVAL, "maxInFlight must be at least 1"));
+        }
+        self.configure(|s| s.max_in_flight = n)
+    }
+
+    /// `nbd_set_socket_activation_name`: `LISTEN_FDNAMES` for
+    /// `connect_systemd_socket_activation` (empty: `unknown`). At most 255 printable ASCII
+    /// characters other than `:`. Only on a newly created handle.
+    pub fn set_socket_activation_name(&self, name: &str) -> Result<()> {
+        subprocess::check_socket_name(name)?;
+        self.configure(|s| s.socket_activation_name = name.to_string())
+    }
+
+    /// `nbd_set_strict_mode`: allowed in any state.
+    pub fn set_strict_mode(&self, flags: u32) -> Result<()> {
+        if flags & !STRICT_MASK != 0 {
+            return Err(Error::usage(
+                Errno::EINVAL,
+                format!("strict mode flags {flags:#x} include unknown bits"),
+            ));
+        }
+        self.update_settings(|s| s.strict = flags);
+        Ok(())
+    }
+
+    /// The strict-mode bits in force (`nbd_get_strict_mode`).
+    pub fn strict_mode(&self) -> u32 {
+        self.inner.strict.load(Ordering::Relaxed)
+    }
+
+    /// `nbd_set_pread_initialize`: allowed in any state.
+    pub fn set_pread_initialize(&self, on: bool) {
+        self.update_settings(|s| s.pread_initialize = on);
+    }
+
+    /// `nbd_set_handle_name`: allowed in any state.
+    pub fn set_handle_name(&self, name: &str) {
+        self.update_settings(|s| s.handle_name = name.to_string());
     }
 
     /// `nbd_set_debug`: allowed in any state (takes effect for what follows).
     pub fn set_debug(&self, on: bool) {
-        self.update_config(|c| c.debug = on);
-        self.inner.debug_on.store(on, Ordering::Relaxed);
+        self.update_settings(|s| s.debug = on);
+    }
+
+    /// Sets (or removes) where debug messages go; they flow when debugging is on.
+    pub fn set_debug_sink(&self, sink: Option<DebugSink>) {
+        *lock(&self.inner.debug_sink) = sink;
     }
 
     /// The driver's debug switch and a sink that follows later changes of it.
-    fn debug_hub(&self) -> Debug {
+    fn debug_switch(&self) -> DebugSwitch {
         let sinks = self.inner.debug_sink.clone();
         let inner = Arc::downgrade(&self.inner);
-        Debug {
+        DebugSwitch {
             on: self.inner.debug_on.clone(),
             sink: Arc::new(move |context: &str, message: &str| {
-                let sink = sinks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let sink = lock(&sinks).clone();
                 match sink {
                     Some(sink) => sink(context, message),
                     None => {
                         let name = inner
                             .upgrade()
-                            .map(|i| i.config.lock().unwrap_or_else(|p| p.into_inner()).handle_name.clone())
+                            .map(|i| lock(&i.settings).handle_name.clone())
                             .unwrap_or_default();
-                        eprintln!("nbd-client: debug: {name}: {context}: {message}");
+                        to_stderr(&name, context, message);
                     }
                 }
             }),
         }
     }
 
+    /// The sink for the handshake, fixed for its length; `None` with debugging off.
     fn debug_sink(&self) -> Option<DebugSink> {
-        if !self.config().debug {
+        if !self.inner.debug_on.load(Ordering::Relaxed) {
             return None;
         }
-        let sink = self.inner.debug_sink.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sink = lock(&self.inner.debug_sink).clone();
         Some(sink.unwrap_or_else(|| {
-            let name = self.config().handle_name;
-            Arc::new(move |context: &str, message: &str| {
-                eprintln!("nbd-client: debug: {name}: {context}: {message}");
-            })
+            let name = self.settings().handle_name;
+            Arc::new(move |context: &str, message: &str| to_stderr(&name, context, message))
         }))
     }
 
-    /// `nbd_set_strict_mode`: allowed in any state.
-    pub fn set_strict_mode(&self, flags: u32) -> Result<()> {
-        if flags & !nbd_proto::consts::STRICT_MASK != 0 {
-            return Err(Error::usage(
-                Errno::EINVAL,
-                format!("strict mode flags {flags:#x} include unknown bits"),
-            ));
-        }
-        self.update_config(|c| c.strict = flags);
-        Ok(())
-    }
-
-    /// `nbd_set_pread_initialize`: allowed in any state.
-    pub fn set_pread_initialize(&self, on: bool) {
-        self.update_config(|c| c.pread_initialize = on);
-    }
-
-    /// `nbd_set_handle_name`: allowed in any state.
-    pub fn set_handle_name(&self, name: &str) {
-        self.update_config(|c| c.handle_name = name.to_string());
-    }
+    // ---- state ----
 
     /// The handle's state.
     pub fn state(&self) -> State {
@@ -367,25 +491,20 @@ impl Handle {
             session: session.clone(),
             early: std::mem::take(early),
             max_in_flight: *max_in_flight,
-            shared: self.inner.shared.clone(),
+            counters: self.inner.counters.clone(),
             lifeline: lifeline.clone(),
-            debug: self.debug_hub(),
+            debug: self.debug_switch(),
         })
-    }
-
-    /// The strict-mode bits in force (`nbd_get_strict_mode`).
-    pub fn strict_mode(&self) -> u32 {
-        self.inner.strict.load(Ordering::Relaxed)
     }
 
     /// Commands submitted and not yet finished (queued or on the wire).
     pub fn in_flight(&self) -> usize {
-        self.inner.shared.in_flight.load(Ordering::Relaxed)
+        self.inner.counters.in_flight.load(Ordering::Relaxed)
     }
 
     /// Byte and chunk counters, handshake included.
     pub fn stats(&self) -> Stats {
-        let s = &self.inner.shared;
+        let s = &self.inner.counters;
         Stats {
             bytes_sent: s.bytes_sent.load(Ordering::Relaxed),
             chunks_sent: s.chunks_sent.load(Ordering::Relaxed),
@@ -393,6 +512,8 @@ impl Handle {
             chunks_received: s.chunks_received.load(Ordering::Relaxed),
         }
     }
+
+    // ---- information ----
 
     /// What the handshake settled; an error before the server has told.
     pub fn negotiated(&self) -> Result<Negotiated> {
@@ -432,71 +553,39 @@ impl Handle {
     /// contexts were asked for but the server has not answered for this export.
     pub fn can_meta_context(&self, name: &str) -> Result<bool> {
         let negotiated = self.negotiated_so_far()?;
-        negotiated.can_meta_context(name, &self.config().meta_contexts)
+        negotiated.can_meta_context(name, &self.settings().negotiation.meta_contexts)
     }
 
-    // ---- connecting ----
-
-    /// `nbd_connect_socket`: talks NBD over `fd`, an open connected stream socket.
-    ///
-    /// On a handle that is not newly created, or an fd that is not a connected stream
-    /// socket, the call fails and the caller still owns `fd`. Once those checks pass the
-    /// handle owns `fd`, whatever happens next, and closes it when closed or dropped.
-    pub async fn connect_socket(&self, fd: RawFd) -> Result<()> {
-        self.begin_connect(|| transport::check_connected_stream(fd).map(|_| ()))?;
-        // SAFETY: checked open above; from here on the caller has handed it over.
-        let socket = unsafe { transport::adopt(fd) };
-        self.finish_connect(async move { Ok(socket) }).await
+    /// `nbd_can_df`: the server's flag, and structured replies to carry it (as libnbd).
+    pub fn can_df(&self) -> Result<bool> {
+        let n = self.negotiated()?;
+        Ok(n.structured_replies && n.export.has(FLAG_SEND_DF))
     }
 
-    /// `nbd_connect_uri`: parses `uri` (libnbd's grammar), checks it against the URI
-    /// policy, applies its settings (export name, TLS), then connects.
-    pub async fn connect_uri(&self, text: &str) -> Result<()> {
-        let mut parsed: Option<NbdUri> = None;
-        self.begin_connect(|| {
-            let u = uri::parse(text)?;
-            self.config().uri_policy.check(&u)?;
-            check_string("export name", &u.export_name)?;
-            self.update_config(|c| {
-                c.export_name = u.export_name.clone();
-                if u.tls {
-                    c.tls = nbd_proto::handshake::TlsMode::Require;
-                }
-                if u.tls_username.is_some() {
-                    c.tls_username = u.tls_username.clone();
-                }
-                if u.tls_certificates.is_some() {
-                    c.tls_certificates = u.tls_certificates.clone();
-                }
-                if u.tls_psk_file.is_some() {
-                    c.tls_psk_file = u.tls_psk_file.clone();
-                }
-                if u.tls_hostname.is_some() {
-                    c.tls_hostname = u.tls_hostname.clone();
-                }
-                if let Some(v) = u.tls_verify_peer {
-                    c.tls_verify_peer = v;
-                }
-            });
-            parsed = Some(u);
-            Ok(())
-        })?;
-        let u = parsed.expect("set by the precheck");
-        self.set_target(u.transport.clone());
-        match u.transport {
-            UriTransport::Tcp { host, port } => {
-                let port = port.to_string();
-                self.finish_connect(async move { transport::connect_tcp(&host, &port).await })
-                    .await
-            }
-            UriTransport::Unix { socket } => {
-                self.finish_connect(async move { transport::connect_unix(&socket).await })
-                    .await
-            }
-            UriTransport::Vsock { cid, port } => {
-                self.finish_connect(async move { crate::vsock::connect_vsock(cid, port).await })
-                    .await
-            }
+    /// `nbd_can_block_status_payload`: filtered block status needs extended headers and the
+    /// server's flag.
+    pub fn can_block_status_payload(&self) -> Result<bool> {
+        let n = self.negotiated()?;
+        Ok(n.extended_headers && n.export.has(FLAG_BLOCK_STAT_PAYLOAD))
+    }
+
+    /// `nbd_get_tls_username`: the name set, else the login name PSK would use
+    /// (`$LOGNAME`, else `getlogin`); `EINVAL` when there is none.
+    pub fn tls_username(&self) -> Result<String> {
+        self.settings().tls.effective_username()
+    }
+
+    /// `nbd_get_tls_hostname`: the name set, else the host the handle connects to over TCP
+    /// (what the server's certificate is checked against); `None` when neither exists.
+    pub fn tls_hostname(&self) -> Option<String> {
+        self.settings().tls.hostname.or_else(|| self.tcp_host())
+    }
+
+    /// The host of a TCP target, if the handle has one.
+    fn tcp_host(&self) -> Option<String> {
+        match lock(&self.inner.target).as_ref() {
+            Some(UriTransport::Tcp { host, .. }) => Some(host.clone()),
+            _ => None,
         }
     }
 
@@ -508,85 +597,36 @@ impl Handle {
         if state == State::Created {
             return state::check(Call::Info, state).map(|()| String::new());
         }
-        let Some(transport) = self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        let Some(transport) = lock(&self.inner.target).clone() else {
             return Err(Error::usage(
                 Errno::EINVAL,
                 "cannot construct a URI for this connection type (a URI needs connectUri, \
                  connectTcp, connectUnix or connectVsock)",
             ));
         };
-        let c = self.config();
+        let s = self.settings();
         let tls = match self.negotiated_so_far() {
             Ok(n) => n.tls,
-            Err(_) => c.tls == nbd_proto::handshake::TlsMode::Require,
+            Err(_) => s.tls.mode == TlsMode::Require,
         };
         let u = NbdUri {
             tls,
             transport,
-            export_name: c.export_name,
+            export_name: s.negotiation.export_name,
             // Written whenever set, TLS or not (libnbd does).
-            tls_username: c.tls_username,
-            tls_certificates: c.tls_certificates,
-            tls_psk_file: c.tls_psk_file,
-            tls_hostname: c.tls_hostname,
-            tls_verify_peer: if c.tls_verify_peer { None } else { Some(false) },
+            tls_username: s.tls.username,
+            tls_certificates: s.tls.certificates.map(|p| p.to_string_lossy().into_owned()),
+            tls_psk_file: s.tls.psk_file.map(|p| p.to_string_lossy().into_owned()),
+            tls_hostname: s.tls.hostname,
+            tls_verify_peer: if s.tls.verify_peer { None } else { Some(false) },
             unknown_params: Vec::new(),
         };
         Ok(uri::format(&u))
     }
 
-    fn set_target(&self, t: UriTransport) {
-        *self.inner.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
-    }
-
-    /// `nbd_connect_command`: starts `argv` with a socket as its stdin and stdout (e.g.
-    /// `nbdkit -s memory 1G`) and talks NBD over it. The process is ended and reaped when
-    /// the handle is closed or dropped; if the connect fails, the error says how the
-    /// process ended and what it wrote to stderr.
-    pub async fn connect_command(&self, argv: Vec<String>) -> Result<()> {
-        self.begin_connect(|| Ok(()))?;
-        self.connect_child(argv, false).await
-    }
-
-    /// `nbd_connect_systemd_socket_activation`: starts `argv` with a listening socket as
-    /// fd 3 (`LISTEN_FDS`, `LISTEN_PID`), as systemd would, e.g. `qemu-nbd -f qcow2 IMG`.
-    pub async fn connect_systemd_socket_activation(&self, argv: Vec<String>) -> Result<()> {
-        self.begin_connect(|| Ok(()))?;
-        self.connect_child(argv, true).await
-    }
-
-    async fn connect_child(&self, argv: Vec<String>, activation: bool) -> Result<()> {
-        let inner = self.inner.clone();
-        let name = self.config().socket_activation_name;
-        let open = async move {
-            let spawned = tokio::task::spawn_blocking(move || {
-                if activation {
-                    subprocess::spawn_socket_activation_named(&argv, &name)
-                } else {
-                    subprocess::spawn_command(&argv)
-                }
-            })
-            .await
-            .map_err(|e| Error::io(Errno::EIO, format!("starting the server process: {e}")))??;
-            let (fd, child) = spawned;
-            *inner.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(child));
-            Ok(fd)
-        };
-        let result = self.finish_connect(open).await;
-        let Err(e) = result else { return Ok(()) };
-        let child = self.inner.child.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match child {
-            Some(child) => match child.failure_report(std::time::Duration::from_secs(1)).await {
-                Some(report) => Err(Error::new(e.fault(), e.errno(), format!("{}; {report}", e.message()))),
-                None => Err(e),
-            },
-            None => Err(e),
-        }
-    }
-
     /// The server process started by `connect_command` or socket activation, if any.
     pub fn child_pid(&self) -> Option<u32> {
-        self.inner.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.pid())
+        lock(&self.inner.child).as_ref().map(|c| c.pid())
     }
 
     /// `nbd_get_subprocess_pid`: the server process's pid; `ESRCH` when there is none.
@@ -600,49 +640,109 @@ impl Handle {
         })
     }
 
-    /// `nbd_get_tls_username`: the name set, else the login name PSK would use
-    /// (`$LOGNAME`, else `getlogin`); `EINVAL` when there is none.
-    pub fn tls_username(&self) -> Result<String> {
-        match self.config().tls_username {
-            Some(name) => Ok(name),
-            None => crate::tls::login_name(),
+    // ---- connecting ----
+
+    /// `nbd_connect_socket`: talks NBD over `fd`, an open connected stream socket.
+    ///
+    /// On a handle that is not newly created, or an fd that is not a connected stream
+    /// socket, the call fails and the caller still owns `fd`. Once those checks pass the
+    /// handle owns `fd`, whatever happens next, and closes it when closed or dropped.
+    pub async fn connect_socket(&self, fd: RawFd) -> Result<()> {
+        self.begin_connect(|| transport::check_connected_stream(fd).map(|_| ()))?;
+        // SAFETY: checked open above; from here on the caller has handed it over.
+        let socket = unsafe { transport::adopt(fd) };
+        self.finish_connect(async move { Ok(Opened { socket, child: None }) }).await
+    }
+
+    /// `nbd_connect_uri`: parses `uri` (libnbd's grammar), checks it against the URI
+    /// policy, applies its settings (export name, TLS), then connects.
+    pub async fn connect_uri(&self, text: &str) -> Result<()> {
+        let mut parsed: Option<NbdUri> = None;
+        self.begin_connect(|| {
+            let u = uri::parse(text)?;
+            self.settings().uri_policy.check(&u)?;
+            check_string("export name", &u.export_name)?;
+            self.update_settings(|s| {
+                s.negotiation.export_name = u.export_name.clone();
+                if u.tls {
+                    s.tls.mode = TlsMode::Require;
+                }
+                if u.tls_username.is_some() {
+                    s.tls.username = u.tls_username.clone();
+                }
+                if let Some(dir) = &u.tls_certificates {
+                    s.tls.certificates = Some(dir.into());
+                }
+                if let Some(file) = &u.tls_psk_file {
+                    s.tls.psk_file = Some(file.into());
+                }
+                if u.tls_hostname.is_some() {
+                    s.tls.hostname = u.tls_hostname.clone();
+                }
+                if let Some(v) = u.tls_verify_peer {
+                    s.tls.verify_peer = v;
+                }
+            });
+            parsed = Some(u);
+            Ok(())
+        })?;
+        let u = parsed.expect("set by the precheck");
+        self.set_target(u.transport.clone());
+        let target = match u.transport {
+            UriTransport::Tcp { host, port } => Target::Tcp { host, port: port.to_string() },
+            UriTransport::Unix { socket } => Target::Unix { path: socket },
+            UriTransport::Vsock { cid, port } => Target::Vsock { cid, port },
+        };
+        self.finish_connect(connect::open(target)).await
+    }
+
+    fn set_target(&self, t: UriTransport) {
+        *lock(&self.inner.target) = Some(t);
+    }
+
+    /// `nbd_connect_command`: starts `argv` with a socket as its stdin and stdout (e.g.
+    /// `nbdkit -s memory 1G`) and talks NBD over it. The process is ended and reaped when
+    /// the handle is closed or dropped; if the connect fails, the error says how the
+    /// process ended and what it wrote to stderr.
+    pub async fn connect_command(&self, argv: Vec<String>) -> Result<()> {
+        self.begin_connect(|| Ok(()))?;
+        self.connect_child(Target::Command { argv }).await
+    }
+
+    /// `nbd_connect_systemd_socket_activation`: starts `argv` with a listening socket as
+    /// fd 3 (`LISTEN_FDS`, `LISTEN_PID`), as systemd would, e.g. `qemu-nbd -f qcow2 IMG`.
+    pub async fn connect_systemd_socket_activation(&self, argv: Vec<String>) -> Result<()> {
+        self.begin_connect(|| Ok(()))?;
+        let name = self.settings().socket_activation_name;
+        self.connect_child(Target::SocketActivation { argv, name }).await
+    }
+
+    /// Connects to a server it starts; a failure says how the server ended.
+    async fn connect_child(&self, target: Target) -> Result<()> {
+        let result = self.finish_connect(connect::open(target)).await;
+        let Err(e) = result else { return Ok(()) };
+        let child = lock(&self.inner.child).clone();
+        match child {
+            Some(child) => match child.failure_report(Duration::from_secs(1)).await {
+                Some(report) => Err(Error::new(e.fault(), e.errno(), format!("{}; {report}", e.message()))),
+                None => Err(e),
+            },
+            None => Err(e),
         }
-    }
-
-    /// `nbd_get_tls_hostname`: the name set, else the host the handle connects to over TCP
-    /// (what the server's certificate is checked against); `None` when neither exists.
-    pub fn tls_hostname(&self) -> Option<String> {
-        self.config().tls_hostname.or_else(|| {
-            match self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                Some(UriTransport::Tcp { host, .. }) => Some(host.clone()),
-                _ => None,
-            }
-        })
-    }
-
-    /// `nbd_set_socket_activation_name`: `LISTEN_FDNAMES` for
-    /// `connect_systemd_socket_activation` (empty: `unknown`). At most 255 printable ASCII
-    /// characters other than `:`. Only on a newly created handle.
-    pub fn set_socket_activation_name(&self, name: &str) -> Result<()> {
-        subprocess::check_socket_name(name)?;
-        self.configure(|c| c.socket_activation_name = name.to_string())
     }
 
     /// `nbd_connect_vsock` (Linux).
     pub async fn connect_vsock(&self, cid: u32, port: u32) -> Result<()> {
         self.begin_connect(|| Ok(()))?;
         self.set_target(UriTransport::Vsock { cid, port });
-        self.finish_connect(async move { crate::vsock::connect_vsock(cid, port).await })
-            .await
+        self.finish_connect(connect::open(Target::Vsock { cid, port })).await
     }
 
     /// `nbd_connect_unix`.
     pub async fn connect_unix(&self, path: &str) -> Result<()> {
         self.begin_connect(|| Ok(()))?;
         self.set_target(UriTransport::Unix { socket: path.to_string() });
-        let path = path.to_string();
-        self.finish_connect(async move { transport::connect_unix(&path).await })
-            .await
+        self.finish_connect(connect::open(Target::Unix { path: path.to_string() })).await
     }
 
     /// `nbd_connect_tcp`: `port` is a number or any service name getaddrinfo knows
@@ -654,7 +754,7 @@ impl Handle {
             Err(_) => {
                 let name = port.to_string();
                 // The services database is file IO: off the runtime's threads.
-                tokio::task::spawn_blocking(move || transport::service_port(&name))
+                tokio::task::spawn_blocking(move || tcp::service_port(&name))
                     .await
                     .ok()
                     .flatten()
@@ -663,10 +763,9 @@ impl Handle {
         if let Some(p) = number {
             self.set_target(UriTransport::Tcp { host: host.to_string(), port: p });
         }
-        // An unknown service name fails in transport::connect_tcp, with its message.
-        let (host, port) = (host.to_string(), port.to_string());
-        self.finish_connect(async move { transport::connect_tcp(&host, &port).await })
-            .await
+        // An unknown service name fails in the transport step, with its message.
+        let target = Target::Tcp { host: host.to_string(), port: port.to_string() };
+        self.finish_connect(connect::open(target)).await
     }
 
     /// Moves a newly created handle to `Connecting` if `precheck` passes.
@@ -685,31 +784,37 @@ impl Handle {
         Ok(())
     }
 
-    async fn finish_connect(
-        &self,
-        open: impl std::future::Future<Output = Result<OwnedFd>>,
-    ) -> Result<()> {
-        let config = self.config();
+    /// What the handshake steps need: the counters, the debug sink, the TLS settings.
+    fn link(&self, settings: &Settings) -> Link {
+        Link {
+            counters: self.inner.counters.clone(),
+            debug: self.debug_sink(),
+            tls: TlsParams {
+                settings: settings.tls.clone(),
+                host: self.tcp_host(),
+            },
+        }
+    }
+
+    /// Runs the transport step (`open`) and the handshake step, within the connect timeout
+    /// and until the handle is closed, and moves the handle to the phase they end in.
+    async fn finish_connect(&self, open: impl std::future::Future<Output = Result<Opened>>) -> Result<()> {
+        let settings = self.settings();
         let mut closing = self.inner.closing.subscribe();
-        let shared = self.inner.shared.clone();
-        let debug = self.debug_sink();
-        let adopted: Arc<Mutex<Option<OwnedFd>>> = Arc::default();
-        let tls = TlsParams::new(&config, self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).as_ref());
-        let attempt = {
-            let adopted = adopted.clone();
-            let hs_config = config.handshake();
-            let debug = debug.clone();
-            async move {
-                let socket = open.await?;
-                let stream = Stream::new(&socket)?;
-                *adopted.lock().unwrap() = Some(socket);
-                let mut hs = Handshake::new(hs_config);
-                let (stream, outcome) = drive(stream, &mut hs, &shared, &debug, &tls).await?;
-                Ok::<_, Error>((hs, stream, outcome))
+        let link = self.link(&settings);
+        // The socket is the handle's as soon as it is open, whatever happens next.
+        let adopted: Mutex<Option<OwnedFd>> = Mutex::new(None);
+        let attempt = async {
+            let Opened { socket, child } = open.await?;
+            if let Some(child) = child {
+                *lock(&self.inner.child) = Some(Arc::new(child));
             }
+            let stream = Stream::new(&socket)?;
+            *lock(&adopted) = Some(socket);
+            connect::handshake(stream, settings.handshake(), &link).await
         };
         let timed = async {
-            match config.connect_timeout {
+            match settings.connect_timeout {
                 Some(limit) => tokio::time::timeout(limit, attempt).await.unwrap_or_else(|_| {
                     Err(Error::io(
                         Errno::ETIMEDOUT,
@@ -726,50 +831,36 @@ impl Handle {
             r = timed => r,
             _ = closing.wait_for(|closed| *closed) => Err(closed_while_connecting()),
         };
-        let socket = adopted.lock().unwrap().take();
+        let socket = lock(&adopted).take();
         let mut phase = self.phase();
         if !matches!(*phase, Phase::Connecting) {
             // Closed meanwhile: the socket goes with this scope.
             return Err(closed_while_connecting());
         }
-        let (mut hs, stream, outcome) = match outcome {
-            Ok(o) => o,
+        match outcome {
             Err(e) => {
                 *phase = Phase::Failed { socket };
-                return Err(e);
+                Err(e)
             }
-        };
-        let socket = socket.expect("a negotiated connection has a socket");
-        match outcome {
-            Outcome::Ready(negotiated) => {
-                let early = hs.take_leftover();
-                *phase = self.connected(socket, negotiated, stream, early, &config);
-                Ok(())
-            }
-            Outcome::Negotiating => {
-                *phase = Phase::Negotiating {
-                    socket,
-                    negotiation: Box::new(Negotiation { hs, stream }),
+            Ok(next) => {
+                let socket = socket.expect("a negotiated connection has a socket");
+                *phase = match next {
+                    Handshaken::Ready(ready) => self.transmission(socket, ready, &settings),
+                    Handshaken::Negotiating(negotiation) => Phase::Negotiating { socket, negotiation },
                 };
                 Ok(())
-            }
-            other => {
-                let e = Error::protocol(format!("handshake stopped unexpectedly at {other:?}"));
-                *phase = Phase::Failed { socket: Some(socket) };
-                Err(e)
             }
         }
     }
 
-    /// The phase of a connection that has entered transmission.
-    fn connected(
-        &self,
-        socket: OwnedFd,
-        negotiated: Negotiated,
-        stream: Stream,
-        early: Vec<u8>,
-        config: &Config,
-    ) -> Phase {
+    /// The phase of a connection that has entered transmission: handed to an event-loop
+    /// driver, or run by the tokio driver.
+    fn transmission(&self, socket: OwnedFd, ready: Ready, settings: &Settings) -> Phase {
+        let Ready {
+            stream,
+            negotiated,
+            early,
+        } = ready;
         if self.inner.event_loop.load(Ordering::Relaxed) && !matches!(stream, Stream::Layered(_)) {
             // The stream is a registered duplicate of `socket`: dropping it leaves the
             // socket to the event-loop driver alone.
@@ -779,7 +870,7 @@ impl Handle {
                 session: Arc::new(Session::new(negotiated)),
                 early,
                 lifeline: Lifeline::new(),
-                max_in_flight: config.max_in_flight,
+                max_in_flight: settings.max_in_flight,
             };
         }
         let (reader, writer) = stream.split();
@@ -788,9 +879,9 @@ impl Handle {
             reader,
             writer,
             early,
-            config.max_in_flight,
-            self.inner.shared.clone(),
-            Some(self.debug_hub()),
+            settings.max_in_flight,
+            self.inner.counters.clone(),
+            Some(self.debug_switch()),
         );
         Phase::Connected {
             socket,
@@ -819,18 +910,15 @@ impl Handle {
                 }
             }
         };
-        if let Err(e) = negotiation.hs.request(req) {
+        if let Err(e) = negotiation.begin(req) {
             *self.phase() = Phase::Negotiating { socket, negotiation };
             return Err(e);
         }
-        let config = self.config();
-        let debug = self.debug_sink();
+        let settings = self.settings();
+        let link = self.link(&settings);
         let mut closing = self.inner.closing.subscribe();
-        let Negotiation { mut hs, stream } = *negotiation;
-        let tls = TlsParams::new(&config, self.inner.target.lock().unwrap_or_else(|p| p.into_inner()).as_ref());
-        let shared = self.inner.shared.clone();
         let result = tokio::select! {
-            r = drive(stream, &mut hs, &shared, &debug, &tls) => r,
+            r = negotiation.answer(&link) => r,
             _ = closing.wait_for(|closed| *closed) => Err(closed_while_connecting()),
         };
         let mut phase = self.phase();
@@ -842,31 +930,23 @@ impl Handle {
                 *phase = Phase::Failed { socket: Some(socket) };
                 Err(e)
             }
-            Ok((stream, Outcome::Ready(negotiated))) => {
-                let early = hs.take_leftover();
-                *phase = self.connected(socket, negotiated, stream, early, &config);
+            Ok(OptStep::Ready(ready)) => {
+                *phase = self.transmission(socket, ready, &settings);
                 Ok(None)
             }
-            Ok((_, Outcome::Reply(Ok(OptReply::Aborted)))) => {
+            Ok(OptStep::Aborted { newstyle }) => {
                 // A plain newstyle server knows no NBD_OPT_ABORT: the connection is just
                 // dropped, and the handle is dead rather than closed (as libnbd).
-                *phase = if hs.protocol() == Some(nbd_proto::handshake::Protocol::Newstyle) {
+                *phase = if newstyle {
                     Phase::Failed { socket: Some(socket) }
                 } else {
                     Phase::Ended { socket }
                 };
                 Ok(Some(OptReply::Aborted))
             }
-            Ok((stream, Outcome::Reply(answer))) => {
-                *phase = Phase::Negotiating {
-                    socket,
-                    negotiation: Box::new(Negotiation { hs, stream }),
-                };
+            Ok(OptStep::Answered(negotiation, answer)) => {
+                *phase = Phase::Negotiating { socket, negotiation };
                 answer.map(Some)
-            }
-            Ok((_, other)) => {
-                *phase = Phase::Failed { socket: Some(socket) };
-                Err(Error::protocol(format!("option negotiation stopped unexpectedly at {other:?}")))
             }
         }
     }
@@ -904,23 +984,26 @@ impl Handle {
     /// `nbd_opt_list_meta_context(_queries)`: the contexts the server offers for the
     /// export (for `queries`, or the configured contexts).
     pub async fn opt_list_meta_context(&self, queries: Option<Vec<String>>) -> Result<Vec<String>> {
-        check_queries(&queries)?;
-        match self.opt(OptRequest::ListMetaContext(queries)).await? {
-            Some(OptReply::MetaContexts(names)) => Ok(names),
-            other => Err(Error::protocol(format!(
-                "unexpected answer to NBD_OPT_LIST_META_CONTEXT: {other:?}"
-            ))),
-        }
+        self.opt_meta_context(OptRequest::ListMetaContext, "NBD_OPT_LIST_META_CONTEXT", queries).await
     }
 
     /// `nbd_opt_set_meta_context(_queries)`: the contexts the server agreed to.
     pub async fn opt_set_meta_context(&self, queries: Option<Vec<String>>) -> Result<Vec<String>> {
-        check_queries(&queries)?;
-        match self.opt(OptRequest::SetMetaContext(queries)).await? {
+        self.opt_meta_context(OptRequest::SetMetaContext, "NBD_OPT_SET_META_CONTEXT", queries).await
+    }
+
+    async fn opt_meta_context(
+        &self,
+        request: fn(Option<Vec<String>>) -> OptRequest,
+        name: &str,
+        queries: Option<Vec<String>>,
+    ) -> Result<Vec<String>> {
+        for q in queries.iter().flatten() {
+            check_string("meta context query", q)?;
+        }
+        match self.opt(request(queries)).await? {
             Some(OptReply::MetaContexts(names)) => Ok(names),
-            other => Err(Error::protocol(format!(
-                "unexpected answer to NBD_OPT_SET_META_CONTEXT: {other:?}"
-            ))),
+            other => Err(Error::protocol(format!("unexpected answer to {name}: {other:?}"))),
         }
     }
 
@@ -1102,7 +1185,7 @@ impl Handle {
             Payload::None if cmd.kind == CommandKind::Read => {
                 payload = Payload::ReadOwned(vec![0u8; cmd.length as usize]);
             }
-            Payload::ReadInto(dest) if self.config().pread_initialize && !dest.is_empty() => {
+            Payload::ReadInto(dest) if lock(&self.inner.settings).pread_initialize && !dest.is_empty() => {
                 // SAFETY: DestBuf promises len writable bytes.
                 unsafe { std::ptr::write_bytes(dest.as_mut_ptr(), 0, dest.len()) };
             }
@@ -1118,7 +1201,7 @@ impl Handle {
             }))
         });
         let request = Request::Command(CommandRequest {
-            guard: InFlightGuard::new(&self.inner.shared),
+            guard: InFlightGuard::new(&self.inner.counters),
             cmd,
             flags,
             tracking,
@@ -1227,8 +1310,8 @@ impl Handle {
     /// Closes the handle: fails every pending command, stops the driver and closes the
     /// socket. Idempotent.
     pub async fn close(&self) {
-        if self.inner.debug_on.load(Ordering::Relaxed) {
-            (self.debug_hub().sink)("close", "closing handle");
+        if let Some(debug) = self.debug_sink() {
+            debug("close", "closing handle");
         }
         self.inner.closing.send_replace(true);
         // A closed handle is as good as freed (nbd_close): its details go too, and every
@@ -1245,7 +1328,7 @@ impl Handle {
         }
         // The socket is closed: the server process (if any) ends and is reaped in the
         // background.
-        drop(self.inner.child.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(lock(&self.inner.child).take());
     }
 }
 
@@ -1258,19 +1341,15 @@ fn command(kind: CommandKind, offset: u64, length: u64, flags: u32) -> Command {
     }
 }
 
-fn cancelled_error() -> Error {
-    Error::new(
-        nbd_proto::Fault::Cancelled,
-        Errno::ECANCELED,
-        "the command was cancelled",
-    )
+/// Locks `m`, whatever a panicking holder left (every value kept under these locks is
+/// whole at all times).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn closed_error() -> Error {
-    Error::io(
-        Errno::ENOTCONN,
-        "the handle was closed before the command finished",
-    )
+/// Where debug messages go when no sink is set.
+fn to_stderr(name: &str, context: &str, message: &str) {
+    eprintln!("nbd-client: debug: {name}: {context}: {message}");
 }
 
 fn closed_while_connecting() -> Error {
@@ -1281,13 +1360,6 @@ fn closed_while_connecting() -> Error {
     )
 }
 
-fn check_queries(queries: &Option<Vec<String>>) -> Result<()> {
-    for q in queries.iter().flatten() {
-        check_string("meta context query", q)?;
-    }
-    Ok(())
-}
-
 fn check_string(what: &str, s: &str) -> Result<()> {
     if s.len() > MAX_STRING {
         return Err(Error::usage(
@@ -1296,120 +1368,4 @@ fn check_string(what: &str, s: &str) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// Runs the handshake machine over `stream` until it needs the application (ready,
-/// negotiating, an option answer); starts TLS on the way when the machine asks. A failed
-/// handshake is an error.
-async fn drive(
-    mut stream: Stream,
-    hs: &mut Handshake,
-    shared: &Shared,
-    debug: &Option<DebugSink>,
-    tls: &TlsParams,
-) -> Result<(Stream, Outcome)> {
-    loop {
-        match exchange(&mut stream, hs, shared, debug).await? {
-            Outcome::StartTls => {
-                if let Some(debug) = debug {
-                    debug("handshake", "server accepted NBD_OPT_STARTTLS; starting the TLS handshake");
-                }
-                stream = tls_upgrade(stream, tls).await?;
-                if let Some(debug) = debug {
-                    debug("handshake", "TLS handshake done");
-                }
-                hs.tls_done();
-            }
-            Outcome::Failed(e) => return Err(e),
-            other => return Ok((stream, other)),
-        }
-    }
-}
-
-/// What the TLS handshake needs: the settings and the host connected to (for checking the
-/// server's certificate).
-#[derive(Clone)]
-struct TlsParams {
-    settings: crate::tls::TlsSettings,
-    host: Option<String>,
-}
-
-impl TlsParams {
-    fn new(config: &Config, target: Option<&UriTransport>) -> TlsParams {
-        TlsParams {
-            settings: crate::tls::TlsSettings {
-                mode: config.tls,
-                certificates: config.tls_certificates.clone().map(Into::into),
-                verify_peer: config.tls_verify_peer,
-                username: config.tls_username.clone(),
-                psk_file: config.tls_psk_file.clone().map(Into::into),
-                hostname: config.tls_hostname.clone(),
-            },
-            host: match target {
-                Some(UriTransport::Tcp { host, .. }) => Some(host.clone()),
-                _ => None,
-            },
-        }
-    }
-}
-
-/// Runs the TLS handshake over `stream` (after the server accepted STARTTLS); the
-/// connection goes on over TLS.
-async fn tls_upgrade(stream: Stream, tls: &TlsParams) -> Result<Stream> {
-    let params = tls.clone();
-    // Reading keys and certificates is file IO: keep it off the runtime's threads.
-    let connector = tokio::task::spawn_blocking(move || {
-        crate::tls::TlsConnector::new(&params.settings, params.host.as_deref())
-    })
-    .await
-    .map_err(|e| Error::io(Errno::EIO, format!("preparing TLS: {e}")))??;
-    let tls_stream = connector.connect(stream).await?;
-    Ok(Stream::Layered(Box::new(tls_stream)))
-}
-
-/// Hands the machine's debug messages to the sink (they are only gathered with debug on).
-fn forward_debug(hs: &mut Handshake, debug: &Option<DebugSink>) {
-    if let Some(debug) = debug {
-        for message in hs.take_debug() {
-            debug("handshake", &message);
-        }
-    }
-}
-
-/// Sends what the machine has to send and feeds it what the server says, until the
-/// machine has an outcome.
-async fn exchange(
-    stream: &mut Stream,
-    hs: &mut Handshake,
-    shared: &Shared,
-    debug: &Option<DebugSink>,
-) -> Result<Outcome> {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        forward_debug(hs, debug);
-        let out = hs.poll_transmit();
-        if !out.is_empty() {
-            stream
-                .write_all(&out)
-                .await
-                .map_err(|e| io_error("sending the handshake", e))?;
-            shared.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
-            shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(outcome) = hs.poll_event() {
-            forward_debug(hs, debug);
-            return Ok(outcome);
-        }
-        let n = stream
-            .read(&mut buf)
-            .await
-            .map_err(|e| io_error("reading the handshake", e))?;
-        shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
-        if n == 0 {
-            hs.handle_eof();
-        } else {
-            shared.chunks_received.fetch_add(1, Ordering::Relaxed);
-            hs.handle_input(&buf[..n]);
-        }
-    }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nbd_client::{
     spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child,
-    Config, Errno, Error, Fault, Handle,
+    Settings, Errno, Error, Fault, Handle,
 };
 
 fn argv(words: &[&str]) -> Vec<String> {
@@ -86,7 +86,7 @@ impl Watched {
 }
 
 async fn connect(fd: OwnedFd) -> (Handle, Result<(), Error>) {
-    let h = Handle::new(Config::default());
+    let h = Handle::new(Settings::default());
     let r = h.connect_socket(fd.into_raw_fd()).await;
     (h, r)
 }

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use nbd_client::consts::{FLAG_CAN_MULTI_CONN, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_WRITE_ZEROES, STATE_ZERO};
-use nbd_client::{CancelToken, Config, Errno, Error, Fault, Handle, Result, SourceBuf};
+use nbd_client::{CancelToken, Settings, Errno, Error, Fault, Handle, Result, SourceBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -47,7 +47,7 @@ const WORK_UNIT: u64 = 32 << 20;
 pub enum Endpoint {
     /// An NBD export, connected to with `connect_uri` and these settings (TLS files and the
     /// like; the URI policy should allow local files when the URI names any).
-    Nbd { uri: String, config: Config },
+    Nbd { uri: String, config: Settings },
     /// A local file or block device. A missing destination file is created (mode 0644).
     File(PathBuf),
     /// Discards everything (destination only).
@@ -204,7 +204,7 @@ impl Opened {
     }
 }
 
-async fn connect(uri: &str, config: &Config, extents: bool) -> Result<Handle> {
+async fn connect(uri: &str, config: &Settings, extents: bool) -> Result<Handle> {
     let mut config = config.clone();
     // Every read fills its whole buffer or fails: zeroing it first is wasted work.
     config.pread_initialize = false;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use nbd_client::{CancelToken, Config};
+use nbd_client::{CancelToken, Settings};
 use nbd_copy::{Endpoint, Options, Progress};
 
 use crate::{invalid, to_js};
@@ -49,7 +49,7 @@ fn endpoint(e: NativeCopyEndpoint) -> Result<Endpoint> {
     match e.kind.as_str() {
         "nbd" => {
             let uri = e.uri.ok_or_else(|| invalid("an nbd endpoint needs a uri"))?;
-            let mut config = Config::default();
+            let mut config = Settings::default();
             // As nbdcopy: a URI may name TLS files.
             config.uri_policy.allow_local_file = true;
             Ok(Endpoint::Nbd { uri, config })

@@ -388,7 +388,7 @@ impl NativeHandle {
 
     #[napi]
     pub fn get_export_name(&self) -> String {
-        self.handle.config().export_name
+        self.handle.settings().negotiation.export_name
     }
 
     #[napi]
@@ -398,7 +398,7 @@ impl NativeHandle {
 
     #[napi]
     pub fn get_handle_name(&self) -> String {
-        self.handle.config().handle_name
+        self.handle.settings().handle_name
     }
 
     #[napi]
@@ -408,7 +408,7 @@ impl NativeHandle {
 
     #[napi]
     pub fn get_strict_mode(&self) -> u32 {
-        self.handle.config().strict
+        self.handle.settings().strict
     }
 
     #[napi]
@@ -419,75 +419,67 @@ impl NativeHandle {
 
     #[napi]
     pub fn get_pread_initialize(&self) -> bool {
-        self.handle.config().pread_initialize
+        self.handle.settings().pread_initialize
     }
 
     #[napi]
     pub fn set_request_structured_replies(&self, on: bool) -> Result<()> {
-        self.handle
-            .configure(|c| c.request_structured_replies = on)
-            .map_err(to_js)
+        self.handle.set_request_structured_replies(on).map_err(to_js)
     }
 
     #[napi]
     pub fn get_request_structured_replies(&self) -> bool {
-        self.handle.config().request_structured_replies
+        self.handle.settings().negotiation.request_structured_replies
     }
 
     #[napi]
     pub fn set_request_block_size(&self, on: bool) -> Result<()> {
-        self.handle
-            .negotiation_setting(|c| c.request_block_size = on)
-            .map_err(to_js)
+        self.handle.set_request_block_size(on).map_err(to_js)
     }
 
     #[napi]
     pub fn get_request_block_size(&self) -> bool {
-        self.handle.config().request_block_size
+        self.handle.settings().negotiation.request_block_size
     }
 
     #[napi]
     pub fn set_full_info(&self, on: bool) -> Result<()> {
-        self.handle.negotiation_setting(|c| c.full_info = on).map_err(to_js)
+        self.handle.set_full_info(on).map_err(to_js)
     }
 
     #[napi]
     pub fn get_full_info(&self) -> bool {
-        self.handle.config().full_info
+        self.handle.settings().negotiation.full_info
     }
 
     #[napi]
     pub fn set_request_extended_headers(&self, on: bool) -> Result<()> {
-        self.handle
-            .configure(|c| c.request_extended_headers = on)
-            .map_err(to_js)
+        self.handle.set_request_extended_headers(on).map_err(to_js)
     }
 
     #[napi]
     pub fn get_request_extended_headers(&self) -> bool {
-        self.handle.config().request_extended_headers
+        self.handle.settings().negotiation.request_extended_headers
     }
 
     #[napi]
     pub fn set_request_meta_context(&self, on: bool) -> Result<()> {
-        self.handle
-            .negotiation_setting(|c| c.request_meta_context = on)
-            .map_err(to_js)
+        self.handle.set_request_meta_context(on).map_err(to_js)
     }
 
     #[napi]
     pub fn get_request_meta_context(&self) -> bool {
-        self.handle.config().request_meta_context
+        self.handle.settings().negotiation.request_meta_context
     }
 
     #[napi]
     pub fn set_opt_mode(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.opt_mode = on).map_err(to_js)
+        self.handle.set_opt_mode(on).map_err(to_js)
     }
 
     #[napi]
     pub fn get_opt_mode(&self) -> bool {
-        self.handle.config().opt_mode
+        self.handle.settings().negotiation.opt_mode
     }
 
     #[napi]
@@ -503,7 +495,7 @@ impl NativeHandle {
     /// The meta contexts that will be (or were) asked for.
     #[napi]
     pub fn get_meta_contexts(&self) -> Vec<String> {
-        self.handle.config().meta_contexts
+        self.handle.settings().negotiation.meta_contexts
     }
 
     /// Debug messages on or off; `callback`, when given, receives them from now on (else the
@@ -559,39 +551,38 @@ impl NativeHandle {
 
     #[napi]
     pub fn get_debug(&self) -> bool {
-        self.handle.config().debug
+        self.handle.settings().debug
     }
 
     /// `disable`, `allow` or `require`.
     #[napi]
     pub fn set_tls(&self, mode: String) -> Result<()> {
-        let mode = tls_mode(&mode)?;
-        self.handle.configure(|c| c.tls = mode).map_err(to_js)
+        self.handle.set_tls(tls_mode(&mode)?).map_err(to_js)
     }
 
     #[napi]
     pub fn get_tls(&self) -> &'static str {
-        self.handle.config().tls.name()
+        self.handle.settings().tls.mode.name()
     }
 
     #[napi]
     pub fn set_tls_certificates(&self, dir: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_certificates = Some(dir)).map_err(to_js)
+        self.handle.set_tls_certificates(&dir).map_err(to_js)
     }
 
     #[napi]
     pub fn set_tls_verify_peer(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.tls_verify_peer = on).map_err(to_js)
+        self.handle.set_tls_verify_peer(on).map_err(to_js)
     }
 
     #[napi]
     pub fn get_tls_verify_peer(&self) -> bool {
-        self.handle.config().tls_verify_peer
+        self.handle.settings().tls.verify_peer
     }
 
     #[napi]
     pub fn set_tls_username(&self, name: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_username = Some(name)).map_err(to_js)
+        self.handle.set_tls_username(&name).map_err(to_js)
     }
 
     /// The name set, else the login name.
@@ -602,12 +593,12 @@ impl NativeHandle {
 
     #[napi]
     pub fn set_tls_psk_file(&self, path: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_psk_file = Some(path)).map_err(to_js)
+        self.handle.set_tls_psk_file(&path).map_err(to_js)
     }
 
     #[napi]
     pub fn set_tls_hostname(&self, host: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_hostname = Some(host)).map_err(to_js)
+        self.handle.set_tls_hostname(&host).map_err(to_js)
     }
 
     /// The name set, else the TCP host connected to.
@@ -619,49 +610,42 @@ impl NativeHandle {
     /// Bits: 1 TCP, 2 Unix, 4 vsock.
     #[napi]
     pub fn set_uri_allow_transports(&self, mask: u32) -> Result<()> {
-        if mask & !nbd_client::uri::ALLOW_TRANSPORT_MASK != 0 {
-            return Err(invalid(format!("uriAllowTransports {mask:#x} has unknown bits")));
-        }
-        self.handle.configure(|c| c.uri_policy.allow_transports = mask).map_err(to_js)
+        self.handle.set_uri_allow_transports(mask).map_err(to_js)
     }
 
     #[napi]
     pub fn get_uri_allow_transports(&self) -> u32 {
-        self.handle.config().uri_policy.allow_transports
+        self.handle.settings().uri_policy.allow_transports
     }
 
     #[napi]
     pub fn set_uri_allow_tls(&self, mode: String) -> Result<()> {
-        let mode = tls_mode(&mode)?;
-        self.handle.configure(|c| c.uri_policy.allow_tls = mode).map_err(to_js)
+        self.handle.set_uri_allow_tls(tls_mode(&mode)?).map_err(to_js)
     }
 
     #[napi]
     pub fn get_uri_allow_tls(&self) -> &'static str {
-        self.handle.config().uri_policy.allow_tls.name()
+        self.handle.settings().uri_policy.allow_tls.name()
     }
 
     #[napi]
     pub fn set_uri_allow_local_file(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.uri_policy.allow_local_file = on).map_err(to_js)
+        self.handle.set_uri_allow_local_file(on).map_err(to_js)
     }
 
     #[napi]
     pub fn get_uri_allow_local_file(&self) -> bool {
-        self.handle.config().uri_policy.allow_local_file
+        self.handle.settings().uri_policy.allow_local_file
     }
 
     #[napi]
     pub fn set_handshake_flags(&self, flags: u32) -> Result<()> {
-        if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(invalid(format!("handshake flags {flags:#x} include unknown bits")));
-        }
-        self.handle.configure(|c| c.handshake_flags = flags).map_err(to_js)
+        self.handle.set_handshake_flags(flags).map_err(to_js)
     }
 
     #[napi]
     pub fn get_handshake_flags(&self) -> u32 {
-        self.handle.config().handshake_flags
+        self.handle.settings().negotiation.handshake_flags
     }
 
     /// Milliseconds for the whole connect and handshake; 0 means no limit.
@@ -679,20 +663,17 @@ impl NativeHandle {
                 ))
             })?),
         };
-        self.handle.configure(|c| c.connect_timeout = limit).map_err(to_js)
+        self.handle.set_connect_timeout(limit).map_err(to_js)
     }
 
     #[napi]
     pub fn set_max_in_flight(&self, n: u32) -> Result<()> {
-        if n == 0 {
-            return Err(invalid("maxInFlight must be at least 1"));
-        }
-        self.handle.configure(|c| c.max_in_flight = n as usize).map_err(to_js)
+        self.handle.set_max_in_flight(n as usize).map_err(to_js)
     }
 
     #[napi]
     pub fn get_max_in_flight(&self) -> u32 {
-        self.handle.config().max_in_flight as u32
+        self.handle.settings().max_in_flight as u32
     }
 
     // ---- state ----
@@ -779,7 +760,7 @@ impl NativeHandle {
 
     #[napi]
     pub fn get_socket_activation_name(&self) -> String {
-        self.handle.config().socket_activation_name
+        self.handle.settings().socket_activation_name
     }
 
     #[napi(ts_return_type = "Promise<void>")]
@@ -1117,11 +1098,9 @@ impl NativeHandle {
         self.flag(FLAG_SEND_FAST_ZERO)
     }
 
-    /// DF needs structured replies as well as the server's flag (as libnbd).
     #[napi]
     pub fn can_df(&self) -> Result<bool> {
-        let n = self.handle.negotiated().map_err(to_js)?;
-        Ok(n.structured_replies && n.export.has(FLAG_SEND_DF))
+        self.handle.can_df().map_err(to_js)
     }
 
     #[napi]
@@ -1161,11 +1140,9 @@ impl NativeHandle {
         self.handle.can_meta_context(&name).map_err(to_js)
     }
 
-    /// Filtered block status needs extended headers and the server's flag.
     #[napi]
     pub fn can_block_status_payload(&self) -> Result<bool> {
-        let n = self.handle.negotiated().map_err(to_js)?;
-        Ok(n.extended_headers && n.export.has(FLAG_BLOCK_STAT_PAYLOAD))
+        self.handle.can_block_status_payload().map_err(to_js)
     }
 
     #[napi]
