@@ -29,7 +29,9 @@ use crate::transport::subprocess::{self, Child};
 use crate::transport::{self, tcp, Stream};
 use crate::uri::{self, NbdUri, UriTransport, ALLOW_TRANSPORT_MASK};
 
-/// A command for [`Handle::submit`].
+/// A command for [`Handle::submit`]. `offset` is where on the export, `count` how many
+/// bytes, `flags` the command flags (`CMD_FLAG_*`).
+#[allow(missing_docs)] // the fields are described above, once for all variants
 pub enum Op {
     /// Read `count` bytes into a new buffer.
     Read { count: u64, offset: u64, flags: u32 },

@@ -694,16 +694,7 @@ impl TlsConnector {
                 };
                 refused(Errno::EPERM, what)
             }
-            (
-                Credentials::X509 { .. },
-                ALERT_BAD_CERTIFICATE
-                | ALERT_UNSUPPORTED_CERTIFICATE
-                | ALERT_CERTIFICATE_REVOKED
-                | ALERT_CERTIFICATE_EXPIRED
-                | ALERT_CERTIFICATE_UNKNOWN
-                | ALERT_UNKNOWN_CA
-                | ALERT_ACCESS_DENIED,
-            ) => refused(
+            (Credentials::X509 { .. }, alert) if rejects_certificate(alert) => refused(
                 Errno::EPERM,
                 "the server rejected our client certificate".into(),
             ),
@@ -756,6 +747,20 @@ const ALERT_PROTOCOL_VERSION: u8 = 70;
 const ALERT_INSUFFICIENT_SECURITY: u8 = 71;
 const ALERT_UNKNOWN_PSK_IDENTITY: u8 = 115;
 const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
+
+/// Whether `alert` is a server's refusal of the client's certificate.
+fn rejects_certificate(alert: u8) -> bool {
+    matches!(
+        alert,
+        ALERT_BAD_CERTIFICATE
+            | ALERT_UNSUPPORTED_CERTIFICATE
+            | ALERT_CERTIFICATE_REVOKED
+            | ALERT_CERTIFICATE_EXPIRED
+            | ALERT_CERTIFICATE_UNKNOWN
+            | ALERT_UNKNOWN_CA
+            | ALERT_ACCESS_DENIED
+    )
+}
 
 /// The alert a peer sent, for an OpenSSL reason code that reports one.
 fn alert_of_reason(reason: libc::c_int) -> Option<u8> {
@@ -867,13 +872,7 @@ fn explain_io(e: io::Error) -> io::Error {
                     " (it requires a client certificate: client-cert.pem and client-key.pem in \
                      the certificates directory)"
                 }
-                ALERT_BAD_CERTIFICATE
-                | ALERT_UNSUPPORTED_CERTIFICATE
-                | ALERT_CERTIFICATE_REVOKED
-                | ALERT_CERTIFICATE_EXPIRED
-                | ALERT_CERTIFICATE_UNKNOWN
-                | ALERT_UNKNOWN_CA
-                | ALERT_ACCESS_DENIED => " (it rejected our client certificate)",
+                alert if rejects_certificate(alert) => " (it rejected our client certificate)",
                 _ => "",
             };
             return io::Error::new(

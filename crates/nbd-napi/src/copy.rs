@@ -49,10 +49,10 @@ fn endpoint(e: NativeCopyEndpoint) -> Result<Endpoint> {
     match e.kind.as_str() {
         "nbd" => {
             let uri = e.uri.ok_or_else(|| invalid("an nbd endpoint needs a uri"))?;
-            let mut config = Settings::default();
+            let mut settings = Box::<Settings>::default();
             // As nbdcopy: a URI may name TLS files.
-            config.uri_policy.allow_local_file = true;
-            Ok(Endpoint::Nbd { uri, config })
+            settings.uri_policy.allow_local_file = true;
+            Ok(Endpoint::Nbd { uri, settings })
         }
         "file" => Ok(Endpoint::File(PathBuf::from(e.path.ok_or_else(|| invalid("a file endpoint needs a path"))?))),
         "null" => Ok(Endpoint::Null),
@@ -69,6 +69,7 @@ pub struct NativeCopy {
 
 #[napi]
 impl NativeCopy {
+    /// A copy not yet started.
     #[napi(constructor)]
     pub fn new() -> Self {
         NativeCopy { progress: Arc::default(), cancel: CancelToken::new() }

@@ -5,6 +5,8 @@
 //! public API), which also turns the errors thrown here into `NbdError`s: each message
 //! starts with `[CODE:errno] `, the one error bridge ([`to_js`]).
 
+#![warn(missing_docs)]
+
 mod copy;
 mod event_loop;
 mod handle;

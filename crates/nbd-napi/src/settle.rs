@@ -104,7 +104,7 @@ pub(crate) fn integer(env: Env, n: u64) -> Value {
     let mut v = ptr::null_mut();
     // SAFETY: on the JavaScript thread.
     unsafe {
-        if n <= (1u64 << 53) - 1 {
+        if n < (1u64 << 53) {
             sys::napi_create_double(env, n as f64, &mut v);
         } else {
             sys::napi_create_bigint_uint64(env, n, &mut v);

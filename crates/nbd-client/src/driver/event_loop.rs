@@ -66,19 +66,25 @@ pub enum Payload {
 
 /// A command for [`Connection::submit`].
 pub struct Submission<U> {
+    /// The request.
     pub cmd: Command,
     /// Block status only for these context names.
     pub filter: Option<Vec<String>>,
     /// Record a read's chunks ([`Detail::Chunks`]).
     pub record_chunks: bool,
+    /// A write's payload.
     pub payload: Payload,
+    /// The owner's value for this command (its buffers, its promise).
     pub user: U,
 }
 
 /// A finished command, to be settled by the owner.
 pub struct Completion<U> {
+    /// The owner's value given to [`Connection::submit`].
     pub user: U,
+    /// The outcome.
     pub result: Result<()>,
+    /// What the reply carried (extents, chunks).
     pub detail: Detail,
 }
 
@@ -720,6 +726,8 @@ impl<U: CommandData> Connection<U> {
     }
 
     fn event(&mut self, event: Event<Entry<U>>) {
+        // Every event is one reply or reply chunk.
+        self.counters.chunks_received.fetch_add(1, Ordering::Relaxed);
         match event {
             Event::Done {
                 cookie,
@@ -727,7 +735,6 @@ impl<U: CommandData> Connection<U> {
                 result,
                 detail,
             } => {
-                self.counters.chunks_received.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = self.own_unsent_payload(cookie, &mut entry) {
                     self.fail(e.clone(), Some((entry.user, e)));
                     return;
@@ -753,7 +760,6 @@ impl<U: CommandData> Connection<U> {
                 buf_offset,
                 len,
             } => {
-                self.counters.chunks_received.fetch_add(1, Ordering::Relaxed);
                 let entry = self.decoder.user_mut(cookie).expect("decoder names a command in flight");
                 if let Some(ptr) = dest_checked(entry, buf_offset + len) {
                     // SAFETY: `dest_checked` says the range is inside the live destination.
@@ -765,7 +771,6 @@ impl<U: CommandData> Connection<U> {
                 buf_offset,
                 len,
             } => {
-                self.counters.chunks_received.fetch_add(1, Ordering::Relaxed);
                 self.large_reads = len >= DIRECT_READ_MIN;
                 self.payload = Some(InPayload {
                     cookie,

@@ -590,6 +590,8 @@ impl ReplyReader {
     }
 
     async fn event(&mut self, event: Event<InFlight>) -> Result<()> {
+        // Every event is one reply or reply chunk.
+        self.counters.chunks_received.fetch_add(1, Ordering::Relaxed);
         match event {
             Event::Done {
                 cookie,
@@ -597,42 +599,35 @@ impl ReplyReader {
                 result,
                 detail,
             } => {
-                self.counters.chunks_received.fetch_add(1, Ordering::Relaxed);
                 if let Some(debug) = self.debug.as_ref().and_then(DebugSwitch::active) {
                     debug.log("reply", &describe_outcome(cookie, &result));
                 }
                 user.complete(result, detail);
             }
-            Event::ReadHole {
-                cookie,
-                buf_offset,
-                len,
-            } => {
-                self.counters.chunks_received.fetch_add(1, Ordering::Relaxed);
-                let f = self.decoder.user_mut(cookie).expect("decoder names a command in flight");
-                if let Some((ptr, dest_len)) = f.payload.dest() {
-                    let _guard = f.cancel.as_ref().map(CancelToken::lock);
-                    if !_guard.as_ref().is_some_and(|cancelled| **cancelled) {
-                        assert!(buf_offset + len <= dest_len);
-                        // SAFETY: in range (checked by the decoder against the command's
-                        // length, which is the destination's length), and the
-                        // destination is live and ours while the command is in flight.
-                        unsafe { std::ptr::write_bytes(ptr.add(buf_offset), 0, len) };
-                    }
-                }
-            }
-            Event::ReadData {
-                cookie,
-                buf_offset,
-                len,
-            } => {
-                self.counters.chunks_received.fetch_add(1, Ordering::Relaxed);
+            Event::ReadHole { cookie, buf_offset, len } => self.zero_hole(cookie, buf_offset, len),
+            Event::ReadData { cookie, buf_offset, len } => {
                 self.input.large_reads = len >= DIRECT_READ_MIN;
                 self.read_payload(cookie, buf_offset, len).await?;
                 self.decoder.payload_done();
             }
         }
         Ok(())
+    }
+
+    /// Zeroes `len` bytes of command `cookie`'s destination at `buf_offset` (a hole in the
+    /// reply), unless the command was cancelled.
+    fn zero_hole(&mut self, cookie: u64, buf_offset: usize, len: usize) {
+        let f = self.decoder.user_mut(cookie).expect("decoder names a command in flight");
+        if let Some((ptr, dest_len)) = f.payload.dest() {
+            let _guard = f.cancel.as_ref().map(CancelToken::lock);
+            if !_guard.as_ref().is_some_and(|cancelled| **cancelled) {
+                assert!(buf_offset + len <= dest_len);
+                // SAFETY: in range (checked by the decoder against the command's length,
+                // which is the destination's length), and the destination is live and ours
+                // while the command is in flight.
+                unsafe { std::ptr::write_bytes(ptr.add(buf_offset), 0, len) };
+            }
+        }
     }
 
     /// Moves the next `len` bytes of the stream into command `cookie`'s destination at
