@@ -103,8 +103,10 @@ export const ALLOW_TRANSPORT_TCP = 0x1
 export const ALLOW_TRANSPORT_UNIX = 0x2
 /** {@link Handle.setUriAllowTransports} bit: `nbd+vsock://`, `nbds+vsock://`. */
 export const ALLOW_TRANSPORT_VSOCK = 0x4
-/** Every `ALLOW_TRANSPORT_*` bit this library knows. */
-export const ALLOW_TRANSPORT_MASK = 0x7
+/** {@link Handle.setUriAllowTransports} bit: `nbd+ssh://`, `nbds+ssh://` (they run `ssh`). */
+export const ALLOW_TRANSPORT_SSH = 0x8
+/** Every `ALLOW_TRANSPORT_*` bit this library knows (libnbd's `0xF`). */
+export const ALLOW_TRANSPORT_MASK = 0xf
 
 /** Whether this build can connect over AF_VSOCK (`nbd_supports_vsock`): true on Linux. */
 export function supportsVsock(): boolean {
@@ -123,9 +125,8 @@ export function supportsUri(): boolean {
 
 /**
  * Whether `s` looks like an NBD URI (`nbd_is_uri`): a cheap check of the scheme followed by
- * `://` (`nbd://`, `nbds://`, `nbd+unix://`, …; `nbd:foo` is not one), not a full parse;
- * {@link Handle.connectUri} validates. Unlike libnbd 1.22 it does not count `nbd+ssh://`,
- * which this library cannot connect to.
+ * `://` (`nbd://`, `nbds://`, `nbd+unix://`, `nbd+vsock://`, `nbd+ssh://` and their `nbds`
+ * forms; `nbd:foo` is not one), not a full parse; {@link Handle.connectUri} validates.
  */
 export function isUri(s: string): boolean {
   return typeof s === 'string' && native.isUri(s)
@@ -670,9 +671,16 @@ export class Handle {
   /**
    * Connects to the server an NBD URI names (`nbd_connect_uri`): `nbd://host[:port]/export`,
    * `nbds://…` (TLS), `nbd+unix:///export?socket=PATH`, `nbds+unix://…`,
-   * `nbd+vsock://cid[:port]/export`, with the query parameters `socket`,
-   * `tls-certificates`, `tls-psk-file`, `tls-hostname`, `tls-verify-peer`, and `user@` as
-   * the TLS user name. The export name is percent-decoded; the port defaults to 10809. The
+   * `nbd+vsock://cid[:port]/export`, `nbd+ssh://host[:sshport]/export` (`nbds+…` for each),
+   * with the query parameters `socket`, `tls-certificates`, `tls-psk-file`, `tls-hostname`,
+   * `tls-verify-peer`, and `user@` as the TLS user name. The export name is percent-decoded;
+   * the port defaults to 10809.
+   *
+   * An ssh URI runs `ssh [-C] [-p PORT] [-o User=USER] -- HOST nc …` as
+   * {@link Handle.connectCommand} would: on the remote host `nc -U SOCKET` when the URI has
+   * `socket=`, else `nc localhost PORT` for `nbd-port=` (default 10809); `compress=true` adds
+   * `-C`. ssh must log in without a password prompt (keys or an agent), and the remote host
+   * needs `nc`. {@link Handle.getSubprocessPid} is ssh's pid. The
    * URI's settings replace the handle's (export name, TLS). What a URI may ask for is
    * limited by {@link Handle.setUriAllowTransports}, {@link Handle.setUriAllowTls} and
    * {@link Handle.setUriAllowLocalFile} (refusals: `EPERM`); a malformed URI rejects with

@@ -11,6 +11,7 @@ import {
   CMD_FLAG_PAYLOAD_LEN,
   Handle,
   NbdError,
+  isUri,
   STRICT_AUTO_FLAG,
   STRICT_COMMANDS,
   STRICT_PAYLOAD,
@@ -419,6 +420,27 @@ test('item 21: getUri is EINVAL for a connection no URI describes, and writes th
   t.regex(uri, /tls-psk-file=%2Fk\.psk|tls-psk-file=\/k\.psk/)
 })
 
+// ---- item 22: isUri, nbd+ssh (see 255-uri-ssh) and tls-verify-peer's values ----
+
+test('item 22: tls-verify-peer takes the values libnbd parses, and a bare name is EINVAL', async (t) => {
+  const words: Array<[string, boolean]> = [['t', true], ['Y', true], ['on', true], ['1', true], ['f', false], ['N', false], ['off', false], ['0', false]]
+  for (const [word, value] of words) {
+    const h = new Handle()
+    t.teardown(() => h.close())
+    // The socket does not exist: the settings are applied before the connection fails.
+    await expectReject(t, () => h.connectUri(`nbds+unix:///?socket=/nonexistent/s&tls-verify-peer=${word}`), '*', 'connectUri')
+    t.is(h.getTlsVerifyPeer(), value, word)
+  }
+  for (const word of ['', 'maybe', '2']) {
+    const h = new Handle()
+    t.teardown(() => h.close())
+    const q = word === '' ? 'tls-verify-peer' : `tls-verify-peer=${word}`
+    const err = await expectReject(t, () => h.connectUri(`nbds+unix:///?socket=/s&${q}`), 'EINVAL', 'connectUri')
+    t.regex(err!.message, /could not parse tls-verify-peer parameter/)
+  }
+  t.true(isUri('nbd+ssh://h/') && isUri('NBDS+SSH://h') && !isUri('nbd+ssh:h'))
+})
+
 // ---- item 24: the missing calls and constants ----
 
 test('item 24: supportsVsock, getSubprocessPid ESRCH, the *_MASK and namespace constants, addMetaContext("")', async (t) => {
@@ -429,7 +451,8 @@ test('item 24: supportsVsock, getSubprocessPid ESRCH, the *_MASK and namespace c
   t.is(m.CMD_FLAG_MASK, 0x3f)
   t.is(m.STRICT_MASK, 0x7f)
   t.is(m.HANDSHAKE_FLAG_MASK, 0x03)
-  t.is(m.ALLOW_TRANSPORT_MASK, 0x07)
+  t.is(m.ALLOW_TRANSPORT_MASK, 0x0f)
+  t.is(m.ALLOW_TRANSPORT_SSH, 0x08)
   t.is(m.NAMESPACE_BASE, 'base:')
   t.is(m.NAMESPACE_QEMU, 'qemu:')
   t.is(m.CONTEXT_QEMU_DIRTY_BITMAP, 'qemu:dirty-bitmap:')

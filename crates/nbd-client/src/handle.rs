@@ -690,10 +690,14 @@ impl Handle {
         })?;
         let u = parsed.expect("set by the precheck");
         self.set_target(u.transport.clone());
-        let target = match u.transport {
-            UriTransport::Tcp { host, port } => Target::Tcp { host, port: port.to_string() },
-            UriTransport::Unix { socket } => Target::Unix { path: socket },
-            UriTransport::Vsock { cid, port } => Target::Vsock { cid, port },
+        let target = match &u.transport {
+            UriTransport::Tcp { host, port } => Target::Tcp { host: host.clone(), port: port.to_string() },
+            UriTransport::Unix { socket } => Target::Unix { path: socket.clone() },
+            UriTransport::Vsock { cid, port } => Target::Vsock { cid: *cid, port: *port },
+            UriTransport::Ssh { .. } => {
+                let argv = uri::ssh_argv(&u).expect("an ssh transport");
+                return self.connect_child(Target::Command { argv }).await;
+            }
         };
         self.finish_connect(connect::open(target)).await
     }

@@ -11,6 +11,8 @@
 //! nbds+unix://[user@]/[export]?socket=PATH[&query]         Unix domain socket, TLS required
 //! nbd+vsock://[user@][cid][:port][/export][?query]         AF_VSOCK, plain
 //! nbds+vsock://[user@][cid][:port][/export][?query]        AF_VSOCK, TLS required
+//! nbd+ssh://[user@]host[:port][/export][?query]            through ssh, plain
+//! nbds+ssh://[user@]host[:port][/export][?query]           through ssh, TLS required
 //! ```
 //!
 //! - TCP: the host is a name, an IPv4 address, or an IPv6 address in brackets (`[::1]`, with
@@ -20,15 +22,23 @@
 //!   at most a user name (`nbds+unix://alice@/?socket=...`), never a host or port.
 //! - Vsock: the host is the numeric CID, 2 (the hypervisor) when absent; the port is any
 //!   32-bit number, 10809 when absent.
+//! - Ssh (libnbd 1.22's `nbd+ssh`): the client runs `ssh` to log in to the host (the URI's
+//!   port is ssh's port, ssh's own default when absent; `user@` is also the ssh login), and
+//!   ssh runs `nc` on that host to reach the NBD server there: its Unix socket when the
+//!   `socket` parameter names one (`nc -U PATH`), else TCP port `nbd-port` (10809 when
+//!   absent) on the remote `localhost`. `compress` (a boolean) adds ssh's `-C`. See
+//!   [`ssh_argv`]. The host is required and may not begin with `-`.
 //! - The export name is the path without its leading `/`, percent-decoded: `nbd://h` and
 //!   `nbd://h/` both name the export `""`, `nbd://h//x` names `"/x"`, `nbd://h/a%20b` names
 //!   `"a b"`.
 //! - `user@` is the TLS user name (percent-decoded). A password (`user:pw@`) is refused.
 //! - Query parameters, percent-decoded, separated by `&` or `;`, their names in any case
 //!   (`SOCKET=` is `socket=`, as libnbd): `socket`, `tls-certificates`,
-//!   `tls-psk-file`, `tls-hostname`, `tls-verify-peer` (`true`/`false`, `yes`/`no`, `on`/`off`,
-//!   `1`/`0`, any case; a bare `tls-verify-peer` means true). A parameter given twice takes
-//!   its last value. Parameters with other names are ignored, as libnbd ignores them; they
+//!   `tls-psk-file`, `tls-hostname`, `tls-verify-peer` (as libnbd: `true`/`false`, `t`/`f`,
+//!   `yes`/`no`, `y`/`n`, `on`/`off` in any case, `1`/`0`; anything else, a bare
+//!   `tls-verify-peer` included, is `EINVAL`), and
+//!   for ssh URIs `nbd-port` and `compress` (a boolean read the same way). A parameter given
+//!   twice takes its last value. Parameters with other names are ignored, as libnbd ignores them; they
 //!   are kept in [`NbdUri::unknown_params`] so a caller can mention them in debug output.
 //!   TLS parameters are accepted on plain schemes too (as in libnbd, they then have no
 //!   effect because TLS is off).
@@ -72,9 +82,13 @@ pub const ALLOW_TRANSPORT_TCP: u32 = 0x1;
 pub const ALLOW_TRANSPORT_UNIX: u32 = 0x2;
 /// Vsock URIs (`nbd+vsock://`, `nbds+vsock://`) are allowed (`LIBNBD_ALLOW_TRANSPORT_VSOCK`).
 pub const ALLOW_TRANSPORT_VSOCK: u32 = 0x4;
+/// Ssh URIs (`nbd+ssh://`, `nbds+ssh://`) are allowed (`LIBNBD_ALLOW_TRANSPORT_SSH`).
+pub const ALLOW_TRANSPORT_SSH: u32 = 0x8;
 /// Every transport this library knows (`LIBNBD_ALLOW_TRANSPORT_MASK`).
 pub const ALLOW_TRANSPORT_MASK: u32 =
-    ALLOW_TRANSPORT_TCP | ALLOW_TRANSPORT_UNIX | ALLOW_TRANSPORT_VSOCK;
+    ALLOW_TRANSPORT_TCP | ALLOW_TRANSPORT_UNIX | ALLOW_TRANSPORT_VSOCK | ALLOW_TRANSPORT_SSH;
+/// The NBD port on the far side of an ssh URI when `nbd-port` names none.
+pub const SSH_DEFAULT_NBD_PORT: u16 = DEFAULT_PORT;
 
 /// What an NBD URI asks for: where to connect, which export, and the TLS settings.
 ///
@@ -115,6 +129,26 @@ pub enum UriTransport {
     Unix { socket: String },
     /// An AF_VSOCK server.
     Vsock { cid: u32, port: u32 },
+    /// A server on another host, reached by running `ssh` there (see [`ssh_argv`]).
+    Ssh {
+        /// The host ssh logs in to, as ssh takes it (an IPv6 address without brackets).
+        host: String,
+        /// ssh's port; `None` leaves it to ssh (22, or its configuration).
+        port: Option<u16>,
+        /// Where `nc` on that host finds the NBD server.
+        remote: SshRemote,
+        /// `compress=true`: ssh compresses the stream (`-C`).
+        compress: bool,
+    },
+}
+
+/// Where the NBD server is, as seen from the host an ssh URI logs in to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SshRemote {
+    /// A Unix socket there (`socket=PATH`).
+    Unix(String),
+    /// A TCP port on that host's `localhost` (`nbd-port=N`, 10809 by default).
+    Tcp(u16),
 }
 
 impl UriTransport {
@@ -124,6 +158,7 @@ impl UriTransport {
             UriTransport::Tcp { .. } => ALLOW_TRANSPORT_TCP,
             UriTransport::Unix { .. } => ALLOW_TRANSPORT_UNIX,
             UriTransport::Vsock { .. } => ALLOW_TRANSPORT_VSOCK,
+            UriTransport::Ssh { .. } => ALLOW_TRANSPORT_SSH,
         }
     }
 
@@ -132,6 +167,7 @@ impl UriTransport {
             UriTransport::Tcp { .. } => Kind::Tcp,
             UriTransport::Unix { .. } => Kind::Unix,
             UriTransport::Vsock { .. } => Kind::Vsock,
+            UriTransport::Ssh { .. } => Kind::Ssh,
         }
     }
 }
@@ -166,10 +202,9 @@ pub fn supports_uri() -> bool {
 }
 
 /// A cheap guess whether `s` is meant as an NBD URI rather than, say, a file name
-/// (`nbd_is_uri`): true when it begins with one of the six NBD schemes followed by `://`,
+/// (`nbd_is_uri`): true when it begins with one of the eight NBD schemes followed by `://`,
 /// in any case (`nbd:foo` is not one, as in libnbd). It does not check the rest, so
-/// [`parse`] may still refuse a string this accepts. libnbd 1.22 also counts `nbd+ssh://`
-/// and `nbds+ssh://`, which this library does not connect to, so it does not count them.
+/// [`parse`] may still refuse a string this accepts.
 pub fn is_uri(s: &str) -> bool {
     SCHEMES.iter().any(|&(name, _, _)| {
         let name = name.as_bytes();
@@ -213,6 +248,7 @@ impl UriPolicy {
                 Kind::Tcp => "TCP",
                 Kind::Unix => "UNIX",
                 Kind::Vsock => "VSOCK",
+                Kind::Ssh => "SSH",
             };
             return Err(denied(format!(
                 "URI transport {scheme} is not permitted: uriAllowTransports does not include {bit}"
@@ -360,7 +396,58 @@ pub fn parse(uri: &str) -> Result<NbdUri> {
             };
             UriTransport::Vsock { cid, port }
         }
+        Kind::Ssh => {
+            let host = match host {
+                Host::Empty => {
+                    return Err(invalid(format!(
+                        "{scheme} URIs need the host to log in to, as in {scheme}://host/export"
+                    )))
+                }
+                Host::Name(raw) => decode(raw, "host name")?,
+                Host::Ipv6(addr) => addr,
+            };
+            if host.starts_with('-') {
+                return Err(invalid(format!(
+                    "the host {} of the {scheme} URI begins with '-', which ssh would read as \
+                     an option",
+                    shown(&host)
+                )));
+            }
+            let port = match port {
+                Some(text) => Some(parse_number(text, "ssh port", 1, u16::MAX.into())? as u16),
+                None => None,
+            };
+            let remote = match (params.socket.take(), params.nbd_port.take()) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(format!(
+                        "a {scheme} URI names either the remote socket (socket=) or the \
+                         remote TCP port (nbd-port=), not both"
+                    )))
+                }
+                (Some(socket), None) if socket.is_empty() => {
+                    return Err(invalid("the socket= query parameter of the URI is empty"))
+                }
+                (Some(socket), None) => SshRemote::Unix(socket),
+                (None, Some(text)) => {
+                    SshRemote::Tcp(parse_number(&text, "nbd-port", 1, u16::MAX.into())? as u16)
+                }
+                (None, None) => SshRemote::Tcp(SSH_DEFAULT_NBD_PORT),
+            };
+            let compress = match params.compress.take() {
+                Some(text) => parse_bool("compress", &text)?,
+                None => false,
+            };
+            UriTransport::Ssh { host, port, remote, compress }
+        }
     };
+    // nbd-port and compress mean something only to ssh URIs; elsewhere they are ignored
+    // like any parameter this library does not know.
+    if let Some(v) = params.nbd_port.take() {
+        params.unknown.push(("nbd-port".to_string(), v));
+    }
+    if let Some(v) = params.compress.take() {
+        params.unknown.push(("compress".to_string(), v));
+    }
 
     Ok(NbdUri {
         tls,
@@ -377,7 +464,9 @@ pub fn parse(uri: &str) -> Result<NbdUri> {
 
 /// Writes `uri` as an NBD URI, in the forms libnbd's `nbd_get_uri` uses:
 /// `nbd://host:port/export` (the port always written), `nbd+unix:///export?socket=PATH`,
-/// `nbd+vsock://cid:port/export`, with `user@` and the TLS parameters when set, then any
+/// `nbd+vsock://cid:port/export`, `nbd+ssh://host[:port]/export` (with `socket`, or
+/// `nbd-port` when it is not 10809, and `compress=true` when set), with `user@` and the TLS
+/// parameters when set, then any
 /// [`unknown_params`](NbdUri::unknown_params). Everything but unreserved characters (and `/`
 /// in the path and in parameter values) is percent-encoded, non-ASCII included.
 ///
@@ -395,6 +484,7 @@ pub fn format(uri: &NbdUri) -> String {
         out.push('@');
     }
     let mut params: Vec<(&str, &str)> = Vec::new();
+    let mut nbd_port: Option<String> = None;
     match &uri.transport {
         UriTransport::Tcp { host, port } => {
             write_host(&mut out, host);
@@ -404,6 +494,22 @@ pub fn format(uri: &NbdUri) -> String {
         UriTransport::Vsock { cid, port } => {
             let _ = write!(out, "{cid}:{port}");
         }
+        UriTransport::Ssh { host, port, remote, compress } => {
+            write_host(&mut out, host);
+            if let Some(port) = port {
+                let _ = write!(out, ":{port}");
+            }
+            match remote {
+                SshRemote::Unix(socket) => params.push(("socket", socket)),
+                SshRemote::Tcp(p) => nbd_port = (*p != SSH_DEFAULT_NBD_PORT).then(|| p.to_string()),
+            }
+            if *compress {
+                params.push(("compress", "true"));
+            }
+        }
+    }
+    if let Some(p) = &nbd_port {
+        params.push(("nbd-port", p));
     }
     out.push('/');
     encode_into(&mut out, &uri.export_name, b"/");
@@ -432,6 +538,48 @@ pub fn format(uri: &NbdUri) -> String {
     out
 }
 
+/// The command that reaches the server of an ssh URI, as `nbd_connect_command` takes it:
+/// `ssh [-C] [-p PORT] [-o User=USER] -- HOST nc -U SOCKET` for a remote Unix socket, or
+/// `... -- HOST nc localhost NBD-PORT` for a remote TCP port. ssh joins what follows the
+/// host into one command line for the remote shell, so the socket path is quoted for a
+/// POSIX shell. `None` for URIs of other transports.
+///
+/// The remote host needs `nc` (netcat) with Unix-socket support (`-U`) for the socket
+/// form; ssh must log in without asking for a password (keys or an agent), because its
+/// stdin and stdout carry the NBD stream.
+pub fn ssh_argv(uri: &NbdUri) -> Option<Vec<String>> {
+    let UriTransport::Ssh { host, port, remote, compress } = &uri.transport else {
+        return None;
+    };
+    let mut argv = vec!["ssh".to_string()];
+    if *compress {
+        argv.push("-C".into());
+    }
+    if let Some(port) = port {
+        argv.extend(["-p".into(), port.to_string()]);
+    }
+    if let Some(user) = uri.tls_username.as_deref().filter(|u| !u.is_empty()) {
+        argv.extend(["-o".into(), format!("User={user}")]);
+    }
+    argv.extend(["--".into(), host.clone(), "nc".into()]);
+    match remote {
+        SshRemote::Unix(socket) => argv.extend(["-U".into(), shell_quote(socket)]),
+        SshRemote::Tcp(p) => argv.extend(["localhost".into(), p.to_string()]),
+    }
+    Some(argv)
+}
+
+/// `s` as one word for a POSIX shell: as it is when it holds only characters no shell
+/// treats specially, else in single quotes (a `'` inside written as `'\''`).
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@%".contains(&b));
+    if plain {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 // ---------------------------------------------------------------------------------------
 // Schemes
 
@@ -440,16 +588,19 @@ enum Kind {
     Tcp,
     Unix,
     Vsock,
+    Ssh,
 }
 
 /// (name, kind, tls) of every scheme this library accepts.
-const SCHEMES: [(&str, Kind, bool); 6] = [
+const SCHEMES: [(&str, Kind, bool); 8] = [
     ("nbd", Kind::Tcp, false),
     ("nbds", Kind::Tcp, true),
     ("nbd+unix", Kind::Unix, false),
     ("nbds+unix", Kind::Unix, true),
     ("nbd+vsock", Kind::Vsock, false),
     ("nbds+vsock", Kind::Vsock, true),
+    ("nbd+ssh", Kind::Ssh, false),
+    ("nbds+ssh", Kind::Ssh, true),
 ];
 
 fn scheme_name(kind: Kind, tls: bool) -> &'static str {
@@ -502,8 +653,8 @@ fn split_scheme(uri: &str) -> Result<(Kind, bool, &str)> {
                 String::new()
             };
             Err(invalid(format!(
-                "unknown URI scheme {} (NBD URIs use nbd, nbds, nbd+unix, nbds+unix, nbd+vsock \
-                 or nbds+vsock){hint}",
+                "unknown URI scheme {} (NBD URIs use nbd, nbds, nbd+unix, nbds+unix, nbd+vsock, \
+                 nbds+vsock, nbd+ssh or nbds+ssh){hint}",
                 shown(written)
             )))
         }
@@ -630,6 +781,10 @@ struct Params {
     tls_psk_file: Option<String>,
     tls_hostname: Option<String>,
     tls_verify_peer: Option<bool>,
+    /// `nbd-port`, still text: it is checked only for ssh URIs.
+    nbd_port: Option<String>,
+    /// `compress`, still text: it is read as a boolean only for ssh URIs.
+    compress: Option<String>,
     unknown: Vec<(String, String)>,
 }
 
@@ -662,6 +817,8 @@ fn parse_query(query: &str) -> Result<Params> {
                 let value = decode(raw_value, &what)?;
                 params.tls_verify_peer = Some(parse_bool(&name, &value)?);
             }
+            "nbd-port" => params.nbd_port = Some(decode(raw_value, &what)?),
+            "compress" => params.compress = Some(decode(raw_value, &what)?),
             _ => {
                 let value = decode(raw_value, &what)?;
                 params.unknown.push((name, value));
@@ -671,18 +828,21 @@ fn parse_query(query: &str) -> Result<Params> {
     Ok(params)
 }
 
+/// A boolean query parameter, read as libnbd reads one: `1`, `true`, `t`, `yes`, `y`, `on`
+/// or `0`, `false`, `f`, `no`, `n`, `off`, the words in any case. Anything else, the empty
+/// value of a bare name included, is `EINVAL`.
 fn parse_bool(name: &str, value: &str) -> Result<bool> {
-    const TRUE: [&str; 5] = ["", "1", "true", "yes", "on"];
-    const FALSE: [&str; 4] = ["0", "false", "no", "off"];
+    const TRUE: [&str; 6] = ["1", "true", "t", "yes", "y", "on"];
+    const FALSE: [&str; 6] = ["0", "false", "f", "no", "n", "off"];
     if TRUE.iter().any(|w| w.eq_ignore_ascii_case(value)) {
         Ok(true)
     } else if FALSE.iter().any(|w| w.eq_ignore_ascii_case(value)) {
         Ok(false)
     } else {
         Err(invalid(format!(
-            "{name}={} in the URI is not a boolean (use true or false, yes or no, on or off, \
-             1 or 0)",
-            clip(value)
+            "could not parse {name} parameter, expecting {name}=true|false (got {}; also \
+             accepted: 1 or 0, t or f, yes or no, y or n, on or off)",
+            shown(value)
         )))
     }
 }

@@ -1,8 +1,8 @@
 //! NBD URI parsing, formatting and policy (crates/nbd-client/src/uri.rs).
 
 use nbd_client::uri::{
-    self, NbdUri, UriPolicy, UriTransport, ALLOW_TRANSPORT_MASK, ALLOW_TRANSPORT_TCP,
-    ALLOW_TRANSPORT_UNIX, ALLOW_TRANSPORT_VSOCK,
+    self, NbdUri, SshRemote, UriPolicy, UriTransport, ALLOW_TRANSPORT_MASK, ALLOW_TRANSPORT_SSH,
+    ALLOW_TRANSPORT_TCP, ALLOW_TRANSPORT_UNIX, ALLOW_TRANSPORT_VSOCK,
 };
 use nbd_client::{Errno, Fault, TlsMode};
 
@@ -96,7 +96,8 @@ fn scheme_is_case_insensitive() {
 #[test]
 fn unknown_and_missing_schemes() {
     bad("http://example.com/", "unknown URI scheme 'http'");
-    bad("nbd+ssh://host/", "unknown URI scheme 'nbd+ssh'");
+    bad("nbd+sftp://host/", "unknown URI scheme 'nbd+sftp'");
+    bad("nbd+ssh:host", "must begin with 'nbd+ssh://'");
     bad("C:\\images\\disk.img", "unknown URI scheme 'C'");
     bad("", "the URI is empty");
     bad("nbd", "has no scheme");
@@ -445,32 +446,39 @@ fn tls_parameters() {
 
 #[test]
 fn tls_verify_peer_booleans() {
+    // libnbd's parse_bool: "1"/"0" exactly, the words in any case, one-letter forms too.
     for (word, value) in [
         ("1", true),
         ("true", true),
         ("TRUE", true),
+        ("t", true),
         ("yes", true),
+        ("Y", true),
         ("On", true),
-        ("", true),
         ("0", false),
         ("false", false),
         ("False", false),
+        ("F", false),
         ("no", false),
+        ("n", false),
         ("OFF", false),
     ] {
         let text = format!("nbds://h/?tls-verify-peer={word}");
         assert_eq!(ok(&text).tls_verify_peer, Some(value), "{text}");
     }
-    assert_eq!(ok("nbds://h/?tls-verify-peer").tls_verify_peer, Some(true));
     assert_eq!(
         ok("nbds://h/?tls-verify-peer=%66alse").tls_verify_peer,
         Some(false)
     );
     bad(
         "nbds://h/?tls-verify-peer=maybe",
-        "tls-verify-peer=maybe in the URI is not a boolean",
+        "could not parse tls-verify-peer parameter, expecting tls-verify-peer=true|false",
     );
-    bad("nbds://h/?tls-verify-peer=2", "not a boolean");
+    // A bare name has the value "", which is neither (libnbd refuses it the same way).
+    bad("nbds://h/?tls-verify-peer", "could not parse tls-verify-peer");
+    bad("nbds://h/?tls-verify-peer=", "could not parse tls-verify-peer");
+    bad("nbds://h/?tls-verify-peer=2", "could not parse");
+    bad("nbds://h/?tls-verify-peer=yess", "could not parse");
     bad("nbds://h/?tls-verify-peer=%ff", "not valid UTF-8");
 }
 
@@ -574,7 +582,9 @@ fn policy_transports() {
         ("nbd://h/", ALLOW_TRANSPORT_TCP, "TCP"),
         ("nbds+unix:///?socket=/s", ALLOW_TRANSPORT_UNIX, "UNIX"),
         ("nbd+vsock:///", ALLOW_TRANSPORT_VSOCK, "VSOCK"),
+        ("nbd+ssh://h/", ALLOW_TRANSPORT_SSH, "SSH"),
     ];
+    assert_eq!(ALLOW_TRANSPORT_MASK, 0xf, "libnbd's mask");
     for (text, bit, name) in cases {
         let only = UriPolicy {
             allow_transports: bit,
@@ -664,6 +674,8 @@ fn is_uri_is_a_scheme_check() {
         "nbds+unix://",
         "nbd+vsock:///",
         "nbds+vsock://",
+        "nbd+ssh://h",
+        "NBDS+SSH://h/x",
         "NBD://h",
         "nbd://garbage that parse refuses",
     ] {
@@ -680,7 +692,8 @@ fn is_uri_is_a_scheme_check() {
         "nbd",
         "nbds",
         "nbdx://h",
-        "nbd+ssh://h",
+        "nbd+ssh:h",
+        "nbd+sshx://h",
         "http://h",
         "/tmp/disk.img",
         "disk.img",
@@ -690,6 +703,90 @@ fn is_uri_is_a_scheme_check() {
     ] {
         assert!(!uri::is_uri(no), "{no}");
     }
+}
+
+fn ssh(host: &str, port: Option<u16>, remote: SshRemote, compress: bool) -> UriTransport {
+    UriTransport::Ssh {
+        host: host.into(),
+        port,
+        remote,
+        compress,
+    }
+}
+
+#[test]
+fn ssh_uris() {
+    let u = ok("nbd+ssh://example.com/disk");
+    assert_eq!(u, plain(ssh("example.com", None, SshRemote::Tcp(10809), false), "disk"));
+    assert_eq!(u.scheme(), "nbd+ssh");
+    let u = ok("nbds+ssh://alice@example.com:2222/?socket=/run/nbd.sock&compress=y");
+    assert!(u.tls);
+    assert_eq!(u.tls_username.as_deref(), Some("alice"));
+    assert_eq!(
+        u.transport,
+        ssh("example.com", Some(2222), SshRemote::Unix("/run/nbd.sock".into()), true)
+    );
+    let u = ok("nbd+ssh://[::1]/?nbd-port=10810&compress=no");
+    assert_eq!(u.transport, ssh("::1", None, SshRemote::Tcp(10810), false));
+    // The parameters are matched in any case, as the others.
+    let u = ok("nbd+ssh://h/?NBD-PORT=7&Compress=ON");
+    assert_eq!(u.transport, ssh("h", None, SshRemote::Tcp(7), true));
+
+    bad("nbd+ssh:///disk", "need the host");
+    bad("nbd+ssh://:22/", "need the host");
+    bad("nbd+ssh://-oProxyCommand=evil/", "begins with '-'");
+    bad("nbd+ssh://%2DoProxyCommand=evil/", "begins with '-'");
+    bad("nbd+ssh://h/?socket=/s&nbd-port=1", "not both");
+    bad("nbd+ssh://h/?socket=", "empty");
+    bad("nbd+ssh://h/?nbd-port=0", "out of range");
+    bad("nbd+ssh://h/?nbd-port=65536", "out of range");
+    bad("nbd+ssh://h/?nbd-port=x", "not a number");
+    bad("nbd+ssh://h:0/", "out of range");
+    bad("nbd+ssh://h/?compress=maybe", "could not parse compress parameter");
+    bad("nbd+ssh://h/?compress", "could not parse compress parameter");
+
+    // Elsewhere nbd-port and compress are parameters like any unknown one: ignored, kept.
+    let u = ok("nbd://h/?nbd-port=x&compress=maybe");
+    assert_eq!(u.transport, tcp("h", 10809));
+    assert_eq!(
+        u.unknown_params,
+        vec![("nbd-port".to_string(), "x".to_string()), ("compress".to_string(), "maybe".to_string())]
+    );
+}
+
+#[test]
+fn ssh_commands() {
+    let argv = |s: &str| uri::ssh_argv(&ok(s)).expect("an ssh URI");
+    assert_eq!(argv("nbd+ssh://h/"), ["ssh", "--", "h", "nc", "localhost", "10809"]);
+    assert_eq!(
+        argv("nbd+ssh://bob@h:2200/x?nbd-port=10900&compress=1"),
+        ["ssh", "-C", "-p", "2200", "-o", "User=bob", "--", "h", "nc", "localhost", "10900"]
+    );
+    assert_eq!(
+        argv("nbd+ssh://h/?socket=/run/nbd.sock"),
+        ["ssh", "--", "h", "nc", "-U", "/run/nbd.sock"]
+    );
+    // The remote shell sees the socket path as one word, whatever it holds.
+    assert_eq!(
+        argv("nbd+ssh://h/?socket=/tmp/a%20b%3Brm%20-rf%20~"),
+        ["ssh", "--", "h", "nc", "-U", "'/tmp/a b;rm -rf ~'"]
+    );
+    assert_eq!(
+        argv("nbd+ssh://h/?socket=/tmp/it%27s"),
+        ["ssh", "--", "h", "nc", "-U", "'/tmp/it'\\''s'"]
+    );
+    assert_eq!(argv("nbd+ssh://[fe80::1%25eth0]/")[2], "fe80::1%eth0");
+    assert!(uri::ssh_argv(&ok("nbd://h/")).is_none());
+    // Written back in libnbd's forms: the default remote port and a false compress left out.
+    assert_eq!(uri::format(&ok("nbd+ssh://h/?nbd-port=10809&compress=no")), "nbd+ssh://h/");
+    assert_eq!(
+        uri::format(&ok("NBDS+SSH://u@h:22/e?nbd-port=9&compress=TRUE")),
+        "nbds+ssh://u@h:22/e?compress=true&nbd-port=9"
+    );
+    assert_eq!(
+        uri::format(&ok("nbd+ssh://h/?socket=/s")),
+        "nbd+ssh://h/?socket=/s"
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -783,6 +880,10 @@ fn round_trips_of_parsed_uris() {
         "nbds+vsock://3:99/e?tls-verify-peer=no&tls-hostname=h",
         "NBD://H/%E6%97%A5",
         "nbd:///",
+        "nbd+ssh://h/",
+        "nbds+ssh://bob@[::1]:2222/d?socket=/a%20b&compress=true",
+        "nbd+ssh://h/?nbd-port=10809",
+        "nbd+ssh://h/?nbd-port=7&compress=off",
     ] {
         let u = ok(text);
         let written = uri::format(&u);

@@ -561,7 +561,7 @@ impl NativeHandle {
         self.handle.tls_hostname()
     }
 
-    /// Bits: 1 TCP, 2 Unix, 4 vsock.
+    /// Bits: 1 TCP, 2 Unix, 4 vsock, 8 ssh.
     #[napi]
     pub fn set_uri_allow_transports(&self, mask: u32) -> Result<()> {
         self.handle.set_uri_allow_transports(mask).map_err(to_js)
