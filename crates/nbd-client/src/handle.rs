@@ -611,18 +611,7 @@ impl Handle {
             Ok(n) => n.tls,
             Err(_) => s.tls.mode == TlsMode::Require,
         };
-        let u = NbdUri {
-            tls,
-            transport,
-            export_name: s.negotiation.export_name,
-            // Written whenever set, TLS or not (libnbd does).
-            tls_username: s.tls.username,
-            tls_certificates: s.tls.certificates.map(|p| p.to_string_lossy().into_owned()),
-            tls_psk_file: s.tls.psk_file.map(|p| p.to_string_lossy().into_owned()),
-            tls_hostname: s.tls.hostname,
-            tls_verify_peer: if s.tls.verify_peer { None } else { Some(false) },
-            unknown_params: Vec::new(),
-        };
+        let u = NbdUri::describing(transport, s.negotiation.export_name, &s.tls, tls);
         Ok(uri::format(&u))
     }
 
@@ -666,24 +655,7 @@ impl Handle {
             check_string("export name", &u.export_name)?;
             self.update_settings(|s| {
                 s.negotiation.export_name = u.export_name.clone();
-                if u.tls {
-                    s.tls.mode = TlsMode::Require;
-                }
-                if u.tls_username.is_some() {
-                    s.tls.username = u.tls_username.clone();
-                }
-                if let Some(dir) = &u.tls_certificates {
-                    s.tls.certificates = Some(dir.into());
-                }
-                if let Some(file) = &u.tls_psk_file {
-                    s.tls.psk_file = Some(file.into());
-                }
-                if u.tls_hostname.is_some() {
-                    s.tls.hostname = u.tls_hostname.clone();
-                }
-                if let Some(v) = u.tls_verify_peer {
-                    s.tls.verify_peer = v;
-                }
+                u.apply_tls(&mut s.tls);
             });
             parsed = Some(u);
             Ok(())
