@@ -100,6 +100,17 @@ pub(crate) struct Ready {
     pub early: Vec<u8>,
 }
 
+impl Ready {
+    /// The connection `hs` has just handed over to transmission.
+    fn new(hs: &mut Handshake, stream: Stream, negotiated: Negotiated) -> Ready {
+        Ready {
+            early: hs.take_leftover(),
+            stream,
+            negotiated,
+        }
+    }
+}
+
 /// A connection in option negotiation, between option requests. The handshake machine
 /// keeps what has been learned (the export's details from `NBD_OPT_INFO`, meta contexts).
 pub(crate) struct Negotiation {
@@ -129,11 +140,7 @@ pub(crate) async fn handshake(stream: Stream, settings: NegotiationSettings, lin
     let mut hs = Handshake::new(settings);
     let (stream, outcome) = drive(stream, &mut hs, link).await?;
     match outcome {
-        Outcome::Ready(negotiated) => Ok(Handshaken::Ready(Ready {
-            early: hs.take_leftover(),
-            stream,
-            negotiated,
-        })),
+        Outcome::Ready(negotiated) => Ok(Handshaken::Ready(Ready::new(&mut hs, stream, negotiated))),
         Outcome::Negotiating => Ok(Handshaken::Negotiating(Box::new(Negotiation { hs, stream }))),
         other => Err(Error::protocol(format!("handshake stopped unexpectedly at {other:?}"))),
     }
@@ -151,11 +158,7 @@ impl Negotiation {
         let Negotiation { mut hs, stream } = self;
         let (stream, outcome) = drive(stream, &mut hs, link).await?;
         match outcome {
-            Outcome::Ready(negotiated) => Ok(OptStep::Ready(Ready {
-                early: hs.take_leftover(),
-                stream,
-                negotiated,
-            })),
+            Outcome::Ready(negotiated) => Ok(OptStep::Ready(Ready::new(&mut hs, stream, negotiated))),
             Outcome::Reply(Ok(OptReply::Aborted)) => Ok(OptStep::Aborted {
                 newstyle: hs.protocol() == Some(Protocol::Newstyle),
             }),

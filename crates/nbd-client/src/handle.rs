@@ -284,12 +284,9 @@ impl Handle {
     /// `nbd_set_handshake_flags`: `FLAG_C_FIXED_NEWSTYLE` and `FLAG_C_NO_ZEROES` only; only
     /// on a newly created handle.
     pub fn set_handshake_flags(&self, flags: u32) -> Result<()> {
-        if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(Error::usage(
-                Errno::EINVAL,
-                format!("handshake flags {flags:#x} include unknown bits"),
-            ));
-        }
+        check_bits(flags, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, || {
+            format!("handshake flags {flags:#x} include unknown bits")
+        })?;
         self.configure(|s| s.negotiation.handshake_flags = flags)
     }
 
@@ -326,12 +323,7 @@ impl Handle {
     /// `nbd_set_uri_allow_transports`: `ALLOW_TRANSPORT_*` bits only; only on a newly
     /// created handle.
     pub fn set_uri_allow_transports(&self, mask: u32) -> Result<()> {
-        if mask & !ALLOW_TRANSPORT_MASK != 0 {
-            return Err(Error::usage(
-                Errno::EINVAL,
-                format!("uriAllowTransports {mask:#x} has unknown bits"),
-            ));
-        }
+        check_bits(mask, ALLOW_TRANSPORT_MASK, || format!("uriAllowTransports {mask:#x} has unknown bits"))?;
         self.configure(|s| s.uri_policy.allow_transports = mask)
     }
 
@@ -369,12 +361,7 @@ impl Handle {
 
     /// `nbd_set_strict_mode`: allowed in any state.
     pub fn set_strict_mode(&self, flags: u32) -> Result<()> {
-        if flags & !STRICT_MASK != 0 {
-            return Err(Error::usage(
-                Errno::EINVAL,
-                format!("strict mode flags {flags:#x} include unknown bits"),
-            ));
-        }
+        check_bits(flags, STRICT_MASK, || format!("strict mode flags {flags:#x} include unknown bits"))?;
         self.update_settings(|s| s.strict = flags);
         Ok(())
     }
@@ -1336,6 +1323,15 @@ fn closed_while_connecting() -> Error {
         Errno::ECANCELED,
         "the handle was closed while connecting",
     )
+}
+
+/// Refuses `value` with `EINVAL` and the message `refusal` makes when it has bits outside
+/// `known`.
+fn check_bits(value: u32, known: u32, refusal: impl FnOnce() -> String) -> Result<()> {
+    if value & !known != 0 {
+        return Err(Error::usage(Errno::EINVAL, refusal()));
+    }
+    Ok(())
 }
 
 fn check_string(what: &str, s: &str) -> Result<()> {

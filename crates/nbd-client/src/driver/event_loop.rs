@@ -341,6 +341,13 @@ impl<U: CommandData> Connection<U> {
         state::check(Call::Command, self.state())
     }
 
+    /// A command is over: no longer in flight, its outcome waits for the owner.
+    #[inline]
+    fn finish(&mut self, user: U, result: Result<()>, detail: Detail) {
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.completions.push(Completion { user, result, detail });
+    }
+
     /// Encodes a command into the output queue and registers it with the decoder.
     fn send(&mut self, q: Queued<U>) {
         let Queued {
@@ -352,23 +359,13 @@ impl<U: CommandData> Connection<U> {
         } = q;
         if user.cancelled() {
             // The caller has been told already; it never reaches the wire.
-            self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.completions.push(Completion {
-                user,
-                result: Err(cancelled_error()),
-                detail: Detail::None,
-            });
+            self.finish(user, Err(cancelled_error()), Detail::None);
             return;
         }
         // A borrowed payload must still be there before anything of the command goes out.
         if let Payload::Borrowed(len) = payload {
             if !matches!(user.source(), Some((_, l)) if l == len) {
-                self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.completions.push(Completion {
-                    user,
-                    result: Err(detached_error("write", len)),
-                    detail: Detail::None,
-                });
+                self.finish(user, Err(detached_error("write", len)), Detail::None);
                 return;
             }
         }
@@ -423,15 +420,11 @@ impl<U: CommandData> Connection<U> {
 
     /// Fails the queued commands that were cancelled, at once (they would never be sent).
     pub fn drop_cancelled(&mut self) {
-        let mut kept = VecDeque::with_capacity(self.queued.len());
-        for q in self.queued.drain(..) {
+        let queued = std::mem::take(&mut self.queued);
+        let mut kept = VecDeque::with_capacity(queued.len());
+        for q in queued {
             if q.user.cancelled() {
-                self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.completions.push(Completion {
-                    user: q.user,
-                    result: Err(cancelled_error()),
-                    detail: Detail::None,
-                });
+                self.finish(q.user, Err(cancelled_error()), Detail::None);
             } else {
                 kept.push_back(q);
             }
@@ -449,15 +442,8 @@ impl<U: CommandData> Connection<U> {
         self.lifeline.begin_disconnect();
         if abandon {
             for q in std::mem::take(&mut self.queued) {
-                self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.completions.push(Completion {
-                    user: q.user,
-                    result: Err(Error::io(
-                        Errno::ENOTCONN,
-                        "the handle was shut down before the command was sent",
-                    )),
-                    detail: Detail::None,
-                });
+                let e = Error::io(Errno::ENOTCONN, "the handle was shut down before the command was sent");
+                self.finish(q.user, Err(e), Detail::None);
             }
             self.queue_disconnect();
         } else {
@@ -601,12 +587,7 @@ impl<U: CommandData> Connection<U> {
             self.out.retain(|s| !matches!(s, Segment::Write { cookie: c, .. } if *c == cookie));
             self.borrowed_queued -= before - self.out.len();
             if let Some(entry) = self.decoder.unregister(cookie) {
-                self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.completions.push(Completion {
-                    user: entry.user,
-                    result: Err(error),
-                    detail: Detail::None,
-                });
+                self.finish(entry.user, Err(error), Detail::None);
             }
             self.promote();
         } else {
@@ -747,12 +728,7 @@ impl<U: CommandData> Connection<U> {
                     (Some(fault), false) => Err(fault),
                     (None, false) => result,
                 };
-                self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.completions.push(Completion {
-                    user: entry.user,
-                    result,
-                    detail,
-                });
+                self.finish(entry.user, result, detail);
                 self.promote();
             }
             Event::ReadHole {
@@ -917,12 +893,7 @@ impl<U: CommandData> Connection<U> {
         self.out.clear();
         self.borrowed_queued = 0;
         if let Some((user, e)) = culprit {
-            self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.completions.push(Completion {
-                user,
-                result: Err(e),
-                detail: Detail::None,
-            });
+            self.finish(user, Err(e), Detail::None);
         }
         self.fail_all(pending);
         if self.shutdown == Shutdown::Pending || self.shutdown == Shutdown::Queued {
@@ -934,22 +905,12 @@ impl<U: CommandData> Connection<U> {
         let mut entries: Vec<(u64, Entry<U>)> = self.decoder.take_all();
         entries.sort_by_key(|(cookie, _)| *cookie);
         for (_, entry) in entries {
-            self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             let result = if entry.user.cancelled() { cancelled_error() } else { error.clone() };
-            self.completions.push(Completion {
-                user: entry.user,
-                result: Err(result),
-                detail: Detail::None,
-            });
+            self.finish(entry.user, Err(result), Detail::None);
         }
         for q in std::mem::take(&mut self.queued) {
-            self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             let result = if q.user.cancelled() { cancelled_error() } else { error.clone() };
-            self.completions.push(Completion {
-                user: q.user,
-                result: Err(result),
-                detail: Detail::None,
-            });
+            self.finish(q.user, Err(result), Detail::None);
         }
     }
 
