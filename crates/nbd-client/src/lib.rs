@@ -28,7 +28,8 @@
 //!   [`TlsSettings`], the rest);
 //! - `connect`: connecting as steps (the transport step, the handshake step, option
 //!   requests), each returning the next phase;
-//! - `handle`: [`Handle`], a state cell and one method per call;
+//! - `handle`: [`Handle`], a state cell and one method per call (the setters and the data
+//!   commands in files of their own);
 //! - `transport`: Unix, TCP, vsock, subprocesses, and the stream over a socket;
 //! - `driver`: the tokio driver and the event-loop driver ([`event_loop`]);
 //! - [`tls`], [`uri`].

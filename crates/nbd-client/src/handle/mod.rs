@@ -1,67 +1,36 @@
 //! The handle: a state cell ([`Phase`]) and one method per libnbd call.
 //!
-//! Settings live in [`Settings`]; connecting runs the steps of [`crate::connect`]; commands
-//! go to one of the drivers of [`crate::driver`]. Each method checks its own row of the
-//! state table (`nbd_proto::state`) and its own arguments, so a binding above only converts.
+//! This file holds the cell, the state, the getters, connecting (it runs the steps of
+//! [`crate::connect`] and keeps what they return), option negotiation and ending; the
+//! setters are in [`setters`], the data commands (which go to one of the drivers of
+//! [`crate::driver`]) in [`commands`]. Each method checks its own row of the state table
+//! (`nbd_proto::state`) and its own arguments, so a binding above only converts.
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
-use nbd_proto::consts::{
-    FLAG_BLOCK_STAT_PAYLOAD, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_SEND_DF, MAX_STRING, STRICT_MASK,
-};
+use nbd_proto::consts::{FLAG_BLOCK_STAT_PAYLOAD, FLAG_SEND_DF, MAX_STRING};
 use nbd_proto::handshake::{ExportEntry, ExportInfo, Negotiated, OptReply, OptRequest, TlsMode};
 use nbd_proto::state::{self, Call, State};
-use nbd_proto::transmission::{Command, CommandKind, Detail, Session, Tracking};
+use nbd_proto::transmission::Session;
 use nbd_proto::{Errno, Error, Result};
 
-use crate::buffer::{DestBuf, SourceBuf};
-use crate::cancel::CancelToken;
+mod commands;
+mod setters;
+
+pub use commands::{Op, Reply};
+
 use crate::connect::{self, Handshaken, Link, Negotiation, Opened, OptStep, Ready, Target, TlsParams};
-use crate::driver::tasks::{Callback, CallbackReply, CommandRequest, Completed, Driver, Payload, Request};
-use crate::driver::{cancelled_error, closed_error, Counters, DebugSink, DebugSwitch, InFlightGuard, Lifeline};
-use crate::settings::{NegotiationSettings, Settings};
-use crate::transport::subprocess::{self, Child};
+use crate::driver::tasks::{Driver, Request};
+use crate::driver::{Counters, DebugSink, DebugSwitch, Lifeline};
+use crate::settings::Settings;
+use crate::transport::subprocess::Child;
 use crate::transport::{self, tcp, Stream};
-use crate::uri::{self, NbdUri, UriTransport, ALLOW_TRANSPORT_MASK};
-
-/// A command for [`Handle::submit`]. `offset` is where on the export, `count` how many
-/// bytes, `flags` the command flags (`CMD_FLAG_*`).
-#[allow(missing_docs)] // the fields are described above, once for all variants
-pub enum Op {
-    /// Read `count` bytes into a new buffer.
-    Read { count: u64, offset: u64, flags: u32 },
-    /// Read `count` bytes into a new buffer, recording the reply's chunks
-    /// ([`Detail::Chunks`]).
-    ReadStructured { count: u64, offset: u64, flags: u32 },
-    /// Block status for `count` bytes at `offset`, for every negotiated context or only
-    /// those named in `contexts` ([`Detail::Extents`]).
-    BlockStatus {
-        count: u64,
-        offset: u64,
-        flags: u32,
-        contexts: Option<Vec<String>>,
-    },
-    /// Read into the caller's buffer (all of it).
-    ReadInto { dest: Box<dyn DestBuf>, offset: u64, flags: u32 },
-    /// Write the caller's buffer.
-    Write { src: Box<dyn SourceBuf>, offset: u64, flags: u32 },
-    /// Flush, trim, cache or zero.
-    Other { kind: CommandKind, count: u64, offset: u64, flags: u32 },
-}
-
-/// What a finished command gives back.
-#[derive(Debug, Default)]
-pub struct Reply {
-    /// The data of `Op::Read` and `Op::ReadStructured`.
-    pub data: Option<Vec<u8>>,
-    /// Extents of `Op::BlockStatus`, chunks of `Op::ReadStructured`.
-    pub detail: Detail,
-}
+use crate::uri::{self, NbdUri, UriTransport};
 
 /// Byte and chunk counters of a connection (libnbd's `nbd_stats_*`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -207,183 +176,6 @@ impl Handle {
         change(&mut settings);
         self.inner.strict.store(settings.strict, Ordering::Relaxed);
         self.inner.debug_on.store(settings.debug, Ordering::Relaxed);
-    }
-
-    /// Changes settings that shape the connection: only on a newly created handle.
-    pub fn configure(&self, change: impl FnOnce(&mut Settings)) -> Result<()> {
-        state::check(Call::Configure, self.state())?;
-        self.update_settings(change);
-        Ok(())
-    }
-
-    /// Changes what the handshake asks for where option mode may change it between
-    /// requests (export name, meta contexts, info requests): before connecting or while
-    /// negotiating. While negotiating, the handshake takes the new settings whole; another
-    /// export name forgets what was learned about the previous export.
-    pub fn negotiation_setting(&self, change: impl FnOnce(&mut NegotiationSettings)) -> Result<()> {
-        state::check(Call::SetExportName, self.state())?;
-        let mut phase = self.phase();
-        self.update_settings(|s| change(&mut s.negotiation));
-        if let Phase::Negotiating { negotiation, .. } = &mut *phase {
-            let settings = self.settings().handshake();
-            negotiation.hs.set_export_name(&settings.export_name);
-            *negotiation.hs.config_mut() = settings;
-        }
-        Ok(())
-    }
-
-    /// `nbd_set_export_name`: before connecting, or while negotiating, where another name
-    /// forgets what was learned about the previous export (the same name changes nothing).
-    pub fn set_export_name(&self, name: &str) -> Result<()> {
-        check_string("export name", name)?;
-        self.negotiation_setting(|n| n.export_name = name.to_string())
-    }
-
-    /// `nbd_add_meta_context`. An empty name is accepted, as libnbd does (the server
-    /// judges it).
-    pub fn add_meta_context(&self, name: &str) -> Result<()> {
-        check_string("meta context name", name)?;
-        self.negotiation_setting(|n| n.meta_contexts.push(name.to_string()))
-    }
-
-    /// `nbd_clear_meta_contexts`.
-    pub fn clear_meta_contexts(&self) -> Result<()> {
-        self.negotiation_setting(|n| n.meta_contexts.clear())
-    }
-
-    /// `nbd_set_request_block_size`: before connecting or while negotiating.
-    pub fn set_request_block_size(&self, on: bool) -> Result<()> {
-        self.negotiation_setting(|n| n.request_block_size = on)
-    }
-
-    /// `nbd_set_full_info`: before connecting or while negotiating.
-    pub fn set_full_info(&self, on: bool) -> Result<()> {
-        self.negotiation_setting(|n| n.full_info = on)
-    }
-
-    /// `nbd_set_request_meta_context`: before connecting or while negotiating.
-    pub fn set_request_meta_context(&self, on: bool) -> Result<()> {
-        self.negotiation_setting(|n| n.request_meta_context = on)
-    }
-
-    /// `nbd_set_request_structured_replies`: only on a newly created handle.
-    pub fn set_request_structured_replies(&self, on: bool) -> Result<()> {
-        self.configure(|s| s.negotiation.request_structured_replies = on)
-    }
-
-    /// `nbd_set_request_extended_headers`: only on a newly created handle.
-    pub fn set_request_extended_headers(&self, on: bool) -> Result<()> {
-        self.configure(|s| s.negotiation.request_extended_headers = on)
-    }
-
-    /// `nbd_set_opt_mode`: only on a newly created handle.
-    pub fn set_opt_mode(&self, on: bool) -> Result<()> {
-        self.configure(|s| s.negotiation.opt_mode = on)
-    }
-
-    /// `nbd_set_handshake_flags`: `FLAG_C_FIXED_NEWSTYLE` and `FLAG_C_NO_ZEROES` only; only
-    /// on a newly created handle.
-    pub fn set_handshake_flags(&self, flags: u32) -> Result<()> {
-        check_bits(flags, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, || {
-            format!("handshake flags {flags:#x} include unknown bits")
-        })?;
-        self.configure(|s| s.negotiation.handshake_flags = flags)
-    }
-
-    /// `nbd_set_tls`: only on a newly created handle.
-    pub fn set_tls(&self, mode: TlsMode) -> Result<()> {
-        self.configure(|s| s.tls.mode = mode)
-    }
-
-    /// `nbd_set_tls_certificates`: only on a newly created handle.
-    pub fn set_tls_certificates(&self, dir: &str) -> Result<()> {
-        self.configure(|s| s.tls.certificates = Some(dir.into()))
-    }
-
-    /// `nbd_set_tls_verify_peer`: only on a newly created handle.
-    pub fn set_tls_verify_peer(&self, on: bool) -> Result<()> {
-        self.configure(|s| s.tls.verify_peer = on)
-    }
-
-    /// `nbd_set_tls_username`: only on a newly created handle.
-    pub fn set_tls_username(&self, name: &str) -> Result<()> {
-        self.configure(|s| s.tls.username = Some(name.to_string()))
-    }
-
-    /// `nbd_set_tls_psk_file`: only on a newly created handle.
-    pub fn set_tls_psk_file(&self, path: &str) -> Result<()> {
-        self.configure(|s| s.tls.psk_file = Some(path.into()))
-    }
-
-    /// `nbd_set_tls_hostname`: only on a newly created handle.
-    pub fn set_tls_hostname(&self, host: &str) -> Result<()> {
-        self.configure(|s| s.tls.hostname = Some(host.to_string()))
-    }
-
-    /// `nbd_set_uri_allow_transports`: `ALLOW_TRANSPORT_*` bits only; only on a newly
-    /// created handle.
-    pub fn set_uri_allow_transports(&self, mask: u32) -> Result<()> {
-        check_bits(mask, ALLOW_TRANSPORT_MASK, || format!("uriAllowTransports {mask:#x} has unknown bits"))?;
-        self.configure(|s| s.uri_policy.allow_transports = mask)
-    }
-
-    /// `nbd_set_uri_allow_tls`: only on a newly created handle.
-    pub fn set_uri_allow_tls(&self, mode: TlsMode) -> Result<()> {
-        self.configure(|s| s.uri_policy.allow_tls = mode)
-    }
-
-    /// `nbd_set_uri_allow_local_file`: only on a newly created handle.
-    pub fn set_uri_allow_local_file(&self, on: bool) -> Result<()> {
-        self.configure(|s| s.uri_policy.allow_local_file = on)
-    }
-
-    /// The limit on the whole connect and handshake (`None`: none): only on a newly
-    /// created handle.
-    pub fn set_connect_timeout(&self, limit: Option<Duration>) -> Result<()> {
-        self.configure(|s| s.connect_timeout = limit)
-    }
-
-    /// Commands on the wire at once (at least 1): only on a newly created handle.
-    pub fn set_max_in_flight(&self, n: usize) -> Result<()> {
-        if n == 0 {
-            return Err(Error::usage(Errno::EINVAL, "maxInFlight must be at least 1"));
-        }
-        self.configure(|s| s.max_in_flight = n)
-    }
-
-    /// `nbd_set_socket_activation_name`: `LISTEN_FDNAMES` for
-    /// `connect_systemd_socket_activation` (empty: `unknown`). At most 255 printable ASCII
-    /// characters other than `:`. Only on a newly created handle.
-    pub fn set_socket_activation_name(&self, name: &str) -> Result<()> {
-        subprocess::check_socket_name(name)?;
-        self.configure(|s| s.socket_activation_name = name.to_string())
-    }
-
-    /// `nbd_set_strict_mode`: allowed in any state.
-    pub fn set_strict_mode(&self, flags: u32) -> Result<()> {
-        check_bits(flags, STRICT_MASK, || format!("strict mode flags {flags:#x} include unknown bits"))?;
-        self.update_settings(|s| s.strict = flags);
-        Ok(())
-    }
-
-    /// The strict-mode bits in force (`nbd_get_strict_mode`).
-    pub fn strict_mode(&self) -> u32 {
-        self.inner.strict.load(Ordering::Relaxed)
-    }
-
-    /// `nbd_set_pread_initialize`: allowed in any state.
-    pub fn set_pread_initialize(&self, on: bool) {
-        self.update_settings(|s| s.pread_initialize = on);
-    }
-
-    /// `nbd_set_handle_name`: allowed in any state.
-    pub fn set_handle_name(&self, name: &str) {
-        self.update_settings(|s| s.handle_name = name.to_string());
-    }
-
-    /// `nbd_set_debug`: allowed in any state (takes effect for what follows).
-    pub fn set_debug(&self, on: bool) {
-        self.update_settings(|s| s.debug = on);
     }
 
     /// Sets (or removes) where debug messages go; they flow when debugging is on.
@@ -994,222 +786,6 @@ impl Handle {
         self.opt_bool(OptRequest::StartTls).await
     }
 
-    // ---- commands ----
-    //
-    // Every command goes through `submit`, which checks and queues it at once on the calling
-    // thread; the async forms wait for its callback.
-
-    /// `nbd_pread` into a new buffer of `count` bytes.
-    pub async fn pread(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<Vec<u8>> {
-        let reply = self.run(Op::Read { count, offset, flags }, cancel).await?;
-        Ok(reply.data.expect("a read completes with its buffer"))
-    }
-
-    /// `nbd_pread_structured`: the data and the chunks the server sent it in.
-    pub async fn pread_structured(
-        &self,
-        count: u64,
-        offset: u64,
-        flags: u32,
-        cancel: Option<CancelToken>,
-    ) -> Result<(Vec<u8>, Vec<nbd_proto::transmission::ReadChunk>)> {
-        let reply = self.run(Op::ReadStructured { count, offset, flags }, cancel).await?;
-        let chunks = match reply.detail {
-            Detail::Chunks(c) => c,
-            _ => Vec::new(),
-        };
-        Ok((reply.data.expect("a read completes with its buffer"), chunks))
-    }
-
-    /// `nbd_block_status_64` (all negotiated contexts) or `nbd_block_status_filter`
-    /// (`contexts`): extents per context.
-    pub async fn block_status(
-        &self,
-        count: u64,
-        offset: u64,
-        flags: u32,
-        contexts: Option<Vec<String>>,
-        cancel: Option<CancelToken>,
-    ) -> Result<Vec<nbd_proto::transmission::ContextExtents>> {
-        let op = Op::BlockStatus { count, offset, flags, contexts };
-        match self.run(op, cancel).await?.detail {
-            Detail::Extents(e) => Ok(e),
-            _ => Ok(Vec::new()),
-        }
-    }
-
-    /// `nbd_pread` into the caller's buffer (all of it, starting at `offset`).
-    pub async fn pread_into(&self, dest: Box<dyn DestBuf>, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.run(Op::ReadInto { dest, offset, flags }, cancel).await.map(drop)
-    }
-
-    /// `nbd_pwrite` of the caller's buffer at `offset`.
-    pub async fn pwrite(&self, src: Box<dyn SourceBuf>, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.run(Op::Write { src, offset, flags }, cancel).await.map(drop)
-    }
-
-    /// `nbd_flush`.
-    pub async fn flush(&self, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.other(CommandKind::Flush, 0, 0, flags, cancel).await
-    }
-
-    /// `nbd_trim`.
-    pub async fn trim(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.other(CommandKind::Trim, count, offset, flags, cancel).await
-    }
-
-    /// `nbd_cache`.
-    pub async fn cache(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.other(CommandKind::Cache, count, offset, flags, cancel).await
-    }
-
-    /// `nbd_zero`.
-    pub async fn zero(&self, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        self.other(CommandKind::WriteZeroes, count, offset, flags, cancel).await
-    }
-
-    async fn other(&self, kind: CommandKind, count: u64, offset: u64, flags: u32, cancel: Option<CancelToken>) -> Result<()> {
-        let op = Op::Other { kind, count, offset, flags };
-        self.run(op, cancel).await.map(drop)
-    }
-
-    /// Submits `op` and waits for its outcome, or for `cancel`.
-    async fn run(&self, op: Op, cancel: Option<CancelToken>) -> Result<Reply> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(op, cancel.clone(), move |outcome| {
-            let _ = reply.send(outcome);
-        })?;
-        let outcome = match cancel {
-            None => answer.await,
-            Some(token) => tokio::select! {
-                r = answer => r,
-                () = token.cancelled() => return Err(cancelled_error()),
-            },
-        };
-        // The callback is always called (CallbackReply guarantees it), so this never waits
-        // on a dropped sender; map it anyway rather than panic.
-        outcome.unwrap_or_else(|_| Err(closed_error()))
-    }
-
-    /// Queues a command whose outcome goes to `done`, called exactly once on some thread
-    /// of the driver (or not at all when this returns an error). For bindings that settle
-    /// many commands through one notification channel.
-    pub fn submit(
-        &self,
-        op: Op,
-        cancel: Option<CancelToken>,
-        done: impl FnOnce(Result<Reply>) + Send + 'static,
-    ) -> Result<()> {
-        let mut tracking = Tracking::default();
-        let mut filter: Option<Vec<String>> = None;
-        let (cmd, mut payload) = match op {
-            Op::Read { count, offset, flags } => (
-                command(CommandKind::Read, offset, count, flags),
-                Payload::None,
-            ),
-            Op::ReadStructured { count, offset, flags } => {
-                tracking.record_chunks = true;
-                (command(CommandKind::Read, offset, count, flags), Payload::None)
-            }
-            Op::BlockStatus {
-                count,
-                offset,
-                flags,
-                contexts,
-            } => {
-                filter = contexts;
-                (command(CommandKind::BlockStatus, offset, count, flags), Payload::None)
-            }
-            Op::ReadInto { dest, offset, flags } => (
-                command(CommandKind::Read, offset, dest.len() as u64, flags),
-                Payload::ReadInto(dest),
-            ),
-            Op::Write { src, offset, flags } => (
-                command(CommandKind::Write, offset, src.len() as u64, flags),
-                Payload::Write(src),
-            ),
-            Op::Other { kind, count, offset, flags } => {
-                if matches!(kind, CommandKind::Read | CommandKind::Write | CommandKind::Disconnect) {
-                    return Err(Error::usage(Errno::EINVAL, "Op::Other takes flush, trim, cache or zero"));
-                }
-                (command(kind, offset, count, flags), Payload::None)
-            }
-        };
-        let (requests, lifeline, flags, session) = self.checked(&cmd)?;
-        if let Some(names) = &filter {
-            let strict = self.inner.strict.load(Ordering::Relaxed);
-            tracking.filter = Some(session.block_status_filter(names, strict)?);
-        }
-        // A cancelled command must not touch its buffer, not even to zero it.
-        if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
-            return Err(cancelled_error());
-        }
-        match &mut payload {
-            // Zeroed memory from the allocator costs nothing extra; it also makes bytes a
-            // server fails to send read as zero, as libnbd's pread_initialize does.
-            Payload::None if cmd.kind == CommandKind::Read => {
-                payload = Payload::ReadOwned(vec![0u8; cmd.length as usize]);
-            }
-            Payload::ReadInto(dest) if lock(&self.inner.settings).pread_initialize && !dest.is_empty() => {
-                // SAFETY: DestBuf promises len writable bytes.
-                unsafe { std::ptr::write_bytes(dest.as_mut_ptr(), 0, dest.len()) };
-            }
-            _ => {}
-        }
-        let callback: Callback = Box::new(move |r: Result<Completed>| {
-            done(r.map(|c| Reply {
-                data: match c.payload {
-                    Payload::ReadOwned(v) => Some(v),
-                    _ => None,
-                },
-                detail: c.detail,
-            }))
-        });
-        let request = Request::Command(CommandRequest {
-            guard: InFlightGuard::new(&self.inner.counters),
-            cmd,
-            flags,
-            tracking,
-            payload,
-            cancel,
-            reply: CallbackReply::new(callback),
-        });
-        if let Err(unsent) = requests.send(request) {
-            // Never queued: the callback is not called (the error is returned instead).
-            if let Request::Command(c) = unsent.0 {
-                drop(c.reply.disarm());
-            }
-            return Err(lifeline.pending_error());
-        }
-        Ok(())
-    }
-
-    /// The state check and libnbd's client-side checks; the way to the driver and the
-    /// wire flags.
-    #[allow(clippy::type_complexity)]
-    fn checked(
-        &self,
-        cmd: &Command,
-    ) -> Result<(mpsc::UnboundedSender<Request>, Arc<Lifeline>, u16, Arc<Session>)> {
-        let state = self.state();
-        state::check(Call::Command, state)?;
-        let (session, requests, lifeline) = match &*self.phase() {
-            Phase::Connected {
-                driver,
-                shutting_down: false,
-                ..
-            } => (driver.session.clone(), driver.requests.clone(), driver.lifeline.clone()),
-            _ => {
-                return Err(Error::usage(
-                    Errno::EINVAL,
-                    "invalid state: the handle is shutting down",
-                ))
-            }
-        };
-        let flags = session.check(cmd, self.inner.strict.load(Ordering::Relaxed))?;
-        Ok((requests, lifeline, flags, session))
-    }
-
     // ---- ending ----
 
     /// `nbd_shutdown`: sends NBD_CMD_DISC once the commands in flight have finished (at
@@ -1294,15 +870,6 @@ impl Handle {
         // The socket is closed: the server process (if any) ends and is reaped in the
         // background.
         drop(lock(&self.inner.child).take());
-    }
-}
-
-fn command(kind: CommandKind, offset: u64, length: u64, flags: u32) -> Command {
-    Command {
-        kind,
-        offset,
-        length,
-        flags,
     }
 }
 
