@@ -16,6 +16,10 @@ use nbd_embedded::{MemoryServer, ServerOptions};
 
 const MIB: u64 = 1024 * 1024;
 
+#[path = "../../nbd-proto/tests/bytes/mod.rs"]
+mod bytes;
+use bytes::{chunk, oldstyle_greeting, simple_reply};
+
 fn server(size: u64) -> MemoryServer {
     MemoryServer::new(ServerOptions {
         size,
@@ -262,7 +266,7 @@ async fn connect_socket_refuses_what_is_not_a_connected_stream_socket() {
 
     let mut fds = [0; 2];
     // SAFETY: fds has room for two descriptors.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     let e = assert_errno(h.connect_socket(fds[0]).await, Errno::ENOTSOCK);
     assert!(e.message().contains(&fds[0].to_string()), "{e}");
     assert!(fd_is_open(fds[0]) && fd_is_open(fds[1]));
@@ -283,7 +287,7 @@ async fn connect_socket_refuses_what_is_not_a_connected_stream_socket() {
     drop(listening);
     let _ = std::fs::remove_file(&dir);
     // SAFETY: plain socket(2).
-    let unconnected = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let unconnected = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
     assert!(unconnected >= 0);
     assert_errno(h.connect_socket(unconnected).await, Errno::ENOTCONN);
     assert!(fd_is_open(unconnected));
@@ -325,16 +329,6 @@ async fn close_closes_the_adopted_fd() {
 /// The export the hand-played server announces.
 const HAND_SIZE: u64 = 16 * MIB;
 
-fn oldstyle_greeting(size: u64, flags: u16) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend(NBDMAGIC.to_be_bytes());
-    v.extend(OLDSTYLE_MAGIC.to_be_bytes());
-    v.extend(size.to_be_bytes());
-    v.extend((flags as u32).to_be_bytes());
-    v.extend([0u8; 124]);
-    v
-}
-
 /// A handle connected over a socketpair to the returned end, where the test is the server
 /// (after a valid oldstyle greeting). The client's socket sits at an fd at or above `min_fd`.
 async fn hand_played(config: Settings, min_fd: RawFd) -> (Handle, UnixStream, RawFd) {
@@ -372,13 +366,6 @@ async fn next_request(s: &mut UnixStream) -> Request {
         offset: u64::from_be_bytes(b[16..24].try_into().unwrap()),
         length: u32::from_be_bytes(b[24..28].try_into().unwrap()),
     }
-}
-
-fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
-    let mut v = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend(error.to_be_bytes());
-    v.extend(cookie.to_be_bytes());
-    v
 }
 
 /// A Vec-backed read destination that, when the client drops it, hands the bytes back
@@ -648,11 +635,7 @@ async fn protocol_violation_fails_its_command_with_eproto_and_the_rest_with_enot
     let second = tokio::spawn(async move { h2.pread(512, 512, 0, None).await });
     let _b = next_request(&mut s).await;
     // A structured reply chunk, never negotiated with an oldstyle server, for the first read.
-    let mut chunk = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
-    chunk.extend(REPLY_FLAG_DONE.to_be_bytes());
-    chunk.extend(REPLY_TYPE_NONE.to_be_bytes());
-    chunk.extend(a.cookie.to_be_bytes());
-    chunk.extend(0u32.to_be_bytes());
+    let chunk = chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, a.cookie, &[]);
     s.write_all(&chunk).await.unwrap();
     let wait = |t| async move { tokio::time::timeout(Duration::from_secs(2), t).await.unwrap() };
     let e = assert_errno(wait(first).await.unwrap(), Errno::EPROTO);
@@ -706,11 +689,7 @@ async fn a_protocol_violation_is_dead_before_the_command_hears() {
     .unwrap();
     let req = next_request(&mut s).await;
     // A structured chunk where only simple replies were negotiated blames its command.
-    let mut chunk = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
-    chunk.extend(1u16.to_be_bytes()); // DONE
-    chunk.extend(0u16.to_be_bytes()); // NONE
-    chunk.extend(req.cookie.to_be_bytes());
-    chunk.extend(0u32.to_be_bytes());
+    let chunk = chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]);
     s.write_all(&chunk).await.unwrap();
     let (result, state) = tokio::time::timeout(Duration::from_secs(5), rx).await.unwrap().unwrap();
     assert_errno(result, Errno::EPROTO);

@@ -251,6 +251,7 @@ impl Server {
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
+                #[cfg(target_os = "linux")]
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
@@ -350,6 +351,9 @@ fn qemu_nbd(dir: TempDir, object: String) -> Server {
 // ---------------------------------------------------------------------------------------
 // NBD by hand
 
+#[path = "../../nbd-proto/tests/bytes/mod.rs"]
+mod bytes;
+
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
@@ -371,12 +375,7 @@ async fn send_option<S: AsyncWrite + Unpin>(
     option: u32,
     data: &[u8],
 ) -> std::io::Result<()> {
-    let mut msg = Vec::new();
-    msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    msg.extend_from_slice(&option.to_be_bytes());
-    msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    msg.extend_from_slice(data);
-    s.write_all(&msg).await?;
+    s.write_all(&bytes::client_option(option, data)).await?;
     s.flush().await
 }
 

@@ -5,45 +5,85 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Errno {
+    /// Operation not permitted (1 on Linux).
     EPERM,
+    /// No such file or directory (2 on Linux).
     ENOENT,
+    /// Interrupted system call (4 on Linux).
     EINTR,
+    /// Input/output error (5 on Linux).
     EIO,
+    /// Bad file descriptor (9 on Linux).
     EBADF,
+    /// Resource temporarily unavailable (11 on Linux).
     EAGAIN,
+    /// Cannot allocate memory (12 on Linux).
     ENOMEM,
+    /// Permission denied (13 on Linux).
     EACCES,
+    /// Bad address (14 on Linux).
     EFAULT,
+    /// Device or resource busy (16 on Linux).
     EBUSY,
+    /// File exists (17 on Linux).
     EEXIST,
+    /// Not a directory (20 on Linux).
     ENOTDIR,
+    /// Invalid argument (22 on Linux).
     EINVAL,
+    /// Too many open files (24 on Linux).
     EMFILE,
+    /// No space left on device (28 on Linux).
     ENOSPC,
+    /// Broken pipe (32 on Linux).
     EPIPE,
+    /// Numerical result out of range (34 on Linux).
     ERANGE,
+    /// File name too long (36 on Linux).
     ENAMETOOLONG,
+    /// Function not implemented (38 on Linux).
     ENOSYS,
+    /// Protocol error (71 on Linux).
     EPROTO,
+    /// Value too large for defined data type (75 on Linux).
     EOVERFLOW,
+    /// Socket operation on non-socket (88 on Linux).
     ENOTSOCK,
+    /// Protocol not supported (93 on Linux).
     EPROTONOSUPPORT,
+    /// Operation not supported (95 on Linux).
     ENOTSUP,
+    /// Address already in use (98 on Linux).
     EADDRINUSE,
+    /// Cannot assign requested address (99 on Linux).
     EADDRNOTAVAIL,
+    /// Network is unreachable (101 on Linux).
     ENETUNREACH,
+    /// Software caused connection abort (103 on Linux).
     ECONNABORTED,
+    /// Connection reset by peer (104 on Linux).
     ECONNRESET,
+    /// Transport endpoint is already connected (106 on Linux).
     EISCONN,
+    /// Transport endpoint is not connected (107 on Linux).
     ENOTCONN,
+    /// Cannot send after transport endpoint shutdown (108 on Linux).
     ESHUTDOWN,
+    /// Connection timed out (110 on Linux).
     ETIMEDOUT,
+    /// Connection refused (111 on Linux).
     ECONNREFUSED,
+    /// No route to host (113 on Linux).
     EHOSTUNREACH,
+    /// Operation canceled (125 on Linux).
     ECANCELED,
+    /// Exec format error (8 on Linux).
     ENOEXEC,
+    /// No such device (19 on Linux).
     ENODEV,
+    /// Address family not supported by protocol (97 on Linux).
     EAFNOSUPPORT,
+    /// No such process (3 on Linux).
     ESRCH,
 }
 

@@ -94,7 +94,7 @@ const ALLOWED: &[(Call, &[State], &str)] = &[
 
 /// Refuses `call` in `state` with libnbd's rule: `ENOTCONN` on a newly created handle,
 /// `EINVAL` otherwise.
-pub fn check(call: Call, state: State) -> Result<(), Error> {
+pub fn ensure_allowed(call: Call, state: State) -> Result<(), Error> {
     let (_, states, wanted) = ALLOWED
         .iter()
         .find(|(c, _, _)| *c == call)
@@ -119,7 +119,7 @@ mod tests {
 
     #[test]
     fn created_handles_refuse_commands_with_enotconn() {
-        let e = check(Call::Command, State::Created).unwrap_err();
+        let e = ensure_allowed(Call::Command, State::Created).unwrap_err();
         assert_eq!(e.errno(), Errno::ENOTCONN);
         assert!(e.message().contains("created"));
     }
@@ -127,22 +127,22 @@ mod tests {
     #[test]
     fn other_states_refuse_with_einval() {
         for s in [State::Dead, State::Closed, State::Connecting, State::Negotiating] {
-            assert_eq!(check(Call::Command, s).unwrap_err().errno(), Errno::EINVAL);
+            assert_eq!(ensure_allowed(Call::Command, s).unwrap_err().errno(), Errno::EINVAL);
         }
-        assert_eq!(check(Call::Connect, State::Ready).unwrap_err().errno(), Errno::EINVAL);
+        assert_eq!(ensure_allowed(Call::Connect, State::Ready).unwrap_err().errno(), Errno::EINVAL);
     }
 
     #[test]
     fn getters_refuse_a_dead_handle() {
-        let e = check(Call::Info, State::Dead).unwrap_err();
+        let e = ensure_allowed(Call::Info, State::Dead).unwrap_err();
         assert_eq!(e.errno(), Errno::EINVAL);
         assert!(e.message().contains("dead"), "{}", e.message());
     }
 
     #[test]
     fn allowed_pairs_pass() {
-        check(Call::Command, State::Processing).unwrap();
-        check(Call::Info, State::Closed).unwrap();
-        check(Call::SetExportName, State::Negotiating).unwrap();
+        ensure_allowed(Call::Command, State::Processing).unwrap();
+        ensure_allowed(Call::Info, State::Closed).unwrap();
+        ensure_allowed(Call::SetExportName, State::Negotiating).unwrap();
     }
 }

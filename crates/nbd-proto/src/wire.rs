@@ -18,16 +18,17 @@ pub fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_be_bytes());
 }
 
-/// A forward-only reader over a byte slice.
+/// A forward-only reader of big-endian fields over a byte slice (not an IO reader: a
+/// decoder's view of bytes already read).
 #[derive(Debug, Clone, Copy)]
-pub struct Reader<'a> {
+pub struct FieldReader<'a> {
     bytes: &'a [u8],
 }
 
-impl<'a> Reader<'a> {
+impl<'a> FieldReader<'a> {
     /// Reads from the start of `bytes`.
-    pub fn new(bytes: &'a [u8]) -> Reader<'a> {
-        Reader { bytes }
+    pub fn new(bytes: &'a [u8]) -> FieldReader<'a> {
+        FieldReader { bytes }
     }
 
     /// Bytes not yet read.
@@ -50,14 +51,17 @@ impl<'a> Reader<'a> {
         std::mem::take(&mut self.bytes)
     }
 
+    /// The next big-endian `u16`, or `None` if fewer than 2 bytes are left.
     pub fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
 
+    /// The next big-endian `u32`, or `None` if fewer than 4 bytes are left.
     pub fn u32(&mut self) -> Option<u32> {
         self.take(4).map(|b| u32::from_be_bytes(b.try_into().unwrap()))
     }
 
+    /// The next big-endian `u64`, or `None` if fewer than 8 bytes are left.
     pub fn u64(&mut self) -> Option<u64> {
         self.take(8).map(|b| u64::from_be_bytes(b.try_into().unwrap()))
     }
@@ -75,7 +79,7 @@ mod tests {
 
     #[test]
     fn reader_reports_short_input() {
-        let mut r = Reader::new(&[0, 1, 2]);
+        let mut r = FieldReader::new(&[0, 1, 2]);
         assert_eq!(r.u16(), Some(1));
         assert_eq!(r.u16(), None);
         assert_eq!(r.remaining(), 1);

@@ -9,6 +9,9 @@ use nbd_proto::transmission::{
 };
 use nbd_proto::{Errno, Fault};
 
+mod bytes;
+use bytes::*;
+
 fn negotiated(extended: bool, flags: u16) -> Negotiated {
     Negotiated {
         protocol: Protocol::FixedNewstyle,
@@ -30,48 +33,6 @@ fn negotiated(extended: bool, flags: u16) -> Negotiated {
 
 fn bs(offset: u64, length: u64) -> Command {
     Command { kind: CommandKind::BlockStatus, offset, length, flags: 0 }
-}
-
-/// A compact structured chunk header.
-fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend(flags.to_be_bytes());
-    v.extend(kind.to_be_bytes());
-    v.extend(cookie.to_be_bytes());
-    v.extend((payload.len() as u32).to_be_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-/// An extended chunk header.
-fn ext_chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = EXTENDED_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend(flags.to_be_bytes());
-    v.extend(kind.to_be_bytes());
-    v.extend(cookie.to_be_bytes());
-    v.extend(0u64.to_be_bytes());
-    v.extend((payload.len() as u64).to_be_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-fn extents32(id: u32, list: &[(u32, u32)]) -> Vec<u8> {
-    let mut v = id.to_be_bytes().to_vec();
-    for (len, flags) in list {
-        v.extend(len.to_be_bytes());
-        v.extend(flags.to_be_bytes());
-    }
-    v
-}
-
-fn extents64(id: u32, list: &[(u64, u64)]) -> Vec<u8> {
-    let mut v = id.to_be_bytes().to_vec();
-    v.extend((list.len() as u32).to_be_bytes());
-    for (len, flags) in list {
-        v.extend(len.to_be_bytes());
-        v.extend(flags.to_be_bytes());
-    }
-    v
 }
 
 enum End {
@@ -269,7 +230,7 @@ fn a_4_gib_block_status_chunk_fails_without_waiting_for_it() {
 fn block_status_needs_negotiated_contexts() {
     let mut n = negotiated(false, 0);
     n.meta_contexts.clear();
-    let e = Session::new(n).check(&bs(0, 512), STRICT_MASK).unwrap_err();
+    let e = Session::new(n).strict(STRICT_MASK).check(&bs(0, 512)).unwrap_err();
     assert_eq!(e.errno(), Errno::ENOTSUP);
 }
 
@@ -278,13 +239,13 @@ fn block_status_flags_and_64_bit_counts() {
     let s = Session::new(negotiated(false, 0));
     let mut c = bs(0, 512);
     c.flags = CMD_FLAG_REQ_ONE as u32;
-    assert_eq!(s.check(&c, STRICT_MASK).unwrap(), CMD_FLAG_REQ_ONE);
+    assert_eq!(s.strict(STRICT_MASK).check(&c).unwrap(), CMD_FLAG_REQ_ONE);
     c.flags = CMD_FLAG_FUA as u32;
-    assert_eq!(s.check(&c, STRICT_MASK).unwrap_err().errno(), Errno::EINVAL);
+    assert_eq!(s.strict(STRICT_MASK).check(&c).unwrap_err().errno(), Errno::EINVAL);
     let big = Command { length: 5 << 30, ..bs(0, 0) };
-    assert_eq!(s.check(&big, 0).unwrap_err().errno(), Errno::ERANGE, "needs extended headers");
+    assert_eq!(s.strict(0).check(&big).unwrap_err().errno(), Errno::ERANGE, "needs extended headers");
     let ext = Session::new(negotiated(true, 0));
-    assert!(ext.check(&big, STRICT_MASK & !STRICT_BOUNDS).is_ok());
+    assert!(ext.strict(STRICT_MASK & !STRICT_BOUNDS).check(&big).is_ok());
 }
 
 #[test]

@@ -9,54 +9,8 @@ use nbd_proto::handshake::{
 };
 use nbd_proto::Errno;
 
-fn be16(v: u16) -> [u8; 2] {
-    v.to_be_bytes()
-}
-fn be32(v: u32) -> [u8; 4] {
-    v.to_be_bytes()
-}
-fn be64(v: u64) -> [u8; 8] {
-    v.to_be_bytes()
-}
-
-fn greeting(server_flags: u16) -> Vec<u8> {
-    let mut v = be64(NBDMAGIC).to_vec();
-    v.extend(be64(IHAVEOPT));
-    v.extend(be16(server_flags));
-    v
-}
-
-fn reply(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = be64(OPT_REPLY_MAGIC).to_vec();
-    v.extend(be32(option));
-    v.extend(be32(kind));
-    v.extend(be32(payload.len() as u32));
-    v.extend_from_slice(payload);
-    v
-}
-
-fn export_ok(option: u32, size: u64) -> Vec<u8> {
-    let mut info = be16(INFO_EXPORT).to_vec();
-    info.extend(be64(size));
-    info.extend(be16(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH));
-    let mut v = reply(option, REP_INFO, &info);
-    v.extend(reply(option, REP_ACK, &[]));
-    v
-}
-
-fn context(option: u32, id: u32, name: &str) -> Vec<u8> {
-    let mut p = be32(id).to_vec();
-    p.extend_from_slice(name.as_bytes());
-    reply(option, REP_META_CONTEXT, &p)
-}
-
-fn client_option(option: u32, data: &[u8]) -> Vec<u8> {
-    let mut v = be64(IHAVEOPT).to_vec();
-    v.extend(be32(option));
-    v.extend(be32(data.len() as u32));
-    v.extend_from_slice(data);
-    v
-}
+mod bytes;
+use bytes::*;
 
 /// Feeds the server's bytes in two pieces; returns what the client sent and the events.
 fn feed(hs: &mut Handshake, bytes: &[u8]) -> (Vec<u8>, Vec<Outcome>) {
@@ -92,8 +46,8 @@ fn negotiating(request_meta_context: bool) -> Handshake {
         meta_contexts: base(),
         ..HandshakeConfig::default()
     });
-    let mut server = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    server.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
     let (_, events) = feed(&mut hs, &server);
     assert_eq!(events, vec![Outcome::Negotiating]);
     hs
@@ -116,21 +70,21 @@ fn so_far(hs: &Handshake) -> nbd_proto::handshake::Negotiated {
 fn starttls_forgets_structured_replies_meta_contexts_and_export_details() {
     let mut hs = negotiating(false);
     let set = {
-        let mut v = context(OPT_SET_META_CONTEXT, 7, CONTEXT_BASE_ALLOCATION);
-        v.extend(reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
+        let mut v = meta_reply(OPT_SET_META_CONTEXT, 7, CONTEXT_BASE_ALLOCATION);
+        v.extend(opt_reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
         v
     };
     let out = answer(&mut hs, OptRequest::SetMetaContext(None), &set);
     assert_eq!(out, Outcome::Reply(Ok(OptReply::MetaContexts(base()))));
-    let out = answer(&mut hs, OptRequest::Info, &export_ok(OPT_INFO, 4096));
+    let out = answer(&mut hs, OptRequest::Info, &go_ok(OPT_INFO, 4096));
     assert!(matches!(out, Outcome::Reply(Ok(OptReply::Info(_)))), "{out:?}");
     let before = hs.export_known().expect("NBD_OPT_INFO told the details");
     assert!(before.structured_replies);
     assert!(before.meta_valid);
-    assert_eq!(before.can_meta_context(CONTEXT_BASE_ALLOCATION, &base()).unwrap(), true);
+    assert!(before.can_meta_context(CONTEXT_BASE_ALLOCATION, &base()).unwrap());
 
     hs.request(OptRequest::StartTls).unwrap();
-    let (sent, events) = feed(&mut hs, &reply(OPT_STARTTLS, REP_ACK, &[]));
+    let (sent, events) = feed(&mut hs, &opt_reply(OPT_STARTTLS, REP_ACK, &[]));
     assert_eq!(sent, client_option(OPT_STARTTLS, &[]));
     assert_eq!(events, vec![Outcome::StartTls]);
     hs.tls_done();
@@ -162,8 +116,8 @@ fn automatic_starttls_negotiates_the_rest_over_tls() {
         ..HandshakeConfig::default()
     });
     let (sent, events) = feed(&mut hs, &{
-        let mut v = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-        v.extend(reply(OPT_STARTTLS, REP_ACK, &[]));
+        let mut v = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        v.extend(opt_reply(OPT_STARTTLS, REP_ACK, &[]));
         v
     });
     let mut want = be32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_vec();
@@ -186,10 +140,10 @@ fn can_meta_context_is_einval_until_the_server_answered_for_the_export() {
     assert_eq!(e.errno(), Errno::EINVAL);
     assert!(e.message().contains("meta context"), "{}", e.message());
     // Nothing asked for: a plain no.
-    assert_eq!(n.can_meta_context(CONTEXT_BASE_ALLOCATION, &[]).unwrap(), false);
+    assert!(!n.can_meta_context(CONTEXT_BASE_ALLOCATION, &[]).unwrap());
 
     // With request_meta_context off, GO does not set contexts: still no answer.
-    let out = answer(&mut hs, OptRequest::Go, &export_ok(OPT_GO, 512));
+    let out = answer(&mut hs, OptRequest::Go, &go_ok(OPT_GO, 512));
     let Outcome::Ready(n) = out else { panic!("expected Ready, got {out:?}") };
     assert!(!n.meta_valid);
     assert_eq!(
@@ -201,12 +155,12 @@ fn can_meta_context_is_einval_until_the_server_answered_for_the_export() {
 #[test]
 fn a_context_the_server_did_not_agree_to_is_false_once_it_answered() {
     let mut hs = negotiating(true);
-    let mut server = reply(OPT_SET_META_CONTEXT, REP_ACK, &[]);
-    server.extend(export_ok(OPT_GO, 512));
+    let mut server = opt_reply(OPT_SET_META_CONTEXT, REP_ACK, &[]);
+    server.extend(go_ok(OPT_GO, 512));
     let out = answer(&mut hs, OptRequest::Go, &server);
     let Outcome::Ready(n) = out else { panic!("expected Ready, got {out:?}") };
     assert!(n.meta_valid);
-    assert_eq!(n.can_meta_context(CONTEXT_BASE_ALLOCATION, &base()).unwrap(), false);
+    assert!(!n.can_meta_context(CONTEXT_BASE_ALLOCATION, &base()).unwrap());
 }
 
 #[test]
@@ -216,9 +170,9 @@ fn no_contexts_asked_for_makes_the_empty_answer_final_at_go() {
         request_block_size: false,
         ..HandshakeConfig::default()
     });
-    let mut server = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    server.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
-    server.extend(export_ok(OPT_GO, 512));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+    server.extend(go_ok(OPT_GO, 512));
     let (_, events) = feed(&mut hs, &server);
     let [Outcome::Ready(n)] = &events[..] else { panic!("{events:?}") };
     assert!(n.meta_valid);
@@ -230,7 +184,7 @@ fn no_contexts_asked_for_makes_the_empty_answer_final_at_go() {
 fn setting_the_same_export_name_keeps_what_opt_info_learned() {
     let mut hs = negotiating(false);
     hs.set_export_name("disk");
-    let out = answer(&mut hs, OptRequest::Info, &export_ok(OPT_INFO, 8192));
+    let out = answer(&mut hs, OptRequest::Info, &go_ok(OPT_INFO, 8192));
     assert!(matches!(out, Outcome::Reply(Ok(OptReply::Info(_)))));
     hs.set_export_name("disk");
     assert_eq!(hs.export_known().expect("still known").export.size, 8192);
@@ -244,9 +198,9 @@ fn setting_the_same_export_name_keeps_what_opt_info_learned() {
 #[test]
 fn a_refused_go_forgets_the_meta_contexts_it_set() {
     let mut hs = negotiating(true);
-    let mut server = context(OPT_SET_META_CONTEXT, 3, CONTEXT_BASE_ALLOCATION);
-    server.extend(reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
-    server.extend(reply(OPT_GO, REP_ERR_UNKNOWN, b"no such export"));
+    let mut server = meta_reply(OPT_SET_META_CONTEXT, 3, CONTEXT_BASE_ALLOCATION);
+    server.extend(opt_reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
+    server.extend(opt_reply(OPT_GO, REP_ERR_UNKNOWN, b"no such export"));
     let out = answer(&mut hs, OptRequest::Go, &server);
     match out {
         Outcome::Reply(Err(e)) => assert_eq!(e.errno(), Errno::ENOENT),
@@ -265,9 +219,9 @@ fn a_refused_go_forgets_the_meta_contexts_it_set() {
 #[test]
 fn a_refused_info_forgets_the_previous_details() {
     let mut hs = negotiating(false);
-    answer(&mut hs, OptRequest::Info, &export_ok(OPT_INFO, 8192));
+    answer(&mut hs, OptRequest::Info, &go_ok(OPT_INFO, 8192));
     assert!(hs.export_known().is_some());
-    let out = answer(&mut hs, OptRequest::Info, &reply(OPT_INFO, REP_ERR_POLICY, &[]));
+    let out = answer(&mut hs, OptRequest::Info, &opt_reply(OPT_INFO, REP_ERR_POLICY, &[]));
     assert!(matches!(out, Outcome::Reply(Err(_))), "{out:?}");
     assert!(hs.export_known().is_none());
 }
@@ -280,7 +234,7 @@ fn plain_negotiating() -> Handshake {
         export_name: "a".into(),
         ..HandshakeConfig::default()
     });
-    let (sent, events) = feed(&mut hs, &greeting(0));
+    let (sent, events) = feed(&mut hs, &newstyle_greeting(0));
     assert_eq!(sent, be32(0).to_vec(), "only the client flags: no option is sent");
     assert_eq!(events, vec![Outcome::Negotiating]);
     assert_eq!(hs.protocol(), Some(Protocol::Newstyle));

@@ -7,79 +7,11 @@ use nbd_proto::handshake::{
 };
 use nbd_proto::{Errno, Fault};
 
-fn be16(v: u16) -> [u8; 2] {
-    v.to_be_bytes()
-}
-fn be32(v: u32) -> [u8; 4] {
-    v.to_be_bytes()
-}
-fn be64(v: u64) -> [u8; 8] {
-    v.to_be_bytes()
-}
-
-fn greeting() -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend(be64(NBDMAGIC));
-    v.extend(be64(IHAVEOPT));
-    v.extend(be16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
-    v
-}
-
-fn reply(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend(be64(OPT_REPLY_MAGIC));
-    v.extend(be32(option));
-    v.extend(be32(kind));
-    v.extend(be32(payload.len() as u32));
-    v.extend_from_slice(payload);
-    v
-}
-
-fn info_export(size: u64, flags: u16) -> Vec<u8> {
-    let mut v = be16(INFO_EXPORT).to_vec();
-    v.extend(be64(size));
-    v.extend(be16(flags));
-    v
-}
-
-fn go_ok(option: u32, size: u64) -> Vec<u8> {
-    let mut v = reply(option, REP_INFO, &info_export(size, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH));
-    v.extend(reply(option, REP_ACK, &[]));
-    v
-}
-
-fn meta_reply(option: u32, id: u32, name: &str) -> Vec<u8> {
-    let mut p = be32(id).to_vec();
-    p.extend_from_slice(name.as_bytes());
-    reply(option, REP_META_CONTEXT, &p)
-}
-
-fn client_option(option: u32, data: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend(be64(IHAVEOPT));
-    v.extend(be32(option));
-    v.extend(be32(data.len() as u32));
-    v.extend_from_slice(data);
-    v
-}
-
-fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut v = be32(name.len() as u32).to_vec();
-    v.extend_from_slice(name.as_bytes());
-    v.extend(be32(queries.len() as u32));
-    for q in queries {
-        v.extend(be32(q.len() as u32));
-        v.extend_from_slice(q.as_bytes());
-    }
-    v
-}
+mod bytes;
+use bytes::*;
 
 fn go_request(option: u32, name: &str) -> Vec<u8> {
-    let mut v = be32(name.len() as u32).to_vec();
-    v.extend_from_slice(name.as_bytes());
-    v.extend(be16(1));
-    v.extend(be16(INFO_BLOCK_SIZE));
-    client_option(option, &v)
+    client_option(option, &go_payload(name, &[INFO_BLOCK_SIZE]))
 }
 
 /// Feeds `bytes` one at a time (the harder case) and returns what was sent and the events.
@@ -107,8 +39,8 @@ fn flags_word() -> Vec<u8> {
 #[test]
 fn extended_headers_are_asked_first_and_imply_structured_replies() {
     let mut hs = Handshake::new(HandshakeConfig::default());
-    let mut server = greeting();
-    server.extend(reply(OPT_EXTENDED_HEADERS, REP_ACK, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_EXTENDED_HEADERS, REP_ACK, &[]));
     server.extend(go_ok(OPT_GO, 4096));
     let (sent, events) = feed(&mut hs, &server);
     let mut want = flags_word();
@@ -127,9 +59,9 @@ fn extended_headers_are_asked_first_and_imply_structured_replies() {
 #[test]
 fn refused_extended_headers_fall_back_to_structured_replies() {
     let mut hs = Handshake::new(HandshakeConfig::default());
-    let mut server = greeting();
-    server.extend(reply(OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, &[]));
-    server.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, &[]));
+    server.extend(opt_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
     server.extend(go_ok(OPT_GO, 512));
     let (sent, events) = feed(&mut hs, &server);
     let mut want = flags_word();
@@ -152,11 +84,11 @@ fn meta_contexts_are_set_before_go() {
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut server = greeting();
-    server.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
     server.extend(meta_reply(OPT_SET_META_CONTEXT, 7, "base:allocation"));
     server.extend(meta_reply(OPT_SET_META_CONTEXT, 9, "qemu:dirty-bitmap:b0"));
-    server.extend(reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
+    server.extend(opt_reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
     server.extend(go_ok(OPT_GO, 1 << 20));
     let (sent, events) = feed(&mut hs, &server);
     let mut want = flags_word();
@@ -190,9 +122,9 @@ fn a_refused_meta_context_request_still_goes() {
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut server = greeting();
-    server.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
-    server.extend(reply(OPT_SET_META_CONTEXT, REP_ERR_UNSUP, b"no"));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+    server.extend(opt_reply(OPT_SET_META_CONTEXT, REP_ERR_UNSUP, b"no"));
     server.extend(go_ok(OPT_GO, 1024));
     let (_, events) = feed(&mut hs, &server);
     match &events[..] {
@@ -208,9 +140,9 @@ fn meta_contexts_need_structured_replies() {
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut server = greeting();
-    server.extend(reply(OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, &[]));
-    server.extend(reply(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, &[]));
+    server.extend(opt_reply(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]));
     server.extend(go_ok(OPT_GO, 1024));
     let (sent, events) = feed(&mut hs, &server);
     assert!(!sent.windows(4).any(|w| w == be32(OPT_SET_META_CONTEXT)), "no SET_META_CONTEXT without structured replies");
@@ -225,8 +157,8 @@ fn a_context_id_given_twice_is_a_protocol_error() {
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut server = greeting();
-    server.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
     server.extend(meta_reply(OPT_SET_META_CONTEXT, 1, "a"));
     server.extend(meta_reply(OPT_SET_META_CONTEXT, 1, "b"));
     let (_, events) = feed(&mut hs, &server);
@@ -246,8 +178,8 @@ fn opt_mode_machine() -> Handshake {
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut server = greeting();
-    server.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
     let (_, events) = feed(&mut hs, &server);
     assert_eq!(events, vec![Outcome::Negotiating]);
     assert!(hs.is_negotiating());
@@ -263,9 +195,9 @@ fn option_mode_lists_exports() {
         let mut p = be32(name.len() as u32).to_vec();
         p.extend_from_slice(name.as_bytes());
         p.extend_from_slice(desc.as_bytes());
-        server.extend(reply(OPT_LIST, REP_SERVER, &p));
+        server.extend(opt_reply(OPT_LIST, REP_SERVER, &p));
     }
-    server.extend(reply(OPT_LIST, REP_ACK, &[]));
+    server.extend(opt_reply(OPT_LIST, REP_ACK, &[]));
     let (sent, events) = feed(&mut hs, &server);
     assert_eq!(sent, client_option(OPT_LIST, &[]));
     assert_eq!(
@@ -284,7 +216,7 @@ fn a_list_entry_with_a_name_longer_than_its_reply_is_a_protocol_error() {
     hs.request(OptRequest::List).unwrap();
     let mut p = be32(100).to_vec();
     p.extend_from_slice(b"short");
-    let (_, events) = feed(&mut hs, &reply(OPT_LIST, REP_SERVER, &p));
+    let (_, events) = feed(&mut hs, &opt_reply(OPT_LIST, REP_SERVER, &p));
     assert!(matches!(&events[..], [Outcome::Failed(e)] if e.fault() == Fault::Protocol));
 }
 
@@ -293,7 +225,7 @@ fn option_mode_info_failure_stays_negotiating_then_go_succeeds() {
     let mut hs = opt_mode_machine();
     hs.config_mut().export_name = "missing".into();
     hs.request(OptRequest::Info).unwrap();
-    let (sent, events) = feed(&mut hs, &reply(OPT_INFO, REP_ERR_UNKNOWN, b"no such export"));
+    let (sent, events) = feed(&mut hs, &opt_reply(OPT_INFO, REP_ERR_UNKNOWN, b"no such export"));
     assert_eq!(sent, go_request(OPT_INFO, "missing"));
     match &events[..] {
         [Outcome::Reply(Err(e))] => {
@@ -320,7 +252,7 @@ fn option_mode_info_failure_stays_negotiating_then_go_succeeds() {
 fn option_mode_go_refused_returns_to_negotiating() {
     let mut hs = opt_mode_machine();
     hs.request(OptRequest::Go).unwrap();
-    let (_, events) = feed(&mut hs, &reply(OPT_GO, REP_ERR_POLICY, &[]));
+    let (_, events) = feed(&mut hs, &opt_reply(OPT_GO, REP_ERR_POLICY, &[]));
     assert!(matches!(&events[..], [Outcome::Reply(Err(e))] if e.errno() == Errno::EPERM));
     assert!(hs.is_negotiating());
 }
@@ -332,7 +264,7 @@ fn option_mode_meta_context_list_and_set() {
     hs.request(OptRequest::ListMetaContext(None)).unwrap();
     let mut server = meta_reply(OPT_LIST_META_CONTEXT, 0, "base:allocation");
     server.extend(meta_reply(OPT_LIST_META_CONTEXT, 0, "qemu:dirty-bitmap:"));
-    server.extend(reply(OPT_LIST_META_CONTEXT, REP_ACK, &[]));
+    server.extend(opt_reply(OPT_LIST_META_CONTEXT, REP_ACK, &[]));
     let (sent, events) = feed(&mut hs, &server);
     assert_eq!(sent, client_option(OPT_LIST_META_CONTEXT, &meta_request("d", &[])));
     assert_eq!(
@@ -347,7 +279,7 @@ fn option_mode_meta_context_list_and_set() {
 
     hs.request(OptRequest::SetMetaContext(Some(vec!["base:allocation".into()]))).unwrap();
     let mut server = meta_reply(OPT_SET_META_CONTEXT, 3, "base:allocation");
-    server.extend(reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
+    server.extend(opt_reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
     let (sent, events) = feed(&mut hs, &server);
     assert_eq!(sent, client_option(OPT_SET_META_CONTEXT, &meta_request("d", &["base:allocation"])));
     assert_eq!(events, vec![Outcome::Reply(Ok(OptReply::MetaContexts(vec!["base:allocation".into()])))]);
@@ -362,7 +294,7 @@ fn option_mode_meta_context_list_and_set() {
 fn option_mode_abort_ends_on_ack_or_hang_up() {
     let mut hs = opt_mode_machine();
     hs.request(OptRequest::Abort).unwrap();
-    let (sent, events) = feed(&mut hs, &reply(OPT_ABORT, REP_ACK, &[]));
+    let (sent, events) = feed(&mut hs, &opt_reply(OPT_ABORT, REP_ACK, &[]));
     assert_eq!(sent, client_option(OPT_ABORT, &[]));
     assert_eq!(events, vec![Outcome::Reply(Ok(OptReply::Aborted))]);
     assert!(hs.is_finished());
@@ -390,10 +322,10 @@ fn option_requests_are_refused_outside_negotiation() {
 fn option_mode_structured_reply_and_extended_headers_answer_booleans() {
     let mut hs = opt_mode_machine();
     hs.request(OptRequest::ExtendedHeaders).unwrap();
-    let (_, events) = feed(&mut hs, &reply(OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, &[]));
+    let (_, events) = feed(&mut hs, &opt_reply(OPT_EXTENDED_HEADERS, REP_ERR_UNSUP, &[]));
     assert_eq!(events, vec![Outcome::Reply(Ok(OptReply::Agreed(false)))]);
     hs.request(OptRequest::StructuredReply).unwrap();
-    let (_, events) = feed(&mut hs, &reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+    let (_, events) = feed(&mut hs, &opt_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
     assert_eq!(events, vec![Outcome::Reply(Ok(OptReply::Agreed(true)))]);
 }
 
@@ -404,8 +336,8 @@ fn tls_require_against_a_refusing_server_fails_with_enotsup() {
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut server = greeting();
-    server.extend(reply(OPT_STARTTLS, REP_ERR_POLICY, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_STARTTLS, REP_ERR_POLICY, &[]));
     let (sent, events) = feed(&mut hs, &server);
     let mut want = flags_word();
     want.extend(client_option(OPT_STARTTLS, &[]));
@@ -421,9 +353,9 @@ fn tls_allow_falls_back_to_plaintext_when_refused() {
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut server = greeting();
-    server.extend(reply(OPT_STARTTLS, REP_ERR_UNSUP, &[]));
-    server.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_STARTTLS, REP_ERR_UNSUP, &[]));
+    server.extend(opt_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
     server.extend(go_ok(OPT_GO, 1024));
     let (_, events) = feed(&mut hs, &server);
     assert!(matches!(&events[..], [Outcome::Ready(n)] if !n.tls));
@@ -436,13 +368,13 @@ fn starttls_accepted_hands_over_then_continues_after_tls() {
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut server = greeting();
-    server.extend(reply(OPT_STARTTLS, REP_ACK, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_STARTTLS, REP_ACK, &[]));
     let (_, events) = feed(&mut hs, &server);
     assert_eq!(events, vec![Outcome::StartTls]);
     hs.tls_done();
     assert_eq!(hs.poll_transmit(), client_option(OPT_EXTENDED_HEADERS, &[]));
-    let mut server = reply(OPT_EXTENDED_HEADERS, REP_ACK, &[]);
+    let mut server = opt_reply(OPT_EXTENDED_HEADERS, REP_ACK, &[]);
     server.extend(go_ok(OPT_GO, 1024));
     let (_, events) = feed(&mut hs, &server);
     assert!(matches!(&events[..], [Outcome::Ready(n)] if n.tls && n.extended_headers));
@@ -455,8 +387,8 @@ fn bytes_after_the_starttls_ack_are_refused() {
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut server = greeting();
-    server.extend(reply(OPT_STARTTLS, REP_ACK, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_STARTTLS, REP_ACK, &[]));
     server.extend(b"injected");
     hs.handle_input(&server);
     match hs.poll_event() {
@@ -505,8 +437,8 @@ fn debug_messages_name_the_options() {
         ..HandshakeConfig::default()
     };
     let mut hs = Handshake::new(config);
-    let mut server = greeting();
-    server.extend(reply(OPT_EXTENDED_HEADERS, REP_ACK, &[]));
+    let mut server = newstyle_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    server.extend(opt_reply(OPT_EXTENDED_HEADERS, REP_ACK, &[]));
     server.extend(go_ok(OPT_GO, 4096));
     feed(&mut hs, &server);
     let log = hs.take_debug().join("\n");

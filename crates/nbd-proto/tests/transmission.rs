@@ -8,6 +8,9 @@ use nbd_proto::transmission::{
 };
 use nbd_proto::{Errno, Error, Fault};
 
+mod bytes;
+use bytes::*;
+
 // ---- sessions and commands ----
 
 fn negotiated(size: u64, flags: u16, block_size: Option<BlockSize>, structured: bool) -> Negotiated {
@@ -52,7 +55,7 @@ fn cmd(kind: CommandKind, offset: u64, length: u64, flags: u32) -> Command {
 
 #[track_caller]
 fn refused(s: &Session, c: Command, strict: u32, errno: Errno) -> Error {
-    match s.check(&c, strict) {
+    match s.strict(strict).check(&c) {
         Ok(f) => panic!("{c:?} under strict {strict:#x} passed with flags {f:#x}, expected {errno}"),
         Err(e) => {
             assert_eq!(e.errno(), errno, "{c:?}: {e}");
@@ -65,7 +68,7 @@ fn refused(s: &Session, c: Command, strict: u32, errno: Errno) -> Error {
 
 #[track_caller]
 fn passes(s: &Session, c: Command, strict: u32) -> u16 {
-    match s.check(&c, strict) {
+    match s.strict(strict).check(&c) {
         Ok(f) => f,
         Err(e) => panic!("{c:?} under strict {strict:#x} was refused: {e}"),
     }
@@ -73,7 +76,7 @@ fn passes(s: &Session, c: Command, strict: u32) -> u16 {
 
 use CommandKind::*;
 
-// ---- Session::check ----
+// ---- StrictChecks::check ----
 
 #[test]
 fn bounds_are_checked_under_strict_bounds() {
@@ -367,62 +370,7 @@ fn extended_requests_are_32_bytes_with_a_64_bit_length() {
     passes(&s, cmd(Trim, 0, 1 << 33, 0), STRICT_MASK);
 }
 
-// ---- reply bytes ----
-
-fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
-    let mut v = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend(error.to_be_bytes());
-    v.extend(cookie.to_be_bytes());
-    v
-}
-
-fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> Vec<u8> {
-    let mut v = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend(flags.to_be_bytes());
-    v.extend(kind.to_be_bytes());
-    v.extend(cookie.to_be_bytes());
-    v.extend(length.to_be_bytes());
-    v
-}
-
-fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = chunk_header(flags, kind, cookie, payload.len() as u32);
-    v.extend_from_slice(payload);
-    v
-}
-
-fn data_chunk(flags: u16, cookie: u64, offset: u64, data: &[u8]) -> Vec<u8> {
-    let mut p = offset.to_be_bytes().to_vec();
-    p.extend_from_slice(data);
-    chunk(flags, REPLY_TYPE_OFFSET_DATA, cookie, &p)
-}
-
-fn hole_chunk(flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut p = offset.to_be_bytes().to_vec();
-    p.extend(len.to_be_bytes());
-    chunk(flags, REPLY_TYPE_OFFSET_HOLE, cookie, &p)
-}
-
-fn error_payload(error: u32, msg: &str) -> Vec<u8> {
-    let mut p = error.to_be_bytes().to_vec();
-    p.extend((msg.len() as u16).to_be_bytes());
-    p.extend_from_slice(msg.as_bytes());
-    p
-}
-
-fn error_chunk(flags: u16, cookie: u64, error: u32, msg: &str) -> Vec<u8> {
-    chunk(flags, REPLY_TYPE_ERROR, cookie, &error_payload(error, msg))
-}
-
-fn error_offset_chunk(flags: u16, cookie: u64, error: u32, msg: &str, offset: u64) -> Vec<u8> {
-    let mut p = error_payload(error, msg);
-    p.extend(offset.to_be_bytes());
-    chunk(flags, REPLY_TYPE_ERROR_OFFSET, cookie, &p)
-}
-
-fn none_chunk(cookie: u64) -> Vec<u8> {
-    chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, &[])
-}
+// ---- reply bytes (builders in tests/bytes) ----
 
 const DONE: u16 = REPLY_FLAG_DONE;
 

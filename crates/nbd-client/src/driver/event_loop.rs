@@ -306,7 +306,7 @@ impl<U: CommandData> Connection<U> {
         if let Err(e) = self.check_state() {
             return Err((e, user));
         }
-        let flags = match self.session.check(&cmd, strict) {
+        let flags = match self.session.strict(strict).check(&cmd) {
             Ok(f) => f,
             Err(e) => return Err((e, user)),
         };
@@ -338,7 +338,7 @@ impl<U: CommandData> Connection<U> {
 
     fn check_state(&self) -> Result<()> {
         // A handle shutting down is `closed`, which the table refuses.
-        state::check(Call::Command, self.state())
+        state::ensure_allowed(Call::Command, self.state())
     }
 
     /// A command is over: no longer in flight, its outcome waits for the owner.
@@ -435,7 +435,7 @@ impl<U: CommandData> Connection<U> {
     /// `nbd_shutdown`: NBD_CMD_DISC once the commands in flight are answered, or at once
     /// with `abandon` (the commands not yet sent then fail with `ENOTCONN`).
     pub fn shutdown(&mut self, abandon: bool) -> Result<()> {
-        state::check(Call::Shutdown, self.state())?;
+        state::ensure_allowed(Call::Shutdown, self.state())?;
         if self.shutdown != Shutdown::None || self.ended {
             return Ok(());
         }

@@ -245,7 +245,7 @@ impl Handle {
         cmd: &Command,
     ) -> Result<(mpsc::UnboundedSender<Request>, Arc<Lifeline>, u16, Arc<Session>)> {
         let state = self.state();
-        state::check(Call::Command, state)?;
+        state::ensure_allowed(Call::Command, state)?;
         let (session, requests, lifeline) = match &*self.phase() {
             Phase::Connected {
                 driver,
@@ -259,7 +259,7 @@ impl Handle {
                 ))
             }
         };
-        let flags = session.check(cmd, self.inner.strict.load(Ordering::Relaxed))?;
+        let flags = session.strict(self.inner.strict.load(Ordering::Relaxed)).check(cmd)?;
         Ok((requests, lifeline, flags, session))
     }
 }

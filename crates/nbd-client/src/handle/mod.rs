@@ -299,7 +299,7 @@ impl Handle {
     /// What the handshake settled; an error before the server has told.
     pub fn negotiated(&self) -> Result<Negotiated> {
         let state = self.state();
-        state::check(Call::Info, state)?;
+        state::ensure_allowed(Call::Info, state)?;
         let negotiated = match &*self.phase() {
             Phase::Connected { driver, .. } => Some(driver.session.negotiated.clone()),
             Phase::Detached { session, .. } => Some(session.negotiated.clone()),
@@ -376,7 +376,7 @@ impl Handle {
     pub fn get_uri(&self) -> Result<String> {
         let state = self.state();
         if state == State::Created {
-            return state::check(Call::Info, state).map(|()| String::new());
+            return state::ensure_allowed(Call::Info, state).map(|()| String::new());
         }
         let Some(transport) = lock(&self.inner.target).clone() else {
             return Err(Error::usage(
@@ -533,7 +533,7 @@ impl Handle {
             Phase::Created => {}
             _ => {
                 drop(phase);
-                return state::check(Call::Connect, self.state());
+                return state::ensure_allowed(Call::Connect, self.state());
             }
         }
         precheck()?;
@@ -652,7 +652,7 @@ impl Handle {
     /// Runs one option request; `None` when `NBD_OPT_GO` moved the connection to
     /// transmission.
     async fn opt(&self, req: OptRequest) -> Result<Option<OptReply>> {
-        state::check(Call::Opt, self.state())?;
+        state::ensure_allowed(Call::Opt, self.state())?;
         let (socket, mut negotiation) = {
             let mut phase = self.phase();
             match std::mem::replace(&mut *phase, Phase::Connecting) {
@@ -663,7 +663,7 @@ impl Handle {
                 other => {
                     *phase = other;
                     drop(phase);
-                    return state::check(Call::Opt, State::Connecting).map(|()| None);
+                    return state::ensure_allowed(Call::Opt, State::Connecting).map(|()| None);
                 }
             }
         };
@@ -792,7 +792,7 @@ impl Handle {
     /// once with `abandon_pending`), then waits briefly for the server to hang up.
     pub async fn shutdown(&self, abandon_pending: bool) -> Result<()> {
         let state = self.state();
-        state::check(Call::Shutdown, state)?;
+        state::ensure_allowed(Call::Shutdown, state)?;
         if state == State::Negotiating {
             // Nothing is in flight while negotiating: end politely with NBD_OPT_ABORT.
             return self.opt_abort().await;
@@ -814,7 +814,7 @@ impl Handle {
                     }
                     (driver.requests.clone(), driver.lifeline.clone())
                 }
-                _ => return state::check(Call::Shutdown, State::Closed),
+                _ => return state::ensure_allowed(Call::Shutdown, State::Closed),
             }
         };
         let (done, sent) = oneshot::channel();

@@ -17,7 +17,7 @@ use crate::uri::ALLOW_TRANSPORT_MASK;
 impl Handle {
     /// Changes settings that shape the connection: only on a newly created handle.
     pub fn configure(&self, change: impl FnOnce(&mut Settings)) -> Result<()> {
-        state::check(Call::Configure, self.state())?;
+        state::ensure_allowed(Call::Configure, self.state())?;
         self.update_settings(change);
         Ok(())
     }
@@ -27,7 +27,7 @@ impl Handle {
     /// negotiating. While negotiating, the handshake takes the new settings whole; another
     /// export name forgets what was learned about the previous export.
     pub fn negotiation_setting(&self, change: impl FnOnce(&mut NegotiationSettings)) -> Result<()> {
-        state::check(Call::SetExportName, self.state())?;
+        state::ensure_allowed(Call::SetExportName, self.state())?;
         let mut phase = self.phase();
         self.update_settings(|s| change(&mut s.negotiation));
         if let Phase::Negotiating { negotiation, .. } = &mut *phase {

@@ -1,5 +1,6 @@
 //! The `handshake` target: server bytes fed to [`Handshake`] whole and in pieces.
 
+use super::bytes::{self, push16, push32, push64};
 use super::{check_allocation, chunking, measure, mutate, Rng, Source};
 use nbd_proto::consts::*;
 use nbd_proto::handshake::{Handshake, HandshakeConfig, Negotiated, Protocol};
@@ -231,6 +232,31 @@ fn decision_point(output: &[u8], leftover: &[u8]) -> usize {
     }
 }
 
+/// The option requests in the client's bytes after its flags: (option, data) each.
+fn client_options(mut rest: &[u8]) -> std::result::Result<Vec<(u32, &[u8])>, String> {
+    let mut options = Vec::new();
+    while !rest.is_empty() {
+        if rest.len() < 16 {
+            return Err(format!("a partial option header of {} bytes", rest.len()));
+        }
+        let magic = u64::from_be_bytes(rest[..8].try_into().unwrap());
+        let option = u32::from_be_bytes(rest[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(rest[12..16].try_into().unwrap()) as usize;
+        if magic != IHAVEOPT {
+            return Err(format!("option with magic {magic:#x}"));
+        }
+        if rest.len() < 16 + len {
+            return Err(format!(
+                "option {option} claims {len} bytes, {} sent",
+                rest.len() - 16
+            ));
+        }
+        options.push((option, &rest[16..16 + len]));
+        rest = &rest[16 + len..];
+    }
+    Ok(options)
+}
+
 /// The client's bytes: client flags, then options, each complete and well framed.
 fn check_output(case: &Case, run: &Run) -> std::result::Result<(), String> {
     let config = case.config();
@@ -258,27 +284,7 @@ fn check_output(case: &Case, run: &Run) -> std::result::Result<(), String> {
             config.handshake_flags
         ));
     }
-    let mut rest = &out[4..];
-    let mut options = Vec::new();
-    while !rest.is_empty() {
-        if rest.len() < 16 {
-            return Err(format!("a partial option header of {} bytes", rest.len()));
-        }
-        let magic = u64::from_be_bytes(rest[..8].try_into().unwrap());
-        let option = u32::from_be_bytes(rest[8..12].try_into().unwrap());
-        let len = u32::from_be_bytes(rest[12..16].try_into().unwrap()) as usize;
-        if magic != IHAVEOPT {
-            return Err(format!("option with magic {magic:#x}"));
-        }
-        if rest.len() < 16 + len {
-            return Err(format!(
-                "option {option} claims {len} bytes, {} sent",
-                rest.len() - 16
-            ));
-        }
-        options.push((option, &rest[16..16 + len]));
-        rest = &rest[16 + len..];
-    }
+    let options = client_options(&out[4..])?;
     let name = config.export_name.as_bytes();
     for (i, &(option, data)) in options.iter().enumerate() {
         match option {
@@ -288,8 +294,6 @@ fn check_output(case: &Case, run: &Run) -> std::result::Result<(), String> {
                 }
             }
             OPT_GO => {
-                let mut want = (name.len() as u32).to_be_bytes().to_vec();
-                want.extend_from_slice(name);
                 let mut infos = Vec::new();
                 if config.request_block_size {
                     infos.push(INFO_BLOCK_SIZE);
@@ -297,10 +301,7 @@ fn check_output(case: &Case, run: &Run) -> std::result::Result<(), String> {
                 if config.full_info {
                     infos.extend([INFO_NAME, INFO_DESCRIPTION]);
                 }
-                want.extend((infos.len() as u16).to_be_bytes());
-                for info in infos {
-                    want.extend(info.to_be_bytes());
-                }
+                let want = bytes::go_payload(&config.export_name, &infos);
                 if data != want.as_slice() {
                     return Err(format!(
                         "NBD_OPT_GO carries {data:02x?}, expected {want:02x?}"
@@ -400,22 +401,8 @@ fn check_outcome(case: &Case, run: &Run) -> std::result::Result<(), String> {
 
 // ---- generation ----
 
-fn be16(v: &mut Vec<u8>, x: u16) {
-    v.extend(x.to_be_bytes());
-}
-fn be32(v: &mut Vec<u8>, x: u32) {
-    v.extend(x.to_be_bytes());
-}
-fn be64(v: &mut Vec<u8>, x: u64) {
-    v.extend(x.to_be_bytes());
-}
-
 fn opt_reply(v: &mut Vec<u8>, option: u32, reply: u32, payload: &[u8]) {
-    be64(v, OPT_REPLY_MAGIC);
-    be32(v, option);
-    be32(v, reply);
-    be32(v, payload.len() as u32);
-    v.extend_from_slice(payload);
+    v.extend(bytes::opt_reply(option, reply, payload));
 }
 
 fn size(rng: &mut Rng) -> u64 {
@@ -449,15 +436,15 @@ fn info(rng: &mut Rng) -> Vec<u8> {
     let mut p = Vec::new();
     match rng.below(7) {
         0 | 1 => {
-            be16(&mut p, INFO_EXPORT);
-            be64(&mut p, size(rng));
-            be16(
+            push16(&mut p, INFO_EXPORT);
+            push64(&mut p, size(rng));
+            push16(
                 &mut p,
                 rng.next_u64() as u16 | if rng.chance(3, 4) { 1 } else { 0 },
             );
         }
         2 | 3 => {
-            be16(&mut p, INFO_BLOCK_SIZE);
+            push16(&mut p, INFO_BLOCK_SIZE);
             let (min, pref, max) = if rng.chance(3, 4) {
                 let min = 1u32 << rng.below(17);
                 let pref = min << rng.below(4);
@@ -470,20 +457,20 @@ fn info(rng: &mut Rng) -> Vec<u8> {
             } else {
                 (pow2(rng), rng.next_u64() as u32, rng.next_u64() as u32)
             };
-            be32(&mut p, min);
-            be32(&mut p, pref);
-            be32(&mut p, max);
+            push32(&mut p, min);
+            push32(&mut p, pref);
+            push32(&mut p, max);
         }
         4 => {
-            be16(&mut p, INFO_NAME);
+            push16(&mut p, INFO_NAME);
             p.extend(text(rng));
         }
         5 => {
-            be16(&mut p, INFO_DESCRIPTION);
+            push16(&mut p, INFO_DESCRIPTION);
             p.extend(text(rng));
         }
         _ => {
-            be16(&mut p, rng.next_u64() as u16);
+            push16(&mut p, rng.next_u64() as u16);
             let n = rng.below(20) as usize;
             p.extend(rng.bytes(n));
         }
@@ -492,11 +479,8 @@ fn info(rng: &mut Rng) -> Vec<u8> {
 }
 
 fn export_name_reply(rng: &mut Rng, v: &mut Vec<u8>, zeroes: bool) {
-    be64(v, size(rng));
-    be16(v, rng.next_u64() as u16);
-    if zeroes {
-        v.extend([0u8; 124]);
-    }
+    let size = size(rng);
+    v.extend(bytes::export_name_reply(size, rng.next_u64() as u16, zeroes));
 }
 
 const ERRORS: &[u32] = &[
@@ -512,6 +496,55 @@ const ERRORS: &[u32] = &[
     REP_ERR_EXT_HEADER_REQD,
     REP_FLAG_ERROR | 0x7fff,
 ];
+
+/// A fixed newstyle server's answers to what the client asks: structured replies (when
+/// configured), then GO with its information, refusals and fallbacks mixed in.
+fn fixed_newstyle_replies(rng: &mut Rng, v: &mut Vec<u8>, config: &HandshakeConfig, zeroes: bool) {
+    if config.request_structured_replies {
+        match rng.below(10) {
+            0 => opt_reply(v, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]),
+            1 => opt_reply(v, OPT_STRUCTURED_REPLY, rng.pick(ERRORS), &text(rng)),
+            2 => opt_reply(v, OPT_STRUCTURED_REPLY, REP_ACK, b"junk"),
+            3 => opt_reply(v, rng.pick(&[OPT_GO, OPT_INFO, 0]), REP_ACK, &[]),
+            _ => opt_reply(v, OPT_STRUCTURED_REPLY, REP_ACK, &[]),
+        }
+    }
+    let infos = rng.below(5);
+    // Most servers do send NBD_INFO_EXPORT, which success needs.
+    let export_at = if rng.chance(3, 4) {
+        rng.below(infos + 1)
+    } else {
+        u64::MAX
+    };
+    for i in 0..=infos {
+        if i == export_at {
+            let mut p = Vec::new();
+            push16(&mut p, INFO_EXPORT);
+            push64(&mut p, rng.below(1 << 40));
+            push16(&mut p, rng.next_u64() as u16 | FLAG_HAS_FLAGS);
+            opt_reply(v, OPT_GO, REP_INFO, &p);
+        }
+        if i < infos {
+            let p = info(rng);
+            opt_reply(v, OPT_GO, REP_INFO, &p);
+        }
+    }
+    match rng.below(8) {
+        0 => {
+            opt_reply(v, OPT_GO, REP_ERR_UNSUP, &[]);
+            export_name_reply(rng, v, zeroes);
+        }
+        1 => opt_reply(v, OPT_GO, rng.pick(ERRORS), &text(rng)),
+        2 => opt_reply(
+            v,
+            OPT_GO,
+            rng.pick(&[REP_SERVER, REP_META_CONTEXT, 99]),
+            &[],
+        ),
+        3 => {}
+        _ => opt_reply(v, OPT_GO, REP_ACK, &[]),
+    }
+}
 
 /// A plausible server transcript for `config`, then (half of the time) mutated.
 pub fn generate(rng: &mut Rng) -> Case {
@@ -534,70 +567,27 @@ pub fn generate(rng: &mut Rng) -> Case {
             *v = rng.bytes(n);
         }
         1 => {
-            be64(v, NBDMAGIC);
-            be64(v, OLDSTYLE_MAGIC);
-            be64(v, size(rng));
-            be32(v, rng.next_u64() as u32);
+            push64(v, NBDMAGIC);
+            push64(v, OLDSTYLE_MAGIC);
+            push64(v, size(rng));
+            push32(v, rng.next_u64() as u32);
             v.extend([0u8; 124]);
         }
         _ => {
-            be64(v, NBDMAGIC);
-            be64(v, IHAVEOPT);
+            push64(v, NBDMAGIC);
+            push64(v, IHAVEOPT);
             let server_flags = match rng.below(4) {
                 0 => rng.next_u64() as u16,
                 1 => FLAG_FIXED_NEWSTYLE,
                 _ => FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
             };
-            be16(v, server_flags);
+            push16(v, server_flags);
             let client = server_flags as u32 & config.handshake_flags & 3;
             let zeroes = client & FLAG_C_NO_ZEROES == 0;
             if client & FLAG_C_FIXED_NEWSTYLE == 0 {
                 export_name_reply(rng, v, zeroes);
             } else {
-                if config.request_structured_replies {
-                    match rng.below(10) {
-                        0 => opt_reply(v, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]),
-                        1 => opt_reply(v, OPT_STRUCTURED_REPLY, rng.pick(ERRORS), &text(rng)),
-                        2 => opt_reply(v, OPT_STRUCTURED_REPLY, REP_ACK, b"junk"),
-                        3 => opt_reply(v, rng.pick(&[OPT_GO, OPT_INFO, 0]), REP_ACK, &[]),
-                        _ => opt_reply(v, OPT_STRUCTURED_REPLY, REP_ACK, &[]),
-                    }
-                }
-                let infos = rng.below(5);
-                // Most servers do send NBD_INFO_EXPORT, which success needs.
-                let export_at = if rng.chance(3, 4) {
-                    rng.below(infos + 1)
-                } else {
-                    u64::MAX
-                };
-                for i in 0..=infos {
-                    if i == export_at {
-                        let mut p = Vec::new();
-                        be16(&mut p, INFO_EXPORT);
-                        be64(&mut p, rng.below(1 << 40));
-                        be16(&mut p, rng.next_u64() as u16 | FLAG_HAS_FLAGS);
-                        opt_reply(v, OPT_GO, REP_INFO, &p);
-                    }
-                    if i < infos {
-                        let p = info(rng);
-                        opt_reply(v, OPT_GO, REP_INFO, &p);
-                    }
-                }
-                match rng.below(8) {
-                    0 => {
-                        opt_reply(v, OPT_GO, REP_ERR_UNSUP, &[]);
-                        export_name_reply(rng, v, zeroes);
-                    }
-                    1 => opt_reply(v, OPT_GO, rng.pick(ERRORS), &text(rng)),
-                    2 => opt_reply(
-                        v,
-                        OPT_GO,
-                        rng.pick(&[REP_SERVER, REP_META_CONTEXT, 99]),
-                        &[],
-                    ),
-                    3 => {}
-                    _ => opt_reply(v, OPT_GO, REP_ACK, &[]),
-                }
+                fixed_newstyle_replies(rng, v, &config, zeroes);
             }
         }
     }

@@ -14,6 +14,8 @@
 
 #![allow(dead_code)]
 
+#[path = "../bytes/mod.rs"]
+pub mod bytes;
 pub mod handshake;
 pub mod replies;
 

@@ -3,10 +3,11 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::bytes::{self, push16, push32, push64};
 use super::{check_allocation, chunking, measure, mutate, Rng, Source};
 use nbd_proto::consts::*;
 use nbd_proto::handshake::{ExportInfo, Negotiated, Protocol};
-use nbd_proto::transmission::{Command, CommandKind, Decoded, Event, ReplyDecoder};
+use nbd_proto::transmission::{Command, CommandKind, Decoded, Event, Fatal, ReplyDecoder};
 use nbd_proto::{Errno, Fault};
 
 /// At most this many commands are registered in one case.
@@ -20,7 +21,7 @@ const COMMAND_BYTES: usize = 1 + 8 + 8 + 8;
 /// length u64)][reply bytes...]`. Bits: 0 structured replies, 1 extended headers.
 /// `count` is taken modulo 33; the kind modulo 7 (read, write, flush, trim, cache,
 /// write-zeroes, disconnect); the length of reads and writes modulo 64 MiB + 1, as
-/// `Session::check` allows no more. Commands with a cookie seen before are dropped (a
+/// `StrictChecks::check` allows no more. Commands with a cookie seen before are dropped (a
 /// driver never has two commands with one cookie).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Case {
@@ -195,39 +196,11 @@ pub fn check(case: &Case) -> Result<Stats, String> {
 /// The driver loop of the `transmission` module documentation, with the server's bytes
 /// arriving in pieces of `sizes`.
 fn run(case: &Case, sizes: &[usize]) -> Result<Vec<Seen>, String> {
-    let mut decoder: ReplyDecoder<u64> = ReplyDecoder::new(&case.negotiated());
-    let mut live: HashMap<u64, Command> = HashMap::new();
-    for &(cookie, cmd) in &case.commands {
-        decoder.register(cookie, cmd, tag(cookie));
-        live.insert(cookie, cmd);
-    }
-    let mut seen = Vec::new();
-    // Bytes received and not yet consumed are `buf[pos..]`.
-    let mut buf: Vec<u8> = Vec::new();
-    let mut pos = 0;
-    let mut next_piece = 0;
-    let mut stream_at = 0;
-    // Receives the next piece; false when the server has nothing more.
-    let mut receive = |buf: &mut Vec<u8>, pos: &mut usize| -> bool {
-        let Some(&n) = sizes.get(next_piece) else {
-            return false;
-        };
-        next_piece += 1;
-        if *pos > 0 && *pos * 2 >= buf.len() {
-            buf.drain(..*pos);
-            *pos = 0;
-        }
-        buf.extend_from_slice(&case.stream[stream_at..stream_at + n]);
-        stream_at += n;
-        true
-    };
+    let mut driver = Driver::new(case, sizes);
     // Every decode call either consumes bytes, asks for more, or reports the one `Done`
     // of a command finished by a payload or hole; so the calls are bounded by this.
     let max_calls = 2 * (case.stream.len() + case.commands.len()) + sizes.len() + 8;
     let mut calls = 0;
-    let mut idle_events = 0;
-    let mut oracle = Oracle::default();
-
     loop {
         calls += 1;
         if calls > max_calls {
@@ -236,155 +209,215 @@ fn run(case: &Case, sizes: &[usize]) -> Result<Vec<Seen>, String> {
                 case.stream.len()
             ));
         }
-        if decoder.len() != live.len() {
+        if driver.decoder.len() != driver.live.len() {
             return Err(format!(
                 "the decoder holds {} commands, {} are in flight",
-                decoder.len(),
-                live.len()
+                driver.decoder.len(),
+                driver.live.len()
             ));
         }
-        let available = buf.len() - pos;
-        let decoded = decoder.decode(&buf[pos..]);
-        match decoded {
-            Ok(Decoded {
-                consumed: 0,
-                event: None,
-            }) => {
-                let needed = decision_point(
-                    &buf[pos..],
-                    case.structured() || case.extended(),
-                    case.extended(),
-                );
+        if !driver.step()? {
+            return finish(driver.decoder, driver.live, driver.seen);
+        }
+    }
+}
+
+/// The server's bytes as a driver receives them: in pieces of `sizes`, into a buffer whose
+/// unconsumed part is `buf[pos..]`.
+struct Feed<'a> {
+    stream: &'a [u8],
+    sizes: &'a [usize],
+    next_piece: usize,
+    stream_at: usize,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<'a> Feed<'a> {
+    fn new(stream: &'a [u8], sizes: &'a [usize]) -> Feed<'a> {
+        Feed { stream, sizes, next_piece: 0, stream_at: 0, buf: Vec::new(), pos: 0 }
+    }
+
+    /// Received and not yet consumed.
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// Receives the next piece; false when the server has nothing more.
+    fn receive(&mut self) -> bool {
+        let Some(&n) = self.sizes.get(self.next_piece) else {
+            return false;
+        };
+        self.next_piece += 1;
+        if self.pos > 0 && self.pos * 2 >= self.buf.len() {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(&self.stream[self.stream_at..self.stream_at + n]);
+        self.stream_at += n;
+        true
+    }
+
+    /// Consumes a read payload of `len` bytes, as a driver copies it into the buffer,
+    /// receiving as needed; false when the stream ends inside it.
+    fn skip_payload(&mut self, len: usize) -> bool {
+        let mut left = len;
+        loop {
+            let n = left.min(self.buf.len() - self.pos);
+            self.pos += n;
+            left -= n;
+            if left == 0 {
+                return true;
+            }
+            if !self.receive() {
+                return false;
+            }
+        }
+    }
+}
+
+/// A driver of one case: the decoder, the commands in flight as the driver knows them,
+/// and what it has seen.
+struct Driver<'a> {
+    case: &'a Case,
+    decoder: ReplyDecoder<u64>,
+    live: HashMap<u64, Command>,
+    seen: Vec<Seen>,
+    feed: Feed<'a>,
+    oracle: Oracle,
+    idle_events: u32,
+}
+
+impl<'a> Driver<'a> {
+    fn new(case: &'a Case, sizes: &'a [usize]) -> Driver<'a> {
+        let mut decoder: ReplyDecoder<u64> = ReplyDecoder::new(&case.negotiated());
+        let mut live: HashMap<u64, Command> = HashMap::new();
+        for &(cookie, cmd) in &case.commands {
+            decoder.register(cookie, cmd, tag(cookie));
+            live.insert(cookie, cmd);
+        }
+        Driver {
+            case,
+            decoder,
+            live,
+            seen: Vec::new(),
+            feed: Feed::new(&case.stream, sizes),
+            oracle: Oracle::default(),
+            idle_events: 0,
+        }
+    }
+
+    /// One decode call and what the driver does about it; false when the run is over.
+    fn step(&mut self) -> Result<bool, String> {
+        let available = self.feed.pending().len();
+        match self.decoder.decode(self.feed.pending()) {
+            Ok(Decoded { consumed: 0, event: None }) => {
+                let (case, pending) = (self.case, self.feed.pending());
+                let needed = decision_point(pending, case.structured() || case.extended(), case.extended());
                 if available >= needed {
                     return Err(format!(
                         "asked for more input while holding {available} bytes; {needed} decide the next step"
                     ));
                 }
-                if !receive(&mut buf, &mut pos) {
-                    seen.push(Seen::End {
-                        in_payload: false,
-                        in_flight: live.len(),
-                    });
-                    return finish(decoder, live, seen);
-                }
+                Ok(self.feed.receive() || self.ended(false))
             }
             Ok(Decoded { consumed, event }) => {
                 if consumed > available {
                     return Err(format!("consumed {consumed} of {available} bytes"));
                 }
                 let step = Step::of(&event);
-                oracle.check(&buf[pos..pos + consumed], &step, &live)?;
-                pos += consumed;
+                self.oracle.check(&self.feed.pending()[..consumed], &step, &self.live)?;
+                self.feed.pos += consumed;
                 if consumed == 0 {
-                    idle_events += 1;
-                    if idle_events > 1 {
+                    self.idle_events += 1;
+                    if self.idle_events > 1 {
                         return Err("two events in a row consumed nothing".into());
                     }
                 } else {
-                    idle_events = 0;
+                    self.idle_events = 0;
                 }
                 match event {
-                    None => {}
-                    Some(Event::ReadData {
-                        cookie,
-                        buf_offset,
-                        len,
-                    }) => {
-                        check_range(&live, cookie, buf_offset, len, "ReadData")?;
-                        seen.push(Seen::Data {
-                            cookie,
-                            buf_offset,
-                            len,
-                        });
-                        // Consume the payload, as a driver copies it into the buffer.
-                        let mut left = len;
-                        loop {
-                            let n = left.min(buf.len() - pos);
-                            pos += n;
-                            left -= n;
-                            if left == 0 {
-                                break;
-                            }
-                            if !receive(&mut buf, &mut pos) {
-                                seen.push(Seen::End {
-                                    in_payload: true,
-                                    in_flight: live.len(),
-                                });
-                                return finish(decoder, live, seen);
-                            }
-                        }
-                        decoder.payload_done();
-                    }
-                    Some(Event::ReadHole {
-                        cookie,
-                        buf_offset,
-                        len,
-                    }) => {
-                        check_range(&live, cookie, buf_offset, len, "ReadHole")?;
-                        seen.push(Seen::Hole {
-                            cookie,
-                            buf_offset,
-                            len,
-                        });
-                    }
-                    Some(Event::Done {
-                        cookie,
-                        user,
-                        result,
-                        ..
-                    }) => {
-                        if live.remove(&cookie).is_none() {
-                            return Err(format!("Done for cookie {cookie}, not in flight"));
-                        }
-                        if user != tag(cookie) {
-                            return Err(format!(
-                                "Done for cookie {cookie} with another's user data"
-                            ));
-                        }
-                        let result = match result {
-                            Ok(()) => Ok(()),
-                            Err(e) => {
-                                if e.fault() != Fault::Server || e.message().is_empty() {
-                                    return Err(format!("a command failed with {e:?}"));
-                                }
-                                Err((e.errno(), e.fault(), e.message().to_string()))
-                            }
-                        };
-                        seen.push(Seen::Done { cookie, result });
-                    }
+                    Some(event) => self.event(event),
+                    None => Ok(true),
                 }
             }
             Err(fatal) => {
-                let e = &fatal.error;
-                if e.fault() != Fault::Protocol
-                    || e.errno() != Errno::EPROTO
-                    || e.message().is_empty()
-                {
-                    return Err(format!("Fatal carries {e:?}, not a protocol error"));
-                }
-                let cookie = match fatal.command {
-                    Some((cookie, user)) => {
-                        if live.remove(&cookie).is_none() {
-                            return Err(format!("Fatal names cookie {cookie}, not in flight"));
-                        }
-                        if user != tag(cookie) {
-                            return Err(format!(
-                                "Fatal for cookie {cookie} with another's user data"
-                            ));
-                        }
-                        Some(cookie)
-                    }
-                    None => None,
-                };
-                seen.push(Seen::Fatal {
-                    cookie,
-                    message: e.message().to_string(),
-                });
+                let seen = fatal_seen(&mut self.live, fatal)?;
+                self.seen.push(seen);
                 // The driver stops reading and fails every other command.
-                return finish(decoder, live, seen);
+                Ok(false)
             }
         }
     }
+
+    /// The server has nothing more to send: the run is over.
+    fn ended(&mut self, in_payload: bool) -> bool {
+        self.seen.push(Seen::End {
+            in_payload,
+            in_flight: self.live.len(),
+        });
+        false
+    }
+
+    fn event(&mut self, event: Event<u64>) -> Result<bool, String> {
+        match event {
+            Event::ReadData { cookie, buf_offset, len } => {
+                check_range(&self.live, cookie, buf_offset, len, "ReadData")?;
+                self.seen.push(Seen::Data { cookie, buf_offset, len });
+                if !self.feed.skip_payload(len) {
+                    return Ok(self.ended(true));
+                }
+                self.decoder.payload_done();
+            }
+            Event::ReadHole { cookie, buf_offset, len } => {
+                check_range(&self.live, cookie, buf_offset, len, "ReadHole")?;
+                self.seen.push(Seen::Hole { cookie, buf_offset, len });
+            }
+            Event::Done { cookie, user, result, .. } => {
+                if self.live.remove(&cookie).is_none() {
+                    return Err(format!("Done for cookie {cookie}, not in flight"));
+                }
+                if user != tag(cookie) {
+                    return Err(format!("Done for cookie {cookie} with another's user data"));
+                }
+                let result = match result {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        if e.fault() != Fault::Server || e.message().is_empty() {
+                            return Err(format!("a command failed with {e:?}"));
+                        }
+                        Err((e.errno(), e.fault(), e.message().to_string()))
+                    }
+                };
+                self.seen.push(Seen::Done { cookie, result });
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// A protocol violation must be a protocol error, naming a command in flight if any.
+fn fatal_seen(live: &mut HashMap<u64, Command>, fatal: Fatal<u64>) -> Result<Seen, String> {
+    let e = &fatal.error;
+    if e.fault() != Fault::Protocol || e.errno() != Errno::EPROTO || e.message().is_empty() {
+        return Err(format!("Fatal carries {e:?}, not a protocol error"));
+    }
+    let cookie = match fatal.command {
+        Some((cookie, user)) => {
+            if live.remove(&cookie).is_none() {
+                return Err(format!("Fatal names cookie {cookie}, not in flight"));
+            }
+            if user != tag(cookie) {
+                return Err(format!("Fatal for cookie {cookie} with another's user data"));
+            }
+            Some(cookie)
+        }
+        None => None,
+    };
+    Ok(Seen::Fatal {
+        cookie,
+        message: e.message().to_string(),
+    })
 }
 
 /// One decode step's event, without the user data.
@@ -520,104 +553,121 @@ impl Oracle {
             ));
         };
         let payload = &bytes[h.size..];
-        let wrong = |what: &str| Err(format!("{step:?} from a reply whose {what}"));
-        let cmd_offset = |cookie: u64| live.get(&cookie).map_or(0, |c| c.offset);
         match *step {
-            Step::Data {
-                cookie,
-                buf_offset,
-                len,
-            } => {
-                if h.cookie != cookie {
-                    return wrong("cookie differs");
-                }
-                let c = self.covered.entry(cookie).or_insert(0);
-                *c = c.saturating_add(len as u64);
-                if h.simple {
-                    let want = live.get(&cookie).map_or(0, |c| c.length) as usize;
-                    if h.error != 0 || !payload.is_empty() || buf_offset != 0 || len != want {
-                        return wrong("simple header does not announce this data");
-                    }
-                    self.pending_done = Some(cookie);
-                } else {
-                    if h.kind != REPLY_TYPE_OFFSET_DATA || payload.len() != 8 {
-                        return wrong("chunk is no NBD_REPLY_TYPE_OFFSET_DATA header");
-                    }
-                    let offset = be_u64(payload);
-                    if buf_offset as u64 != offset.wrapping_sub(cmd_offset(cookie))
-                        || len as u64 != h.length.wrapping_sub(8)
-                    {
-                        return wrong("offset or length differ");
-                    }
-                    if h.flags & REPLY_FLAG_DONE != 0 {
-                        self.pending_done = Some(cookie);
-                    }
-                }
-                Ok(())
+            Step::Data { cookie, buf_offset, len } => {
+                self.data(&Reply { h: &h, payload, step, live }, (cookie, buf_offset, len))
             }
-            Step::Hole {
-                cookie,
-                buf_offset,
-                len,
-            } => {
-                let c = self.covered.entry(cookie).or_insert(0);
-                *c = c.saturating_add(len as u64);
-                if h.cookie != cookie
-                    || h.simple
-                    || h.kind != REPLY_TYPE_OFFSET_HOLE
-                    || payload.len() != 12
-                {
-                    return wrong("header is no NBD_REPLY_TYPE_OFFSET_HOLE for this cookie");
-                }
-                let offset = be_u64(&payload[..8]);
-                if buf_offset as u64 != offset.wrapping_sub(cmd_offset(cookie))
-                    || len as u64 != be_u64(&payload[8..])
-                {
-                    return wrong("offset or length differ");
-                }
-                if h.flags & REPLY_FLAG_DONE != 0 {
-                    self.pending_done = Some(cookie);
-                }
-                Ok(())
+            Step::Hole { cookie, buf_offset, len } => {
+                self.hole(&Reply { h: &h, payload, step, live }, (cookie, buf_offset, len))
             }
-            Step::Done { cookie, failed } => {
-                if h.cookie != cookie {
-                    return wrong("cookie differs");
-                }
-                if h.simple {
-                    if !payload.is_empty() {
-                        return wrong("simple header is followed by consumed bytes");
-                    }
-                    if h.error != 0 {
-                        self.errored.insert(cookie);
-                    }
-                } else {
-                    if h.flags & REPLY_FLAG_DONE == 0 {
-                        return wrong("chunk is not flagged final");
-                    }
-                    if payload.len() as u64 != h.length {
-                        return wrong("chunk's payload was not consumed whole");
-                    }
-                    if h.kind & (1 << 15) != 0 {
-                        self.errored.insert(cookie);
-                    } else if h.kind != REPLY_TYPE_NONE {
-                        return wrong("chunk type is neither NONE nor an error");
-                    }
-                }
-                self.result(cookie, failed, live)
-            }
+            Step::Done { cookie, failed } => self.done(&h, payload, step, cookie, failed, live),
             Step::Nothing => {
                 if h.simple
                     || h.kind & (1 << 15) == 0
                     || h.flags & REPLY_FLAG_DONE != 0
                     || payload.len() as u64 != h.length
                 {
-                    return wrong("bytes are no whole, non-final error chunk");
+                    return wrong(step, "bytes are no whole, non-final error chunk");
                 }
                 self.errored.insert(h.cookie);
                 Ok(())
             }
         }
+    }
+
+    /// `ReadData` (cookie, buffer offset, length) from a simple header or an
+    /// `NBD_REPLY_TYPE_OFFSET_DATA` chunk header.
+    fn data(&mut self, r: &Reply, (cookie, buf_offset, len): (u64, usize, usize)) -> Result<(), String> {
+        let Reply { h, payload, step, live } = *r;
+        if h.cookie != cookie {
+            return wrong(step, "cookie differs");
+        }
+        self.cover(cookie, len);
+        if h.simple {
+            let want = live.get(&cookie).map_or(0, |c| c.length) as usize;
+            if h.error != 0 || !payload.is_empty() || buf_offset != 0 || len != want {
+                return wrong(step, "simple header does not announce this data");
+            }
+            self.pending_done = Some(cookie);
+            return Ok(());
+        }
+        if h.kind != REPLY_TYPE_OFFSET_DATA || payload.len() != 8 {
+            return wrong(step, "chunk is no NBD_REPLY_TYPE_OFFSET_DATA header");
+        }
+        let same_len = len as u64 == h.length.wrapping_sub(8);
+        self.placed(step, h, live, (cookie, buf_offset), be_u64(payload), same_len)
+    }
+
+    /// `ReadHole` (cookie, buffer offset, length) from an `NBD_REPLY_TYPE_OFFSET_HOLE`.
+    fn hole(&mut self, r: &Reply, (cookie, buf_offset, len): (u64, usize, usize)) -> Result<(), String> {
+        let Reply { h, payload, step, live } = *r;
+        self.cover(cookie, len);
+        if h.cookie != cookie || h.simple || h.kind != REPLY_TYPE_OFFSET_HOLE || payload.len() != 12 {
+            return wrong(step, "header is no NBD_REPLY_TYPE_OFFSET_HOLE for this cookie");
+        }
+        let same_len = len as u64 == be_u64(&payload[8..]);
+        self.placed(step, h, live, (cookie, buf_offset), be_u64(&payload[..8]), same_len)
+    }
+
+    /// What data and holes share: the event's place in the buffer is the chunk's `offset`
+    /// (and its length the chunk's), and a final chunk's `Done` comes next.
+    fn placed(
+        &mut self,
+        step: &Step,
+        h: &Header,
+        live: &HashMap<u64, Command>,
+        (cookie, buf_offset): (u64, usize),
+        offset: u64,
+        same_len: bool,
+    ) -> Result<(), String> {
+        if buf_offset as u64 != offset.wrapping_sub(cmd_offset(live, cookie)) || !same_len {
+            return wrong(step, "offset or length differ");
+        }
+        if h.flags & REPLY_FLAG_DONE != 0 {
+            self.pending_done = Some(cookie);
+        }
+        Ok(())
+    }
+
+    /// `Done` from a simple reply or a final chunk (none or an error).
+    fn done(
+        &mut self,
+        h: &Header,
+        payload: &[u8],
+        step: &Step,
+        cookie: u64,
+        failed: bool,
+        live: &HashMap<u64, Command>,
+    ) -> Result<(), String> {
+        if h.cookie != cookie {
+            return wrong(step, "cookie differs");
+        }
+        if h.simple {
+            if !payload.is_empty() {
+                return wrong(step, "simple header is followed by consumed bytes");
+            }
+            if h.error != 0 {
+                self.errored.insert(cookie);
+            }
+        } else {
+            if h.flags & REPLY_FLAG_DONE == 0 {
+                return wrong(step, "chunk is not flagged final");
+            }
+            if payload.len() as u64 != h.length {
+                return wrong(step, "chunk's payload was not consumed whole");
+            }
+            if h.kind & (1 << 15) != 0 {
+                self.errored.insert(cookie);
+            } else if h.kind != REPLY_TYPE_NONE {
+                return wrong(step, "chunk type is neither NONE nor an error");
+            }
+        }
+        self.result(cookie, failed, live)
+    }
+
+    fn cover(&mut self, cookie: u64, len: usize) {
+        let c = self.covered.entry(cookie).or_insert(0);
+        *c = c.saturating_add(len as u64);
     }
 
     fn result(&mut self, cookie: u64, failed: bool, live: &HashMap<u64, Command>) -> Result<(), String> {
@@ -639,6 +689,25 @@ impl Oracle {
         }
         Ok(())
     }
+}
+
+/// A decode step with the reply bytes it consumed, parsed, and the commands in flight.
+#[derive(Clone, Copy)]
+struct Reply<'a> {
+    h: &'a Header,
+    payload: &'a [u8],
+    step: &'a Step,
+    live: &'a HashMap<u64, Command>,
+}
+
+/// An oracle verdict: `step` does not match the reply it came from.
+fn wrong(step: &Step, what: &str) -> Result<(), String> {
+    Err(format!("{step:?} from a reply whose {what}"))
+}
+
+/// The offset of command `cookie` (0 when it is not in flight).
+fn cmd_offset(live: &HashMap<u64, Command>, cookie: u64) -> u64 {
+    live.get(&cookie).map_or(0, |c| c.offset)
 }
 
 /// How many bytes at the front of `input` suffice for the decoder to do something
@@ -721,15 +790,6 @@ fn finish(
 
 // ---- generation ----
 
-fn be16(v: &mut Vec<u8>, x: u16) {
-    v.extend(x.to_be_bytes());
-}
-fn be32(v: &mut Vec<u8>, x: u32) {
-    v.extend(x.to_be_bytes());
-}
-fn be64(v: &mut Vec<u8>, x: u64) {
-    v.extend(x.to_be_bytes());
-}
 
 /// A chunk header in the case's framing.
 fn chunk_header(
@@ -741,27 +801,13 @@ fn chunk_header(
     offset: u64,
     len: u64,
 ) {
-    if extended {
-        be32(v, EXTENDED_REPLY_MAGIC);
-        be16(v, flags);
-        be16(v, kind);
-        be64(v, cookie);
-        be64(v, offset);
-        be64(v, len);
+    v.extend(if extended {
+        bytes::ext_chunk_header(flags, kind, cookie, offset, len)
     } else {
-        be32(v, STRUCTURED_REPLY_MAGIC);
-        be16(v, flags);
-        be16(v, kind);
-        be64(v, cookie);
-        be32(v, len as u32);
-    }
+        bytes::chunk_header(flags, kind, cookie, len as u32)
+    });
 }
 
-fn simple_reply(v: &mut Vec<u8>, error: u32, cookie: u64) {
-    be32(v, SIMPLE_REPLY_MAGIC);
-    be32(v, error);
-    be64(v, cookie);
-}
 
 fn error_chunk(rng: &mut Rng, v: &mut Vec<u8>, ext: bool, done: bool, cookie: u64, cmd: &Command) {
     let msg = if rng.chance(1, 2) {
@@ -771,11 +817,11 @@ fn error_chunk(rng: &mut Rng, v: &mut Vec<u8>, ext: bool, done: bool, cookie: u6
     };
     let with_offset = rng.chance(1, 3);
     let mut payload = Vec::new();
-    be32(&mut payload, rng.pick(&[5u32, 1, 22, 28, 0, 108, 999]));
-    be16(&mut payload, msg.len() as u16);
+    push32(&mut payload, rng.pick(&[5u32, 1, 22, 28, 0, 108, 999]));
+    push16(&mut payload, msg.len() as u16);
     payload.extend(&msg);
     let kind = if with_offset {
-        be64(
+        push64(
             &mut payload,
             cmd.offset.wrapping_add(rng.below(cmd.length.max(1) + 1)),
         );
@@ -821,7 +867,7 @@ fn reply(rng: &mut Rng, v: &mut Vec<u8>, case_bits: u8, cookie: u64, cmd: &Comma
         } else {
             0
         };
-        simple_reply(v, error, cookie);
+        v.extend(bytes::simple_reply(error, cookie));
         if error == 0 && cmd.kind == CommandKind::Read {
             data(rng, v, cmd.length);
         }
@@ -867,12 +913,12 @@ fn reply(rng: &mut Rng, v: &mut Vec<u8>, case_bits: u8, cookie: u64, cmd: &Comma
             0 => error_chunk(rng, v, ext, last, cookie, cmd),
             1 | 2 if n <= u32::MAX as u64 => {
                 chunk_header(v, ext, flags, REPLY_TYPE_OFFSET_HOLE, cookie, offset, 12);
-                be64(v, offset);
-                be32(v, n as u32);
+                push64(v, offset);
+                push32(v, n as u32);
             }
             _ => {
                 chunk_header(v, ext, flags, REPLY_TYPE_OFFSET_DATA, cookie, offset, n + 8);
-                be64(v, offset);
+                push64(v, offset);
                 data(rng, v, n);
             }
         }
