@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
-use nbd_proto::consts::{FLAG_BLOCK_STAT_PAYLOAD, FLAG_SEND_DF, MAX_STRING};
+use nbd_proto::consts::MAX_STRING;
 use nbd_proto::handshake::{ExportEntry, ExportInfo, Negotiated, OptReply, OptRequest, TlsMode};
 use nbd_proto::state::{self, Call, State};
 use nbd_proto::transmission::Session;
@@ -339,15 +339,13 @@ impl Handle {
 
     /// `nbd_can_df`: the server's flag, and structured replies to carry it (as libnbd).
     pub fn can_df(&self) -> Result<bool> {
-        let n = self.negotiated()?;
-        Ok(n.structured_replies && n.export.has(FLAG_SEND_DF))
+        Ok(self.negotiated()?.can_df())
     }
 
     /// `nbd_can_block_status_payload`: filtered block status needs extended headers and the
     /// server's flag.
     pub fn can_block_status_payload(&self) -> Result<bool> {
-        let n = self.negotiated()?;
-        Ok(n.extended_headers && n.export.has(FLAG_BLOCK_STAT_PAYLOAD))
+        Ok(self.negotiated()?.can_block_status_payload())
     }
 
     /// `nbd_get_tls_username`: the name set, else the login name PSK would use
