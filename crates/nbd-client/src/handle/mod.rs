@@ -555,7 +555,6 @@ impl Handle {
     /// and until the handle is closed, and moves the handle to the phase they end in.
     async fn finish_connect(&self, open: impl std::future::Future<Output = Result<Opened>>) -> Result<()> {
         let settings = self.settings();
-        let mut closing = self.inner.closing.subscribe();
         let link = self.link(&settings);
         // The socket is the handle's as soon as it is open, whatever happens next.
         let adopted: Mutex<Option<OwnedFd>> = Mutex::new(None);
@@ -582,10 +581,7 @@ impl Handle {
                 None => attempt.await,
             }
         };
-        let outcome = tokio::select! {
-            r = timed => r,
-            _ = closing.wait_for(|closed| *closed) => Err(closed_while_connecting()),
-        };
+        let outcome = self.unless_closed(timed).await;
         let socket = lock(&adopted).take();
         let mut phase = self.phase();
         if !matches!(*phase, Phase::Connecting) {
@@ -605,6 +601,15 @@ impl Handle {
                 };
                 Ok(())
             }
+        }
+    }
+
+    /// Runs a connecting step until it ends, or until the handle is closed.
+    async fn unless_closed<T>(&self, step: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let mut closing = self.inner.closing.subscribe();
+        tokio::select! {
+            r = step => r,
+            _ = closing.wait_for(|closed| *closed) => Err(closed_while_connecting()),
         }
     }
 
@@ -671,11 +676,7 @@ impl Handle {
         }
         let settings = self.settings();
         let link = self.link(&settings);
-        let mut closing = self.inner.closing.subscribe();
-        let result = tokio::select! {
-            r = negotiation.answer(&link) => r,
-            _ = closing.wait_for(|closed| *closed) => Err(closed_while_connecting()),
-        };
+        let result = self.unless_closed(negotiation.answer(&link)).await;
         let mut phase = self.phase();
         if !matches!(*phase, Phase::OptBusy) {
             return Err(closed_while_connecting());
