@@ -9,8 +9,11 @@
 /// reads or writes, for as long as the value lives; the value may be moved to and dropped
 /// on another thread.
 pub unsafe trait DestBuf: Send + 'static {
+    /// The first byte.
     fn as_mut_ptr(&mut self) -> *mut u8;
+    /// How many bytes.
     fn len(&self) -> usize;
+    /// True for no bytes.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -23,8 +26,11 @@ pub unsafe trait DestBuf: Send + 'static {
 /// `as_ptr` must point to `len` readable bytes that stay valid and unchanged for as long as
 /// the value lives; the value may be moved to and dropped on another thread.
 pub unsafe trait SourceBuf: Send + 'static {
+    /// The first byte.
     fn as_ptr(&self) -> *const u8;
+    /// How many bytes.
     fn len(&self) -> usize;
+    /// True for no bytes.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

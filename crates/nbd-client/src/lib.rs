@@ -10,7 +10,7 @@
 //! # Pipelining
 //!
 //! Every command method may be called many times without waiting: commands are queued on
-//! a channel (never refused for being too many), up to [`Config::max_in_flight`] are on the
+//! a channel (never refused for being too many), up to [`Settings::max_in_flight`] are on the
 //! wire at once, and replies are matched to commands by cookie in whatever order the server
 //! sends them. Small requests submitted together are written with one system call.
 //! Read data goes from the socket straight into the destination buffer.
@@ -22,31 +22,46 @@
 //! connection usable; a protocol violation or a lost connection fails every pending command
 //! and leaves the handle `Dead`.
 
+//! # Layout
+//!
+//! - [`settings`](Settings): one model of the handle's settings ([`NegotiationSettings`],
+//!   [`TlsSettings`], the rest);
+//! - `connect`: connecting as steps (the transport step, the handshake step, option
+//!   requests), each returning the next phase;
+//! - `handle`: [`Handle`], a state cell and one method per call (the setters and the data
+//!   commands in files of their own);
+//! - `transport`: Unix, TCP, vsock, subprocesses, and the stream over a socket;
+//! - `driver`: the tokio driver and the event-loop driver ([`event_loop`]);
+//! - [`tls`], [`uri`].
+
+#![warn(missing_docs)]
+
 mod buffer;
 mod cancel;
-mod config;
+mod connect;
 mod driver;
-pub mod event_loop;
 mod handle;
-mod subprocess;
+mod settings;
 pub mod tls;
 mod transport;
 pub mod uri;
-mod vsock;
 
 pub use buffer::{DestBuf, SourceBuf};
 pub use cancel::CancelToken;
-pub use config::Config;
+pub use driver::event_loop;
 pub use driver::DebugSink;
 pub use handle::{Handle, Op, Reply, Stats};
 pub use nbd_proto::consts;
 pub use nbd_proto::handshake::{
     BlockSize, ExportEntry, ExportInfo, MetaContext, Negotiated, Protocol, TlsMode,
 };
-pub use nbd_proto::transmission::{ChunkStatus, ContextExtents, Detail, Extent, ReadChunk};
 pub use nbd_proto::state::State;
+pub use nbd_proto::transmission::{ChunkStatus, ContextExtents, Detail, Extent, ReadChunk};
 pub use nbd_proto::transmission::{Command, CommandKind};
 pub use nbd_proto::{Errno, Error, Fault, Result};
-pub use subprocess::{spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child};
-pub use vsock::{connect_vsock, supports_vsock};
-pub use tls::supports_tls;
+pub use settings::{NegotiationSettings, Settings};
+pub use tls::{supports_tls, TlsSettings};
+pub use transport::subprocess::{
+    spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child,
+};
+pub use transport::vsock::{connect_vsock, supports_vsock};

@@ -317,7 +317,7 @@ where
 
 /// What the client authenticates with, kept for explaining failures.
 #[derive(Debug, Clone)]
-enum Plan {
+enum Credentials {
     Psk {
         username: String,
         file: PathBuf,
@@ -334,14 +334,14 @@ enum Plan {
 /// One connector may upgrade any number of connections to the same server.
 pub struct TlsConnector {
     ctx: SslContext,
-    plan: Plan,
+    credentials: Credentials,
     host: Option<String>,
 }
 
 impl fmt::Debug for TlsConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsConnector")
-            .field("plan", &self.plan)
+            .field("credentials", &self.credentials)
             .field("host", &self.host)
             .finish()
     }
@@ -370,7 +370,7 @@ impl TlsConnector {
         // as it would without TLS; NBD's framing makes truncation visible anyway.
         b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF | SslOptions::NO_RENEGOTIATION);
 
-        let plan = match &settings.psk_file {
+        let credentials = match &settings.psk_file {
             Some(file) => {
                 let username = settings.effective_username()?;
                 let key = find_psk_key(file, &username)?;
@@ -391,7 +391,7 @@ impl TlsConnector {
                     key_out[..key.0.len()].copy_from_slice(&key.0);
                     Ok(key.0.len())
                 });
-                Plan::Psk {
+                Credentials::Psk {
                     username,
                     file: file.clone(),
                 }
@@ -408,7 +408,7 @@ impl TlsConnector {
                 } else {
                     SslVerifyMode::NONE
                 });
-                Plan::X509 {
+                Credentials::X509 {
                     trust,
                     verify: settings.verify_peer,
                     client_cert,
@@ -417,7 +417,7 @@ impl TlsConnector {
         };
         Ok(TlsConnector {
             ctx: b.build(),
-            plan,
+            credentials,
             host,
         })
     }
@@ -429,7 +429,7 @@ impl TlsConnector {
 
     /// True when the connector authenticates with a pre-shared key.
     pub fn is_psk(&self) -> bool {
-        matches!(self.plan, Plan::Psk { .. })
+        matches!(self.credentials, Credentials::Psk { .. })
     }
 
     /// Performs the TLS handshake on `stream` (see [`upgrade`]).
@@ -443,8 +443,8 @@ impl TlsConnector {
             return Err(self.explain_handshake(&e, inner.ssl()));
         }
         let ssl = inner.ssl();
-        let auth = match &self.plan {
-            Plan::Psk { .. } => {
+        let auth = match &self.credentials {
+            Credentials::Psk { .. } => {
                 // The empty trust store already refuses certificates; this is the
                 // belt to those braces.
                 if ssl.peer_certificate().is_some() {
@@ -455,7 +455,7 @@ impl TlsConnector {
                 }
                 TlsAuth::Psk
             }
-            Plan::X509 { .. } => TlsAuth::Certificate,
+            Credentials::X509 { .. } => TlsAuth::Certificate,
         };
         // A server may judge the client's certificate after the client has finished its
         // side of the handshake: always with TLS 1.3, and GnuTLS servers (qemu-nbd, nbdkit)
@@ -472,7 +472,7 @@ impl TlsConnector {
 
     fn new_session(&self) -> Result<Ssl> {
         let mut ssl = Ssl::new(&self.ctx).map_err(setup_error)?;
-        let verify = matches!(self.plan, Plan::X509 { verify: true, .. });
+        let verify = matches!(self.credentials, Credentials::X509 { verify: true, .. });
         if let Some(host) = &self.host {
             match host.parse::<IpAddr>() {
                 Ok(ip) => {
@@ -592,17 +592,17 @@ impl TlsConnector {
     /// cannot tell an unknown PSK user from a wrong key, nor say which certificate problem
     /// the server saw.
     fn hang_up_hint(&self) -> String {
-        match &self.plan {
-            Plan::Psk { username, file } => format!(
+        match &self.credentials {
+            Credentials::Psk { username, file } => format!(
                 "GnuTLS servers such as nbdkit and qemu-nbd do this when they do not know PSK \
                  user {username:?} or when its key in {} differs from theirs",
                 file.display()
             ),
-            Plan::X509 {
+            Credentials::X509 {
                 client_cert: true, ..
             } => "servers do this when they reject the client certificate (client-cert.pem)"
                 .to_owned(),
-            Plan::X509 { .. } => "servers do this when they require a client certificate and \
+            Credentials::X509 { .. } => "servers do this when they require a client certificate and \
                  none is set (client-cert.pem and client-key.pem in the certificates directory)"
                 .to_owned(),
         }
@@ -610,15 +610,15 @@ impl TlsConnector {
 
     fn explain_verify(&self, verify: X509VerifyResult) -> Error {
         let reason = verify.error_string();
-        match &self.plan {
-            Plan::Psk { .. } => Error::io(
+        match &self.credentials {
+            Credentials::Psk { .. } => Error::io(
                 Errno::EPERM,
                 format!(
                     "TLS: the server authenticated with a certificate instead of the \
                      pre-shared key (is it configured for X.509 rather than PSK?): {reason}"
                 ),
             ),
-            Plan::X509 { trust, .. } => {
+            Credentials::X509 { trust, .. } => {
                 let raw = verify.as_raw();
                 if raw == X509_V_ERR_HOSTNAME_MISMATCH || raw == X509_V_ERR_IP_ADDRESS_MISMATCH {
                     let host = self.host.as_deref().unwrap_or("");
@@ -651,15 +651,15 @@ impl TlsConnector {
                 format!("TLS handshake: {what} (server alert: {name})"),
             )
         };
-        match (&self.plan, alert) {
-            (Plan::Psk { username, file }, ALERT_UNKNOWN_PSK_IDENTITY) => refused(
+        match (&self.credentials, alert) {
+            (Credentials::Psk { username, file }, ALERT_UNKNOWN_PSK_IDENTITY) => refused(
                 Errno::EPERM,
                 format!(
                     "the server does not know PSK user {username:?} (from {})",
                     file.display()
                 ),
             ),
-            (Plan::Psk { username, file }, ALERT_DECRYPT_ERROR | ALERT_BAD_RECORD_MAC) => refused(
+            (Credentials::Psk { username, file }, ALERT_DECRYPT_ERROR | ALERT_BAD_RECORD_MAC) => refused(
                 Errno::EPERM,
                 format!(
                     "the server refused the pre-shared key of user {username:?} from {}: the \
@@ -668,7 +668,7 @@ impl TlsConnector {
                 ),
             ),
             (
-                Plan::Psk { username, .. },
+                Credentials::Psk { username, .. },
                 ALERT_HANDSHAKE_FAILURE | ALERT_INSUFFICIENT_SECURITY | ALERT_ILLEGAL_PARAMETER,
             ) => refused(
                 Errno::EPERM,
@@ -677,9 +677,9 @@ impl TlsConnector {
                          or not configured for PSK)"
                 ),
             ),
-            (Plan::X509 { client_cert, .. }, ALERT_CERTIFICATE_REQUIRED)
+            (Credentials::X509 { client_cert, .. }, ALERT_CERTIFICATE_REQUIRED)
             | (
-                Plan::X509 {
+                Credentials::X509 {
                     client_cert: client_cert @ false,
                     ..
                 },
@@ -694,16 +694,7 @@ impl TlsConnector {
                 };
                 refused(Errno::EPERM, what)
             }
-            (
-                Plan::X509 { .. },
-                ALERT_BAD_CERTIFICATE
-                | ALERT_UNSUPPORTED_CERTIFICATE
-                | ALERT_CERTIFICATE_REVOKED
-                | ALERT_CERTIFICATE_EXPIRED
-                | ALERT_CERTIFICATE_UNKNOWN
-                | ALERT_UNKNOWN_CA
-                | ALERT_ACCESS_DENIED,
-            ) => refused(
+            (Credentials::X509 { .. }, alert) if rejects_certificate(alert) => refused(
                 Errno::EPERM,
                 "the server rejected our client certificate".into(),
             ),
@@ -756,6 +747,20 @@ const ALERT_PROTOCOL_VERSION: u8 = 70;
 const ALERT_INSUFFICIENT_SECURITY: u8 = 71;
 const ALERT_UNKNOWN_PSK_IDENTITY: u8 = 115;
 const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
+
+/// Whether `alert` is a server's refusal of the client's certificate.
+fn rejects_certificate(alert: u8) -> bool {
+    matches!(
+        alert,
+        ALERT_BAD_CERTIFICATE
+            | ALERT_UNSUPPORTED_CERTIFICATE
+            | ALERT_CERTIFICATE_REVOKED
+            | ALERT_CERTIFICATE_EXPIRED
+            | ALERT_CERTIFICATE_UNKNOWN
+            | ALERT_UNKNOWN_CA
+            | ALERT_ACCESS_DENIED
+    )
+}
 
 /// The alert a peer sent, for an OpenSSL reason code that reports one.
 fn alert_of_reason(reason: libc::c_int) -> Option<u8> {
@@ -867,13 +872,7 @@ fn explain_io(e: io::Error) -> io::Error {
                     " (it requires a client certificate: client-cert.pem and client-key.pem in \
                      the certificates directory)"
                 }
-                ALERT_BAD_CERTIFICATE
-                | ALERT_UNSUPPORTED_CERTIFICATE
-                | ALERT_CERTIFICATE_REVOKED
-                | ALERT_CERTIFICATE_EXPIRED
-                | ALERT_CERTIFICATE_UNKNOWN
-                | ALERT_UNKNOWN_CA
-                | ALERT_ACCESS_DENIED => " (it rejected our client certificate)",
+                alert if rejects_certificate(alert) => " (it rejected our client certificate)",
                 _ => "",
             };
             return io::Error::new(

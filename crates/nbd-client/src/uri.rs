@@ -71,6 +71,8 @@ use nbd_proto::{Errno, Error, Result};
 
 use nbd_proto::handshake::TlsMode;
 
+use crate::tls::TlsSettings;
+
 /// The NBD port assigned by IANA, used when a TCP or vsock URI names none.
 pub const DEFAULT_PORT: u16 = 10809;
 /// The vsock CID of the host (hypervisor), used when a vsock URI names none.
@@ -92,9 +94,10 @@ pub const SSH_DEFAULT_NBD_PORT: u16 = DEFAULT_PORT;
 
 /// What an NBD URI asks for: where to connect, which export, and the TLS settings.
 ///
-/// A handle connecting to it sets the export name, TLS to `Require` when [`tls`](Self::tls)
-/// is true (a plain URI leaves the TLS setting alone, as libnbd does), and each TLS setting
-/// that is `Some`.
+/// The TLS fields say what the URI says, no more: a URI changes only the TLS settings it
+/// names ([`NbdUri::apply_tls`]), and the URI policy judges what the URI itself asks for.
+/// A handle connecting to it sets the export name and applies the TLS part to its
+/// [`TlsSettings`]; [`NbdUri::describing`] goes the other way, for `nbd_get_uri`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
     /// The scheme is one of the `nbds` ones: TLS is required.
@@ -124,11 +127,24 @@ pub struct NbdUri {
 pub enum UriTransport {
     /// A TCP server. `host` is a name or an address as `getaddrinfo` takes it: an IPv6
     /// address without brackets, its zone after a plain `%` (`fe80::1%eth0`).
-    Tcp { host: String, port: u16 },
+    Tcp {
+        /// The host: a name or an address.
+        host: String,
+        /// The TCP port.
+        port: u16,
+    },
     /// A Unix domain socket at the path `socket`.
-    Unix { socket: String },
+    Unix {
+        /// The socket's path.
+        socket: String,
+    },
     /// An AF_VSOCK server.
-    Vsock { cid: u32, port: u32 },
+    Vsock {
+        /// The context id.
+        cid: u32,
+        /// The vsock port.
+        port: u32,
+    },
     /// A server on another host, reached by running `ssh` there (see [`ssh_argv`]).
     Ssh {
         /// The host ssh logs in to, as ssh takes it (an IPv6 address without brackets).
@@ -176,6 +192,48 @@ impl NbdUri {
     /// The scheme that says this transport and TLS setting, e.g. `"nbds+unix"`.
     pub fn scheme(&self) -> &'static str {
         scheme_name(self.transport.kind(), self.tls)
+    }
+
+    /// A URI for `transport` and `export_name` that says everything `tls` holds: `nbds` when
+    /// `tls_in_use`, the user name and files whenever they are set (TLS or not, as libnbd's
+    /// `nbd_get_uri`), and `tls-verify-peer=false` when verification is off.
+    pub fn describing(transport: UriTransport, export_name: String, tls: &TlsSettings, tls_in_use: bool) -> NbdUri {
+        let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+        NbdUri {
+            tls: tls_in_use,
+            transport,
+            export_name,
+            tls_username: tls.username.clone(),
+            tls_certificates: path(&tls.certificates),
+            tls_psk_file: path(&tls.psk_file),
+            tls_hostname: tls.hostname.clone(),
+            tls_verify_peer: if tls.verify_peer { None } else { Some(false) },
+            unknown_params: Vec::new(),
+        }
+    }
+
+    /// Changes `tls` as connecting to this URI does (`nbd_connect_uri`): TLS required for an
+    /// `nbds` scheme (a plain one leaves the mode alone, as libnbd), and each TLS setting the
+    /// URI names.
+    pub fn apply_tls(&self, tls: &mut TlsSettings) {
+        if self.tls {
+            tls.mode = TlsMode::Require;
+        }
+        if let Some(name) = &self.tls_username {
+            tls.username = Some(name.clone());
+        }
+        if let Some(dir) = &self.tls_certificates {
+            tls.certificates = Some(dir.into());
+        }
+        if let Some(file) = &self.tls_psk_file {
+            tls.psk_file = Some(file.into());
+        }
+        if let Some(host) = &self.tls_hostname {
+            tls.hostname = Some(host.clone());
+        }
+        if let Some(on) = self.tls_verify_peer {
+            tls.verify_peer = on;
+        }
     }
 }
 
@@ -292,154 +350,14 @@ impl UriPolicy {
 /// Fails with `EINVAL` and a message naming the fault when `uri` is not a valid NBD URI.
 /// No policy is applied; see [`UriPolicy::check`].
 pub fn parse(uri: &str) -> Result<NbdUri> {
-    let (kind, tls, after_scheme) = split_scheme(uri)?;
-    let scheme = scheme_name(kind, tls);
-    let Some(rest) = after_scheme.strip_prefix("//") else {
-        return Err(invalid(format!(
-            "URI must begin with '{scheme}://' (got {})",
-            shown(uri)
-        )));
+    let mut parts = Parts::split(uri)?;
+    let transport = match parts.kind {
+        Kind::Tcp => tcp_transport(&parts)?,
+        Kind::Unix => unix_transport(&mut parts)?,
+        Kind::Vsock => vsock_transport(&parts)?,
+        Kind::Ssh => ssh_transport(&mut parts)?,
     };
-
-    // Split off fragment, query, path, in that order: '#' ends everything, '?' ends the path.
-    let (rest, fragment) = split_at_byte(rest, b'#');
-    let (rest, query) = split_at_byte(rest, b'?');
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-
-    // Authority: [userinfo@]host[:port]. Userinfo cannot hold a raw '@', so the last one ends it.
-    let (userinfo, hostport) = match authority.rfind('@') {
-        Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
-        None => (None, authority),
-    };
-    let tls_username = match userinfo {
-        Some(user) => {
-            check_chars(uri, user, Part::UserInfo)?;
-            Some(decode(user, "user name")?).filter(|u| !u.is_empty())
-        }
-        None => None,
-    };
-    let (host, port) = split_host_port(uri, hostport)?;
-    // An empty port is the default port (RFC 3986 §6.2.3).
-    let port = port.filter(|p| !p.is_empty());
-
-    check_chars(uri, path, Part::Path)?;
-    let export_name = match path.strip_prefix('/') {
-        Some(name) => decode(name, "export name")?,
-        None => String::new(),
-    };
-
-    let mut params = match query {
-        Some(q) => {
-            check_chars(uri, q, Part::Query)?;
-            parse_query(q)?
-        }
-        None => Params::default(),
-    };
-    if let Some(f) = fragment {
-        // Ignored, as libnbd ignores it, but it must still be well-formed.
-        check_chars(uri, f, Part::Query)?;
-    }
-
-    let transport = match kind {
-        Kind::Tcp => {
-            refuse_socket(&params, scheme, tls)?;
-            let host = match host {
-                Host::Empty => "localhost".to_string(),
-                Host::Name(raw) => decode(raw, "host name")?,
-                Host::Ipv6(addr) => addr,
-            };
-            let port = match port {
-                Some(text) => parse_number(text, "port", 1, u16::MAX.into())? as u16,
-                None => DEFAULT_PORT,
-            };
-            UriTransport::Tcp { host, port }
-        }
-        Kind::Unix => {
-            if !hostport.is_empty() {
-                return Err(invalid(format!(
-                    "{scheme} URIs name no host or port (got {}); the socket is given by the \
-                     socket= query parameter, as in {scheme}:///export?socket=/path/to/socket",
-                    shown(hostport)
-                )));
-            }
-            let Some(socket) = params.socket.take() else {
-                return Err(invalid(format!(
-                    "{scheme} URI needs a socket= query parameter, as in \
-                     {scheme}:///export?socket=/path/to/socket"
-                )));
-            };
-            if socket.is_empty() {
-                return Err(invalid("the socket= query parameter of the URI is empty"));
-            }
-            UriTransport::Unix { socket }
-        }
-        Kind::Vsock => {
-            refuse_socket(&params, scheme, tls)?;
-            let cid = match host {
-                Host::Empty => VSOCK_CID_HOST,
-                Host::Name(raw) => {
-                    let text = decode(raw, "vsock CID")?;
-                    parse_number(&text, "vsock CID", 0, u32::MAX.into())? as u32
-                }
-                Host::Ipv6(_) => {
-                    return Err(invalid(format!(
-                        "{scheme} URIs take a numeric CID as host, not an IPv6 address"
-                    )))
-                }
-            };
-            let port = match port {
-                Some(text) => parse_number(text, "vsock port", 0, u32::MAX.into())? as u32,
-                None => DEFAULT_PORT.into(),
-            };
-            UriTransport::Vsock { cid, port }
-        }
-        Kind::Ssh => {
-            let host = match host {
-                Host::Empty => {
-                    return Err(invalid(format!(
-                        "{scheme} URIs need the host to log in to, as in {scheme}://host/export"
-                    )))
-                }
-                Host::Name(raw) => decode(raw, "host name")?,
-                Host::Ipv6(addr) => addr,
-            };
-            if host.starts_with('-') {
-                return Err(invalid(format!(
-                    "the host {} of the {scheme} URI begins with '-', which ssh would read as \
-                     an option",
-                    shown(&host)
-                )));
-            }
-            let port = match port {
-                Some(text) => Some(parse_number(text, "ssh port", 1, u16::MAX.into())? as u16),
-                None => None,
-            };
-            let remote = match (params.socket.take(), params.nbd_port.take()) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(format!(
-                        "a {scheme} URI names either the remote socket (socket=) or the \
-                         remote TCP port (nbd-port=), not both"
-                    )))
-                }
-                (Some(socket), None) if socket.is_empty() => {
-                    return Err(invalid("the socket= query parameter of the URI is empty"))
-                }
-                (Some(socket), None) => SshRemote::Unix(socket),
-                (None, Some(text)) => {
-                    SshRemote::Tcp(parse_number(&text, "nbd-port", 1, u16::MAX.into())? as u16)
-                }
-                (None, None) => SshRemote::Tcp(SSH_DEFAULT_NBD_PORT),
-            };
-            let compress = match params.compress.take() {
-                Some(text) => parse_bool("compress", &text)?,
-                None => false,
-            };
-            UriTransport::Ssh { host, port, remote, compress }
-        }
-    };
+    let mut params = parts.params;
     // nbd-port and compress mean something only to ssh URIs; elsewhere they are ignored
     // like any parameter this library does not know.
     if let Some(v) = params.nbd_port.take() {
@@ -448,18 +366,207 @@ pub fn parse(uri: &str) -> Result<NbdUri> {
     if let Some(v) = params.compress.take() {
         params.unknown.push(("compress".to_string(), v));
     }
-
     Ok(NbdUri {
-        tls,
+        tls: parts.tls,
         transport,
-        export_name,
-        tls_username,
+        export_name: parts.export_name,
+        tls_username: parts.tls_username,
         tls_certificates: params.tls_certificates,
         tls_psk_file: params.tls_psk_file,
         tls_hostname: params.tls_hostname,
         tls_verify_peer: params.tls_verify_peer,
         unknown_params: params.unknown,
     })
+}
+
+/// A URI taken apart, each part checked and decoded, before its transport is read.
+struct Parts<'a> {
+    kind: Kind,
+    tls: bool,
+    scheme: &'static str,
+    /// The authority without its user info, as written.
+    hostport: &'a str,
+    host: Host<'a>,
+    /// The port as written; `None` when absent or empty (the default port, RFC 3986 §6.2.3).
+    port: Option<&'a str>,
+    tls_username: Option<String>,
+    export_name: String,
+    params: Params,
+}
+
+impl<'a> Parts<'a> {
+    /// Splits `uri` into scheme, authority, path, query and fragment, and checks and decodes
+    /// each (in that order, so that the first fault in reading order is the one reported).
+    fn split(uri: &'a str) -> Result<Parts<'a>> {
+        let (kind, tls, after_scheme) = split_scheme(uri)?;
+        let scheme = scheme_name(kind, tls);
+        let Some(rest) = after_scheme.strip_prefix("//") else {
+            return Err(invalid(format!(
+                "URI must begin with '{scheme}://' (got {})",
+                shown(uri)
+            )));
+        };
+
+        // Fragment, query, path, in that order: '#' ends everything, '?' ends the path.
+        let (rest, fragment) = split_at_byte(rest, b'#');
+        let (rest, query) = split_at_byte(rest, b'?');
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+
+        // Authority: [userinfo@]host[:port]. Userinfo cannot hold a raw '@', so the last one
+        // ends it.
+        let (userinfo, hostport) = match authority.rfind('@') {
+            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
+            None => (None, authority),
+        };
+        let tls_username = match userinfo {
+            Some(user) => {
+                check_chars(uri, user, Part::UserInfo)?;
+                Some(decode(user, "user name")?).filter(|u| !u.is_empty())
+            }
+            None => None,
+        };
+        let (host, port) = split_host_port(uri, hostport)?;
+
+        check_chars(uri, path, Part::Path)?;
+        let export_name = match path.strip_prefix('/') {
+            Some(name) => decode(name, "export name")?,
+            None => String::new(),
+        };
+
+        let params = match query {
+            Some(q) => {
+                check_chars(uri, q, Part::Query)?;
+                parse_query(q)?
+            }
+            None => Params::default(),
+        };
+        if let Some(f) = fragment {
+            // Ignored, as libnbd ignores it, but it must still be well-formed.
+            check_chars(uri, f, Part::Query)?;
+        }
+        Ok(Parts {
+            kind,
+            tls,
+            scheme,
+            hostport,
+            host,
+            port: port.filter(|p| !p.is_empty()),
+            tls_username,
+            export_name,
+            params,
+        })
+    }
+}
+
+/// `nbd://` and `nbds://`: a host (`localhost` when none) and a port (10809 when none).
+fn tcp_transport(parts: &Parts) -> Result<UriTransport> {
+    refuse_socket(&parts.params, parts.scheme, parts.tls)?;
+    let host = match &parts.host {
+        Host::Empty => "localhost".to_string(),
+        Host::Name(raw) => decode(raw, "host name")?,
+        Host::Ipv6(addr) => addr.clone(),
+    };
+    let port = match parts.port {
+        Some(text) => parse_number(text, "port", 1, u16::MAX.into())? as u16,
+        None => DEFAULT_PORT,
+    };
+    Ok(UriTransport::Tcp { host, port })
+}
+
+/// `nbd+unix://` and `nbds+unix://`: no host or port, a non-empty `socket=`.
+fn unix_transport(parts: &mut Parts) -> Result<UriTransport> {
+    let scheme = parts.scheme;
+    if !parts.hostport.is_empty() {
+        return Err(invalid(format!(
+            "{scheme} URIs name no host or port (got {}); the socket is given by the \
+             socket= query parameter, as in {scheme}:///export?socket=/path/to/socket",
+            shown(parts.hostport)
+        )));
+    }
+    let Some(socket) = parts.params.socket.take() else {
+        return Err(invalid(format!(
+            "{scheme} URI needs a socket= query parameter, as in \
+             {scheme}:///export?socket=/path/to/socket"
+        )));
+    };
+    if socket.is_empty() {
+        return Err(invalid("the socket= query parameter of the URI is empty"));
+    }
+    Ok(UriTransport::Unix { socket })
+}
+
+/// `nbd+vsock://` and `nbds+vsock://`: a numeric CID (2 when none) and a 32-bit port.
+fn vsock_transport(parts: &Parts) -> Result<UriTransport> {
+    let scheme = parts.scheme;
+    refuse_socket(&parts.params, scheme, parts.tls)?;
+    let cid = match &parts.host {
+        Host::Empty => VSOCK_CID_HOST,
+        Host::Name(raw) => {
+            let text = decode(raw, "vsock CID")?;
+            parse_number(&text, "vsock CID", 0, u32::MAX.into())? as u32
+        }
+        Host::Ipv6(_) => {
+            return Err(invalid(format!(
+                "{scheme} URIs take a numeric CID as host, not an IPv6 address"
+            )))
+        }
+    };
+    let port = match parts.port {
+        Some(text) => parse_number(text, "vsock port", 0, u32::MAX.into())? as u32,
+        None => DEFAULT_PORT.into(),
+    };
+    Ok(UriTransport::Vsock { cid, port })
+}
+
+/// `nbd+ssh://` and `nbds+ssh://`: the host to log in to (required, not starting with
+/// `-`), ssh's port, where the server is on that host, and `compress`.
+fn ssh_transport(parts: &mut Parts) -> Result<UriTransport> {
+    let scheme = parts.scheme;
+    let host = match &parts.host {
+        Host::Empty => {
+            return Err(invalid(format!(
+                "{scheme} URIs need the host to log in to, as in {scheme}://host/export"
+            )))
+        }
+        Host::Name(raw) => decode(raw, "host name")?,
+        Host::Ipv6(addr) => addr.clone(),
+    };
+    if host.starts_with('-') {
+        return Err(invalid(format!(
+            "the host {} of the {scheme} URI begins with '-', which ssh would read as \
+             an option",
+            shown(&host)
+        )));
+    }
+    let port = match parts.port {
+        Some(text) => Some(parse_number(text, "ssh port", 1, u16::MAX.into())? as u16),
+        None => None,
+    };
+    let params = &mut parts.params;
+    let remote = match (params.socket.take(), params.nbd_port.take()) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(format!(
+                "a {scheme} URI names either the remote socket (socket=) or the \
+                 remote TCP port (nbd-port=), not both"
+            )))
+        }
+        (Some(socket), None) if socket.is_empty() => {
+            return Err(invalid("the socket= query parameter of the URI is empty"))
+        }
+        (Some(socket), None) => SshRemote::Unix(socket),
+        (None, Some(text)) => {
+            SshRemote::Tcp(parse_number(&text, "nbd-port", 1, u16::MAX.into())? as u16)
+        }
+        (None, None) => SshRemote::Tcp(SSH_DEFAULT_NBD_PORT),
+    };
+    let compress = match params.compress.take() {
+        Some(text) => parse_bool("compress", &text)?,
+        None => false,
+    };
+    Ok(UriTransport::Ssh { host, port, remote, compress })
 }
 
 /// Writes `uri` as an NBD URI, in the forms libnbd's `nbd_get_uri` uses:

@@ -11,7 +11,7 @@ use tokio::net::UnixStream;
 use tokio::task::JoinSet;
 
 use nbd_client::consts::*;
-use nbd_client::{CancelToken, Config, DestBuf, Errno, Error, Handle, Op, Protocol, State};
+use nbd_client::{CancelToken, Settings, DestBuf, Errno, Error, Handle, Op, Protocol, State};
 use nbd_embedded::{MemoryServer, ServerOptions};
 
 const MIB: u64 = 1024 * 1024;
@@ -65,7 +65,7 @@ fn assert_errno<T: std::fmt::Debug>(r: Result<T, Error>, errno: Errno) -> Error 
     }
 }
 
-async fn connected(server: &MemoryServer, config: Config) -> Handle {
+async fn connected(server: &MemoryServer, config: Settings) -> Handle {
     let h = Handle::new(config);
     let fd = server.socketpair().unwrap().into_raw_fd();
     h.connect_socket(fd).await.unwrap();
@@ -122,9 +122,9 @@ async fn socketpair_500_commands_in_flight() {
     let srv = server(4 * MIB);
     let h = connected(
         &srv,
-        Config {
+        Settings {
             max_in_flight: 1024,
-            ..Config::default()
+            ..Settings::default()
         },
     )
     .await;
@@ -151,7 +151,7 @@ async fn socketpair_500_commands_in_flight() {
 #[tokio::test(flavor = "multi_thread")]
 async fn state_is_ready_as_soon_as_the_last_command_returns() {
     let srv = server(MIB);
-    let h = connected(&srv, Config::default()).await;
+    let h = connected(&srv, Settings::default()).await;
     let mut stale = 0;
     for i in 0..300u64 {
         h.pread(512, (i % 64) * 512, 0, None).await.unwrap();
@@ -175,9 +175,9 @@ async fn listen_unix_and_connect_unix() {
         std::process::id()
     ));
     let listener = srv.listen_unix(&path).unwrap();
-    let h = Handle::new(Config {
+    let h = Handle::new(Settings {
         max_in_flight: 1024,
-        ..Config::default()
+        ..Settings::default()
     });
     h.connect_unix(path.to_str().unwrap()).await.unwrap();
     assert_eq!(h.state(), State::Ready);
@@ -210,7 +210,7 @@ async fn state_transitions() {
 
     h.connect_socket(srv.socketpair().unwrap().into_raw_fd()).await.unwrap();
     assert_eq!(h.state(), State::Ready);
-    assert_errno(h.configure(|c| c.full_info = true), Errno::EINVAL);
+    assert_errno(h.configure(|c| c.negotiation.full_info = true), Errno::EINVAL);
     assert_errno(h.set_export_name("x"), Errno::EINVAL);
     h.pwrite(Box::new(vec![1u8; 512]), 0, 0, None).await.unwrap();
 
@@ -224,7 +224,7 @@ async fn state_transitions() {
     h.close().await; // idempotent
 
     // close() without shutdown.
-    let h = connected(&srv, Config::default()).await;
+    let h = connected(&srv, Settings::default()).await;
     assert_eq!(h.state(), State::Ready);
     h.close().await;
     assert_eq!(h.state(), State::Closed);
@@ -238,7 +238,7 @@ async fn state_transitions() {
 #[tokio::test(flavor = "multi_thread")]
 async fn second_connect_is_refused_and_leaves_the_fd_alone() {
     let srv = server(MIB);
-    let h = connected(&srv, Config::default()).await;
+    let h = connected(&srv, Settings::default()).await;
     let other = high_fd(srv.socketpair().unwrap(), 2000);
     let e = assert_errno(h.connect_socket(other).await, Errno::EINVAL);
     assert!(e.message().contains("state"), "{e}");
@@ -331,7 +331,7 @@ const HAND_SIZE: u64 = 16 * MIB;
 
 /// A handle connected over a socketpair to the returned end, where the test is the server
 /// (after a valid oldstyle greeting). The client's socket sits at an fd at or above `min_fd`.
-async fn hand_played(config: Config, min_fd: RawFd) -> (Handle, UnixStream, RawFd) {
+async fn hand_played(config: Settings, min_fd: RawFd) -> (Handle, UnixStream, RawFd) {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let fd = high_fd(OwnedFd::from(theirs), min_fd);
     ours.set_nonblocking(true).unwrap();
@@ -435,9 +435,9 @@ async fn round_trip(h: &Handle, s: &mut UnixStream) {
 
 async fn cancelled_read_is_not_written(len: usize, min_fd: RawFd) {
     let (h, mut s, _) = hand_played(
-        Config {
+        Settings {
             pread_initialize: false,
-            ..Config::default()
+            ..Settings::default()
         },
         min_fd,
     )
@@ -494,9 +494,9 @@ async fn cancelled_large_read_is_not_written_afterwards() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_in_the_middle_of_a_payload() {
     let (h, mut s, _) = hand_played(
-        Config {
+        Settings {
             pread_initialize: false,
-            ..Config::default()
+            ..Settings::default()
         },
         5200,
     )
@@ -529,7 +529,7 @@ async fn cancel_in_the_middle_of_a_payload() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_cancelled_before_it_is_sent_never_goes_out() {
-    let (h, mut s, _) = hand_played(Config::default(), 5300).await;
+    let (h, mut s, _) = hand_played(Settings::default(), 5300).await;
     let token = CancelToken::new();
     token.cancel();
     assert_errno(h.pread(512, 0, 0, Some(token.clone())).await, Errno::ECANCELED);
@@ -544,7 +544,7 @@ async fn a_read_cancelled_before_it_is_sent_never_goes_out() {
 async fn a_read_cancelled_before_the_call_leaves_the_buffer_alone() {
     // cancel.rs: "once CancelToken::cancel returns, no byte lands in the destination any
     // more"; API.md: if the call is aborted, `buf` is not written after that moment.
-    let (h, _s, _) = hand_played(Config::default(), 5400).await;
+    let (h, _s, _) = hand_played(Settings::default(), 5400).await;
     let token = CancelToken::new();
     token.cancel();
     let (buf, home) = ReturnedBuf::new(vec![0xaa; 512]);
@@ -560,7 +560,7 @@ async fn a_read_cancelled_before_the_call_leaves_the_buffer_alone() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_hanging_up_fails_every_pending_command() {
-    let (h, mut s, fd) = hand_played(Config::default(), 6000).await;
+    let (h, mut s, fd) = hand_played(Settings::default(), 6000).await;
     let mut tasks = JoinSet::new();
     for i in 0..20u64 {
         let (h1, h2) = (h.clone(), h.clone());
@@ -606,9 +606,9 @@ async fn server_hanging_up_fails_every_pending_command() {
 async fn connect_timeout_against_a_silent_peer() {
     let (silent, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let fd = high_fd(OwnedFd::from(theirs), 7000);
-    let h = Handle::new(Config {
+    let h = Handle::new(Settings {
         connect_timeout: Some(Duration::from_millis(200)),
-        ..Config::default()
+        ..Settings::default()
     });
     let t0 = Instant::now();
     let r = tokio::time::timeout(Duration::from_secs(5), h.connect_socket(fd))
@@ -628,7 +628,7 @@ async fn connect_timeout_against_a_silent_peer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn protocol_violation_fails_its_command_with_eproto_and_the_rest_with_enotconn() {
-    let (h, mut s, _) = hand_played(Config::default(), 8000).await;
+    let (h, mut s, _) = hand_played(Settings::default(), 8000).await;
     let (h1, h2) = (h.clone(), h.clone());
     let first = tokio::spawn(async move { h1.pread(512, 0, 0, None).await });
     let a = next_request(&mut s).await;
@@ -648,9 +648,9 @@ async fn protocol_violation_fails_its_command_with_eproto_and_the_rest_with_enot
 #[tokio::test(flavor = "multi_thread")]
 async fn close_with_a_read_pending_rejects_it_and_releases_the_buffer_untouched() {
     let (h, mut s, fd) = hand_played(
-        Config {
+        Settings {
             pread_initialize: false,
-            ..Config::default()
+            ..Settings::default()
         },
         8100,
     )
@@ -680,7 +680,7 @@ async fn close_with_a_read_pending_rejects_it_and_releases_the_buffer_untouched(
 /// (issue 11, item 26): a completion that looks at the state sees the final one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_protocol_violation_is_dead_before_the_command_hears() {
-    let (h, mut s, _) = hand_played(Config::default(), 6100).await;
+    let (h, mut s, _) = hand_played(Settings::default(), 6100).await;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let seen = h.clone();
     h.submit(Op::Read { count: 512, offset: 0, flags: 0 }, None, move |r| {

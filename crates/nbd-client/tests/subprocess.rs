@@ -1,6 +1,6 @@
 //! Servers as child processes (`spawn_command`, `spawn_socket_activation`) against real
-//! nbdkit, qemu-nbd and nbd-server, their failures and their ends. Tests needing a program
-//! that is not installed say so and pass.
+//! nbdkit, qemu-nbd and nbd-server, their failures and their ends. A missing server fails
+//! the test, unless `NBD_ALLOW_MISSING_SERVERS=1` (see `servers`).
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -12,22 +12,14 @@ use std::time::{Duration, Instant};
 
 use nbd_client::{
     spawn_command, spawn_socket_activation, spawn_socket_activation_named, Child,
-    Config, Errno, Error, Fault, Handle,
+    Settings, Errno, Error, Fault, Handle,
 };
 
 fn argv(words: &[&str]) -> Vec<String> {
     words.iter().map(|w| w.to_string()).collect()
 }
 
-fn installed(program: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false);
-    if !found {
-        eprintln!("skipped: {program} is not installed");
-    }
-    found
-}
+mod servers;
 
 /// The start time of process `pid` (field 22 of /proc/PID/stat), which tells a process
 /// from a later one that reused its pid.
@@ -86,7 +78,7 @@ impl Watched {
 }
 
 async fn connect(fd: OwnedFd) -> (Handle, Result<(), Error>) {
-    let h = Handle::new(Config::default());
+    let h = Handle::new(Settings::default());
     let r = h.connect_socket(fd.into_raw_fd()).await;
     (h, r)
 }
@@ -127,7 +119,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 #[tokio::test]
 async fn command_mode_serves_nbdkit_and_exits_on_eof() {
-    if !installed("nbdkit") {
+    if !servers::require(&["nbdkit"]) {
         return;
     }
     let (fd, child) = spawn_command(&argv(&["nbdkit", "-s", "memory", "1M"])).unwrap();
@@ -172,7 +164,7 @@ fn pgid_of(pid: u32) -> u32 {
 
 #[tokio::test]
 async fn command_mode_serves_nbd_server() {
-    if !installed("nbd-server") {
+    if !servers::require(&["nbd-server"]) {
         return;
     }
     let dir = temp_dir("nbd-server");
@@ -234,7 +226,7 @@ async fn command_mode_child_sees_only_its_stdio() {
 
 #[tokio::test]
 async fn socket_activation_serves_nbdkit() {
-    if !installed("nbdkit") {
+    if !servers::require(&["nbdkit"]) {
         return;
     }
     let (fd, child) = spawn_socket_activation(&argv(&["nbdkit", "memory", "1M"])).unwrap();
@@ -253,7 +245,7 @@ async fn socket_activation_serves_nbdkit() {
 
 #[tokio::test]
 async fn socket_activation_serves_qemu_nbd() {
-    if !installed("qemu-nbd") {
+    if !servers::require(&["qemu-nbd"]) {
         return;
     }
     let dir = temp_dir("qemu");
@@ -348,7 +340,7 @@ async fn socket_activation_removes_its_directory() {
 
 #[tokio::test]
 async fn nbdkit_that_cannot_start_explains_why() {
-    if !installed("nbdkit") {
+    if !servers::require(&["nbdkit"]) {
         return;
     }
     let (fd, child) = spawn_command(&argv(&["nbdkit", "-s", "no-such-plugin"])).unwrap();
@@ -364,7 +356,7 @@ async fn nbdkit_that_cannot_start_explains_why() {
 
 #[tokio::test]
 async fn qemu_nbd_that_cannot_start_explains_why() {
-    if !installed("qemu-nbd") {
+    if !servers::require(&["qemu-nbd"]) {
         return;
     }
     let started = Instant::now();

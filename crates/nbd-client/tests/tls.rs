@@ -67,31 +67,7 @@ impl Drop for TempDir {
     }
 }
 
-fn have_tool(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
-        .unwrap_or(false)
-}
-
-/// True when the tools are there. Otherwise fails the test, unless missing servers are
-/// tolerated (`NBD_ALLOW_MISSING_SERVERS=1`, never under CI), when it says so loudly.
-fn require_tools(names: &[&str]) -> bool {
-    let missing: Vec<&str> = names.iter().copied().filter(|n| !have_tool(n)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let message = format!(
-        "MISSING SERVER/TOOL: {} not found on PATH",
-        missing.join(", ")
-    );
-    let tolerated = std::env::var_os("CI").is_none()
-        && std::env::var("NBD_ALLOW_MISSING_SERVERS").as_deref() == Ok("1");
-    if !tolerated {
-        panic!("{message} (install nbdkit, qemu-utils and libnbd-bin)");
-    }
-    eprintln!("\n*** {message}; this test did NOT run ***\n");
-    false
-}
+mod servers;
 
 // ---------------------------------------------------------------------------------------
 // Keys and certificates
@@ -633,7 +609,7 @@ fn psk_file(path: &Path, users: &[&str]) -> Vec<String> {
 
 #[tokio::test]
 async fn psk_with_nbdkit() {
-    if !require_tools(&["nbdkit", "nbdinfo", "nbdcopy"]) {
+    if !servers::require(&["nbdkit", "nbdinfo", "nbdcopy"]) {
         return;
     }
     let dir = TempDir::new("nbdkit-psk");
@@ -714,7 +690,7 @@ async fn psk_with_nbdkit() {
 
 #[tokio::test]
 async fn psk_with_qemu_nbd() {
-    if !require_tools(&["qemu-nbd", "nbdinfo"]) {
+    if !servers::require(&["qemu-nbd", "nbdinfo"]) {
         return;
     }
     let dir = TempDir::new("qemu-psk");
@@ -762,7 +738,7 @@ async fn psk_with_qemu_nbd() {
 /// TLS 1.2 PSK cipher suites, with a server that will not speak TLS 1.3.
 #[tokio::test]
 async fn psk_over_tls12_with_qemu_nbd() {
-    if !require_tools(&["qemu-nbd", "nbdinfo"]) {
+    if !servers::require(&["qemu-nbd", "nbdinfo"]) {
         return;
     }
     let dir = TempDir::new("qemu-psk12");
@@ -802,7 +778,7 @@ async fn psk_over_tls12_with_qemu_nbd() {
 
 #[tokio::test]
 async fn x509_with_nbdkit() {
-    if !require_tools(&["nbdkit", "nbdinfo"]) {
+    if !servers::require(&["nbdkit", "nbdinfo"]) {
         return;
     }
     let ca = Ca::new("nbd test CA");
@@ -912,7 +888,7 @@ async fn x509_with_nbdkit() {
 /// nbdkit asking for client certificates (`--tls-verify-peer`).
 #[tokio::test]
 async fn x509_client_certificates_with_nbdkit() {
-    if !require_tools(&["nbdkit", "nbdinfo"]) {
+    if !servers::require(&["nbdkit", "nbdinfo"]) {
         return;
     }
     let ca = Ca::new("nbd test CA");
@@ -971,7 +947,7 @@ async fn x509_client_certificates_with_nbdkit() {
 
 #[tokio::test]
 async fn x509_with_qemu_nbd() {
-    if !require_tools(&["qemu-nbd", "nbdinfo"]) {
+    if !servers::require(&["qemu-nbd", "nbdinfo"]) {
         return;
     }
     let ca = Ca::new("nbd test CA");
@@ -1015,7 +991,7 @@ async fn x509_with_qemu_nbd() {
 /// handshake, so a refusal shows on the first exchange, as with TLS 1.3.
 #[tokio::test]
 async fn x509_over_tls12_with_qemu_nbd() {
-    if !require_tools(&["qemu-nbd"]) {
+    if !servers::require(&["qemu-nbd"]) {
         return;
     }
     let ca = Ca::new("nbd test CA");

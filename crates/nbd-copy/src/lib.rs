@@ -25,6 +25,8 @@
 //!
 //! Errors name the side and the offset: `reading the source at 1048576: EIO: …`.
 
+#![warn(missing_docs)]
+
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
@@ -34,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use nbd_client::consts::{FLAG_CAN_MULTI_CONN, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_WRITE_ZEROES, STATE_ZERO};
-use nbd_client::{CancelToken, Config, Errno, Error, Fault, Handle, Result, SourceBuf};
+use nbd_client::{CancelToken, Settings, Errno, Error, Fault, Handle, Result, SourceBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -47,7 +49,12 @@ const WORK_UNIT: u64 = 32 << 20;
 pub enum Endpoint {
     /// An NBD export, connected to with `connect_uri` and these settings (TLS files and the
     /// like; the URI policy should allow local files when the URI names any).
-    Nbd { uri: String, config: Config },
+    Nbd {
+        /// The NBD URI.
+        uri: String,
+        /// The handle's settings (boxed: they are large).
+        settings: Box<Settings>,
+    },
     /// A local file or block device. A missing destination file is created (mode 0644).
     File(PathBuf),
     /// Discards everything (destination only).
@@ -104,9 +111,13 @@ pub struct Progress {
 /// What a finished copy did.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// Bytes copied (the source's size).
     pub bytes: u64,
+    /// Of those, bytes that were data.
     pub data_bytes: u64,
+    /// Of those, bytes that were zero (zero requests, holes or skipped ranges).
     pub zero_bytes: u64,
+    /// How long the copy took.
     pub seconds: f64,
     /// Connections per NBD side actually used.
     pub connections: usize,
@@ -212,11 +223,11 @@ impl Opened {
     }
 }
 
-async fn connect(uri: &str, config: &Config, extents: bool) -> Result<Handle> {
-    let mut config = config.clone();
+async fn connect(uri: &str, settings: &Settings, extents: bool) -> Result<Handle> {
+    let mut settings = settings.clone();
     // Every read fills its whole buffer or fails: zeroing it first is wasted work.
-    config.pread_initialize = false;
-    let h = Handle::new(config);
+    settings.pread_initialize = false;
+    let h = Handle::new(settings);
     if extents {
         h.add_meta_context(BASE_ALLOCATION)?;
     }
@@ -230,8 +241,8 @@ async fn connect(uri: &str, config: &Config, extents: bool) -> Result<Handle> {
 async fn open(endpoint: Endpoint, source: bool) -> Result<Opened> {
     let name = if source { "the source" } else { "the destination" };
     match &endpoint {
-        Endpoint::Nbd { uri, config } => {
-            let h = connect(uri, config, source).await.map_err(|e| e.context(&format!("connecting to {name}")))?;
+        Endpoint::Nbd { uri, settings } => {
+            let h = connect(uri, settings, source).await.map_err(|e| e.context(&format!("connecting to {name}")))?;
             let n = match h.negotiated() {
                 Ok(n) => n,
                 Err(e) => {
@@ -314,11 +325,11 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
 
 /// Opens `count - 1` more connections to an NBD side.
 async fn add_connections(side: &mut Opened, count: usize, source: bool) -> Result<()> {
-    let Endpoint::Nbd { uri, config } = side.endpoint.clone() else { return Ok(()) };
+    let Endpoint::Nbd { uri, settings } = side.endpoint.clone() else { return Ok(()) };
     let mut set = JoinSet::new();
     for _ in 1..count {
-        let (uri, config) = (uri.clone(), config.clone());
-        set.spawn(async move { connect(&uri, &config, source).await });
+        let (uri, settings) = (uri.clone(), settings.clone());
+        set.spawn(async move { connect(&uri, &settings, source).await });
     }
     let mut first_error = None;
     while let Some(r) = set.join_next().await {

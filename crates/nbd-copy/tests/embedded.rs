@@ -4,14 +4,14 @@
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
-use nbd_client::{CancelToken, Config, Errno};
+use nbd_client::{CancelToken, Errno};
 use nbd_copy::{copy, Endpoint, Options, Progress};
 use nbd_embedded::{MemoryServer, ServerOptions};
 
 const MIB: u64 = 1 << 20;
 
 fn nbd(path: &std::path::Path) -> Endpoint {
-    Endpoint::Nbd { uri: format!("nbd+unix:///?socket={}", path.display()), config: Config::default() }
+    Endpoint::Nbd { uri: format!("nbd+unix:///?socket={}", path.display()), settings: Box::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

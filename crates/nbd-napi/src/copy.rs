@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use nbd_client::{CancelToken, Config};
+use nbd_client::{CancelToken, Settings};
 use nbd_copy::{Endpoint, Options, Progress};
 
 use crate::invalid;
@@ -59,10 +59,10 @@ fn endpoint(e: NativeCopyEndpoint) -> nbd_client::Result<Endpoint> {
     match e.kind.as_str() {
         "nbd" => {
             let uri = e.uri.ok_or_else(|| invalid("an nbd endpoint needs a uri"))?;
-            let mut config = Config::default();
+            let mut settings = Box::<Settings>::default();
             // As nbdcopy: a URI may name TLS files.
-            config.uri_policy.allow_local_file = true;
-            Ok(Endpoint::Nbd { uri, config })
+            settings.uri_policy.allow_local_file = true;
+            Ok(Endpoint::Nbd { uri, settings })
         }
         "file" => Ok(Endpoint::File(PathBuf::from(e.path.ok_or_else(|| invalid("a file endpoint needs a path"))?))),
         "null" => Ok(Endpoint::Null),
@@ -80,7 +80,8 @@ pub struct NativeCopy {
 
 #[napi]
 impl NativeCopy {
-    /// `make_error(code, errno, operation, message)` makes the `NbdError` a copy rejects with.
+    /// A copy not yet started; `make_error(code, errno, operation, message)` makes the
+    /// `NbdError` it rejects with.
     #[napi(constructor)]
     pub fn new(
         #[napi(ts_arg_type = "(code: string, errno: number, operation: string, message: string) => Error")]

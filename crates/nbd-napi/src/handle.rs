@@ -80,6 +80,7 @@ pub struct NativeCancel {
 
 #[napi]
 impl NativeCancel {
+    /// A token not yet cancelled.
     #[napi(constructor)]
     pub fn new() -> Self {
         NativeCancel {
@@ -383,120 +384,62 @@ impl NativeHandle {
 
     // ---- settings ----
 
+    /// The export to attach to (`nbd_set_export_name`).
     #[napi]
     pub fn set_export_name(&self, name: String) -> Result<()> {
         self.handle.set_export_name(&name).map_err(self.fail("setExportName"))
     }
 
+    /// The export name (`nbd_get_export_name`).
     #[napi]
     pub fn get_export_name(&self) -> String {
-        self.handle.config().export_name
+        self.handle.settings().negotiation.export_name
     }
 
+    /// The name used in messages (`nbd_set_handle_name`).
     #[napi]
     pub fn set_handle_name(&self, name: String) {
         self.handle.set_handle_name(&name)
     }
 
+    /// The handle's name (`nbd_get_handle_name`).
     #[napi]
     pub fn get_handle_name(&self) -> String {
-        self.handle.config().handle_name
+        self.handle.settings().handle_name
     }
 
+    /// Strict-mode bits (`nbd_set_strict_mode`).
     #[napi]
     pub fn set_strict_mode(&self, flags: u32) -> Result<()> {
         self.handle.set_strict_mode(flags).map_err(self.fail("setStrictMode"))
     }
 
+    /// The strict-mode bits in force (`nbd_get_strict_mode`).
     #[napi]
     pub fn get_strict_mode(&self) -> u32 {
-        self.handle.config().strict
+        self.handle.settings().strict
     }
 
+    /// Whether reads zero their buffer first (`nbd_set_pread_initialize`).
     #[napi]
     pub fn set_pread_initialize(&self, on: bool) {
         self.pread_initialize.set(on);
         self.handle.set_pread_initialize(on)
     }
 
+    /// Whether reads zero their buffer first (`nbd_get_pread_initialize`).
     #[napi]
     pub fn get_pread_initialize(&self) -> bool {
-        self.handle.config().pread_initialize
+        self.handle.settings().pread_initialize
     }
 
-    #[napi]
-    pub fn set_request_structured_replies(&self, on: bool) -> Result<()> {
-        self.handle
-            .configure(|c| c.request_structured_replies = on)
-            .map_err(self.fail("setRequestStructuredReplies"))
-    }
-
-    #[napi]
-    pub fn get_request_structured_replies(&self) -> bool {
-        self.handle.config().request_structured_replies
-    }
-
-    #[napi]
-    pub fn set_request_block_size(&self, on: bool) -> Result<()> {
-        self.handle
-            .negotiation_setting(|c| c.request_block_size = on)
-            .map_err(self.fail("setRequestBlockSize"))
-    }
-
-    #[napi]
-    pub fn get_request_block_size(&self) -> bool {
-        self.handle.config().request_block_size
-    }
-
-    #[napi]
-    pub fn set_full_info(&self, on: bool) -> Result<()> {
-        self.handle.negotiation_setting(|c| c.full_info = on).map_err(self.fail("setFullInfo"))
-    }
-
-    #[napi]
-    pub fn get_full_info(&self) -> bool {
-        self.handle.config().full_info
-    }
-
-    #[napi]
-    pub fn set_request_extended_headers(&self, on: bool) -> Result<()> {
-        self.handle
-            .configure(|c| c.request_extended_headers = on)
-            .map_err(self.fail("setRequestExtendedHeaders"))
-    }
-
-    #[napi]
-    pub fn get_request_extended_headers(&self) -> bool {
-        self.handle.config().request_extended_headers
-    }
-
-    #[napi]
-    pub fn set_request_meta_context(&self, on: bool) -> Result<()> {
-        self.handle
-            .negotiation_setting(|c| c.request_meta_context = on)
-            .map_err(self.fail("setRequestMetaContext"))
-    }
-
-    #[napi]
-    pub fn get_request_meta_context(&self) -> bool {
-        self.handle.config().request_meta_context
-    }
-
-    #[napi]
-    pub fn set_opt_mode(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.opt_mode = on).map_err(self.fail("setOptMode"))
-    }
-
-    #[napi]
-    pub fn get_opt_mode(&self) -> bool {
-        self.handle.config().opt_mode
-    }
-
+    /// A meta context to ask for (`nbd_add_meta_context`).
     #[napi]
     pub fn add_meta_context(&self, name: String) -> Result<()> {
         self.handle.add_meta_context(&name).map_err(self.fail("addMetaContext"))
     }
 
+    /// Forgets the meta contexts to ask for (`nbd_clear_meta_contexts`).
     #[napi]
     pub fn clear_meta_contexts(&self) -> Result<()> {
         self.handle.clear_meta_contexts().map_err(self.fail("clearMetaContexts"))
@@ -505,7 +448,7 @@ impl NativeHandle {
     /// The meta contexts that will be (or were) asked for.
     #[napi]
     pub fn get_meta_contexts(&self) -> Vec<String> {
-        self.handle.config().meta_contexts
+        self.handle.settings().negotiation.meta_contexts
     }
 
     /// Debug messages on or off; `callback`, when given, receives them from now on (else the
@@ -560,41 +503,35 @@ impl NativeHandle {
         }
     }
 
+    /// Whether debug messages flow (`nbd_get_debug`).
     #[napi]
     pub fn get_debug(&self) -> bool {
-        self.handle.config().debug
+        self.handle.settings().debug
     }
 
     /// `disable`, `allow` or `require`.
     #[napi]
     pub fn set_tls(&self, mode: String) -> Result<()> {
         let mode = tls_mode(&mode).map_err(self.fail("setTls"))?;
-        self.handle.configure(|c| c.tls = mode).map_err(self.fail("setTls"))
+        self.handle.set_tls(mode).map_err(self.fail("setTls"))
     }
 
+    /// The TLS mode: `disable`, `allow` or `require` (`nbd_get_tls`).
     #[napi]
     pub fn get_tls(&self) -> &'static str {
-        self.handle.config().tls.name()
+        self.handle.settings().tls.mode.name()
     }
 
+    /// The directory of X.509 files (`nbd_set_tls_certificates`).
     #[napi]
     pub fn set_tls_certificates(&self, dir: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_certificates = Some(dir)).map_err(self.fail("setTlsCertificates"))
+        self.handle.set_tls_certificates(&dir).map_err(self.fail("setTlsCertificates"))
     }
 
-    #[napi]
-    pub fn set_tls_verify_peer(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.tls_verify_peer = on).map_err(self.fail("setTlsVerifyPeer"))
-    }
-
-    #[napi]
-    pub fn get_tls_verify_peer(&self) -> bool {
-        self.handle.config().tls_verify_peer
-    }
-
+    /// The PSK user name (`nbd_set_tls_username`).
     #[napi]
     pub fn set_tls_username(&self, name: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_username = Some(name)).map_err(self.fail("setTlsUsername"))
+        self.handle.set_tls_username(&name).map_err(self.fail("setTlsUsername"))
     }
 
     /// The name set, else the login name.
@@ -603,14 +540,16 @@ impl NativeHandle {
         self.handle.tls_username().map_err(self.fail("getTlsUsername"))
     }
 
+    /// The PSK key file (`nbd_set_tls_psk_file`).
     #[napi]
     pub fn set_tls_psk_file(&self, path: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_psk_file = Some(path)).map_err(self.fail("setTlsPskFile"))
+        self.handle.set_tls_psk_file(&path).map_err(self.fail("setTlsPskFile"))
     }
 
+    /// The name to check the server's certificate against (`nbd_set_tls_hostname`).
     #[napi]
     pub fn set_tls_hostname(&self, host: String) -> Result<()> {
-        self.handle.configure(|c| c.tls_hostname = Some(host)).map_err(self.fail("setTlsHostname"))
+        self.handle.set_tls_hostname(&host).map_err(self.fail("setTlsHostname"))
     }
 
     /// The name set, else the TCP host connected to.
@@ -622,49 +561,38 @@ impl NativeHandle {
     /// Bits: 1 TCP, 2 Unix, 4 vsock, 8 ssh.
     #[napi]
     pub fn set_uri_allow_transports(&self, mask: u32) -> Result<()> {
-        if mask & !nbd_client::uri::ALLOW_TRANSPORT_MASK != 0 {
-            return Err(self.fail("setUriAllowTransports")(invalid(format!("uriAllowTransports {mask:#x} has unknown bits"))));
-        }
-        self.handle.configure(|c| c.uri_policy.allow_transports = mask).map_err(self.fail("setUriAllowTransports"))
+        self.handle.set_uri_allow_transports(mask).map_err(self.fail("setUriAllowTransports"))
     }
 
+    /// The transports a URI may use, as bits (`nbd_get_uri_allow_transports`).
     #[napi]
     pub fn get_uri_allow_transports(&self) -> u32 {
-        self.handle.config().uri_policy.allow_transports
+        self.handle.settings().uri_policy.allow_transports
     }
 
+    /// What a URI may say about TLS (`nbd_set_uri_allow_tls`).
     #[napi]
     pub fn set_uri_allow_tls(&self, mode: String) -> Result<()> {
         let mode = tls_mode(&mode).map_err(self.fail("setUriAllowTls"))?;
-        self.handle.configure(|c| c.uri_policy.allow_tls = mode).map_err(self.fail("setUriAllowTls"))
+        self.handle.set_uri_allow_tls(mode).map_err(self.fail("setUriAllowTls"))
     }
 
+    /// What a URI may say about TLS (`nbd_get_uri_allow_tls`).
     #[napi]
     pub fn get_uri_allow_tls(&self) -> &'static str {
-        self.handle.config().uri_policy.allow_tls.name()
+        self.handle.settings().uri_policy.allow_tls.name()
     }
 
-    #[napi]
-    pub fn set_uri_allow_local_file(&self, on: bool) -> Result<()> {
-        self.handle.configure(|c| c.uri_policy.allow_local_file = on).map_err(self.fail("setUriAllowLocalFile"))
-    }
-
-    #[napi]
-    pub fn get_uri_allow_local_file(&self) -> bool {
-        self.handle.config().uri_policy.allow_local_file
-    }
-
+    /// Handshake flags the client may use (`nbd_set_handshake_flags`).
     #[napi]
     pub fn set_handshake_flags(&self, flags: u32) -> Result<()> {
-        if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(self.fail("setHandshakeFlags")(invalid(format!("handshake flags {flags:#x} include unknown bits"))));
-        }
-        self.handle.configure(|c| c.handshake_flags = flags).map_err(self.fail("setHandshakeFlags"))
+        self.handle.set_handshake_flags(flags).map_err(self.fail("setHandshakeFlags"))
     }
 
+    /// Handshake flags the client may use (`nbd_get_handshake_flags`).
     #[napi]
     pub fn get_handshake_flags(&self) -> u32 {
-        self.handle.config().handshake_flags
+        self.handle.settings().negotiation.handshake_flags
     }
 
     /// Milliseconds for the whole connect and handshake; 0 means no limit.
@@ -682,34 +610,36 @@ impl NativeHandle {
                 ))
             })?),
         };
-        self.handle.configure(|c| c.connect_timeout = limit).map_err(self.fail("create"))
+        self.handle.set_connect_timeout(limit).map_err(self.fail("create"))
     }
 
+    /// Commands on the wire at once; more are queued.
     #[napi]
     pub fn set_max_in_flight(&self, n: u32) -> Result<()> {
-        if n == 0 {
-            return Err(self.fail("create")(invalid("maxInFlight must be at least 1")));
-        }
-        self.handle.configure(|c| c.max_in_flight = n as usize).map_err(self.fail("create"))
+        self.handle.set_max_in_flight(n as usize).map_err(self.fail("create"))
     }
 
+    /// Commands on the wire at once.
     #[napi]
     pub fn get_max_in_flight(&self) -> u32 {
-        self.handle.config().max_in_flight as u32
+        self.handle.settings().max_in_flight as u32
     }
 
     // ---- state ----
 
+    /// The handle's state, by libnbd's name.
     #[napi(getter)]
     pub fn state(&self) -> &'static str {
         self.handle.state().name()
     }
 
+    /// Commands submitted and not yet finished.
     #[napi(getter)]
     pub fn in_flight(&self) -> u32 {
         self.handle.in_flight() as u32
     }
 
+    /// Byte and chunk counters (`nbd_stats_*`).
     #[napi]
     pub fn stats(&self) -> NativeStats {
         let s = self.handle.stats();
@@ -723,18 +653,21 @@ impl NativeHandle {
 
     // ---- connecting ----
 
+    /// Talks NBD over an open connected socket (`nbd_connect_socket`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_socket<'env>(&self, env: &'env Env, fd: i32) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
         spawn!(self, env, "connectSocket", h.connect_socket(fd))
     }
 
+    /// Connects to a Unix domain socket (`nbd_connect_unix`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_unix<'env>(&self, env: &'env Env, path: String) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
         spawn!(self, env, "connectUnix", h.connect_unix(&path))
     }
 
+    /// Connects over TCP (`nbd_connect_tcp`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_tcp<'env>(
         &self,
@@ -746,18 +679,21 @@ impl NativeHandle {
         spawn!(self, env, "connectTcp", h.connect_tcp(&host, &port))
     }
 
+    /// Connects to what an NBD URI names (`nbd_connect_uri`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_uri<'env>(&self, env: &'env Env, uri: String) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
         spawn!(self, env, "connectUri", h.connect_uri(&uri))
     }
 
+    /// Starts a server on a socket as its stdin and stdout (`nbd_connect_command`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_command<'env>(&self, env: &'env Env, argv: Vec<String>) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
         spawn!(self, env, "connectCommand", h.connect_command(argv))
     }
 
+    /// Starts a server with a listening socket (`nbd_connect_systemd_socket_activation`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_systemd_socket_activation<'env>(
         &self,
@@ -775,22 +711,26 @@ impl NativeHandle {
         self.handle.subprocess_pid().map_err(self.fail("getSubprocessPid"))
     }
 
+    /// `LISTEN_FDNAMES` for socket activation (`nbd_set_socket_activation_name`).
     #[napi]
     pub fn set_socket_activation_name(&self, name: String) -> Result<()> {
         self.handle.set_socket_activation_name(&name).map_err(self.fail("setSocketActivationName"))
     }
 
+    /// `LISTEN_FDNAMES` for socket activation (`nbd_get_socket_activation_name`).
     #[napi]
     pub fn get_socket_activation_name(&self) -> String {
-        self.handle.config().socket_activation_name
+        self.handle.settings().socket_activation_name
     }
 
+    /// Connects over AF_VSOCK (`nbd_connect_vsock`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn connect_vsock<'env>(&self, env: &'env Env, cid: u32, port: u32) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
         spawn!(self, env, "connectVsock", h.connect_vsock(cid, port))
     }
 
+    /// A URI for the current connection (`nbd_get_uri`).
     #[napi]
     pub fn get_uri(&self) -> Result<String> {
         self.handle.get_uri().map_err(self.fail("getUri"))
@@ -800,6 +740,7 @@ impl NativeHandle {
     //
     // Each returns a promise at once; refusals (state, strict checks, arguments) reject it.
 
+    /// Reads into a new Buffer (`nbd_pread`).
     #[napi(ts_return_type = "Promise<Buffer>")]
     pub fn pread<'env>(
         &self,
@@ -816,6 +757,7 @@ impl NativeHandle {
         self.read(env, "pread", c, o, flags, Outcome::Buffer, cancel)
     }
 
+    /// Reads, with the chunks the server sent (`nbd_pread_structured`).
     #[napi(ts_return_type = "Promise<{ data: Buffer; chunks: Array<{ offset: number; length: number; status: 'data' | 'hole' | 'error' }> }>")]
     pub fn pread_structured<'env>(
         &self,
@@ -958,18 +900,21 @@ impl NativeHandle {
 
     // ---- option negotiation ----
 
+    /// Ends negotiation and enters transmission (`nbd_opt_go`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn opt_go<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
         spawn!(self, env, "optGo", h.opt_go())
     }
 
+    /// Ends the connection politely (`nbd_opt_abort`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn opt_abort<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
         spawn!(self, env, "optAbort", h.opt_abort())
     }
 
+    /// Asks for the export's details (`nbd_opt_info`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn opt_info<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         let h = self.handle.clone();
@@ -986,6 +931,7 @@ impl NativeHandle {
         })
     }
 
+    /// The meta contexts the server offers (`nbd_opt_list_meta_context`).
     #[napi(ts_return_type = "Promise<string[]>")]
     pub fn opt_list_meta_context<'env>(
         &self,
@@ -996,6 +942,7 @@ impl NativeHandle {
         spawn!(self, env, "optListMetaContext", h.opt_list_meta_context(queries))
     }
 
+    /// The meta contexts the server agreed to (`nbd_opt_set_meta_context`).
     #[napi(ts_return_type = "Promise<string[]>")]
     pub fn opt_set_meta_context<'env>(
         &self,
@@ -1006,18 +953,21 @@ impl NativeHandle {
         spawn!(self, env, "optSetMetaContext", h.opt_set_meta_context(queries))
     }
 
+    /// Asks for structured replies (`nbd_opt_structured_reply`).
     #[napi(ts_return_type = "Promise<boolean>")]
     pub fn opt_structured_reply<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, bool>> {
         let h = self.handle.clone();
         spawn!(self, env, "optStructuredReply", h.opt_structured_reply())
     }
 
+    /// Asks for extended headers (`nbd_opt_extended_headers`).
     #[napi(ts_return_type = "Promise<boolean>")]
     pub fn opt_extended_headers<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, bool>> {
         let h = self.handle.clone();
         spawn!(self, env, "optExtendedHeaders", h.opt_extended_headers())
     }
 
+    /// Asks for TLS (`nbd_opt_starttls`).
     #[napi(ts_return_type = "Promise<boolean>")]
     pub fn opt_starttls<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, bool>> {
         let h = self.handle.clone();
@@ -1026,6 +976,7 @@ impl NativeHandle {
 
     // ---- ending ----
 
+    /// Disconnects politely (`nbd_shutdown`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn shutdown<'env>(&self, env: &'env Env, abandon_pending: bool) -> Result<Unknown<'env>> {
         if let Some(d) = self.driver(env.raw()) {
@@ -1036,6 +987,7 @@ impl NativeHandle {
         Ok(Self::value(env, p.raw()))
     }
 
+    /// Closes the handle: pending commands fail, the socket is closed (`nbd_close`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         self.closed.store(true, Ordering::SeqCst);
@@ -1080,73 +1032,85 @@ impl NativeHandle {
         Ok(n.export.has(flag))
     }
 
+    /// Whether the export is read-only (`nbd_is_read_only`).
     #[napi]
     pub fn is_read_only(&self) -> Result<bool> {
         self.flag("isReadOnly", FLAG_READ_ONLY)
     }
 
+    /// Whether the export is on rotating media (`nbd_is_rotational`).
     #[napi]
     pub fn is_rotational(&self) -> Result<bool> {
         self.flag("isRotational", FLAG_ROTATIONAL)
     }
 
+    /// Whether the server can flush (`nbd_can_flush`).
     #[napi]
     pub fn can_flush(&self) -> Result<bool> {
         self.flag("canFlush", FLAG_SEND_FLUSH)
     }
 
+    /// Whether the server honours FUA (`nbd_can_fua`).
     #[napi]
     pub fn can_fua(&self) -> Result<bool> {
         self.flag("canFua", FLAG_SEND_FUA)
     }
 
+    /// Whether the server can trim (`nbd_can_trim`).
     #[napi]
     pub fn can_trim(&self) -> Result<bool> {
         self.flag("canTrim", FLAG_SEND_TRIM)
     }
 
+    /// Whether the server can write zeroes (`nbd_can_zero`).
     #[napi]
     pub fn can_zero(&self) -> Result<bool> {
         self.flag("canZero", FLAG_SEND_WRITE_ZEROES)
     }
 
+    /// Whether the server can zero fast (`nbd_can_fast_zero`).
     #[napi]
     pub fn can_fast_zero(&self) -> Result<bool> {
         self.flag("canFastZero", FLAG_SEND_FAST_ZERO)
     }
 
-    /// DF needs structured replies as well as the server's flag (as libnbd).
+    /// Whether reads may ask for one data chunk (`nbd_can_df`).
     #[napi]
     pub fn can_df(&self) -> Result<bool> {
-        let n = self.handle.negotiated().map_err(self.fail("canDf"))?;
-        Ok(n.structured_replies && n.export.has(FLAG_SEND_DF))
+        self.handle.can_df().map_err(self.fail("canDf"))
     }
 
+    /// Whether several connections see one export (`nbd_can_multi_conn`).
     #[napi]
     pub fn can_multi_conn(&self) -> Result<bool> {
         self.flag("canMultiConn", FLAG_CAN_MULTI_CONN)
     }
 
+    /// Whether the server can cache (`nbd_can_cache`).
     #[napi]
     pub fn can_cache(&self) -> Result<bool> {
         self.flag("canCache", FLAG_SEND_CACHE)
     }
 
+    /// The handshake style the server spoke (`nbd_get_protocol`).
     #[napi]
     pub fn get_protocol(&self) -> Result<&'static str> {
         Ok(self.handle.negotiated_so_far().map_err(self.fail("getProtocol"))?.protocol.name())
     }
 
+    /// Whether structured replies were negotiated (`nbd_get_structured_replies_negotiated`).
     #[napi]
     pub fn get_structured_replies_negotiated(&self) -> Result<bool> {
         Ok(self.handle.negotiated_so_far().map_err(self.fail("getStructuredRepliesNegotiated"))?.structured_replies)
     }
 
+    /// Whether extended headers were negotiated (`nbd_get_extended_headers_negotiated`).
     #[napi]
     pub fn get_extended_headers_negotiated(&self) -> Result<bool> {
         Ok(self.handle.negotiated_so_far().map_err(self.fail("getExtendedHeadersNegotiated"))?.extended_headers)
     }
 
+    /// Whether TLS was negotiated (`nbd_get_tls_negotiated`).
     #[napi]
     pub fn get_tls_negotiated(&self) -> Result<bool> {
         Ok(self.handle.negotiated_so_far().map_err(self.fail("getTlsNegotiated"))?.tls)
@@ -1159,13 +1123,13 @@ impl NativeHandle {
         self.handle.can_meta_context(&name).map_err(self.fail("canMetaContext"))
     }
 
-    /// Filtered block status needs extended headers and the server's flag.
+    /// Whether block status can be filtered (`nbd_can_block_status_payload`).
     #[napi]
     pub fn can_block_status_payload(&self) -> Result<bool> {
-        let n = self.handle.negotiated().map_err(self.fail("canBlockStatusPayload"))?;
-        Ok(n.extended_headers && n.export.has(FLAG_BLOCK_STAT_PAYLOAD))
+        self.handle.can_block_status_payload().map_err(self.fail("canBlockStatusPayload"))
     }
 
+    /// The export's canonical name (`nbd_get_canonical_export_name`).
     #[napi]
     pub fn get_canonical_export_name(&self) -> Result<String> {
         let n = self.handle.negotiated().map_err(self.fail("getCanonicalExportName"))?;
@@ -1177,6 +1141,7 @@ impl NativeHandle {
         })
     }
 
+    /// The export's description (`nbd_get_export_description`).
     #[napi]
     pub fn get_export_description(&self) -> Result<String> {
         let n = self.handle.negotiated().map_err(self.fail("getExportDescription"))?;
@@ -1189,3 +1154,44 @@ impl NativeHandle {
     }
 }
 
+/// The boolean settings, each a pair: the setter forwards to the handle's setter of the same
+/// name (which checks the handle's state), the getter reads the setting.
+macro_rules! bool_settings {
+    ($($doc:literal $op:literal $set:ident, $get:ident => $($field:ident).+;)*) => {
+        #[napi]
+        impl NativeHandle {
+            $(
+                #[doc = $doc]
+                #[napi]
+                pub fn $set(&self, on: bool) -> Result<()> {
+                    self.handle.$set(on).map_err(self.fail($op))
+                }
+
+                #[doc = $doc]
+                #[napi]
+                pub fn $get(&self) -> bool {
+                    self.handle.settings().$($field).+
+                }
+            )*
+        }
+    };
+}
+
+bool_settings! {
+    "Whether to ask for structured replies (`nbd_set_request_structured_replies`)."
+    "setRequestStructuredReplies" set_request_structured_replies, get_request_structured_replies => negotiation.request_structured_replies;
+    "Whether to ask for block size constraints (`nbd_set_request_block_size`)."
+    "setRequestBlockSize" set_request_block_size, get_request_block_size => negotiation.request_block_size;
+    "Whether to ask for the canonical name and description (`nbd_set_full_info`)."
+    "setFullInfo" set_full_info, get_full_info => negotiation.full_info;
+    "Whether to ask for extended headers (`nbd_set_request_extended_headers`)."
+    "setRequestExtendedHeaders" set_request_extended_headers, get_request_extended_headers => negotiation.request_extended_headers;
+    "Whether to set meta contexts before GO/INFO (`nbd_set_request_meta_context`)."
+    "setRequestMetaContext" set_request_meta_context, get_request_meta_context => negotiation.request_meta_context;
+    "Whether to stop in option negotiation (`nbd_set_opt_mode`)."
+    "setOptMode" set_opt_mode, get_opt_mode => negotiation.opt_mode;
+    "Whether to verify the server's certificate (`nbd_set_tls_verify_peer`)."
+    "setTlsVerifyPeer" set_tls_verify_peer, get_tls_verify_peer => tls.verify_peer;
+    "Whether a URI may name local files (`nbd_set_uri_allow_local_file`)."
+    "setUriAllowLocalFile" set_uri_allow_local_file, get_uri_allow_local_file => uri_policy.allow_local_file;
+}

@@ -7,6 +7,8 @@
 //! ([`settle::ErrorFactory`]), whether a command's promise rejects, a synchronous call
 //! throws, or a call that runs on tokio rejects.
 
+#![warn(missing_docs)]
+
 mod copy;
 mod event_loop;
 mod handle;

@@ -2,7 +2,7 @@
 //! ([`Negotiated`], [`ExportInfo`], [`MetaContext`]) and to option requests
 //! ([`ExportEntry`]).
 
-use crate::consts::{DEFAULT_PAYLOAD, MAX_PAYLOAD_HARD};
+use crate::consts::{DEFAULT_PAYLOAD, FLAG_BLOCK_STAT_PAYLOAD, FLAG_SEND_DF, MAX_PAYLOAD_HARD};
 use crate::errno::Errno;
 use crate::error::{Error, Result};
 
@@ -103,6 +103,18 @@ pub struct Negotiated {
 }
 
 impl Negotiated {
+    /// `nbd_can_df`: the server's `NBD_FLAG_SEND_DF`, and structured replies to carry a
+    /// read that asks for one data chunk.
+    pub fn can_df(&self) -> bool {
+        self.structured_replies && self.export.has(FLAG_SEND_DF)
+    }
+
+    /// `nbd_can_block_status_payload`: extended headers and the server's
+    /// `NBD_FLAG_BLOCK_STAT_PAYLOAD`, which a filtered block status needs.
+    pub fn can_block_status_payload(&self) -> bool {
+        self.extended_headers && self.export.has(FLAG_BLOCK_STAT_PAYLOAD)
+    }
+
     /// The id of meta context `name`, if it was negotiated.
     pub fn meta_context_id(&self, name: &str) -> Option<u32> {
         self.meta_contexts.iter().find(|m| m.name == name).map(|m| m.id)

@@ -155,9 +155,7 @@ impl<'a> StrictChecks<'a> {
         if flags & CMD_FLAG_FAST_ZERO != 0 && !export.has(FLAG_SEND_FAST_ZERO) {
             return Err(usage(Errno::EINVAL, "server does not support the fast zero flag"));
         }
-        if flags & CMD_FLAG_DF != 0
-            && !(export.has(FLAG_SEND_DF) && self.negotiated.structured_replies)
-        {
+        if flags & CMD_FLAG_DF != 0 && !self.negotiated.can_df() {
             return Err(usage(Errno::EINVAL, "server does not support the DF flag"));
         }
         Ok(())

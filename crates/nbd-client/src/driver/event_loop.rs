@@ -29,14 +29,17 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use nbd_proto::consts::command_name;
 use nbd_proto::state::{self, Call, State};
 use nbd_proto::transmission::{
-    Command, CommandKind, Decoded, Detail, Event, Fatal, ReplyDecoder, Session, Tracking,
+    Command, Decoded, Detail, Event, Fatal, ReplyDecoder, Session, Tracking,
 };
 use nbd_proto::{Errno, Error, Result};
 
-use crate::driver::{Debug, Lifeline, Shared};
+pub use super::COPY_PAYLOAD_MAX;
+use super::{
+    describe_outcome, describe_request, DISCONNECT, cancelled_error, closed_error, end_of_stream_error, Counters, DebugSwitch, Lifeline, DIRECT_READ_MIN,
+    INPUT_SIZE, SMALL_FILL,
+};
 
 /// What the connection needs from a command's owner.
 pub trait CommandData {
@@ -63,19 +66,25 @@ pub enum Payload {
 
 /// A command for [`Connection::submit`].
 pub struct Submission<U> {
+    /// The request.
     pub cmd: Command,
     /// Block status only for these context names.
     pub filter: Option<Vec<String>>,
     /// Record a read's chunks ([`Detail::Chunks`]).
     pub record_chunks: bool,
+    /// A write's payload.
     pub payload: Payload,
+    /// The owner's value for this command (its buffers, its promise).
     pub user: U,
 }
 
 /// A finished command, to be settled by the owner.
 pub struct Completion<U> {
+    /// The owner's value given to [`Connection::submit`].
     pub user: U,
+    /// The outcome.
     pub result: Result<()>,
+    /// What the reply carried (extents, chunks).
     pub detail: Detail,
 }
 
@@ -141,14 +150,6 @@ enum Shutdown {
     Sent,
 }
 
-/// The input buffer size: replies are read in batches this large.
-const INPUT_SIZE: usize = 256 * 1024;
-/// Read data still to come beyond this goes straight from the socket into its destination.
-const DIRECT_READ_MIN: usize = 32 * 1024;
-/// What one read asks for while large reads are coming: room for a few reply headers.
-const SMALL_FILL: usize = 4096;
-/// Write payloads up to this size are copied next to their header when submitted.
-pub const COPY_PAYLOAD_MAX: usize = 16 * 1024;
 /// Pieces gathered into one `sendmsg`.
 const MAX_IOV: usize = 64;
 
@@ -165,9 +166,9 @@ pub struct Connection<U: CommandData> {
     payload: Option<InPayload>,
     next_cookie: u64,
     max_in_flight: usize,
-    shared: Arc<Shared>,
+    counters: Arc<Counters>,
     lifeline: Arc<Lifeline>,
-    debug: Debug,
+    debug: DebugSwitch,
     completions: Vec<Completion<U>>,
     shutdown: Shutdown,
     ended: bool,
@@ -177,7 +178,7 @@ pub struct Connection<U: CommandData> {
     borrowed_queued: usize,
     /// The last read's data was large (see [`Connection::fill`]).
     large_reads: bool,
-    /// Debug messages kept for the owner ([`Connection::take_debug`]) instead of going to
+    /// DebugSwitch messages kept for the owner ([`Connection::take_debug`]) instead of going to
     /// the handle's sink.
     debug_queue: Option<Vec<(&'static str, String)>>,
 }
@@ -188,9 +189,9 @@ pub struct Transmission {
     pub(crate) session: Arc<Session>,
     pub(crate) early: Vec<u8>,
     pub(crate) max_in_flight: usize,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) counters: Arc<Counters>,
     pub(crate) lifeline: Arc<Lifeline>,
-    pub(crate) debug: Debug,
+    pub(crate) debug: DebugSwitch,
 }
 
 impl<U: CommandData> Connection<U> {
@@ -210,7 +211,7 @@ impl<U: CommandData> Connection<U> {
             payload: None,
             next_cookie: 1,
             max_in_flight: t.max_in_flight.max(1),
-            shared: t.shared,
+            counters: t.counters,
             lifeline: t.lifeline,
             debug: t.debug,
             completions: Vec::new(),
@@ -277,7 +278,7 @@ impl<U: CommandData> Connection<U> {
     /// The state a handle on this connection is in.
     pub fn state(&self) -> State {
         // `shutdown` marks the lifeline as disconnecting before anything else.
-        self.lifeline.state(self.shared.in_flight.load(Ordering::Relaxed))
+        self.lifeline.state(self.counters.in_flight.load(Ordering::Relaxed))
     }
 
     /// Finished commands, to be settled by the owner.
@@ -319,7 +320,7 @@ impl<U: CommandData> Connection<U> {
                 Err(e) => return Err((e, user)),
             }
         }
-        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         let q = Queued {
             cmd,
             flags,
@@ -340,6 +341,13 @@ impl<U: CommandData> Connection<U> {
         state::ensure_allowed(Call::Command, self.state())
     }
 
+    /// A command is over: no longer in flight, its outcome waits for the owner.
+    #[inline]
+    fn finish(&mut self, user: U, result: Result<()>, detail: Detail) {
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.completions.push(Completion { user, result, detail });
+    }
+
     /// Encodes a command into the output queue and registers it with the decoder.
     fn send(&mut self, q: Queued<U>) {
         let Queued {
@@ -351,42 +359,20 @@ impl<U: CommandData> Connection<U> {
         } = q;
         if user.cancelled() {
             // The caller has been told already; it never reaches the wire.
-            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.completions.push(Completion {
-                user,
-                result: Err(cancelled_error()),
-                detail: Detail::None,
-            });
+            self.finish(user, Err(cancelled_error()), Detail::None);
             return;
         }
         // A borrowed payload must still be there before anything of the command goes out.
         if let Payload::Borrowed(len) = payload {
             if !matches!(user.source(), Some((_, l)) if l == len) {
-                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.completions.push(Completion {
-                    user,
-                    result: Err(detached_error("write", len)),
-                    detail: Detail::None,
-                });
+                self.finish(user, Err(detached_error("write", len)), Detail::None);
                 return;
             }
         }
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         if self.debug.on.load(Ordering::Relaxed) {
-            self.log(
-                "command",
-                format!(
-                    "sending {} cookie {cookie} offset {} count {} flags {flags:#x}{}",
-                    command_name(cmd.kind.code()),
-                    cmd.offset,
-                    cmd.length,
-                    match &tracking.filter {
-                        Some(ids) => format!(" contexts {ids:?}"),
-                        None => String::new(),
-                    }
-                ),
-            );
+            self.log("command", describe_request(cookie, &cmd, flags, &tracking));
         }
         let mut sent = 0u64;
         match payload {
@@ -415,8 +401,7 @@ impl<U: CommandData> Connection<U> {
                 sent += (data.len() - at) as u64;
             }
         }
-        self.shared.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-        self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        self.counters.sent(sent);
         self.decoder
             .register_with(cookie, cmd, tracking, Entry { user, fault: None });
     }
@@ -435,15 +420,11 @@ impl<U: CommandData> Connection<U> {
 
     /// Fails the queued commands that were cancelled, at once (they would never be sent).
     pub fn drop_cancelled(&mut self) {
-        let mut kept = VecDeque::with_capacity(self.queued.len());
-        for q in self.queued.drain(..) {
+        let queued = std::mem::take(&mut self.queued);
+        let mut kept = VecDeque::with_capacity(queued.len());
+        for q in queued {
             if q.user.cancelled() {
-                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.completions.push(Completion {
-                    user: q.user,
-                    result: Err(cancelled_error()),
-                    detail: Detail::None,
-                });
+                self.finish(q.user, Err(cancelled_error()), Detail::None);
             } else {
                 kept.push_back(q);
             }
@@ -461,15 +442,8 @@ impl<U: CommandData> Connection<U> {
         self.lifeline.begin_disconnect();
         if abandon {
             for q in std::mem::take(&mut self.queued) {
-                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.completions.push(Completion {
-                    user: q.user,
-                    result: Err(Error::io(
-                        Errno::ENOTCONN,
-                        "the handle was shut down before the command was sent",
-                    )),
-                    detail: Detail::None,
-                });
+                let e = Error::io(Errno::ENOTCONN, "the handle was shut down before the command was sent");
+                self.finish(q.user, Err(e), Detail::None);
             }
             self.queue_disconnect();
         } else {
@@ -480,12 +454,7 @@ impl<U: CommandData> Connection<U> {
     }
 
     fn queue_disconnect(&mut self) {
-        let cmd = Command {
-            kind: CommandKind::Disconnect,
-            offset: 0,
-            length: 0,
-            flags: 0,
-        };
+        let cmd = DISCONNECT;
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         if self.debug.on.load(Ordering::Relaxed) {
@@ -493,8 +462,7 @@ impl<U: CommandData> Connection<U> {
         }
         let mut data = Vec::with_capacity(32);
         self.session.encode_request(cookie, &cmd, 0, &mut data);
-        self.shared.bytes_sent.fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        self.counters.sent(data.len() as u64);
         self.out.push_back(Segment::Disconnect { data, sent: 0 });
         self.shutdown = Shutdown::Queued;
     }
@@ -619,12 +587,7 @@ impl<U: CommandData> Connection<U> {
             self.out.retain(|s| !matches!(s, Segment::Write { cookie: c, .. } if *c == cookie));
             self.borrowed_queued -= before - self.out.len();
             if let Some(entry) = self.decoder.unregister(cookie) {
-                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.completions.push(Completion {
-                    user: entry.user,
-                    result: Err(error),
-                    detail: Detail::None,
-                });
+                self.finish(entry.user, Err(error), Detail::None);
             }
             self.promote();
         } else {
@@ -734,7 +697,7 @@ impl<U: CommandData> Connection<U> {
             Ok(0) => Ok(Fill::Eof),
             Ok(n) => {
                 self.end += n;
-                self.shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                self.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                 Ok(Fill::Data { full: n == room })
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::Empty),
@@ -744,6 +707,8 @@ impl<U: CommandData> Connection<U> {
     }
 
     fn event(&mut self, event: Event<Entry<U>>) {
+        // Every event is one reply or reply chunk.
+        self.counters.chunks_received.fetch_add(1, Ordering::Relaxed);
         match event {
             Event::Done {
                 cookie,
@@ -751,29 +716,19 @@ impl<U: CommandData> Connection<U> {
                 result,
                 detail,
             } => {
-                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = self.own_unsent_payload(cookie, &mut entry) {
                     self.fail(e.clone(), Some((entry.user, e)));
                     return;
                 }
                 if self.debug.on.load(Ordering::Relaxed) {
-                    let outcome = match &result {
-                        Ok(()) => "success".to_string(),
-                        Err(e) => format!("{}: {}", e.errno(), e.message()),
-                    };
-                    self.log("reply", format!("cookie {cookie} done: {outcome}"));
+                    self.log("reply", describe_outcome(cookie, &result));
                 }
                 let result = match (entry.fault, entry.user.cancelled()) {
                     (_, true) => Err(cancelled_error()),
                     (Some(fault), false) => Err(fault),
                     (None, false) => result,
                 };
-                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.completions.push(Completion {
-                    user: entry.user,
-                    result,
-                    detail,
-                });
+                self.finish(entry.user, result, detail);
                 self.promote();
             }
             Event::ReadHole {
@@ -781,7 +736,6 @@ impl<U: CommandData> Connection<U> {
                 buf_offset,
                 len,
             } => {
-                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
                 let entry = self.decoder.user_mut(cookie).expect("decoder names a command in flight");
                 if let Some(ptr) = dest_checked(entry, buf_offset + len) {
                     // SAFETY: `dest_checked` says the range is inside the live destination.
@@ -793,7 +747,6 @@ impl<U: CommandData> Connection<U> {
                 buf_offset,
                 len,
             } => {
-                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
                 self.large_reads = len >= DIRECT_READ_MIN;
                 self.payload = Some(InPayload {
                     cookie,
@@ -882,7 +835,7 @@ impl<U: CommandData> Connection<U> {
                     let slice = unsafe { std::slice::from_raw_parts_mut(ptr.add(p.buf_offset + p.done), left) };
                     match recv(self.fd.as_raw_fd(), slice) {
                         Ok(n) => {
-                            self.shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                            self.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                             p.done += n;
                             Ok(n)
                         }
@@ -920,12 +873,7 @@ impl<U: CommandData> Connection<U> {
     }
 
     fn end_of_stream(&mut self) {
-        let e = if self.shutdown != Shutdown::None {
-            Error::io(Errno::ESHUTDOWN, "the server closed the connection after NBD_CMD_DISC")
-        } else {
-            Error::io(Errno::ECONNRESET, "the server closed the connection")
-        };
-        self.fail(e, None);
+        self.fail(end_of_stream_error(self.shutdown != Shutdown::None), None);
     }
 
     /// Ends the connection: `culprit` (if any) fails with its own error, every other
@@ -945,12 +893,7 @@ impl<U: CommandData> Connection<U> {
         self.out.clear();
         self.borrowed_queued = 0;
         if let Some((user, e)) = culprit {
-            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.completions.push(Completion {
-                user,
-                result: Err(e),
-                detail: Detail::None,
-            });
+            self.finish(user, Err(e), Detail::None);
         }
         self.fail_all(pending);
         if self.shutdown == Shutdown::Pending || self.shutdown == Shutdown::Queued {
@@ -962,22 +905,12 @@ impl<U: CommandData> Connection<U> {
         let mut entries: Vec<(u64, Entry<U>)> = self.decoder.take_all();
         entries.sort_by_key(|(cookie, _)| *cookie);
         for (_, entry) in entries {
-            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
             let result = if entry.user.cancelled() { cancelled_error() } else { error.clone() };
-            self.completions.push(Completion {
-                user: entry.user,
-                result: Err(result),
-                detail: Detail::None,
-            });
+            self.finish(entry.user, Err(result), Detail::None);
         }
         for q in std::mem::take(&mut self.queued) {
-            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
             let result = if q.user.cancelled() { cancelled_error() } else { error.clone() };
-            self.completions.push(Completion {
-                user: q.user,
-                result: Err(result),
-                detail: Detail::None,
-            });
+            self.finish(q.user, Err(result), Detail::None);
         }
     }
 
@@ -991,10 +924,7 @@ impl<U: CommandData> Connection<U> {
             self.out.clear();
             self.borrowed_queued = 0;
         }
-        self.fail_all(Error::io(
-            Errno::ENOTCONN,
-            "the handle was closed before the command finished",
-        ));
+        self.fail_all(closed_error());
     }
 }
 
@@ -1039,10 +969,6 @@ fn detached_error(what: &str, len: usize) -> Error {
         Errno::EFAULT,
         format!("the buffer of this {what} ({len} bytes) was detached or resized before it was sent"),
     )
-}
-
-fn cancelled_error() -> Error {
-    Error::new(nbd_proto::Fault::Cancelled, Errno::ECANCELED, "the command was cancelled")
 }
 
 fn iovec(data: &[u8]) -> libc::iovec {

@@ -73,7 +73,7 @@ const PID_ROOM: usize = 11;
 /// that starts and then fails shows up later, as end of file during the handshake: the
 /// caller should then add [`Child::failure_report`] to its error.
 pub fn spawn_command(argv: &[String]) -> Result<(OwnedFd, Child)> {
-    let plan = Plan::new(argv, None)?;
+    let plan = ExecRequest::new(argv, None)?;
     let (ours, theirs) = socketpair()?;
     let stdin = above_stdio(theirs)?;
     let stdout = above_stdio(
@@ -110,7 +110,7 @@ pub fn spawn_socket_activation(argv: &[String]) -> Result<(OwnedFd, Child)> {
 /// 255 printable ASCII characters other than `:` (systemd's rule), else `EINVAL`.
 pub fn spawn_socket_activation_named(argv: &[String], name: &str) -> Result<(OwnedFd, Child)> {
     check_socket_name(name)?;
-    let plan = Plan::new(argv, Some(name))?;
+    let plan = ExecRequest::new(argv, Some(name))?;
     let dir = TempDir::new()?;
     let path = dir.path.join("sock");
     let listener = std::os::unix::net::UnixListener::bind(&path)
@@ -149,24 +149,24 @@ pub fn spawn_socket_activation_named(argv: &[String], name: &str) -> Result<(Own
 /// it started there end with it. The process is reaped the moment it exits whatever
 /// happens, so it never lingers as a zombie.
 pub struct Child {
-    shared: Arc<Shared>,
+    watched: Arc<Watched>,
     mode: Mode,
 }
 
 impl Child {
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.shared.pid as u32
+        self.watched.pid as u32
     }
 
     /// The program the child runs (`argv[0]`).
     pub fn program(&self) -> &str {
-        &self.shared.program
+        &self.watched.program
     }
 
     /// True once the process has exited (and been reaped). Does not block.
     pub fn has_exited(&self) -> bool {
-        !matches!(self.shared.lock().exit, Exit::Running)
+        !matches!(self.watched.lock().exit, Exit::Running)
     }
 
     /// How the process ended, if it has. `None` while it runs, and also in the unusual case
@@ -174,7 +174,7 @@ impl Child {
     /// `SIGCHLD` to `SIG_IGN` has its children reaped by the kernel); see
     /// [`Child::has_exited`]. Does not block.
     pub fn exit_status(&self) -> Option<ExitStatus> {
-        match self.shared.lock().exit {
+        match self.watched.lock().exit {
             Exit::Exited(status) => Some(status),
             _ => None,
         }
@@ -184,7 +184,7 @@ impl Child {
     /// activation, stdout), starting at a line boundary when older output was dropped, with
     /// invalid UTF-8 replaced and trailing whitespace trimmed. Empty if it wrote nothing.
     pub fn stderr_tail(&self) -> String {
-        tail_text(&self.shared.lock().output, OUTPUT_KEPT)
+        tail_text(&self.watched.lock().output, OUTPUT_KEPT)
     }
 
     /// One sentence on the state of the process for an error message, from what is known
@@ -193,8 +193,8 @@ impl Child {
     /// Does not block; after a failed handshake prefer [`Child::failure_report`], which
     /// first gives the process a moment to finish exiting and writing.
     pub fn report(&self) -> Option<String> {
-        let state = self.shared.lock();
-        let who = format!("the server process {} (pid {})", self.shared.program, self.shared.pid);
+        let state = self.watched.lock();
+        let who = format!("the server process {} (pid {})", self.watched.program, self.watched.pid);
         let what = match state.exit {
             Exit::Running => None,
             Exit::Exited(status) => Some(describe_status(status)),
@@ -214,11 +214,11 @@ impl Child {
     /// usually still writing its last message and exiting when the client sees end of
     /// file. Returns as soon as both have happened. Needs a tokio runtime (for the timer).
     pub async fn failure_report(&self, within: Duration) -> Option<String> {
-        let mut events = self.shared.events.subscribe();
+        let mut events = self.watched.events.subscribe();
         let settled = async {
             loop {
                 {
-                    let state = self.shared.lock();
+                    let state = self.watched.lock();
                     if !matches!(state.exit, Exit::Running) && state.output.closed {
                         return;
                     }
@@ -236,9 +236,9 @@ impl Child {
 impl std::fmt::Debug for Child {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Child")
-            .field("pid", &self.shared.pid)
-            .field("program", &self.shared.program)
-            .field("exit", &self.shared.lock().exit)
+            .field("pid", &self.watched.pid)
+            .field("program", &self.watched.program)
+            .field("exit", &self.watched.lock().exit)
             .finish()
     }
 }
@@ -252,14 +252,14 @@ impl Drop for Child {
             Mode::Command => EOF_GRACE,
             Mode::Activation => Duration::ZERO,
         };
-        let shared = Arc::clone(&self.shared);
+        let watched = Arc::clone(&self.watched);
         let ender = std::thread::Builder::new()
             .name("nbd-server-end".into())
             .stack_size(THREAD_STACK)
-            .spawn(move || shared.end(first_wait));
+            .spawn(move || watched.end(first_wait));
         if ender.is_err() {
             // No thread to wait with: end it now; the watcher thread still reaps it.
-            self.shared.signal(libc::SIGKILL);
+            self.watched.signal(libc::SIGKILL);
         }
     }
 }
@@ -289,27 +289,27 @@ struct Output {
     closed: bool,
 }
 
-struct State {
+struct WatchedState {
     exit: Exit,
     output: Output,
 }
 
-/// What the Child, its watcher thread and its output thread share. The process is only
+/// The process as the Child, its watcher thread and its output thread see it. The process is only
 /// ever reaped with `state` locked, and only signalled with `state` locked and `exit`
 /// still `Running`: so a signal can never reach another process that reused the pid.
-struct Shared {
+struct Watched {
     pid: libc::pid_t,
     program: String,
-    state: Mutex<State>,
+    state: Mutex<WatchedState>,
     /// Notified whenever `state` changes (for threads).
     changed: Condvar,
     /// Bumped whenever `state` changes (for async waiters).
     events: tokio::sync::watch::Sender<u64>,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave State inconsistent (plain fields).
+impl Watched {
+    fn lock(&self) -> MutexGuard<'_, WatchedState> {
+        // A panic while holding the lock cannot leave WatchedState inconsistent (plain fields).
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -319,7 +319,7 @@ impl Shared {
     }
 
     /// Reaps the process if it has exited; never blocks. Call with the lock held.
-    fn reap(&self, state: &mut State) {
+    fn reap(&self, state: &mut WatchedState) {
         while matches!(state.exit, Exit::Running) {
             let mut status: libc::c_int = 0;
             // SAFETY: plain waitpid on our own child.
@@ -506,7 +506,7 @@ struct Stdio {
 }
 
 /// Everything `execve` needs, prepared before `fork` so that the child allocates nothing.
-struct Plan {
+struct ExecRequest {
     program: String,
     /// Paths to try in order (one, or one per `PATH` entry).
     candidates: Vec<CString>,
@@ -517,7 +517,7 @@ struct Plan {
     searched_path: bool,
 }
 
-/// Raw pointers into a [`Plan`], for the child. Built after the plan stopped moving data
+/// Raw pointers into a [`ExecRequest`], for the child. Built after the plan stopped moving data
 /// around (its buffers are heap allocations that stay put while the plan lives).
 struct ExecPointers {
     candidates: Vec<*const c_char>,
@@ -563,9 +563,9 @@ pub(crate) fn check_socket_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-impl Plan {
+impl ExecRequest {
     /// `activation`: None for command mode, else the socket name ("" for none).
-    fn new(argv: &[String], activation: Option<&str>) -> Result<Plan> {
+    fn new(argv: &[String], activation: Option<&str>) -> Result<ExecRequest> {
         let argv_c = check_argv(argv)?;
         let program = argv[0].clone();
         let path_var = std::env::var_os("PATH");
@@ -594,7 +594,7 @@ impl Plan {
                 env.push(entry);
             }
         }
-        Ok(Plan {
+        Ok(ExecRequest {
             program,
             candidates,
             argv: argv_c,
@@ -764,10 +764,10 @@ impl Drop for TempDir {
 /// Starts the child from a new watcher thread, which then stays to reap it: on Linux the
 /// child's parent-death signal fires when the thread that forked it ends, so that thread
 /// must outlive the child. Closes our copies of the child's fds before returning.
-fn launch(plan: Plan, mode: Mode, stdio: Stdio) -> Result<Child> {
+fn launch(plan: ExecRequest, mode: Mode, stdio: Stdio) -> Result<Child> {
     let (output_r, output_w) = pipe()?;
     let output_w = above_stdio(output_w)?;
-    let (tx, rx) = mpsc::sync_channel::<Result<Arc<Shared>>>(1);
+    let (tx, rx) = mpsc::sync_channel::<Result<Arc<Watched>>>(1);
     let fds = ChildFds {
         stdin: stdio.stdin.as_raw_fd(),
         stdout: stdio.stdout.as_ref().unwrap_or(&output_w).as_raw_fd(),
@@ -780,11 +780,11 @@ fn launch(plan: Plan, mode: Mode, stdio: Stdio) -> Result<Child> {
         .spawn(move || {
             let mut plan = plan;
             let started = fork_exec(&mut plan, fds);
-            let shared = match started {
-                Ok(pid) => Arc::new(Shared {
+            let watched = match started {
+                Ok(pid) => Arc::new(Watched {
                     pid,
                     program: plan.program.clone(),
-                    state: Mutex::new(State {
+                    state: Mutex::new(WatchedState {
                         exit: Exit::Running,
                         output: Output::default(),
                     }),
@@ -797,16 +797,16 @@ fn launch(plan: Plan, mode: Mode, stdio: Stdio) -> Result<Child> {
                 }
             };
             drop(plan);
-            let _ = tx.send(Ok(Arc::clone(&shared)));
-            shared.reap_on_exit();
+            let _ = tx.send(Ok(Arc::clone(&watched)));
+            watched.reap_on_exit();
         })
         .map_err(|e| io_error("starting a thread to watch the server process", e))?;
     // The thread reports once fork and exec are done; until then our fds stay open.
     let started = rx.recv();
     drop(stdio);
     drop(output_w);
-    let shared = match started {
-        Ok(Ok(shared)) => shared,
+    let watched = match started {
+        Ok(Ok(watched)) => watched,
         Ok(Err(e)) => {
             let _ = watcher.join();
             return Err(e);
@@ -815,8 +815,8 @@ fn launch(plan: Plan, mode: Mode, stdio: Stdio) -> Result<Child> {
             return Err(Error::io(Errno::EIO, "the thread starting the server process ended unexpectedly"))
         }
     };
-    let child = Child { shared, mode };
-    let collector = Arc::clone(&child.shared);
+    let child = Child { watched, mode };
+    let collector = Arc::clone(&child.watched);
     std::thread::Builder::new()
         .name("nbd-server-output".into())
         .stack_size(THREAD_STACK)
@@ -839,7 +839,7 @@ const STEP_EXEC: u32 = 2;
 
 /// Forks and execs the plan; returns the child's pid once `execve` succeeded, or the
 /// error that stopped it (the failed child is reaped).
-fn fork_exec(plan: &mut Plan, fds: ChildFds) -> Result<libc::pid_t> {
+fn fork_exec(plan: &mut ExecRequest, fds: ChildFds) -> Result<libc::pid_t> {
     let pointers = plan.pointers();
     let (report_r, report_w) = pipe()?;
     let report_w = above_stdio(report_w)?;

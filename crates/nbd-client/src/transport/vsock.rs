@@ -29,34 +29,19 @@ pub fn supports_vsock() -> bool {
 mod imp {
     use std::io;
     use std::mem::size_of;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     use tokio::io::unix::AsyncFd;
     use tokio::io::Interest;
 
     use nbd_proto::{Error, Result};
 
-    use crate::transport::io_error;
+    use crate::transport::{io_error, set_nonblocking};
 
     fn last_error(what: &str) -> Error {
         io_error(what, io::Error::last_os_error())
     }
 
-    fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
-        // SAFETY: plain fcntl calls on an fd we own.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            let flags = if on {
-                flags | libc::O_NONBLOCK
-            } else {
-                flags & !libc::O_NONBLOCK
-            };
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
 
     pub(super) async fn connect(cid: u32, port: u32) -> Result<OwnedFd> {
         let target = format!("vsock cid {cid} port {port}");

@@ -1,4 +1,5 @@
-//! The connection driver: a writer task and a reader task per connection.
+//! The tokio driver: a writer task ([`RequestWriter`]) and a reader task ([`ReplyReader`])
+//! per connection.
 //!
 //! The writer takes requests from an unbounded channel (the queue never refuses), waits for
 //! one of `max_in_flight` permits, registers the command with the reader, and writes the
@@ -13,20 +14,23 @@
 use std::future::poll_fn;
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use nbd_proto::consts::command_name;
 use nbd_proto::transmission::{
-    Command, CommandKind, Decoded, Detail, Event, Fatal, ReplyDecoder, Session, Tracking,
+    Command, Decoded, Detail, Event, Fatal, ReplyDecoder, Session, Tracking,
 };
-use nbd_proto::{Errno, Error, Result};
+use nbd_proto::{Error, Result};
 
+use super::{
+    describe_outcome, describe_request, DISCONNECT, closed_error, end_of_stream_error, Counters, DebugSwitch, InFlightGuard, Lifeline, COPY_PAYLOAD_MAX,
+    DIRECT_READ_MIN, INPUT_SIZE, SMALL_FILL,
+};
 use crate::buffer::{DestBuf, SourceBuf};
 use crate::cancel::CancelToken;
 use crate::transport::{io_error, Reader, Writer};
@@ -52,31 +56,6 @@ impl Payload {
     }
 }
 
-/// Counters shared by the handle and its driver.
-#[derive(Debug, Default)]
-pub(crate) struct Shared {
-    pub in_flight: AtomicUsize,
-    pub bytes_sent: AtomicU64,
-    pub chunks_sent: AtomicU64,
-    pub bytes_received: AtomicU64,
-    pub chunks_received: AtomicU64,
-}
-
-/// Counts a command as in flight for as long as it lives.
-pub(crate) struct InFlightGuard(Arc<Shared>);
-
-impl InFlightGuard {
-    pub(crate) fn new(shared: &Arc<Shared>) -> InFlightGuard {
-        shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard(shared.clone())
-    }
-}
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// What a finished command hands back: its buffer (for reads) and what the reply carried.
 pub(crate) struct Completed {
@@ -87,26 +66,6 @@ pub(crate) struct Completed {
 /// A command's outcome, boxed for a callback.
 pub(crate) type Callback = Box<dyn FnOnce(Result<Completed>) + Send>;
 
-/// Where debug messages go: (context, message).
-pub type DebugSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
-
-/// The driver's view of debugging: a switch the handle can flip at any time, and the sink.
-/// Messages are only formatted while the switch is on.
-#[derive(Clone)]
-pub(crate) struct Debug {
-    pub on: Arc<AtomicBool>,
-    pub sink: DebugSink,
-}
-
-impl Debug {
-    fn active(&self) -> Option<&Debug> {
-        self.on.load(Ordering::Relaxed).then_some(self)
-    }
-
-    pub(crate) fn log(&self, context: &str, message: &str) {
-        (self.sink)(context, message)
-    }
-}
 
 /// A command's callback, called exactly once: if the command is dropped unanswered (say
 /// because the handle closed), the callback hears of it from the drop.
@@ -132,10 +91,7 @@ impl CallbackReply {
 impl Drop for CallbackReply {
     fn drop(&mut self) {
         if let Some(f) = self.0.take() {
-            f(Err(Error::io(
-                Errno::ENOTCONN,
-                "the handle was closed before the command finished",
-            )));
+            f(Err(closed_error()));
         }
     }
 }
@@ -190,109 +146,6 @@ impl InFlight {
     }
 }
 
-/// Why a connection ended.
-#[derive(Debug, Clone)]
-pub(crate) struct Ended {
-    pub error: Error,
-    /// True when the application asked for the disconnect.
-    pub requested: bool,
-}
-
-/// The end of a connection, observed by the handle and both tasks.
-#[derive(Debug)]
-pub(crate) struct Lifeline {
-    ended: Mutex<Option<Ended>>,
-    signal: watch::Sender<bool>,
-    disconnecting: AtomicBool,
-    /// Set by `shutdown` with `abandon_pending`: commands not yet written are never sent.
-    abandoning: watch::Sender<bool>,
-}
-
-impl Lifeline {
-    pub(crate) fn new() -> Arc<Lifeline> {
-        Arc::new(Lifeline {
-            ended: Mutex::new(None),
-            signal: watch::channel(false).0,
-            disconnecting: AtomicBool::new(false),
-            abandoning: watch::channel(false).0,
-        })
-    }
-
-    /// The state of a handle whose transmission this lifeline follows, with `in_flight`
-    /// commands pending: closed once a disconnect was asked for, dead after any other end.
-    pub(crate) fn state(&self, in_flight: usize) -> nbd_proto::state::State {
-        use nbd_proto::state::State;
-        match self.ended() {
-            Some(end) if end.requested || self.is_disconnecting() => State::Closed,
-            Some(_) => State::Dead,
-            None if self.is_disconnecting() => State::Closed,
-            None if in_flight > 0 => State::Processing,
-            None => State::Ready,
-        }
-    }
-
-    /// True once the application asked for a disconnect.
-    pub(crate) fn is_disconnecting(&self) -> bool {
-        self.disconnecting.load(Ordering::SeqCst)
-    }
-
-    /// Marks the end that follows as asked for by the application (NBD_CMD_DISC).
-    pub(crate) fn begin_disconnect(&self) {
-        self.disconnecting.store(true, Ordering::SeqCst);
-    }
-
-    /// From now on commands not yet written fail with `ENOTCONN` instead of being sent
-    /// (`shutdown` with `abandon_pending`, before it queues the disconnect).
-    pub(crate) fn abandon_unsent(&self) {
-        self.abandoning.send_replace(true);
-    }
-
-    fn abandoned(&self) -> bool {
-        *self.abandoning.borrow()
-    }
-
-    fn abandoned_error() -> Error {
-        Error::io(
-            Errno::ENOTCONN,
-            "the command was abandoned by shutdown({ abandonPending: true }) before it was sent",
-        )
-    }
-
-    /// Records the end (the first reason wins).
-    pub(crate) fn end(&self, error: Error) {
-        let requested = self.disconnecting.load(Ordering::SeqCst);
-        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        if ended.is_none() {
-            *ended = Some(Ended { error, requested });
-        }
-        drop(ended);
-        self.signal.send_replace(true);
-    }
-
-    pub(crate) fn ended(&self) -> Option<Ended> {
-        self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub(crate) async fn wait(&self) {
-        let mut rx = self.signal.subscribe();
-        let _ = rx.wait_for(|ended| *ended).await;
-    }
-
-    /// The error for a command that cannot be answered because the connection ended.
-    pub(crate) fn pending_error(&self) -> Error {
-        match self.ended() {
-            Some(Ended { requested: true, .. }) => Error::io(
-                Errno::ESHUTDOWN,
-                "the handle was shut down before the server answered",
-            ),
-            Some(Ended { error, .. }) => Error::io(
-                Errno::ENOTCONN,
-                format!("the connection is dead: {}", error.message()),
-            ),
-            None => Error::io(Errno::ENOTCONN, "the connection is closed"),
-        }
-    }
-}
 
 /// A running connection: the way in (the request channel) and the tasks.
 pub(crate) struct Driver {
@@ -314,8 +167,8 @@ impl Driver {
         writer: Writer,
         early: Vec<u8>,
         max_in_flight: usize,
-        shared: Arc<Shared>,
-        debug: Option<Debug>,
+        counters: Arc<Counters>,
+        debug: Option<DebugSwitch>,
     ) -> Driver {
         let session = Arc::new(session);
         let lifeline = Lifeline::new();
@@ -324,26 +177,26 @@ impl Driver {
         let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
         let decoder = ReplyDecoder::new(&session.negotiated);
         let reader_task = tokio::spawn(
-            ReaderTask {
+            ReplyReader {
                 reader,
                 decoder,
                 register: register_rx,
                 input: InputBuffer::with_leftover(early),
-                shared: shared.clone(),
+                counters: counters.clone(),
                 lifeline: lifeline.clone(),
                 debug: debug.clone(),
             }
             .run(),
         );
         let writer_task = tokio::spawn(
-            WriterTask {
+            RequestWriter {
                 writer,
                 session: session.clone(),
                 requests: request_rx,
                 register,
                 permits: Arc::new(Semaphore::new(max_in_flight)),
                 max_in_flight: max_in_flight as u32,
-                shared,
+                counters,
                 lifeline: lifeline.clone(),
                 next_cookie: 1,
                 out: Vec::with_capacity(OUT_BATCH),
@@ -381,25 +234,22 @@ impl Drop for Driver {
 
 /// Requests are gathered into one write up to this many bytes.
 const OUT_BATCH: usize = 256 * 1024;
-/// Write payloads up to this size are copied next to their header (one system call for
-/// many small writes); larger ones are sent from the caller's buffer.
-const COPY_PAYLOAD_MAX: usize = 16 * 1024;
 
-struct WriterTask {
+struct RequestWriter {
     writer: Writer,
     session: Arc<Session>,
     requests: mpsc::UnboundedReceiver<Request>,
     register: mpsc::UnboundedSender<Registration>,
     permits: Arc<Semaphore>,
     max_in_flight: u32,
-    shared: Arc<Shared>,
+    counters: Arc<Counters>,
     lifeline: Arc<Lifeline>,
     next_cookie: u64,
     out: Vec<u8>,
-    debug: Option<Debug>,
+    debug: Option<DebugSwitch>,
 }
 
-impl WriterTask {
+impl RequestWriter {
     async fn run(mut self) {
         let lifeline = self.lifeline.clone();
         let result = tokio::select! {
@@ -469,10 +319,9 @@ impl WriterTask {
             Err(_) => {
                 // Replies free permits, and the server only replies to what it has seen.
                 self.flush().await?;
-                let mut abandoning = self.lifeline.abandoning.subscribe();
                 tokio::select! {
                     p = self.permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-                    _ = abandoning.wait_for(|abandon| *abandon) => {
+                    () = self.lifeline.until_abandoned() => {
                         let CommandRequest { guard, reply, .. } = c;
                         drop(guard);
                         reply.send(Err(Lifeline::abandoned_error()));
@@ -492,20 +341,8 @@ impl WriterTask {
             reply,
             guard,
         } = c;
-        if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
-            debug.log(
-                "command",
-                &format!(
-                    "sending {} cookie {cookie} offset {} count {} flags {flags:#x}{}",
-                    command_name(cmd.kind.code()),
-                    cmd.offset,
-                    cmd.length,
-                    match &tracking.filter {
-                        Some(ids) => format!(" contexts {ids:?}"),
-                        None => String::new(),
-                    }
-                ),
-            );
+        if let Some(debug) = self.debug.as_ref().and_then(DebugSwitch::active) {
+            debug.log("command", &describe_request(cookie, &cmd, flags, &tracking));
         }
         let header_at = self.out.len();
         match &tracking.filter {
@@ -543,8 +380,7 @@ impl WriterTask {
                 self.write_with(data).await?;
             }
         }
-        self.shared.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-        self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        self.counters.sent(sent);
         Ok(())
     }
 
@@ -559,23 +395,17 @@ impl WriterTask {
                 .expect("the semaphore is never closed");
             drop(all);
         }
-        self.lifeline.disconnecting.store(true, Ordering::SeqCst);
-        let cmd = Command {
-            kind: CommandKind::Disconnect,
-            offset: 0,
-            length: 0,
-            flags: 0,
-        };
+        self.lifeline.begin_disconnect();
+        let cmd = DISCONNECT;
         let cookie = self.next_cookie;
         self.next_cookie += 1;
-        if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
+        if let Some(debug) = self.debug.as_ref().and_then(DebugSwitch::active) {
             debug.log("shutdown", "sending NBD_CMD_DISC");
         }
         let before = self.out.len();
         self.session.encode_request(cookie, &cmd, 0, &mut self.out);
         let header = (self.out.len() - before) as u64;
-        self.shared.bytes_sent.fetch_add(header, Ordering::Relaxed);
-        self.shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        self.counters.sent(header);
         self.flush().await?;
         let _ = self.writer.shutdown().await;
         Ok(())
@@ -625,12 +455,6 @@ struct InputBuffer {
     large_reads: bool,
 }
 
-/// What one read asks for while large reads are coming.
-const SMALL_FILL: usize = 4096;
-
-const INPUT_SIZE: usize = 256 * 1024;
-/// Read payload still to come beyond this is read straight into the destination.
-const DIRECT_READ_MIN: usize = 32 * 1024;
 
 impl InputBuffer {
     fn with_leftover(early: Vec<u8>) -> InputBuffer {
@@ -670,7 +494,7 @@ impl InputBuffer {
     }
 
     /// Reads once from the socket; returns the byte count (0 at end of stream).
-    async fn fill(&mut self, reader: &mut Reader, shared: &Shared) -> std::io::Result<usize> {
+    async fn fill(&mut self, reader: &mut Reader, counters: &Counters) -> std::io::Result<usize> {
         self.make_room(4096);
         let room = if self.large_reads {
             (self.buf.len() - self.end).min(SMALL_FILL)
@@ -679,22 +503,22 @@ impl InputBuffer {
         };
         let n = reader.read(&mut self.buf[self.end..self.end + room]).await?;
         self.end += n;
-        shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+        counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
 
-struct ReaderTask {
+struct ReplyReader {
     reader: Reader,
     decoder: ReplyDecoder<InFlight>,
     register: mpsc::UnboundedReceiver<Registration>,
     input: InputBuffer,
-    shared: Arc<Shared>,
+    counters: Arc<Counters>,
     lifeline: Arc<Lifeline>,
-    debug: Option<Debug>,
+    debug: Option<DebugSwitch>,
 }
 
-impl ReaderTask {
+impl ReplyReader {
     async fn run(mut self) {
         let lifeline = self.lifeline.clone();
         let error = tokio::select! {
@@ -707,7 +531,7 @@ impl ReaderTask {
         while let Ok((cookie, cmd, tracking, f)) = self.register.try_recv() {
             self.decoder.register_with(cookie, cmd, tracking, f);
         }
-        if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
+        if let Some(debug) = self.debug.as_ref().and_then(DebugSwitch::active) {
             debug.log("connection", &format!("connection ended: {}", pending.message()));
         }
         for (_, f) in self.decoder.take_all() {
@@ -728,7 +552,7 @@ impl ReaderTask {
             let decoded = match self.decoder.decode(self.input.pending()) {
                 Ok(d) => d,
                 Err(Fatal { error, command }) => {
-                    if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
+                    if let Some(debug) = self.debug.as_ref().and_then(DebugSwitch::active) {
                         debug.log("reply", &format!("protocol violation: {}", error.message()));
                     }
                     // The handle is dead before anyone hears of the failure: a rejection
@@ -744,7 +568,7 @@ impl ReaderTask {
                 Decoded {
                     consumed: 0,
                     event: None,
-                } => match self.input.fill(&mut self.reader, &self.shared).await {
+                } => match self.input.fill(&mut self.reader, &self.counters).await {
                     Ok(0) => return self.end_of_stream(),
                     Ok(_) => {}
                     Err(e) => return io_error("reading from the server", e),
@@ -762,14 +586,12 @@ impl ReaderTask {
     }
 
     fn end_of_stream(&self) -> Error {
-        if self.lifeline.disconnecting.load(Ordering::SeqCst) {
-            Error::io(Errno::ESHUTDOWN, "the server closed the connection after NBD_CMD_DISC")
-        } else {
-            Error::io(Errno::ECONNRESET, "the server closed the connection")
-        }
+        end_of_stream_error(self.lifeline.is_disconnecting())
     }
 
     async fn event(&mut self, event: Event<InFlight>) -> Result<()> {
+        // Every event is one reply or reply chunk.
+        self.counters.chunks_received.fetch_add(1, Ordering::Relaxed);
         match event {
             Event::Done {
                 cookie,
@@ -777,40 +599,13 @@ impl ReaderTask {
                 result,
                 detail,
             } => {
-                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
-                if let Some(debug) = self.debug.as_ref().and_then(Debug::active) {
-                    let outcome = match &result {
-                        Ok(()) => "success".to_string(),
-                        Err(e) => format!("{}: {}", e.errno(), e.message()),
-                    };
-                    debug.log("reply", &format!("cookie {cookie} done: {outcome}"));
+                if let Some(debug) = self.debug.as_ref().and_then(DebugSwitch::active) {
+                    debug.log("reply", &describe_outcome(cookie, &result));
                 }
                 user.complete(result, detail);
             }
-            Event::ReadHole {
-                cookie,
-                buf_offset,
-                len,
-            } => {
-                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
-                let f = self.decoder.user_mut(cookie).expect("decoder names a command in flight");
-                if let Some((ptr, dest_len)) = f.payload.dest() {
-                    let _guard = f.cancel.as_ref().map(CancelToken::lock);
-                    if !_guard.as_ref().is_some_and(|cancelled| **cancelled) {
-                        assert!(buf_offset + len <= dest_len);
-                        // SAFETY: in range (checked by the decoder against the command's
-                        // length, which is the destination's length), and the
-                        // destination is live and ours while the command is in flight.
-                        unsafe { std::ptr::write_bytes(ptr.add(buf_offset), 0, len) };
-                    }
-                }
-            }
-            Event::ReadData {
-                cookie,
-                buf_offset,
-                len,
-            } => {
-                self.shared.chunks_received.fetch_add(1, Ordering::Relaxed);
+            Event::ReadHole { cookie, buf_offset, len } => self.zero_hole(cookie, buf_offset, len),
+            Event::ReadData { cookie, buf_offset, len } => {
                 self.input.large_reads = len >= DIRECT_READ_MIN;
                 self.read_payload(cookie, buf_offset, len).await?;
                 self.decoder.payload_done();
@@ -819,86 +614,132 @@ impl ReaderTask {
         Ok(())
     }
 
+    /// Zeroes `len` bytes of command `cookie`'s destination at `buf_offset` (a hole in the
+    /// reply), unless the command was cancelled.
+    fn zero_hole(&mut self, cookie: u64, buf_offset: usize, len: usize) {
+        let f = self.decoder.user_mut(cookie).expect("decoder names a command in flight");
+        if let Some((ptr, dest_len)) = f.payload.dest() {
+            let _guard = f.cancel.as_ref().map(CancelToken::lock);
+            if !_guard.as_ref().is_some_and(|cancelled| **cancelled) {
+                assert!(buf_offset + len <= dest_len);
+                // SAFETY: in range (checked by the decoder against the command's length,
+                // which is the destination's length), and the destination is live and ours
+                // while the command is in flight.
+                unsafe { std::ptr::write_bytes(ptr.add(buf_offset), 0, len) };
+            }
+        }
+    }
+
     /// Moves the next `len` bytes of the stream into command `cookie`'s destination at
-    /// `buf_offset`: first what is already buffered, then straight from the socket.
+    /// `buf_offset`: first what is already buffered, then straight from the socket. Once the
+    /// command is cancelled, the rest is read and dropped.
     async fn read_payload(&mut self, cookie: u64, buf_offset: usize, len: usize) -> Result<()> {
         let f = self.decoder.user_mut(cookie).expect("decoder names a command in flight");
         let (ptr, dest_len) = f.payload.dest().expect("reads have a destination");
         assert!(buf_offset + len <= dest_len);
-        let cancel = f.cancel.clone();
-        // SAFETY (for every use of `dest` below): in range, as asserted; the destination
-        // belongs to the InFlight entry, which stays in the decoder's table until this
-        // payload is consumed; writes happen only under the cancel lock, after checking
-        // the command was not cancelled.
-        let dest = ptr as usize;
-        let copy_in = |at: usize, data: &[u8]| {
-            let guard = cancel.as_ref().map(CancelToken::lock);
-            if !guard.as_ref().is_some_and(|cancelled| **cancelled) {
-                unsafe {
-                    std::ptr::copy_nonoverlapping(data.as_ptr(), (dest as *mut u8).add(at), data.len())
-                };
-            }
+        // SAFETY (for every use of `dest`): in range, as asserted; the destination belongs to
+        // the InFlight entry, which stays in the decoder's table until this payload is
+        // consumed; writes happen only under the cancel lock, after checking the command was
+        // not cancelled.
+        let dest = Destination {
+            at: ptr as usize + buf_offset,
+            cancel: f.cancel.clone(),
         };
-
         let mut done = 0;
         while done < len {
             let buffered = self.input.pending().len().min(len - done);
             if buffered > 0 {
-                copy_in(buf_offset + done, &self.input.pending()[..buffered]);
+                dest.copy_in(done, &self.input.pending()[..buffered]);
                 self.input.consume(buffered);
                 done += buffered;
                 continue;
             }
             let left = len - done;
             if left < DIRECT_READ_MIN && !(self.input.large_reads && left >= SMALL_FILL) {
-                match self.input.fill(&mut self.reader, &self.shared).await {
-                    Ok(0) => return Err(self.end_of_stream()),
-                    Ok(_) => continue,
-                    Err(e) => return Err(io_error("reading from the server", e)),
-                }
+                self.fill_input().await?;
+                continue;
             }
-            // Straight from the socket into the destination, one read at a time, each
-            // under the cancel lock so that a cancellation is never overtaken.
-            let at = buf_offset + done;
-            let reader = &mut self.reader;
-            let n = poll_fn(|cx| {
-                let guard = cancel.as_ref().map(CancelToken::lock);
-                if guard.as_ref().is_some_and(|cancelled| **cancelled) {
-                    return Poll::Ready(Ok(None));
-                }
-                let slice = unsafe { std::slice::from_raw_parts_mut((dest as *mut u8).add(at), left) };
-                let mut rb = ReadBuf::new(slice);
-                match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(rb.filled().len()))),
-                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await
-            .map_err(|e| io_error("reading from the server", e))?;
-            match n {
-                Some(0) => return Err(self.end_of_stream()),
-                Some(n) => {
-                    self.shared.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
-                    done += n;
-                }
-                // Cancelled: the rest goes through the input buffer and is dropped.
+            match self.read_direct(&dest, done, left).await? {
+                Some(n) => done += n,
                 None => {
-                    while done < len {
-                        let buffered = self.input.pending().len().min(len - done);
-                        if buffered == 0 {
-                            match self.input.fill(&mut self.reader, &self.shared).await {
-                                Ok(0) => return Err(self.end_of_stream()),
-                                Ok(_) => continue,
-                                Err(e) => return Err(io_error("reading from the server", e)),
-                            }
-                        }
-                        self.input.consume(buffered);
-                        done += buffered;
-                    }
+                    // Cancelled: the rest goes through the input buffer and is dropped.
+                    self.skip_payload(len - done).await?;
+                    done = len;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Reads once into the input buffer; end of stream is an error.
+    async fn fill_input(&mut self) -> Result<()> {
+        match self.input.fill(&mut self.reader, &self.counters).await {
+            Ok(0) => Err(self.end_of_stream()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(io_error("reading from the server", e)),
+        }
+    }
+
+    /// Reads once from the socket straight into `dest` at `done`, at most `left` bytes, under
+    /// the cancel lock so that a cancellation is never overtaken. `None` when the command was
+    /// cancelled (nothing is read).
+    async fn read_direct(&mut self, dest: &Destination, done: usize, left: usize) -> Result<Option<usize>> {
+        let reader = &mut self.reader;
+        let n = poll_fn(|cx| {
+            let guard = dest.cancel.as_ref().map(CancelToken::lock);
+            if guard.as_ref().is_some_and(|cancelled| **cancelled) {
+                return Poll::Ready(Ok(None));
+            }
+            // SAFETY: see `read_payload`.
+            let slice = unsafe { std::slice::from_raw_parts_mut((dest.at as *mut u8).add(done), left) };
+            let mut rb = ReadBuf::new(slice);
+            match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(rb.filled().len()))),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+        .map_err(|e| io_error("reading from the server", e))?;
+        match n {
+            Some(0) => Err(self.end_of_stream()),
+            Some(n) => {
+                self.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(Some(n))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Reads and drops the next `len` bytes of payload.
+    async fn skip_payload(&mut self, mut len: usize) -> Result<()> {
+        while len > 0 {
+            let buffered = self.input.pending().len().min(len);
+            if buffered == 0 {
+                self.fill_input().await?;
+                continue;
+            }
+            self.input.consume(buffered);
+            len -= buffered;
+        }
+        Ok(())
+    }
+}
+
+/// Where a read's payload goes: the address of its first byte in the destination, and the
+/// command's cancel token (written only while it is not cancelled, under its lock).
+struct Destination {
+    at: usize,
+    cancel: Option<CancelToken>,
+}
+
+impl Destination {
+    /// Copies `data` to `offset` bytes past the start, unless the command was cancelled.
+    fn copy_in(&self, offset: usize, data: &[u8]) {
+        let guard = self.cancel.as_ref().map(CancelToken::lock);
+        if !guard.as_ref().is_some_and(|cancelled| **cancelled) {
+            // SAFETY: see `read_payload`.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (self.at as *mut u8).add(offset), data.len()) };
+        }
     }
 }
