@@ -1032,64 +1032,10 @@ impl NativeHandle {
         Ok(n.export.has(flag))
     }
 
-    /// Whether the export is read-only (`nbd_is_read_only`).
-    #[napi]
-    pub fn is_read_only(&self) -> Result<bool> {
-        self.flag("isReadOnly", FLAG_READ_ONLY)
-    }
-
-    /// Whether the export is on rotating media (`nbd_is_rotational`).
-    #[napi]
-    pub fn is_rotational(&self) -> Result<bool> {
-        self.flag("isRotational", FLAG_ROTATIONAL)
-    }
-
-    /// Whether the server can flush (`nbd_can_flush`).
-    #[napi]
-    pub fn can_flush(&self) -> Result<bool> {
-        self.flag("canFlush", FLAG_SEND_FLUSH)
-    }
-
-    /// Whether the server honours FUA (`nbd_can_fua`).
-    #[napi]
-    pub fn can_fua(&self) -> Result<bool> {
-        self.flag("canFua", FLAG_SEND_FUA)
-    }
-
-    /// Whether the server can trim (`nbd_can_trim`).
-    #[napi]
-    pub fn can_trim(&self) -> Result<bool> {
-        self.flag("canTrim", FLAG_SEND_TRIM)
-    }
-
-    /// Whether the server can write zeroes (`nbd_can_zero`).
-    #[napi]
-    pub fn can_zero(&self) -> Result<bool> {
-        self.flag("canZero", FLAG_SEND_WRITE_ZEROES)
-    }
-
-    /// Whether the server can zero fast (`nbd_can_fast_zero`).
-    #[napi]
-    pub fn can_fast_zero(&self) -> Result<bool> {
-        self.flag("canFastZero", FLAG_SEND_FAST_ZERO)
-    }
-
     /// Whether reads may ask for one data chunk (`nbd_can_df`).
     #[napi]
     pub fn can_df(&self) -> Result<bool> {
         self.handle.can_df().map_err(self.fail("canDf"))
-    }
-
-    /// Whether several connections see one export (`nbd_can_multi_conn`).
-    #[napi]
-    pub fn can_multi_conn(&self) -> Result<bool> {
-        self.flag("canMultiConn", FLAG_CAN_MULTI_CONN)
-    }
-
-    /// Whether the server can cache (`nbd_can_cache`).
-    #[napi]
-    pub fn can_cache(&self) -> Result<bool> {
-        self.flag("canCache", FLAG_SEND_CACHE)
     }
 
     /// The handshake style the server spoke (`nbd_get_protocol`).
@@ -1194,4 +1140,42 @@ bool_settings! {
     "setTlsVerifyPeer" set_tls_verify_peer, get_tls_verify_peer => tls.verify_peer;
     "Whether a URI may name local files (`nbd_set_uri_allow_local_file`)."
     "setUriAllowLocalFile" set_uri_allow_local_file, get_uri_allow_local_file => uri_policy.allow_local_file;
+}
+
+/// The getters that read one transmission flag of the export, each checking the handle's
+/// state first (libnbd's `nbd_can_*` / `nbd_is_*` that answer from the export's flags).
+macro_rules! export_flags {
+    ($($doc:literal $op:literal $name:ident => $flag:ident;)*) => {
+        #[napi]
+        impl NativeHandle {
+            $(
+                #[doc = $doc]
+                #[napi]
+                pub fn $name(&self) -> Result<bool> {
+                    self.flag($op, $flag)
+                }
+            )*
+        }
+    };
+}
+
+export_flags! {
+    "Whether the export is read-only (`nbd_is_read_only`)."
+    "isReadOnly" is_read_only => FLAG_READ_ONLY;
+    "Whether the export is on rotating media (`nbd_is_rotational`)."
+    "isRotational" is_rotational => FLAG_ROTATIONAL;
+    "Whether the server can flush (`nbd_can_flush`)."
+    "canFlush" can_flush => FLAG_SEND_FLUSH;
+    "Whether the server honours FUA (`nbd_can_fua`)."
+    "canFua" can_fua => FLAG_SEND_FUA;
+    "Whether the server can trim (`nbd_can_trim`)."
+    "canTrim" can_trim => FLAG_SEND_TRIM;
+    "Whether the server can write zeroes (`nbd_can_zero`)."
+    "canZero" can_zero => FLAG_SEND_WRITE_ZEROES;
+    "Whether the server can zero fast (`nbd_can_fast_zero`)."
+    "canFastZero" can_fast_zero => FLAG_SEND_FAST_ZERO;
+    "Whether several connections see one export (`nbd_can_multi_conn`)."
+    "canMultiConn" can_multi_conn => FLAG_CAN_MULTI_CONN;
+    "Whether the server can cache (`nbd_can_cache`)."
+    "canCache" can_cache => FLAG_SEND_CACHE;
 }
