@@ -49,6 +49,11 @@ fn offset(v: Either<f64, BigInt>) -> nbd_client::Result<u64> {
     }
 }
 
+/// A command's count and offset, or the error of the first that is not valid.
+fn span(count_: f64, offset_: Either<f64, BigInt>) -> nbd_client::Result<(u64, u64)> {
+    Ok((count(count_)?, offset(offset_)?))
+}
+
 fn count(n: f64) -> nbd_client::Result<u64> {
     if n >= 0.0 && n.fract() == 0.0 && n <= 9_007_199_254_740_991.0 {
         Ok(n as u64)
@@ -280,12 +285,16 @@ impl NativeHandle {
         &self,
         env: &'env Env,
         operation: &'static str,
-        count: u64,
-        offset: u64,
+        count_: f64,
+        offset_: Either<f64, BigInt>,
         flags: u32,
         outcome: Outcome,
         cancel: Option<&NativeCancel>,
     ) -> Unknown<'env> {
+        let (count, offset) = match span(count_, offset_) {
+            Ok(span) => span,
+            Err(e) => return self.reject(env, operation, &e),
+        };
         if count > READ_MAX {
             let e = nbd_client::Error::usage(
                 Errno::ERANGE,
@@ -750,11 +759,7 @@ impl NativeHandle {
         flags: u32,
         cancel: Option<&NativeCancel>,
     ) -> Unknown<'env> {
-        let (c, o) = match (count(count_), offset(offset_)) {
-            (Ok(c), Ok(o)) => (c, o),
-            (Err(e), _) | (_, Err(e)) => return self.reject(env, "pread", &e),
-        };
-        self.read(env, "pread", c, o, flags, Outcome::Buffer, cancel)
+        self.read(env, "pread", count_, offset_, flags, Outcome::Buffer, cancel)
     }
 
     /// Reads, with the chunks the server sent (`nbd_pread_structured`).
@@ -767,11 +772,7 @@ impl NativeHandle {
         flags: u32,
         cancel: Option<&NativeCancel>,
     ) -> Unknown<'env> {
-        let (c, o) = match (count(count_), offset(offset_)) {
-            (Ok(c), Ok(o)) => (c, o),
-            (Err(e), _) | (_, Err(e)) => return self.reject(env, "preadStructured", &e),
-        };
-        self.read(env, "preadStructured", c, o, flags, Outcome::Structured, cancel)
+        self.read(env, "preadStructured", count_, offset_, flags, Outcome::Structured, cancel)
     }
 
     /// Reads into `buf` directly (event-loop driver) or on completion (tokio driver). With
@@ -850,9 +851,9 @@ impl NativeHandle {
         contexts: Option<Vec<String>>,
         cancel: Option<&NativeCancel>,
     ) -> Unknown<'env> {
-        let (c, o) = match (count(count_), offset(offset_)) {
-            (Ok(c), Ok(o)) => (c, o),
-            (Err(e), _) | (_, Err(e)) => return self.reject(env, "blockStatus", &e),
+        let (c, o) = match span(count_, offset_) {
+            Ok(span) => span,
+            Err(e) => return self.reject(env, "blockStatus", &e),
         };
         let cmd = Cmd {
             operation: "blockStatus",
@@ -884,9 +885,9 @@ impl NativeHandle {
                 return self.reject(env, "command", &nbd_client::Error::usage(Errno::EINVAL, format!("unknown command {other:?}")))
             }
         };
-        let (c, o) = match (count(count_), offset(offset_)) {
-            (Ok(c), Ok(o)) => (c, o),
-            (Err(e), _) | (_, Err(e)) => return self.reject(env, operation, &e),
+        let (c, o) = match span(count_, offset_) {
+            Ok(span) => span,
+            Err(e) => return self.reject(env, operation, &e),
         };
         let cmd = Cmd {
             operation,

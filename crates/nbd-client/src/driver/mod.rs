@@ -1,7 +1,7 @@
 //! The transmission phase: what both drivers share (the counters, the connection's end, the
 //! debug switch, the buffer sizes), and the drivers themselves.
 //!
-//! - [`tasks`]: the tokio driver, a writer task and a reader task per connection, for Rust
+//! - [`tokio_driver`]: the tokio driver, a writer task and a reader task per connection, for Rust
 //!   programs and for TLS connections;
 //! - [`event_loop`]: the event-loop driver, a non-blocking connection its owner polls (the
 //!   Node binding polls it with libuv on the JavaScript thread).
@@ -19,7 +19,7 @@ use nbd_proto::transmission::{Command, CommandKind, Tracking};
 use nbd_proto::{Errno, Error, Result};
 
 pub mod event_loop;
-pub(crate) mod tasks;
+pub(crate) mod tokio_driver;
 
 /// Replies are read in batches up to this size.
 pub(crate) const INPUT_SIZE: usize = 256 * 1024;

@@ -14,7 +14,7 @@ use nbd_proto::{Errno, Error, Result};
 use super::{lock, Handle, Phase};
 use crate::buffer::{DestBuf, SourceBuf};
 use crate::cancel::CancelToken;
-use crate::driver::tasks::{Callback, CallbackReply, CommandRequest, Completed, Payload, Request};
+use crate::driver::tokio_driver::{Callback, CallbackReply, CommandRequest, Completed, Payload, Request};
 use crate::driver::{cancelled_error, closed_error, InFlightGuard, Lifeline};
 
 /// A command for [`Handle::submit`]. `offset` is where on the export, `count` how many

@@ -25,7 +25,7 @@ mod setters;
 pub use commands::{Op, Reply};
 
 use crate::connect::{self, Handshaken, Link, Negotiation, Opened, OptStep, Ready, Target, TlsParams};
-use crate::driver::tasks::{Driver, Request};
+use crate::driver::tokio_driver::{Driver, Request};
 use crate::driver::{Counters, DebugSink, DebugSwitch, Lifeline};
 use crate::settings::Settings;
 use crate::transport::subprocess::Child;
