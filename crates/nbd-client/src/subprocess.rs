@@ -668,24 +668,59 @@ fn above_stdio(fd: OwnedFd) -> Result<OwnedFd> {
 fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: fds has room for the two fds socketpair writes.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     let rc = unsafe {
         libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
     };
+    // No SOCK_CLOEXEC on macOS: close-on-exec is set right after (as std does there).
+    // SAFETY: as above.
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
     if rc != 0 {
         return Err(io_error("creating a socket pair for the server", io::Error::last_os_error()));
     }
     // SAFETY: both fds are new and ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    let pair = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    set_cloexec_late(&pair).map_err(|e| io_error("creating a socket pair for the server", e))?;
+    Ok(pair)
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: fds has room for the two fds pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    // No pipe2 on macOS: close-on-exec is set right after.
+    // SAFETY: as above.
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    if rc != 0 {
         return Err(io_error("creating a pipe for the server's output", io::Error::last_os_error()));
     }
     // SAFETY: both fds are new and ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    let pair = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    set_cloexec_late(&pair).map_err(|e| io_error("creating a pipe for the server's output", e))?;
+    Ok(pair)
+}
+
+/// Where descriptors cannot be created close-on-exec (macOS), marks a new pair so. A child
+/// another thread forks in between may inherit them until its exec; ours never do, since
+/// the child marks everything above its standard descriptors close-on-exec.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn set_cloexec_late(pair: &(OwnedFd, OwnedFd)) -> io::Result<()> {
+    for fd in [pair.0.as_raw_fd(), pair.1.as_raw_fd()] {
+        // SAFETY: fcntl on an fd we own.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Linux creates them close-on-exec already.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_cloexec_late(_pair: &(OwnedFd, OwnedFd)) -> io::Result<()> {
+    Ok(())
 }
 
 /// A private (mode 0700) directory, removed with what is in it when dropped.

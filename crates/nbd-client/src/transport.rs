@@ -69,8 +69,27 @@ pub(crate) fn check_connected_stream(fd: RawFd) -> Result<libc::c_int> {
     if unsafe { libc::getpeername(fd, addr.as_mut_ptr().cast(), &mut len) } != 0 {
         return Err(refuse(Errno::ENOTCONN, "is a socket that is not connected".into()));
     }
-    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
-        .map_err(|e| refuse(Errno::EINVAL, format!("has no readable address family ({e})")))
+    socket_domain(fd).map_err(|e| refuse(Errno::EINVAL, format!("has no readable address family ({e})")))
+}
+
+/// A socket's address family: `SO_DOMAIN` where the system has it (Linux), else the family
+/// of the socket's own address (macOS has no `SO_DOMAIN`).
+fn socket_domain(fd: RawFd) -> io::Result<libc::c_int> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let mut addr = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+        let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: addr and len describe a writable sockaddr_storage.
+        if unsafe { libc::getsockname(fd, addr.as_mut_ptr().cast(), &mut len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: zeroed, then (partly) written by getsockname; the family is always set.
+        Ok(libc::c_int::from(unsafe { addr.assume_init() }.ss_family))
+    }
 }
 
 /// Takes ownership of `fd` (already checked) so that it is closed when the result drops.
@@ -98,8 +117,7 @@ pub(crate) enum Stream {
 impl Stream {
     /// A stream over a duplicate of `socket` (close-on-exec, non-blocking).
     pub(crate) fn new(socket: &OwnedFd) -> Result<Stream> {
-        let domain = getsockopt_int(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
-            .map_err(|e| io_error("querying the socket", e))?;
+        let domain = socket_domain(socket.as_raw_fd()).map_err(|e| io_error("querying the socket", e))?;
         let dup = socket
             .try_clone()
             .map_err(|e| io_error("duplicating the socket", e))?;

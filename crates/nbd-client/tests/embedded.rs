@@ -262,7 +262,7 @@ async fn connect_socket_refuses_what_is_not_a_connected_stream_socket() {
 
     let mut fds = [0; 2];
     // SAFETY: fds has room for two descriptors.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     let e = assert_errno(h.connect_socket(fds[0]).await, Errno::ENOTSOCK);
     assert!(e.message().contains(&fds[0].to_string()), "{e}");
     assert!(fd_is_open(fds[0]) && fd_is_open(fds[1]));
@@ -283,7 +283,7 @@ async fn connect_socket_refuses_what_is_not_a_connected_stream_socket() {
     drop(listening);
     let _ = std::fs::remove_file(&dir);
     // SAFETY: plain socket(2).
-    let unconnected = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let unconnected = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
     assert!(unconnected >= 0);
     assert_errno(h.connect_socket(unconnected).await, Errno::ENOTCONN);
     assert!(fd_is_open(unconnected));

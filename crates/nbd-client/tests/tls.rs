@@ -275,6 +275,7 @@ impl Server {
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
+                #[cfg(target_os = "linux")]
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });

@@ -1,6 +1,7 @@
 //! vsock on a machine with no vsock peer to talk to: the connect fails promptly with the
 //! kernel's errno, whether the machine has no vsock at all, a guest transport (as in a
-//! VM) or only the loopback one.
+//! VM) or only the loopback one. Linux only: elsewhere see `vsock_elsewhere.rs`.
+#![cfg(target_os = "linux")]
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};

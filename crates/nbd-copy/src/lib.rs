@@ -135,10 +135,12 @@ struct LocalFile {
     regular: bool,
     /// Ranges recently written to a regular destination, oldest first (see
     /// [`LocalFile::write_behind`]).
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     written: Mutex<std::collections::VecDeque<(u64, u64)>>,
 }
 
 /// How many written ranges may sit in the page cache before the oldest is pushed out.
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 const WRITE_WINDOWS: usize = 8;
 
 impl LocalFile {
@@ -146,6 +148,12 @@ impl LocalFile {
     /// written `WRITE_WINDOWS` writes ago out of the page cache once it is on disk. A copy
     /// of gigabytes otherwise fills memory with dirty pages that the kernel then writes
     /// back under pressure, stalling every write (nbdcopy does the same).
+    /// Linux only: elsewhere (macOS) there is no `sync_file_range`, and the kernel is left
+    /// to write back as it likes.
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    fn write_behind(&self, _offset: u64, _len: u64) {}
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     fn write_behind(&self, offset: u64, len: u64) {
         let fd = self.file.as_raw_fd();
         // SAFETY: hints on a descriptor we own; failures only lose the hint.
@@ -656,20 +664,26 @@ fn file_extents(file: &File, start: u64, end: u64) -> std::io::Result<Vec<Extent
 }
 
 fn zero_file(file: &File, offset: u64, len: u64, allocated: bool) -> std::io::Result<()> {
-    let mode = if allocated {
-        libc::FALLOC_FL_ZERO_RANGE
-    } else {
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-    };
-    // SAFETY: fallocate on a descriptor we own.
-    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
-    if r == 0 {
-        return Ok(());
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mode = if allocated {
+            libc::FALLOC_FL_ZERO_RANGE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        // SAFETY: fallocate on a descriptor we own.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) | Some(libc::EINVAL)) {
+            return Err(e);
+        }
     }
-    let e = std::io::Error::last_os_error();
-    if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) | Some(libc::EINVAL)) {
-        return Err(e);
-    }
+    // No fallocate elsewhere (macOS): zeroes are written.
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = allocated;
     let zeroes = vec![0u8; len.min(1 << 20) as usize];
     let mut pos = offset;
     while pos < offset + len {
