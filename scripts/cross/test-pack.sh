@@ -84,7 +84,7 @@ for p in "${platforms[@]}"; do
   echo "test-pack: $p took $(($(date +%s) - started)) s"
 done
 if [ "$status" = 0 ]; then
-  echo "test-pack: ${#platforms[@]} passed, 0 failed"
+  echo "test-pack: all ${#platforms[@]} platforms passed"
 else
   echo "test-pack: FAILED" >&2
 fi
