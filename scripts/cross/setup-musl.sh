@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/cross/common.sh
 
-NODE_WHEEL_VERSION="24.19.0"
+NODE_WHEEL_VERSION="20.18.0"
 MUSL_SUITE="trixie"
 
 musl_new_enough() {
