@@ -87,7 +87,8 @@ async function build(triple, profile) {
   const name = `${pkg.napi.binaryName}.${platform}.node`
   const built = path.join(root, name)
   const file = path.join(root, outDir, name)
-  // The development build of this machine's own platform, if any, stays where it is.
+  // The development build of this machine's own platform, if any, stays where it is (moved
+  // aside meanwhile: do not run npm run build at the same time as this builds that platform).
   const kept = fs.existsSync(built) ? `${built}.kept-${process.pid}` : null
   if (kept) fs.renameSync(built, kept)
   const started = Date.now()
