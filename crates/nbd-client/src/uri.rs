@@ -464,11 +464,7 @@ impl<'a> Parts<'a> {
 /// `nbd://` and `nbds://`: a host (`localhost` when none) and a port (10809 when none).
 fn tcp_transport(parts: &Parts) -> Result<UriTransport> {
     refuse_socket(&parts.params, parts.scheme, parts.tls)?;
-    let host = match &parts.host {
-        Host::Empty => "localhost".to_string(),
-        Host::Name(raw) => decode(raw, "host name")?,
-        Host::Ipv6(addr) => addr.clone(),
-    };
+    let host = parts.host.decoded()?.unwrap_or_else(|| "localhost".to_string());
     let port = match parts.port {
         Some(text) => parse_number(text, "port", 1, u16::MAX.into())? as u16,
         None => DEFAULT_PORT,
@@ -492,10 +488,15 @@ fn unix_transport(parts: &mut Parts) -> Result<UriTransport> {
              {scheme}:///export?socket=/path/to/socket"
         )));
     };
+    Ok(UriTransport::Unix { socket: non_empty_socket(socket)? })
+}
+
+/// `socket=` of a Unix or ssh URI, refused when empty.
+fn non_empty_socket(socket: String) -> Result<String> {
     if socket.is_empty() {
         return Err(invalid("the socket= query parameter of the URI is empty"));
     }
-    Ok(UriTransport::Unix { socket })
+    Ok(socket)
 }
 
 /// `nbd+vsock://` and `nbds+vsock://`: a numeric CID (2 when none) and a 32-bit port.
@@ -525,14 +526,10 @@ fn vsock_transport(parts: &Parts) -> Result<UriTransport> {
 /// `-`), ssh's port, where the server is on that host, and `compress`.
 fn ssh_transport(parts: &mut Parts) -> Result<UriTransport> {
     let scheme = parts.scheme;
-    let host = match &parts.host {
-        Host::Empty => {
-            return Err(invalid(format!(
-                "{scheme} URIs need the host to log in to, as in {scheme}://host/export"
-            )))
-        }
-        Host::Name(raw) => decode(raw, "host name")?,
-        Host::Ipv6(addr) => addr.clone(),
+    let Some(host) = parts.host.decoded()? else {
+        return Err(invalid(format!(
+            "{scheme} URIs need the host to log in to, as in {scheme}://host/export"
+        )));
     };
     if host.starts_with('-') {
         return Err(invalid(format!(
@@ -553,10 +550,7 @@ fn ssh_transport(parts: &mut Parts) -> Result<UriTransport> {
                  remote TCP port (nbd-port=), not both"
             )))
         }
-        (Some(socket), None) if socket.is_empty() => {
-            return Err(invalid("the socket= query parameter of the URI is empty"))
-        }
-        (Some(socket), None) => SshRemote::Unix(socket),
+        (Some(socket), None) => SshRemote::Unix(non_empty_socket(socket)?),
         (None, Some(text)) => {
             SshRemote::Tcp(parse_number(&text, "nbd-port", 1, u16::MAX.into())? as u16)
         }
@@ -777,6 +771,18 @@ enum Host<'a> {
     Name(&'a str),
     /// An IPv6 address, brackets removed, zone decoded (`fe80::1%eth0`).
     Ipv6(String),
+}
+
+impl Host<'_> {
+    /// The host as getaddrinfo and ssh take it (a name decoded, an IPv6 address without
+    /// brackets); `None` when the URI names none.
+    fn decoded(&self) -> Result<Option<String>> {
+        match self {
+            Host::Empty => Ok(None),
+            Host::Name(raw) => decode(raw, "host name").map(Some),
+            Host::Ipv6(addr) => Ok(Some(addr.clone())),
+        }
+    }
 }
 
 /// Splits `host[:port]` (no user info; a slice of `uri`), checking the host's characters.
