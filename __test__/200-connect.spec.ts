@@ -235,6 +235,9 @@ test('connectTimeout fails connectUnix to a silent server with ETIMEDOUT', async
   const elapsed = Date.now() - started
   t.true(elapsed >= 350, `gave up after ${elapsed} ms, before the 400 ms timeout`)
   t.true(elapsed < 3000, `took ${elapsed} ms for a 400 ms timeout`)
+  // The server process sees the connection on its next poll, which under emulation may come
+  // after the rejection; it must come, and only once (no retry).
+  t.true(await waitFor(() => silent.connections >= 1, 3000), 'the server never saw the connection')
   t.is(silent.connections, 1)
   t.not(h.state, 'ready')
 })

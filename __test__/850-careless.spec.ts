@@ -560,8 +560,8 @@ test('close twice, concurrently, in every state', async (t) => {
   const dir = useTempDir(t)
   const silent = await rawServer(dir, () => {})
   t.teardown(() => silent.close())
-  // Reads take 10 s: the one pending is cut short by the close.
-  const server = await memoryServer(t, ['rdelay=10'], ['--filter=delay'])
+  // Reads take 60 s (emulated runs are slow): the one pending is cut short by the close.
+  const server = await memoryServer(t, ['rdelay=60'], ['--filter=delay'])
   if (!server) return
 
   const created = new Handle()
