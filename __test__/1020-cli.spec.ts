@@ -148,7 +148,9 @@ test('dump skips what block status says reads as zeros: a sparse 4 GiB export eq
   const started = Date.now()
   const r = await cli('dump', huge.uri)
   t.is(r.status, 0, r.stderr)
-  t.true(Date.now() - started < 20_000, `${Date.now() - started} ms`)
+  // Reading the terabyte would take over eight minutes even at 2 GB/s; skipping it takes a
+  // second natively and up to half a minute under arm64 emulation.
+  t.true(Date.now() - started < 90_000, `${Date.now() - started} ms`)
   t.is(r.stdout.toString(), [
     '0000000000: 73 74 61 72 74 00 00 00  00 00 00 00 00 00 00 00 |start...........|',
     '0000000010: 00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00 |................|',

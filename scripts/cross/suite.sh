@@ -35,7 +35,9 @@ started=$(date +%s)
 status=0
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-node node_modules/ava/entrypoints/cli.mjs "$@" 2>&1 | tee "$log" || status=$?
+# Emulated runs are many times slower than native ones: ava's 2-minute inactivity timeout
+# becomes 10 minutes (a CLI spec that spawns a dozen emulated Node processes needs it).
+node node_modules/ava/entrypoints/cli.mjs --timeout=10m "$@" 2>&1 | tee "$log" || status=$?
 echo "suite: $platform: ava finished in $(($(date +%s) - started)) s (exit $status)"
 if [ "$status" != 0 ] && [ "$rerun" = 1 ]; then
   mapfile -t failed < <(sed -n 's/^ *✘ \(\[fail\]: \)\{0,1\}\(__test__\/\)\{0,1\}\([0-9][0-9a-z-]*\).*/\3/p' "$log" |
@@ -44,7 +46,7 @@ if [ "$status" != 0 ] && [ "$rerun" = 1 ]; then
     status=0
     for spec in "${failed[@]}"; do
       echo "suite: $platform: rerunning __test__/$spec.spec.ts alone"
-      node node_modules/ava/entrypoints/cli.mjs "__test__/$spec.spec.ts" || status=1
+      node node_modules/ava/entrypoints/cli.mjs --timeout=10m "__test__/$spec.spec.ts" || status=1
     done
     echo "suite: $platform: reruns of ${failed[*]} finished in $(($(date +%s) - started)) s from the start (exit $status)"
   fi
