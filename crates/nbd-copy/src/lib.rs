@@ -352,7 +352,8 @@ async fn add_connections(side: &mut Opened, count: usize, source: bool) -> Resul
 /// A read buffer shared by the read that fills it and the writes that send its pieces.
 ///
 /// The driver writes into it only while the read is in flight, and the writes only read
-/// it after the read has completed, so the two never overlap.
+/// it after the read has completed, so the two never overlap. A read's block stays empty
+/// until the reply's data arrives (see [`Fill`]).
 struct Block(std::cell::UnsafeCell<Vec<u8>>);
 
 // SAFETY: see above: one writer (the read), then readers only.
@@ -365,16 +366,32 @@ impl Block {
     }
 }
 
-/// The destination of a read into a [`Block`].
-struct Fill(Arc<Block>);
+/// The destination of a read of `len` bytes into a [`Block`].
+///
+/// The memory is taken from the pool when the driver first asks for it, that is when the
+/// reply's data arrives, not when the read is sent: with 64 reads in flight per connection,
+/// memory taken at sending would be 16 MiB of buffers cycling through the CPU caches, and
+/// the kernel's copy into a cold buffer measured about a third dearer than into the warm,
+/// just returned one that the pool hands out last-in first-out.
+struct Fill {
+    block: Arc<Block>,
+    len: usize,
+    pool: Arc<Pool>,
+}
 
-// SAFETY: the Arc keeps the Vec alive; nothing reads it until the read completes.
+// SAFETY: the Arc keeps the Vec alive; nothing reads it until the read completes, and the
+// Vec is replaced only on the first call, before any byte is written.
 unsafe impl nbd_client::DestBuf for Fill {
     fn as_mut_ptr(&mut self) -> *mut u8 {
-        unsafe { (*self.0 .0.get()).as_mut_ptr() }
+        // SAFETY: the read is the block's only user until it completes.
+        let v = unsafe { &mut *self.block.0.get() };
+        if v.len() != self.len {
+            *v = self.pool.take(self.len);
+        }
+        v.as_mut_ptr()
     }
     fn len(&self) -> usize {
-        unsafe { (*self.0 .0.get()).len() }
+        self.len
     }
 }
 
@@ -446,7 +463,7 @@ struct Job {
     first_error: Mutex<Option<Error>>,
     progress: Arc<Progress>,
     data_bytes: AtomicU64,
-    pool: Pool,
+    pool: Arc<Pool>,
     /// Bounds the local file calls running at once: a thread per request in flight would
     /// only queue on the file's lock and switch contexts.
     file_calls: Semaphore,
@@ -455,11 +472,55 @@ struct Job {
 impl Job {
     /// Runs a blocking file call on tokio's blocking pool, a few at a time.
     async fn file_call<T: Send + 'static>(&self, what: &str, call: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
+        self.file_task(what, call).await?.map_err(|e| io_error(e, what))
+    }
+
+    /// [`Job::file_call`] for a call that reports its own errors.
+    async fn file_task<T: Send + 'static>(&self, what: &str, call: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let _turn = self.file_calls.acquire().await.expect("the semaphore is never closed");
         tokio::task::spawn_blocking(call)
             .await
-            .map_err(|e| Error::io(Errno::EIO, format!("{what} task: {e}")))?
-            .map_err(|e| io_error(e, what))
+            .map_err(|e| Error::io(Errno::EIO, format!("{what} task: {e}")))
+    }
+
+    /// Writes a piece read at `offset` to a file destination: its data runs, and its zero
+    /// runs unless the file already reads as zeroes, in one call on the blocking pool. (A
+    /// sparse source cuts a piece into many short runs: a blocking-pool hand-off per run cost
+    /// more than the writes.)
+    async fn write_piece_to_file(&self, f: &Arc<LocalFile>, offset: u64, buf: &Arc<Block>, runs: Vec<(usize, usize, bool)>) -> Result<()> {
+        let (f, buf) = (f.clone(), buf.clone());
+        let (skip_zeroes, allocated) = (self.destination_is_zero, self.allocated);
+        let written = self
+            .file_task("write", move || {
+                let mut end = offset;
+                for &(start, n, zero) in &runs {
+                    let at_offset = offset + start as u64;
+                    let r = if !zero {
+                        f.file.write_all_at(&buf.bytes()[start..start + n], at_offset)
+                    } else if !skip_zeroes {
+                        zero_file(&f.file, at_offset, n as u64, allocated)
+                    } else {
+                        Ok(())
+                    };
+                    r.map_err(|e| (e, at_offset, zero))?;
+                    end = at_offset + n as u64;
+                }
+                if f.regular {
+                    f.write_behind(offset, end - offset);
+                }
+                Ok(runs)
+            })
+            .await?;
+        match written {
+            Ok(runs) => {
+                for (_, n, zero) in runs {
+                    self.done(n as u64, zero);
+                }
+                Ok(())
+            }
+            Err((e, at_offset, false)) => Err(at(io_error(e, "write"), "writing the destination", at_offset)),
+            Err((e, at_offset, true)) => Err(at(io_error(e, "zero"), "zeroing the destination", at_offset)),
+        }
     }
 
     fn fail(&self, e: Error) {
@@ -520,14 +581,20 @@ impl Job {
     }
 
     async fn read(&self, worker: usize, offset: u64, len: u64) -> Result<Arc<Block>> {
-        let block = Arc::new(Block(std::cell::UnsafeCell::new(self.pool.take(len as usize))));
+        let block = Arc::new(Block(std::cell::UnsafeCell::new(Vec::new())));
+        let fill = Fill { block: block.clone(), len: len as usize, pool: self.pool.clone() };
         match &self.src.side {
             Side::Nbd { .. } => {
-                self.src.conn(worker).pread_into(Box::new(Fill(block.clone())), offset, 0, None).await?;
+                self.src.conn(worker).pread_into(Box::new(fill), offset, 0, None).await?;
+                // A successful read has put data or a hole on every byte, so it has asked for
+                // its memory; this guards the pieces below against an empty block.
+                if block.bytes().len() != len as usize {
+                    return Err(Error::protocol("a read completed without filling its buffer"));
+                }
             }
             Side::File(f) => {
                 let f = f.clone();
-                let mut fill = Fill(block.clone());
+                let mut fill = fill;
                 self.file_call("read", move || {
                     // SAFETY: Fill points at len bytes that nothing else touches meanwhile.
                     let buf = unsafe { std::slice::from_raw_parts_mut(nbd_client::DestBuf::as_mut_ptr(&mut fill), len as usize) };
@@ -594,6 +661,11 @@ impl Job {
             Some(granule) if !self.allocated => zero_runs(buf.bytes(), offset, granule),
             _ => vec![(0, len as usize, false)],
         };
+        if let Side::File(f) = &self.dst.side {
+            self.write_piece_to_file(f, offset, &buf, runs).await?;
+            self.pool.give(buf);
+            return Ok(());
+        }
         for (start, n, zero) in runs {
             let at_offset = offset + start as u64;
             if zero {
@@ -900,7 +972,7 @@ async fn run(
         first_error: Mutex::new(None),
         progress,
         data_bytes: AtomicU64::new(0),
-        pool: Pool::default(),
+        pool: Arc::new(Pool::default()),
         file_calls: Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
     });
     // On abort (or a first error), closing the connections fails whatever is on the wire.
