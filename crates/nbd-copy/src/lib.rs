@@ -144,33 +144,40 @@ fn cancelled() -> Error {
 struct LocalFile {
     file: File,
     regular: bool,
-    /// Ranges recently written to a regular destination, oldest first (see
+    /// Ranges recently written to a regular destination, oldest first, per worker (see
     /// [`LocalFile::write_behind`]).
     #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
-    written: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    written: Mutex<Vec<std::collections::VecDeque<(u64, u64)>>>,
 }
 
-/// How many written ranges may sit in the page cache before the oldest is pushed out.
+/// How many ranges written by one worker may sit in the page cache before the oldest is
+/// pushed out.
 #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 const WRITE_WINDOWS: usize = 8;
 
 impl LocalFile {
-    /// After a write to a regular file: start writing it back at once, and push the range
-    /// written `WRITE_WINDOWS` writes ago out of the page cache once it is on disk. A copy
-    /// of gigabytes otherwise fills memory with dirty pages that the kernel then writes
-    /// back under pressure, stalling every write (nbdcopy does the same).
+    /// After worker `worker` wrote to a regular file: start writing it back at once, and
+    /// push the range that worker wrote `WRITE_WINDOWS` writes ago out of the page cache
+    /// once it is on disk. A copy of gigabytes otherwise fills memory with dirty pages that
+    /// the kernel then writes back under pressure, stalling every write (nbdcopy does the
+    /// same, per thread). Each worker writes its own part of the file, so each keeps its own
+    /// windows: shared ones would wait on one worker's disk writes for the other's sake.
     /// Linux only: elsewhere (macOS) there is no `sync_file_range`, and the kernel is left
     /// to write back as it likes.
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    fn write_behind(&self, _offset: u64, _len: u64) {}
+    fn write_behind(&self, _worker: usize, _offset: u64, _len: u64) {}
 
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    fn write_behind(&self, offset: u64, len: u64) {
+    fn write_behind(&self, worker: usize, offset: u64, len: u64) {
         let fd = self.file.as_raw_fd();
         // SAFETY: hints on a descriptor we own; failures only lose the hint.
         unsafe { libc::sync_file_range(fd, offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
         let oldest = {
-            let mut q = self.written.lock().unwrap_or_else(|p| p.into_inner());
+            let mut all = self.written.lock().unwrap_or_else(|p| p.into_inner());
+            if all.len() <= worker {
+                all.resize_with(worker + 1, Default::default);
+            }
+            let q = &mut all[worker];
             q.push_back((offset, len));
             if q.len() > WRITE_WINDOWS { q.pop_front() } else { None }
         };
@@ -484,10 +491,17 @@ impl Job {
     }
 
     /// Writes a piece read at `offset` to a file destination: its data runs, and its zero
-    /// runs unless the file already reads as zeroes, in one call on the blocking pool. (A
+    /// runs unless the file already reads as zeroes, in one call on the blocking pool (a
     /// sparse source cuts a piece into many short runs: a blocking-pool hand-off per run cost
-    /// more than the writes.)
-    async fn write_piece_to_file(&self, f: &Arc<LocalFile>, offset: u64, buf: &Arc<Block>, runs: Vec<(usize, usize, bool)>) -> Result<()> {
+    /// more than the writes).
+    async fn write_piece_to_file(
+        &self,
+        worker: usize,
+        f: &Arc<LocalFile>,
+        offset: u64,
+        buf: &Arc<Block>,
+        runs: Vec<(usize, usize, bool)>,
+    ) -> Result<()> {
         let (f, buf) = (f.clone(), buf.clone());
         let (skip_zeroes, allocated) = (self.destination_is_zero, self.allocated);
         let written = self
@@ -506,7 +520,7 @@ impl Job {
                     end = at_offset + n as u64;
                 }
                 if f.regular {
-                    f.write_behind(offset, end - offset);
+                    f.write_behind(worker, offset, end - offset);
                 }
                 Ok(runs)
             })
@@ -607,20 +621,12 @@ impl Job {
         Ok(block)
     }
 
+    /// Writes `piece` at `offset` of an NBD destination; `null:` takes nothing. (A file
+    /// takes whole pieces, in [`Job::write_piece_to_file`].)
     async fn write(&self, worker: usize, offset: u64, piece: Piece) -> Result<()> {
         match &self.dst.side {
             Side::Nbd { .. } => self.dst.conn(worker).pwrite(Box::new(piece), offset, 0, None).await,
-            Side::File(f) => {
-                let f = f.clone();
-                self.file_call("write", move || {
-                    f.file.write_all_at(&piece.buf.bytes()[piece.start..piece.start + piece.len], offset)?;
-                    if f.regular {
-                        f.write_behind(offset, piece.len as u64);
-                    }
-                    Ok(())
-                })
-                .await
-            }
+            Side::File(_) => Err(Error::io(Errno::EINVAL, "a file destination takes whole pieces")),
             Side::Null => Ok(()),
         }
     }
@@ -662,7 +668,7 @@ impl Job {
             _ => vec![(0, len as usize, false)],
         };
         if let Side::File(f) = &self.dst.side {
-            self.write_piece_to_file(f, offset, &buf, runs).await?;
+            self.write_piece_to_file(worker, f, offset, &buf, runs).await?;
             self.pool.give(buf);
             return Ok(());
         }
