@@ -7,6 +7,7 @@ import { Handle, NbdError } from 'nbd-client'
 import { openHandle, seededBytes, KiB, MiB } from './helpers/nbd'
 import { sleep, useNbdkit } from './helpers/servers'
 import { useFake } from './helpers/fake-server'
+import { waitFor } from './helpers/fds'
 
 function outcome(p: Promise<unknown>): Promise<unknown> {
   return p.then(() => 'resolved', (e: unknown) => e)
@@ -69,10 +70,16 @@ test('large writes to a server that delays reading their payload arrive byte for
 })
 
 test('a buffer detached while its write is half sent fails EFAULT and ends the connection; nothing else is sent', async (t) => {
+  let headerSeen = false
   const server = await useFake(t, {
     size: 64 * MiB,
     onRequestHeader: async (req) => {
-      if (req.type === 1) await sleep(300)
+      if (req.type === 1) {
+        // The write's header has arrived, so the write is partly sent; the server then
+        // stops reading for a while, and the rest of the payload waits in the client.
+        headerSeen = true
+        await sleep(2000)
+      }
       return 'default'
     },
   })
@@ -82,7 +89,7 @@ test('a buffer detached while its write is half sent fails EFAULT and ends the c
   const buf = Buffer.from(seededBytes(32 * MiB, 11))
   const p = outcome(h.pwrite(buf, 0))
   const later = outcome(h.pread(4 * KiB, 0))
-  await sleep(100)
+  t.true(await waitFor(() => headerSeen, 10_000), 'the write never reached the server')
   detach(buf)
   const o = await p
   t.is(codeOf(o), 'EFAULT', String(o))
