@@ -491,50 +491,29 @@ impl Job {
     }
 
     /// Writes a piece read at `offset` to a file destination: its data runs, and its zero
-    /// runs unless the file already reads as zeroes, in one call on the blocking pool (a
-    /// sparse source cuts a piece into many short runs: a blocking-pool hand-off per run cost
-    /// more than the writes).
-    async fn write_piece_to_file(
-        &self,
-        worker: usize,
-        f: &Arc<LocalFile>,
-        offset: u64,
-        buf: &Arc<Block>,
-        runs: Vec<(usize, usize, bool)>,
-    ) -> Result<()> {
-        let (f, buf) = (f.clone(), buf.clone());
-        let (skip_zeroes, allocated) = (self.destination_is_zero, self.allocated);
-        let written = self
-            .file_task("write", move || {
-                let mut end = offset;
-                for &(start, n, zero) in &runs {
-                    let at_offset = offset + start as u64;
-                    let r = if !zero {
-                        f.file.write_all_at(&buf.bytes()[start..start + n], at_offset)
-                    } else if !skip_zeroes {
-                        zero_file(&f.file, at_offset, n as u64, allocated)
-                    } else {
-                        Ok(())
-                    };
-                    r.map_err(|e| (e, at_offset, zero))?;
-                    end = at_offset + n as u64;
-                }
-                if f.regular {
-                    f.write_behind(worker, offset, end - offset);
-                }
-                Ok(runs)
-            })
-            .await?;
-        match written {
-            Ok(runs) => {
-                for (_, n, zero) in runs {
-                    self.done(n as u64, zero);
-                }
-                Ok(())
+    /// runs unless the file already reads as zeroes, right here on the copy's own worker
+    /// thread (see [`copy`]).
+    fn write_piece_to_file(&self, worker: usize, f: &LocalFile, offset: u64, buf: &Block, runs: &[(usize, usize, bool)]) -> Result<()> {
+        let mut end = offset;
+        for &(start, n, zero) in runs {
+            let at_offset = offset + start as u64;
+            if !zero {
+                f.file
+                    .write_all_at(&buf.bytes()[start..start + n], at_offset)
+                    .map_err(|e| at(io_error(e, "write"), "writing the destination", at_offset))?;
+            } else if !self.destination_is_zero {
+                zero_file(&f.file, at_offset, n as u64, self.allocated)
+                    .map_err(|e| at(io_error(e, "zero"), "zeroing the destination", at_offset))?;
             }
-            Err((e, at_offset, false)) => Err(at(io_error(e, "write"), "writing the destination", at_offset)),
-            Err((e, at_offset, true)) => Err(at(io_error(e, "zero"), "zeroing the destination", at_offset)),
+            end = at_offset + n as u64;
         }
+        if f.regular {
+            f.write_behind(worker, offset, end - offset);
+        }
+        for &(_, n, zero) in runs {
+            self.done(n as u64, zero);
+        }
+        Ok(())
     }
 
     fn fail(&self, e: Error) {
@@ -668,7 +647,7 @@ impl Job {
             _ => vec![(0, len as usize, false)],
         };
         if let Side::File(f) = &self.dst.side {
-            self.write_piece_to_file(worker, f, offset, &buf, runs).await?;
+            self.write_piece_to_file(worker, f, offset, &buf, &runs)?;
             self.pool.give(buf);
             return Ok(());
         }
@@ -807,22 +786,34 @@ async fn worker(job: Arc<Job>, index: usize) {
             }
         });
     };
-    'units: loop {
-        if job.stop.is_cancelled() {
-            break;
-        }
+    // The next unit's extents are asked for while this unit's pieces go out, so the reads
+    // never wait for a block-status round trip (a sparse source has few reads per unit).
+    let claim = || {
         let start = job.next.fetch_add(WORK_UNIT, Ordering::Relaxed);
-        if start >= job.size {
+        (start < job.size).then(|| (start, (start + WORK_UNIT).min(job.size)))
+    };
+    let fetch = |(start, end): (u64, u64)| {
+        let job = job.clone();
+        tokio::spawn(async move { job.extents(index, start, end).await })
+    };
+    let mut upcoming = claim().map(|unit| (unit, fetch(unit)));
+    'units: while let Some(((start, end), asked)) = upcoming.take() {
+        if job.stop.is_cancelled() {
+            asked.abort();
             break;
         }
-        let end = (start + WORK_UNIT).min(job.size);
-        let extents = match job.extents(index, start, end).await {
-            Ok(e) => e,
-            Err(e) => {
+        let extents = match asked.await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
                 job.fail(e);
                 break;
             }
+            Err(e) => {
+                job.fail(Error::io(Errno::EIO, format!("block status task: {e}")));
+                break;
+            }
         };
+        upcoming = claim().map(|unit| (unit, fetch(unit)));
         let mut k = 0;
         let mut zero_from: Option<u64> = None;
         let mut pos = start;
@@ -856,6 +847,9 @@ async fn worker(job: Arc<Job>, index: usize) {
             }
         }
     }
+    if let Some((_, asked)) = upcoming {
+        asked.abort();
+    }
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {
             job.fail(Error::io(Errno::EIO, format!("copy task: {e}")));
@@ -879,7 +873,34 @@ async fn close_all(handles: Vec<Handle>, polite: bool) {
 /// Copies `src` to `dst`. `cancel` stops it promptly (pending commands are abandoned,
 /// connections closed); the copy then fails with `ECANCELED`. `progress` is updated as
 /// pieces finish.
+///
+/// The copy runs on a tokio runtime of its own, on threads of its own, whatever runtime
+/// awaits it: it writes local files from its worker threads as the data arrives, as
+/// nbdcopy writes from its connection threads (handing each write to a blocking pool cost
+/// a third more CPU), and a slow disk must not stall the caller's other tasks.
 pub async fn copy(src: Endpoint, dst: Endpoint, options: Options, progress: Arc<Progress>, cancel: CancelToken) -> Result<Report> {
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
+        .thread_name("nbd-copy")
+        .enable_all()
+        .build()
+        .map_err(|e| io_error(e, "starting the copy's threads"))?;
+    std::thread::Builder::new()
+        .name("nbd-copy".into())
+        .spawn(move || {
+            let report = runtime.block_on(copy_here(src, dst, options, progress, cancel));
+            // Everything the copy opened is closed by now: its threads end before the result
+            // is handed over (a file call stuck in the kernel is not waited for long).
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            let _ = done.send(report);
+        })
+        .map_err(|e| io_error(e, "starting the copy's thread"))?;
+    outcome.await.unwrap_or_else(|_| Err(Error::io(Errno::EIO, "the copy's thread ended without a result")))
+}
+
+/// [`copy`], on the current runtime.
+async fn copy_here(src: Endpoint, dst: Endpoint, options: Options, progress: Arc<Progress>, cancel: CancelToken) -> Result<Report> {
     let started = Instant::now();
     if options.requests == 0 || options.request_size == 0 || options.connections == Some(0) {
         return Err(Error::usage(Errno::EINVAL, "connections, requests and requestSize must be positive"));
