@@ -23,6 +23,10 @@
 //! 4. The destination is flushed (`flush`), NBD connections are shut down politely and
 //!    everything opened is closed, on success, failure and cancellation alike.
 //!
+//! Each copy runs on a tokio runtime of its own (see [`copy`]): reads from the source
+//! land in buffers taken from a pool as the data arrives, and a file destination is
+//! written from the worker thread that received the data.
+//!
 //! Errors name the side and the offset: `reading the source at 1048576: EIO: …`.
 
 #![warn(missing_docs)]
