@@ -110,7 +110,7 @@ impl NativeCopy {
         };
         let progress = self.progress.clone();
         let cancel = self.cancel.clone();
-        // On napi's tokio runtime; the connections' drivers run there too.
+        // Awaited on napi's tokio runtime; the copy itself runs on threads of its own.
         settle::spawn(env, self.make_error, "copy", async move {
             let src = endpoint(source)?;
             let dst = endpoint(destination)?;
