@@ -483,15 +483,11 @@ struct Job {
 impl Job {
     /// Runs a blocking file call on tokio's blocking pool, a few at a time.
     async fn file_call<T: Send + 'static>(&self, what: &str, call: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
-        self.file_task(what, call).await?.map_err(|e| io_error(e, what))
-    }
-
-    /// [`Job::file_call`] for a call that reports its own errors.
-    async fn file_task<T: Send + 'static>(&self, what: &str, call: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let _turn = self.file_calls.acquire().await.expect("the semaphore is never closed");
         tokio::task::spawn_blocking(call)
             .await
-            .map_err(|e| Error::io(Errno::EIO, format!("{what} task: {e}")))
+            .map_err(|e| Error::io(Errno::EIO, format!("{what} task: {e}")))?
+            .map_err(|e| io_error(e, what))
     }
 
     /// Writes a piece read at `offset` to a file destination: its data runs, and its zero
@@ -579,7 +575,7 @@ impl Job {
 
     async fn read(&self, worker: usize, offset: u64, len: u64) -> Result<Arc<Block>> {
         let block = Arc::new(Block(std::cell::UnsafeCell::new(Vec::new())));
-        let fill = Fill { block: block.clone(), len: len as usize, pool: self.pool.clone() };
+        let mut fill = Fill { block: block.clone(), len: len as usize, pool: self.pool.clone() };
         match &self.src.side {
             Side::Nbd { .. } => {
                 self.src.conn(worker).pread_into(Box::new(fill), offset, 0, None).await?;
@@ -591,7 +587,6 @@ impl Job {
             }
             Side::File(f) => {
                 let f = f.clone();
-                let mut fill = fill;
                 self.file_call("read", move || {
                     // SAFETY: Fill points at len bytes that nothing else touches meanwhile.
                     let buf = unsafe { std::slice::from_raw_parts_mut(nbd_client::DestBuf::as_mut_ptr(&mut fill), len as usize) };
@@ -652,9 +647,16 @@ impl Job {
         };
         if let Side::File(f) = &self.dst.side {
             self.write_piece_to_file(worker, f, offset, &buf, &runs)?;
-            self.pool.give(buf);
-            return Ok(());
+        } else {
+            self.write_runs(worker, offset, &buf, runs).await?;
         }
+        self.pool.give(buf);
+        Ok(())
+    }
+
+    /// Writes the runs of a piece read at `offset` to an NBD destination (data as writes,
+    /// zero runs as zero requests), or drops them for `null:`.
+    async fn write_runs(&self, worker: usize, offset: u64, buf: &Arc<Block>, runs: Vec<(usize, usize, bool)>) -> Result<()> {
         for (start, n, zero) in runs {
             let at_offset = offset + start as u64;
             if zero {
@@ -665,7 +667,6 @@ impl Job {
             }
             self.done(n as u64, zero);
         }
-        self.pool.give(buf);
         Ok(())
     }
 
@@ -885,7 +886,7 @@ async fn close_all(handles: Vec<Handle>, polite: bool) {
 pub async fn copy(src: Endpoint, dst: Endpoint, options: Options, progress: Arc<Progress>, cancel: CancelToken) -> Result<Report> {
     let (done, outcome) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
+        .worker_threads(cpus().max(2))
         .thread_name("nbd-copy")
         .enable_all()
         .build()
@@ -901,6 +902,11 @@ pub async fn copy(src: Endpoint, dst: Endpoint, options: Options, progress: Arc<
         })
         .map_err(|e| io_error(e, "starting the copy's thread"))?;
     outcome.await.unwrap_or_else(|_| Err(Error::io(Errno::EIO, "the copy's thread ended without a result")))
+}
+
+/// The CPUs this process may use (1 when unknown).
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// [`copy`], on the current runtime.
@@ -968,7 +974,7 @@ async fn prepare(src: &mut Opened, dst: &mut Opened, options: &Options, progress
     }
     // As nbdcopy: 4 by default, but no more than there are CPUs to run them (nbdcopy
     // runs a thread per connection); more only add contention on a small machine.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = cpus();
     let mut connections = options.connections.unwrap_or(4.min(cpus));
     if !src.multi_conn_safe(true) || !dst.multi_conn_safe(false) {
         connections = 1;
@@ -1004,7 +1010,7 @@ async fn run(
         progress,
         data_bytes: AtomicU64::new(0),
         pool: Arc::new(Pool::default()),
-        file_calls: Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))),
+        file_calls: Semaphore::new(cpus().max(2)),
     });
     // On abort (or a first error), closing the connections fails whatever is on the wire.
     let watch = {
