@@ -278,8 +278,14 @@ test('copy errors are one line with the code and exit status 1, where nbdcopy fa
   const source = await useNbdkit(t, ['memory', String(2 * MiB)])
   const readOnly = await useNbdkit(t, ['memory', String(2 * MiB)], { readOnly: true })
   const small = await useNbdkit(t, ['memory', String(MiB)])
-  const failing = await useNbdkit(t, ['--filter=error', 'pattern', String(2 * MiB), 'error-pread-rate=1', 'error=EIO'])
-  if (!source || !readOnly || !small || !failing) return
+  const failingArgs = ['--filter=error', 'pattern', String(2 * MiB), 'error-pread-rate=1', 'error=EIO']
+  const failing = await useNbdkit(t, failingArgs)
+  // nbdcopy reads a failing source of its own: nbdkit 1.32 can die on an assertion
+  // (raw_send_socket: sock >= 0) when a client closes a connection with several requests in
+  // flight, as our copy does when it fails; nbdcopy must then fail on the EIO, not on a
+  // refused connection.
+  const failingForNbdcopy = await useNbdkit(t, failingArgs)
+  if (!source || !readOnly || !small || !failing || !failingForNbdcopy) return
   const cases: [string[], RegExp][] = [
     [[source.uri, readOnly.uri], /^nbd-client: EPERM: copy: .*read-only/],
     [[source.uri, small.uri], /^nbd-client: ENOSPC: copy: .*smaller than the source/],
@@ -290,7 +296,8 @@ test('copy errors are one line with the code and exit status 1, where nbdcopy fa
   ]
   for (const [args, pattern] of cases) {
     const ours = await cli(args)
-    const theirs = await nbdcopy(args[0] === '[' ? ['--', ...args] : args)
+    const theirArgs = args.map((arg) => (arg === failing.uri ? failingForNbdcopy.uri : arg))
+    const theirs = await nbdcopy(theirArgs[0] === '[' ? ['--', ...theirArgs] : theirArgs)
     t.is(ours.status, 1, args.join(' '))
     t.not(theirs.status, 0, `nbdcopy ${args.join(' ')} fails too`)
     t.is(ours.stdout.length, 0)
