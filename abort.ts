@@ -4,7 +4,8 @@
  * Each native command returns its own promise, made and settled by the binding: on the
  * event-loop driver right where the reply is read, on the JavaScript thread. Failures are
  * `NbdError`s made by the factory `makeError` (errors.ts), which the binding calls with the
- * errno name and number. A signal adds a `NativeCancel` and one shared 'abort' listener.
+ * errno name and number. Each signal gets one `NativeCancel`, shared by all the commands it
+ * is passed to, and one 'abort' listener while any of them is pending.
  *
  * @packageDocumentation
  */
@@ -13,34 +14,53 @@ import type * as Binding from './binding'
 import { AbortError } from './errors'
 import { native } from './native'
 
-/** The commands waiting on each signal, and the one 'abort' listener they share. */
-const abortWatchers = new WeakMap<AbortSignal, { watchers: Set<() => void>; listener: () => void }>()
+/** What this module keeps per signal: see {@link watch}. */
+interface SignalWatch {
+  /** Cancels, natively, every command the signal was passed to. */
+  cancel: Binding.NativeCancel
+  /** Rejects each of those commands' promises that is still pending. */
+  pending: Set<() => void>
+  /** The 'abort' listener, attached while `pending` is not empty. */
+  listener: (() => void) | undefined
+}
+
+const watches = new WeakMap<AbortSignal, SignalWatch>()
 
 /**
- * Calls `onAbort` when `signal` aborts, until the returned function is called. All the
- * commands sharing a signal share one listener on it, so a signal passed to many commands
- * at once does not trip Node's MaxListenersExceededWarning; the listener goes with the last
- * of them, so a long-lived signal keeps nothing of ours once its commands are done.
+ * The one `NativeCancel` of `signal`, made on its first use and shared by every command it
+ * is passed to, on every handle: aborting a signal aborts all of its commands, so one native
+ * token serves them all, and a native object per command (which cost more than the rest of
+ * a command with a signal) is not paid. The watch is a WeakMap value and keeps nothing alive.
+ *
+ * Its one 'abort' listener is attached while commands are pending and removed when the last
+ * one settles: Node keeps a timeout signal (`AbortSignal.timeout`) with a listener alive until
+ * its timer fires, which a signal per command would otherwise turn into a pile-up.
  */
-function watchAbort(signal: AbortSignal, onAbort: () => void): () => void {
-  let entry = abortWatchers.get(signal)
-  if (entry === undefined) {
-    const watchers = new Set<() => void>()
-    const listener = (): void => {
-      abortWatchers.delete(signal)
-      for (const f of watchers) f()
-      watchers.clear()
-    }
-    signal.addEventListener('abort', listener, { once: true })
-    entry = { watchers, listener }
-    abortWatchers.set(signal, entry)
+function watch(signal: AbortSignal): SignalWatch {
+  let w = watches.get(signal)
+  if (w === undefined) {
+    w = { cancel: new native.NativeCancel(), pending: new Set(), listener: undefined }
+    watches.set(signal, w)
   }
-  const { watchers, listener } = entry
-  watchers.add(onAbort)
-  return () => {
-    if (!watchers.delete(onAbort) || watchers.size > 0) return
-    abortWatchers.delete(signal)
-    signal.removeEventListener('abort', listener)
+  if (w.listener === undefined) {
+    const entry = w
+    entry.listener = (): void => {
+      entry.listener = undefined
+      entry.cancel.cancel()
+      for (const reject of entry.pending) reject()
+      entry.pending.clear()
+    }
+    signal.addEventListener('abort', entry.listener, { once: true })
+  }
+  return w
+}
+
+/** Forgets a settled command; the listener goes with the last pending one. */
+function settled(signal: AbortSignal, w: SignalWatch, onAbort: () => void): void {
+  w.pending.delete(onAbort)
+  if (w.pending.size === 0 && w.listener !== undefined) {
+    signal.removeEventListener('abort', w.listener)
+    w.listener = undefined
   }
 }
 
@@ -52,20 +72,18 @@ function watchAbort(signal: AbortSignal, onAbort: () => void): () => void {
  */
 function abortable<T>(signal: AbortSignal, start: (cancel: Binding.NativeCancel) => Promise<T>): Promise<T> {
   if (signal.aborted) return Promise.reject(new AbortError(signal.reason))
-  const cancel = new native.NativeCancel()
-  const command = start(cancel)
+  const w = watch(signal)
+  const command = start(w.cancel)
   return new Promise<T>((resolve, reject) => {
-    const unwatch = watchAbort(signal, () => {
-      cancel.cancel()
-      reject(new AbortError(signal.reason))
-    })
+    const onAbort = (): void => reject(new AbortError(signal.reason))
+    w.pending.add(onAbort)
     command.then(
       (v) => {
-        unwatch()
+        settled(signal, w, onAbort)
         resolve(v)
       },
       (e: unknown) => {
-        unwatch()
+        settled(signal, w, onAbort)
         reject(e)
       },
     )

@@ -792,6 +792,30 @@ test('AbortSignal.timeout rejects a slow command with AbortError whose cause is 
   t.true(elapsed >= 100 && elapsed < 5000, `aborted after ${elapsed} ms`)
 })
 
+test('one signal on two handles: aborting it rejects the pending commands of both, and only those', async (t) => {
+  // The signal's one native cancel token is shared by every command it is passed to.
+  const server = await memoryServer(t, ['rdelay=2'], ['--filter=delay'])
+  if (!server) return
+  const a = await openHandle(t, server)
+  const b = await openHandle(t, server)
+  const controller = new AbortController()
+  const first = outcome(a.pread(SIZE, 0, { signal: controller.signal }))
+  const second = outcome(b.pread(SIZE, SIZE, { signal: controller.signal }))
+  const unsignalled = b.pread(SIZE, 2 * SIZE)
+  t.is(getEventListeners(controller.signal, 'abort').length, 1)
+  t.true(await waitFor(() => a.inFlight === 1 && b.inFlight === 2, 2000), 'the reads were not all sent')
+  const abortedAt = Date.now()
+  controller.abort()
+  t.true(isAbortError(await first), String(await first))
+  t.true(isAbortError(await second), String(await second))
+  t.true(Date.now() - abortedAt < 500, 'the abort waited for the server')
+  t.is((await unsignalled).length, SIZE)
+  t.true(await waitFor(() => a.inFlight === 0 && b.inFlight === 0, 30_000), 'late replies were not drained')
+  t.is(a.state, 'ready')
+  t.is(b.state, 'ready')
+  t.is((await a.pread(SIZE, 0)).length, SIZE)
+})
+
 test('a signal outliving its commands keeps no listener; aborting it after they finished changes nothing', async (t) => {
   const server = await memoryServer(t)
   if (!server) return
