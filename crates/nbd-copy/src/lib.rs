@@ -856,7 +856,7 @@ async fn close_all(handles: Vec<Handle>, polite: bool) {
 ///
 /// The copy runs on threads of its own, whatever runtime awaits it: a tokio runtime that
 /// plans it (and runs the work of a copy with one connection), and with several
-/// connections one thread per connection ([`Lanes`]). It writes local files from the
+/// connections one thread per connection (each owning its sockets). It writes local files from the
 /// thread that received the data, as nbdcopy writes from its connection threads (handing
 /// each write to a blocking pool cost a third more CPU), and a slow disk must not stall the
 /// caller's other tasks.
