@@ -572,7 +572,7 @@ test('close twice, concurrently, in every state', async (t) => {
   const connecting = new Handle()
   const connectingOutcome = outcome(connecting.connectUnix(silent.socket))
   const pendingRead = outcome(processing.pread(SIZE, 0))
-  t.true(await waitFor(() => silent.connections === 1, 3000))
+  t.true(await waitFor(() => silent.connections === 1, 30_000))
   t.is(connecting.state, 'connecting')
   t.is(processing.state, 'processing')
 
@@ -625,7 +625,7 @@ test.serial('close while connecting rejects the connect with ECANCELED at once a
   const before = countOpenFds()
   const h = new Handle()
   const connecting = outcome(h.connectUnix(silent.socket))
-  t.true(await waitFor(() => silent.connections === 1, 3000))
+  t.true(await waitFor(() => silent.connections === 1, 30_000))
   t.is(h.state, 'connecting')
   const closedAt = Date.now()
   await h.close()

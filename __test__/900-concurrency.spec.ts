@@ -83,7 +83,7 @@ test.serial('handles that are never closed are closed by garbage collection: fds
   // connecting to a server that never answers.
   for (let i = 0; i < N; i++) await forgottenHandle(server, pending, i % 2 === 1)
   for (let i = 0; i < 5; i++) forgottenConnect(silent.socket, pending)
-  t.true(await waitFor(() => silent.connections === 5, 3000))
+  t.true(await waitFor(() => silent.connections === 5, 30_000))
   const opened = countOpenFds()
   t.log(`fds: ${baseline} before, ${opened} with ${N + 5} forgotten handles`)
   t.true(opened >= baseline + N + 5, `only ${opened - baseline} new fds`)
