@@ -285,13 +285,13 @@ export class Handle {
         // Small reads land in a slice of a shared slab (as Buffer.allocUnsafe's pool), not a
         // Buffer of their own: a backing store per read costs more than the read.
         const b = pooledBuffer(c)
-        if (opts === undefined) return this.#native.preadPooled(b, o, 0, null)
+        if (opts === undefined) return this.#native.preadInto(b, o, 0, null, true) as Promise<Buffer>
         const { flags, signal } = checkOptions('pread', opts, [])
-        return run(signal, (cancel) => this.#native.preadPooled(b, o, flags, cancel))
+        return run(signal, (cancel) => this.#native.preadInto(b, o, flags, cancel, true) as Promise<Buffer>)
       }
-      if (opts === undefined) return this.#native.pread(c, o, 0, null)
+      if (opts === undefined) return this.#native.pread(c, o, 0, null) as Promise<Buffer>
       const { flags, signal } = checkOptions('pread', opts, [])
-      return run(signal, (cancel) => this.#native.pread(c, o, flags, cancel))
+      return run(signal, (cancel) => this.#native.pread(c, o, flags, cancel) as Promise<Buffer>)
     } catch (e) {
       return Promise.reject(toNbdError(e, 'pread'))
     }
@@ -313,7 +313,7 @@ export class Handle {
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
       const { flags, signal } = checkOptions(op, opts, ['df'])
-      return run(signal, (cancel) => this.#native.preadStructured(c, o, flags, cancel))
+      return run(signal, (cancel) => this.#native.pread(c, o, flags, cancel, true) as Promise<{ data: Buffer; chunks: ReadChunk[] }>)
     })
   }
 
@@ -334,9 +334,9 @@ export class Handle {
     try {
       const b = checkBuffer('preadInto', buf)
       const o = checkOffset('preadInto', offset)
-      if (opts === undefined) return this.#native.preadInto(b, o, 0, null)
+      if (opts === undefined) return this.#native.preadInto(b, o, 0, null) as Promise<void>
       const { flags, signal } = checkOptions('preadInto', opts, [])
-      return run(signal, (cancel) => this.#native.preadInto(b, o, flags, cancel))
+      return run(signal, (cancel) => this.#native.preadInto(b, o, flags, cancel) as Promise<void>)
     } catch (e) {
       return Promise.reject(toNbdError(e, 'preadInto'))
     }

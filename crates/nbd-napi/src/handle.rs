@@ -206,6 +206,16 @@ impl NativeHandle {
         move |e| make_error.throwable(operation, &e)
     }
 
+    /// Applies a TLS mode given by name (`disable`, `allow`, `require`) with `set`.
+    fn set_tls_mode(
+        &self,
+        operation: &'static str,
+        mode: &str,
+        set: impl FnOnce(&nbd_client::Handle, nbd_client::TlsMode) -> nbd_client::Result<()>,
+    ) -> Result<()> {
+        tls_mode(mode).and_then(|m| set(&self.handle, m)).map_err(self.fail(operation))
+    }
+
     fn value<'env>(env: &'env Env, v: settle::Value) -> Unknown<'env> {
         unsafe { Unknown::from_napi_value(env.raw(), v) }.expect("a value")
     }
@@ -521,8 +531,7 @@ impl NativeHandle {
     /// `disable`, `allow` or `require`.
     #[napi]
     pub fn set_tls(&self, mode: String) -> Result<()> {
-        let mode = tls_mode(&mode).map_err(self.fail("setTls"))?;
-        self.handle.set_tls(mode).map_err(self.fail("setTls"))
+        self.set_tls_mode("setTls", &mode, |h, m| h.set_tls(m))
     }
 
     /// The TLS mode: `disable`, `allow` or `require` (`nbd_get_tls`).
@@ -582,8 +591,7 @@ impl NativeHandle {
     /// What a URI may say about TLS (`nbd_set_uri_allow_tls`).
     #[napi]
     pub fn set_uri_allow_tls(&self, mode: String) -> Result<()> {
-        let mode = tls_mode(&mode).map_err(self.fail("setUriAllowTls"))?;
-        self.handle.set_uri_allow_tls(mode).map_err(self.fail("setUriAllowTls"))
+        self.set_tls_mode("setUriAllowTls", &mode, |h, m| h.set_uri_allow_tls(m))
     }
 
     /// What a URI may say about TLS (`nbd_get_uri_allow_tls`).
@@ -749,8 +757,9 @@ impl NativeHandle {
     //
     // Each returns a promise at once; refusals (state, strict checks, arguments) reject it.
 
-    /// Reads into a new Buffer (`nbd_pread`).
-    #[napi(ts_return_type = "Promise<Buffer>")]
+    /// Reads into a new Buffer (`nbd_pread`), or with `structured`, the data and the chunks
+    /// the server sent (`nbd_pread_structured`).
+    #[napi(ts_return_type = "Promise<Buffer | { data: Buffer; chunks: Array<{ offset: number; length: number; status: 'data' | 'hole' | 'error' }> }>")]
     pub fn pread<'env>(
         &self,
         env: &'env Env,
@@ -758,26 +767,23 @@ impl NativeHandle {
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
+        structured: Option<bool>,
     ) -> Unknown<'env> {
-        self.read(env, "pread", count_, offset_, flags, Outcome::Buffer, cancel)
+        if structured == Some(true) {
+            self.read(env, "preadStructured", count_, offset_, flags, Outcome::Structured, cancel)
+        } else {
+            self.read(env, "pread", count_, offset_, flags, Outcome::Buffer, cancel)
+        }
     }
 
-    /// Reads, with the chunks the server sent (`nbd_pread_structured`).
-    #[napi(ts_return_type = "Promise<{ data: Buffer; chunks: Array<{ offset: number; length: number; status: 'data' | 'hole' | 'error' }> }>")]
-    pub fn pread_structured<'env>(
-        &self,
-        env: &'env Env,
-        count_: f64,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-    ) -> Unknown<'env> {
-        self.read(env, "preadStructured", count_, offset_, flags, Outcome::Structured, cancel)
-    }
-
-    /// Reads into `buf` directly (event-loop driver) or on completion (tokio driver). With
-    /// `preadInitialize` on, `buf` is zeroed first, before any check, as libnbd does.
-    #[napi(ts_return_type = "Promise<void>")]
+    /// Reads `buf.length` bytes into `buf`, directly (event-loop driver) or on completion
+    /// (tokio driver).
+    /// - For `preadInto` (`pooled` absent or false): resolves with nothing; with
+    ///   `preadInitialize` on, `buf` is zeroed first, before any check, as libnbd does.
+    /// - For a small `pread` (`pooled` true), whose Buffer handle.ts took from its pool:
+    ///   resolves with `buf`, and errors name `pread`. No zeroing: every byte is written on
+    ///   success, and on failure the Buffer is never handed out.
+    #[napi(ts_return_type = "Promise<void | Buffer>")]
     pub fn pread_into<'env>(
         &self,
         env: &'env Env,
@@ -785,23 +791,13 @@ impl NativeHandle {
         offset_: Either<f64, BigInt>,
         flags: u32,
         cancel: Option<&NativeCancel>,
+        pooled: Option<bool>,
     ) -> Unknown<'env> {
-        self.read_into(env, "preadInto", buf, offset_, flags, cancel, Outcome::Void)
-    }
-
-    /// Reads `buf.length` bytes into `buf` and resolves with `buf`: a small `pread`, whose
-    /// Buffer handle.ts takes from its pool. No zeroing (every byte is written on success, and
-    /// on failure the Buffer is never handed out).
-    #[napi(ts_return_type = "Promise<Buffer>")]
-    pub fn pread_pooled<'env>(
-        &self,
-        env: &'env Env,
-        #[napi(ts_arg_type = "Buffer")] buf: Unknown,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-    ) -> Unknown<'env> {
-        self.read_into(env, "pread", buf, offset_, flags, cancel, Outcome::CallerBuffer)
+        if pooled == Some(true) {
+            self.read_into(env, "pread", buf, offset_, flags, cancel, Outcome::CallerBuffer)
+        } else {
+            self.read_into(env, "preadInto", buf, offset_, flags, cancel, Outcome::Void)
+        }
     }
 
     /// Writes `buf`: small writes are copied now; large ones are sent from `buf` (event-loop
