@@ -20,8 +20,9 @@ interface SignalWatch {
   cancel: Binding.NativeCancel
   /** Rejects each of those commands' promises that is still pending. */
   pending: Set<() => void>
-  /** The 'abort' listener, attached while `pending` is not empty. */
-  listener: (() => void) | undefined
+  /** The signal's 'abort' listener, attached while `pending` is not empty. */
+  onAbort: () => void
+  attached: boolean
 }
 
 const watches = new WeakMap<AbortSignal, SignalWatch>()
@@ -39,28 +40,33 @@ const watches = new WeakMap<AbortSignal, SignalWatch>()
 function watch(signal: AbortSignal): SignalWatch {
   let w = watches.get(signal)
   if (w === undefined) {
-    w = { cancel: new native.NativeCancel(), pending: new Set(), listener: undefined }
-    watches.set(signal, w)
-  }
-  if (w.listener === undefined) {
-    const entry = w
-    entry.listener = (): void => {
-      entry.listener = undefined
-      entry.cancel.cancel()
-      for (const reject of entry.pending) reject()
-      entry.pending.clear()
+    const entry: SignalWatch = {
+      cancel: new native.NativeCancel(),
+      pending: new Set(),
+      onAbort: () => {
+        entry.attached = false
+        entry.cancel.cancel()
+        for (const reject of entry.pending) reject()
+        entry.pending.clear()
+      },
+      attached: false,
     }
-    signal.addEventListener('abort', entry.listener, { once: true })
+    watches.set(signal, entry)
+    w = entry
+  }
+  if (!w.attached) {
+    signal.addEventListener('abort', w.onAbort, { once: true })
+    w.attached = true
   }
   return w
 }
 
 /** Forgets a settled command; the listener goes with the last pending one. */
-function settled(signal: AbortSignal, w: SignalWatch, onAbort: () => void): void {
-  w.pending.delete(onAbort)
-  if (w.pending.size === 0 && w.listener !== undefined) {
-    signal.removeEventListener('abort', w.listener)
-    w.listener = undefined
+function settled(signal: AbortSignal, w: SignalWatch, reject: () => void): void {
+  w.pending.delete(reject)
+  if (w.pending.size === 0 && w.attached) {
+    signal.removeEventListener('abort', w.onAbort)
+    w.attached = false
   }
 }
 
@@ -75,15 +81,15 @@ function abortable<T>(signal: AbortSignal, start: (cancel: Binding.NativeCancel)
   const w = watch(signal)
   const command = start(w.cancel)
   return new Promise<T>((resolve, reject) => {
-    const onAbort = (): void => reject(new AbortError(signal.reason))
-    w.pending.add(onAbort)
+    const rejectNow = (): void => reject(new AbortError(signal.reason))
+    w.pending.add(rejectNow)
     command.then(
       (v) => {
-        settled(signal, w, onAbort)
+        settled(signal, w, rejectNow)
         resolve(v)
       },
       (e: unknown) => {
-        settled(signal, w, onAbort)
+        settled(signal, w, rejectNow)
         reject(e)
       },
     )

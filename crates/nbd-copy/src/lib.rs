@@ -915,10 +915,7 @@ async fn copy_here(src: Endpoint, dst: Endpoint, options: Options, progress: Arc
     let mut handles = src.handles();
     handles.extend(dst.handles());
     let lanes = match &plan {
-        Ok(p) if p.connections > 1 => match Lanes::start(&mut src, &mut dst, p.connections, &cancel).await {
-            Ok(lanes) => Ok(Some(lanes)),
-            Err(e) => Err(e),
-        },
+        Ok(p) if p.connections > 1 => Lanes::start(&mut src, &mut dst, p.connections, &cancel).await.map(Some),
         _ => Ok(None),
     };
     if let Ok(Some(_)) = &lanes {
@@ -926,17 +923,13 @@ async fn copy_here(src: Endpoint, dst: Endpoint, options: Options, progress: Arc
         handles.extend(src.handles());
         handles.extend(dst.handles());
     }
-    let result = match (plan, lanes) {
-        (Ok(plan), Ok(mut lanes)) => {
-            let r = run(src, dst, plan, &options, progress, cancel, started, lanes.as_mut()).await;
-            close_all(handles, r.is_ok()).await;
-            // Every connection is closed: the lanes' threads may end.
-            drop(lanes);
-            return r;
-        }
-        (Err(e), _) | (_, Err(e)) => Err(e),
+    let (result, lanes) = match (plan, lanes) {
+        (Ok(plan), Ok(mut lanes)) => (run(src, dst, plan, &options, progress, cancel, started, lanes.as_mut()).await, lanes),
+        (Err(e), _) | (_, Err(e)) => (Err(e), None),
     };
-    close_all(handles, false).await;
+    close_all(handles, result.is_ok()).await;
+    // Every connection is closed: the lanes' threads may end.
+    drop(lanes);
     result
 }
 
@@ -1110,7 +1103,6 @@ impl Lane {
         Ok((lane, conn_rx))
     }
 }
-
 
 /// What [`prepare`] settled.
 struct Plan {
