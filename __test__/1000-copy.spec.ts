@@ -261,6 +261,22 @@ test.serial('abort mid-copy stops promptly and leaves no fd or thread behind (bo
   t.true(await waitFor(() => copyThreads() === 0, 3000), `${copyThreads()} nbd-copy threads left`)
 })
 
+test.serial('a copy whose extra connections are refused fails naming the side, and leaves no fd or thread behind', async (t) => {
+  // nbdkit's limit filter lets two clients in: the copy's planning connection and one of its
+  // two per-connection threads; the other thread's connection is refused at NBD_OPT_GO.
+  const server = await useNbdkit(t, ['--filter=limit', 'pattern', '8M', 'limit=2'])
+  if (!server) return
+  const before = countOpenFds()
+  const err = await t.throwsAsync(copy(server.uri, 'null:', { connections: 2 }))
+  t.true(err instanceof NbdError, String(err))
+  t.regex(err!.message, /^copy: connecting to the source: server refused NBD_OPT_GO/)
+  t.true(await waitFor(() => countOpenFds() <= before, 3000), `fds: ${before} before, ${countOpenFds()} after`)
+  t.true(await waitFor(() => copyThreads() === 0, 3000), `${copyThreads()} nbd-copy threads left`)
+  // With the one connection the server allows besides, the same copy goes through.
+  const r = await copy(server.uri, 'null:', { connections: 1 })
+  t.is(r.bytes, 8 * MiB)
+})
+
 /** Threads of this process named nbd-copy (Linux: /proc/self/task). */
 function copyThreads(): number {
   let n = 0
