@@ -47,6 +47,13 @@ import {
 /** The largest `pread` whose Buffer is a slice of a pooled slab (read-pool.ts). */
 const POOLED_READ_MAX = 16 * 1024
 
+/**
+ * The per-command native calls (pread, preadInto, pwrite), taking the native handle as their
+ * first argument: plain functions rather than methods of the class, which cost napi-rs's
+ * per-call bookkeeping (crates/nbd-napi/src/fast.rs). One set per thread that loads this.
+ */
+const calls = native.commandCalls()
+
 const asyncDispose: typeof Symbol.asyncDispose =
   (Symbol as { asyncDispose?: typeof Symbol.asyncDispose }).asyncDispose ??
   (Symbol.for('nodejs.asyncDispose') as typeof Symbol.asyncDispose)
@@ -285,13 +292,13 @@ export class Handle {
         // Small reads land in a slice of a shared slab (as Buffer.allocUnsafe's pool), not a
         // Buffer of their own: a backing store per read costs more than the read.
         const b = pooledBuffer(c)
-        if (opts === undefined) return this.#native.preadInto(b, o, 0, null, true) as Promise<Buffer>
+        if (opts === undefined) return calls.preadInto(this.#native, b, o, 0, null, true) as Promise<Buffer>
         const { flags, signal } = checkOptions('pread', opts, [])
-        return run(signal, (cancel) => this.#native.preadInto(b, o, flags, cancel, true) as Promise<Buffer>)
+        return run(signal, (cancel) => calls.preadInto(this.#native, b, o, flags, cancel, true) as Promise<Buffer>)
       }
-      if (opts === undefined) return this.#native.pread(c, o, 0, null) as Promise<Buffer>
+      if (opts === undefined) return calls.pread(this.#native, c, o, 0, null) as Promise<Buffer>
       const { flags, signal } = checkOptions('pread', opts, [])
-      return run(signal, (cancel) => this.#native.pread(c, o, flags, cancel) as Promise<Buffer>)
+      return run(signal, (cancel) => calls.pread(this.#native, c, o, flags, cancel) as Promise<Buffer>)
     } catch (e) {
       return Promise.reject(toNbdError(e, 'pread'))
     }
@@ -313,7 +320,7 @@ export class Handle {
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
       const { flags, signal } = checkOptions(op, opts, ['df'])
-      return run(signal, (cancel) => this.#native.pread(c, o, flags, cancel, true) as Promise<{ data: Buffer; chunks: ReadChunk[] }>)
+      return run(signal, (cancel) => calls.pread(this.#native, c, o, flags, cancel, true) as Promise<{ data: Buffer; chunks: ReadChunk[] }>)
     })
   }
 
@@ -334,9 +341,9 @@ export class Handle {
     try {
       const b = checkBuffer('preadInto', buf)
       const o = checkOffset('preadInto', offset)
-      if (opts === undefined) return this.#native.preadInto(b, o, 0, null) as Promise<void>
+      if (opts === undefined) return calls.preadInto(this.#native, b, o, 0, null) as Promise<void>
       const { flags, signal } = checkOptions('preadInto', opts, [])
-      return run(signal, (cancel) => this.#native.preadInto(b, o, flags, cancel) as Promise<void>)
+      return run(signal, (cancel) => calls.preadInto(this.#native, b, o, flags, cancel) as Promise<void>)
     } catch (e) {
       return Promise.reject(toNbdError(e, 'preadInto'))
     }
@@ -355,9 +362,9 @@ export class Handle {
     try {
       const b = checkBuffer('pwrite', buf)
       const o = checkOffset('pwrite', offset)
-      if (opts === undefined) return this.#native.pwrite(b, o, 0, null)
+      if (opts === undefined) return calls.pwrite(this.#native, b, o, 0, null)
       const { flags, signal } = checkOptions('pwrite', opts, ['fua'])
-      return run(signal, (cancel) => this.#native.pwrite(b, o, flags, cancel))
+      return run(signal, (cancel) => calls.pwrite(this.#native, b, o, flags, cancel))
     } catch (e) {
       return Promise.reject(toNbdError(e, 'pwrite'))
     }

@@ -193,3 +193,42 @@ test('close() while shutdown() waits for a pending command: the command rejects 
   t.is(settled, 'resolved')
   t.is(h.state, 'closed')
 })
+
+test('the native per-command calls check what they are given: a non-handle throws a TypeError, a wrong argument rejects with EINVAL', async (t) => {
+  // The binding itself, as handle.ts reaches it (not exported from the package).
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const native = require('../binding.js') as typeof import('../binding')
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { makeError } = require('../dist/errors.js') as typeof import('../errors')
+  const calls = native.commandCalls()
+  const cancel = new native.NativeCancel()
+  const h = new native.NativeHandle(makeError)
+  const buf = Buffer.alloc(16)
+  // Another class's instance (the cancel token), plain objects and primitives: never taken
+  // for a handle.
+  for (const notHandle of [undefined, null, 1, 'handle', {}, [], cancel, buf, Object.create(native.NativeHandle.prototype)]) {
+    const as = notHandle as unknown as InstanceType<typeof native.NativeHandle>
+    t.throws(() => calls.pread(as, 16, 0, 0, null), { instanceOf: TypeError, message: /pread: the first argument is not a NativeHandle/ })
+    t.throws(() => calls.preadInto(as, buf, 0, 0, null), { instanceOf: TypeError, message: /preadInto: / })
+    t.throws(() => calls.pwrite(as, buf, 0, 0, null), { instanceOf: TypeError, message: /pwrite: / })
+  }
+  const rejects = async (p: Promise<unknown>, op: string, message: RegExp) => {
+    const e = await p.then(() => undefined, (x: unknown) => x)
+    t.true(e instanceof NbdError, String(e))
+    t.is((e as NbdError).code, 'EINVAL')
+    t.is((e as NbdError).operation, op)
+    t.regex((e as NbdError).message, message)
+  }
+  const asCancel = h as unknown as InstanceType<typeof native.NativeCancel>
+  await rejects(calls.pread(h, 16, 0, 0, asCancel), 'pread', /cancel must be a NativeCancel or null/)
+  await rejects(calls.pread(h, 16, 0, 0, asCancel, true), 'preadStructured', /cancel must be/)
+  await rejects(calls.pread(h, 'x' as unknown as number, 0, 0, null), 'pread', /count must be a number/)
+  await rejects(calls.preadInto(h, buf, '0' as unknown as number, 0, null), 'preadInto', /offset must be a number or a bigint/)
+  await rejects(calls.preadInto(h, buf, 0, 0, {} as never, true), 'pread', /cancel must be/)
+  await rejects(calls.pwrite(h, buf, 0, 'fua' as unknown as number, null), 'pwrite', /flags must be a number/)
+  await rejects(calls.pwrite(h, 'not a buffer' as unknown as Buffer, 0, 0, null), 'pwrite', /buf must be a Uint8Array/)
+  await rejects(calls.pwrite(h, buf, -1n, 0, cancel), 'pwrite', /bigint offset/)
+  // Right arguments on a handle that never connected: refused by its state, as the methods are.
+  const e = await calls.preadInto(h, buf, 0, 0, cancel).then(() => undefined, (x: unknown) => x)
+  t.true(e instanceof NbdError && e.operation === 'preadInto', String(e))
+})

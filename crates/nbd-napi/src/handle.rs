@@ -195,6 +195,11 @@ impl NativeHandle {
         }
     }
 
+    /// A promise already rejected with `operation`'s `NbdError` for `e`.
+    pub(crate) fn rejected(&self, env: napi::sys::napi_env, operation: &str, e: &nbd_client::Error) -> settle::Value {
+        settle::rejected(env, &self.make_error, operation, e)
+    }
+
     fn reject<'env>(&self, env: &'env Env, operation: &str, e: &nbd_client::Error) -> Unknown<'env> {
         let v = settle::rejected(env.raw(), &self.make_error, operation, e);
         unsafe { Unknown::from_napi_value(env.raw(), v) }.expect("a promise")
@@ -356,6 +361,89 @@ impl NativeHandle {
         };
         let c = Self::read_cmd(op, target.len as u64, o, flags, outcome);
         self.start(env, c, None, Some(target), Payload::None, cancel)
+    }
+
+    // ---- the per-command calls ----
+    //
+    // Reached from JavaScript through the raw entry points of `fast.rs`, not as methods of
+    // the class: napi-rs's per-call borrow bookkeeping cost more than the rest of a small
+    // read's JavaScript-side work. Each returns a promise at once; refusals (state, strict
+    // checks, arguments) reject it.
+
+    /// Reads into a new Buffer (`nbd_pread`), or with `structured`, the data and the chunks
+    /// the server sent (`nbd_pread_structured`).
+    pub(crate) fn pread<'env>(
+        &self,
+        env: &'env Env,
+        count_: f64,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+        structured: Option<bool>,
+    ) -> Unknown<'env> {
+        if structured == Some(true) {
+            self.read(env, "preadStructured", count_, offset_, flags, Outcome::Structured, cancel)
+        } else {
+            self.read(env, "pread", count_, offset_, flags, Outcome::Buffer, cancel)
+        }
+    }
+
+    /// Reads `buf.length` bytes into `buf`, directly (event-loop driver) or on completion
+    /// (tokio driver).
+    /// - For `preadInto` (`pooled` absent or false): resolves with nothing; with
+    ///   `preadInitialize` on, `buf` is zeroed first, before any check, as libnbd does.
+    /// - For a small `pread` (`pooled` true), whose Buffer handle.ts took from its pool:
+    ///   resolves with `buf`, and errors name `pread`. No zeroing: every byte is written on
+    ///   success, and on failure the Buffer is never handed out.
+    pub(crate) fn pread_into<'env>(
+        &self,
+        env: &'env Env,
+        buf: Unknown,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+        pooled: Option<bool>,
+    ) -> Unknown<'env> {
+        if pooled == Some(true) {
+            self.read_into(env, "pread", buf, offset_, flags, cancel, Outcome::CallerBuffer)
+        } else {
+            self.read_into(env, "preadInto", buf, offset_, flags, cancel, Outcome::Void)
+        }
+    }
+
+    /// Writes `buf`: small writes are copied now; large ones are sent from `buf` (event-loop
+    /// driver) or copied now (tokio driver).
+    pub(crate) fn pwrite<'env>(
+        &self,
+        env: &'env Env,
+        buf: Unknown,
+        offset_: Either<f64, BigInt>,
+        flags: u32,
+        cancel: Option<&NativeCancel>,
+    ) -> Unknown<'env> {
+        let op = "pwrite";
+        let Some(source) = CallerBuf::new(env.raw(), buf.value().value) else {
+            return self.reject(env, op, &nbd_client::Error::usage(Errno::EINVAL, "buf must be a Uint8Array"));
+        };
+        let o = match offset(offset_) {
+            Ok(o) => o,
+            Err(e) => return self.reject(env, op, &e),
+        };
+        let len = source.len;
+        let c = Cmd {
+            operation: op,
+            command: Command { kind: CommandKind::Write, offset: o, length: len as u64, flags },
+            filter: None,
+            record_chunks: false,
+            outcome: Outcome::Void,
+        };
+        if len <= COPY_PAYLOAD_MAX {
+            // SAFETY: just looked up, on the JavaScript thread.
+            let bytes = if len == 0 { Vec::new() } else { unsafe { std::slice::from_raw_parts(source.ptr, len) }.to_vec() };
+            self.start(env, c, None, None, Payload::Owned(bytes), cancel)
+        } else {
+            self.start(env, c, None, Some(source), Payload::Borrowed(len), cancel)
+        }
     }
 
     fn read_cmd(operation: &'static str, count: u64, offset: u64, flags: u32, outcome: Outcome) -> Cmd {
@@ -756,85 +844,6 @@ impl NativeHandle {
     // ---- commands ----
     //
     // Each returns a promise at once; refusals (state, strict checks, arguments) reject it.
-
-    /// Reads into a new Buffer (`nbd_pread`), or with `structured`, the data and the chunks
-    /// the server sent (`nbd_pread_structured`).
-    #[napi(ts_return_type = "Promise<Buffer | { data: Buffer; chunks: Array<{ offset: number; length: number; status: 'data' | 'hole' | 'error' }> }>")]
-    pub fn pread<'env>(
-        &self,
-        env: &'env Env,
-        count_: f64,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-        structured: Option<bool>,
-    ) -> Unknown<'env> {
-        if structured == Some(true) {
-            self.read(env, "preadStructured", count_, offset_, flags, Outcome::Structured, cancel)
-        } else {
-            self.read(env, "pread", count_, offset_, flags, Outcome::Buffer, cancel)
-        }
-    }
-
-    /// Reads `buf.length` bytes into `buf`, directly (event-loop driver) or on completion
-    /// (tokio driver).
-    /// - For `preadInto` (`pooled` absent or false): resolves with nothing; with
-    ///   `preadInitialize` on, `buf` is zeroed first, before any check, as libnbd does.
-    /// - For a small `pread` (`pooled` true), whose Buffer handle.ts took from its pool:
-    ///   resolves with `buf`, and errors name `pread`. No zeroing: every byte is written on
-    ///   success, and on failure the Buffer is never handed out.
-    #[napi(ts_return_type = "Promise<void | Buffer>")]
-    pub fn pread_into<'env>(
-        &self,
-        env: &'env Env,
-        #[napi(ts_arg_type = "Uint8Array")] buf: Unknown,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-        pooled: Option<bool>,
-    ) -> Unknown<'env> {
-        if pooled == Some(true) {
-            self.read_into(env, "pread", buf, offset_, flags, cancel, Outcome::CallerBuffer)
-        } else {
-            self.read_into(env, "preadInto", buf, offset_, flags, cancel, Outcome::Void)
-        }
-    }
-
-    /// Writes `buf`: small writes are copied now; large ones are sent from `buf` (event-loop
-    /// driver) or copied now (tokio driver).
-    #[napi(ts_return_type = "Promise<void>")]
-    pub fn pwrite<'env>(
-        &self,
-        env: &'env Env,
-        #[napi(ts_arg_type = "Uint8Array")] buf: Unknown,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-    ) -> Unknown<'env> {
-        let op = "pwrite";
-        let Some(source) = CallerBuf::new(env.raw(), buf.value().value) else {
-            return self.reject(env, op, &nbd_client::Error::usage(Errno::EINVAL, "buf must be a Uint8Array"));
-        };
-        let o = match offset(offset_) {
-            Ok(o) => o,
-            Err(e) => return self.reject(env, op, &e),
-        };
-        let len = source.len;
-        let c = Cmd {
-            operation: op,
-            command: Command { kind: CommandKind::Write, offset: o, length: len as u64, flags },
-            filter: None,
-            record_chunks: false,
-            outcome: Outcome::Void,
-        };
-        if len <= COPY_PAYLOAD_MAX {
-            // SAFETY: just looked up, on the JavaScript thread.
-            let bytes = if len == 0 { Vec::new() } else { unsafe { std::slice::from_raw_parts(source.ptr, len) }.to_vec() };
-            self.start(env, c, None, None, Payload::Owned(bytes), cancel)
-        } else {
-            self.start(env, c, None, Some(source), Payload::Borrowed(len), cancel)
-        }
-    }
 
     /// Block status for every negotiated context, or only `contexts`.
     #[napi(ts_return_type = "Promise<Record<string, Array<{ offset: number; length: number; flags: number }>>>")]

@@ -11,12 +11,14 @@
 
 mod copy;
 mod event_loop;
+mod fast;
 mod handle;
 mod settle;
 mod testing;
 mod tokio_path;
 
 pub use copy::NativeCopy;
+pub use fast::command_calls;
 pub use handle::{NativeCancel, NativeHandle};
 
 use napi_derive::napi;

@@ -1,0 +1,258 @@
+//! Raw Node-API entry points for the calls JavaScript makes once per command: `pread`,
+//! `preadInto` and `pwrite`.
+//!
+//! As methods of the napi-rs class these paid, on every call, for napi-rs's bookkeeping of
+//! borrowed class instances (a borrow scope, a registry behind a mutex, a class identity
+//! lookup for the receiver and for the cancel argument): measured with 4 KiB `preadInto`
+//! at depth 64 against nbdkit, about 5 % of the client's CPU. Here each call is a plain
+//! `napi_callback` that takes the handle as its first argument, checks by its napi type tag
+//! that it really is a [`NativeHandle`] (and the cancel argument a [`NativeCancel`]),
+//! converts the other arguments itself and runs the same code the methods ran.
+//!
+//! handle.ts calls them with arguments that validation.ts has checked. Nothing is trusted
+//! anyway: an object that is not a `NativeHandle` makes the call throw a `TypeError`, and
+//! any other argument of the wrong type rejects the returned promise with `EINVAL`.
+//!
+//! No `&mut` reference to either class exists anywhere (every method takes `&self`; their
+//! state is in cells), which is what napi-rs's bookkeeping guards against, so the shared
+//! references made here are sound for the length of the call, during which the argument
+//! values keep both objects alive.
+
+use std::ffi::{c_char, c_void, CStr};
+use std::ptr;
+
+use napi::bindgen_prelude::*;
+use napi::sys;
+use napi::JsValue;
+use napi_derive::napi;
+
+use crate::handle::{NativeCancel, NativeHandle};
+
+/// The most arguments an entry point takes (the handle included).
+const MAX_ARGS: usize = 6;
+
+/// The call's arguments; missing ones are `undefined`.
+unsafe fn arguments(env: sys::napi_env, info: sys::napi_callback_info) -> [sys::napi_value; MAX_ARGS] {
+    let mut argc = MAX_ARGS;
+    let mut argv = [ptr::null_mut(); MAX_ARGS];
+    // SAFETY: argv has room for argc values; Node fills the ones not passed with undefined.
+    let status = unsafe { sys::napi_get_cb_info(env, info, &mut argc, argv.as_mut_ptr(), ptr::null_mut(), ptr::null_mut()) };
+    if status != sys::Status::napi_ok {
+        // Not expected on a JavaScript call; leave every argument undefined.
+        for v in argv.iter_mut() {
+            // SAFETY: on the JavaScript thread, inside a callback.
+            unsafe { sys::napi_get_undefined(env, v) };
+        }
+    }
+    argv
+}
+
+/// The Rust value wrapped by `value` if it is an instance of class `T` (its type tag, which
+/// napi-rs stamps on every instance, says so), else `None`.
+unsafe fn instance<'a, T: TypeTag>(env: sys::napi_env, value: sys::napi_value) -> Option<&'a T> {
+    let mut kind = sys::ValueType::napi_undefined;
+    // SAFETY: a value of this call.
+    let status = unsafe { sys::napi_typeof(env, value, &mut kind) };
+    // Only objects: the tag check would convert a primitive (and throw for null).
+    if status != sys::Status::napi_ok || kind != sys::ValueType::napi_object {
+        return None;
+    }
+    let tag = T::type_tag();
+    let mut matches = false;
+    // SAFETY: an object of this call.
+    let status = unsafe { sys::napi_check_object_type_tag(env, value, &tag, &mut matches) };
+    if status != sys::Status::napi_ok || !matches {
+        return None;
+    }
+    let mut wrapped: *mut c_void = ptr::null_mut();
+    // SAFETY: as above.
+    let status = unsafe { sys::napi_unwrap(env, value, &mut wrapped) };
+    if status != sys::Status::napi_ok || wrapped.is_null() {
+        return None;
+    }
+    // SAFETY: the tag says napi-rs wrapped a `T` in this object, which this call's argument
+    // keeps alive; only shared references to it are ever made (see the module's note).
+    Some(unsafe { &*(wrapped as *const T) })
+}
+
+/// Throws a `TypeError` (the receiver is not a handle) and returns nothing.
+unsafe fn not_a_handle(env: sys::napi_env, call: &CStr) -> sys::napi_value {
+    let mut message = String::from(call.to_str().unwrap_or("call"));
+    message.push_str(": the first argument is not a NativeHandle\0");
+    // SAFETY: a NUL-terminated message, on the JavaScript thread.
+    unsafe { sys::napi_throw_type_error(env, ptr::null(), message.as_ptr().cast::<c_char>()) };
+    ptr::null_mut()
+}
+
+/// The arguments after the handle, converted; `Err` names the first that is wrong.
+struct Converted<'a> {
+    env: sys::napi_env,
+    handle: &'a NativeHandle,
+}
+
+impl<'a> Converted<'a> {
+    fn type_of(&self, v: sys::napi_value) -> sys::napi_valuetype {
+        let mut t = sys::ValueType::napi_undefined;
+        // SAFETY: a value of this call.
+        unsafe { sys::napi_typeof(self.env, v, &mut t) };
+        t
+    }
+
+    fn number(&self, v: sys::napi_value, name: &str) -> std::result::Result<f64, String> {
+        let mut n = 0f64;
+        // SAFETY: as above; a non-number answers with an error status.
+        match unsafe { sys::napi_get_value_double(self.env, v, &mut n) } {
+            sys::Status::napi_ok => Ok(n),
+            _ => Err(format!("{name} must be a number")),
+        }
+    }
+
+    fn offset(&self, v: sys::napi_value) -> std::result::Result<Either<f64, BigInt>, String> {
+        match self.type_of(v) {
+            sys::ValueType::napi_number => self.number(v, "offset").map(Either::A),
+            sys::ValueType::napi_bigint => {
+                // SAFETY: a bigint of this call.
+                unsafe { BigInt::from_napi_value(self.env, v) }.map(Either::B).map_err(|e| e.reason.clone())
+            }
+            _ => Err("offset must be a number or a bigint".into()),
+        }
+    }
+
+    fn flags(&self, v: sys::napi_value) -> std::result::Result<u32, String> {
+        let mut n = 0u32;
+        // SAFETY: as above.
+        match unsafe { sys::napi_get_value_uint32(self.env, v, &mut n) } {
+            sys::Status::napi_ok => Ok(n),
+            _ => Err("flags must be a number".into()),
+        }
+    }
+
+    fn cancel(&self, v: sys::napi_value) -> std::result::Result<Option<&'a NativeCancel>, String> {
+        match self.type_of(v) {
+            sys::ValueType::napi_undefined | sys::ValueType::napi_null => Ok(None),
+            // SAFETY: a value of this call.
+            _ => match unsafe { instance::<NativeCancel>(self.env, v) } {
+                Some(c) => Ok(Some(c)),
+                None => Err("cancel must be a NativeCancel or null".into()),
+            },
+        }
+    }
+
+    fn flag(&self, v: sys::napi_value, name: &str) -> std::result::Result<bool, String> {
+        match self.type_of(v) {
+            sys::ValueType::napi_undefined => Ok(false),
+            _ => {
+                let mut b = false;
+                // SAFETY: as above.
+                match unsafe { sys::napi_get_value_bool(self.env, v, &mut b) } {
+                    sys::Status::napi_ok => Ok(b),
+                    _ => Err(format!("{name} must be a boolean")),
+                }
+            }
+        }
+    }
+
+    fn unknown(&self, v: sys::napi_value) -> Unknown<'static> {
+        // SAFETY: any value converts; it lives as long as this call's scope.
+        unsafe { Unknown::from_napi_value(self.env, v) }.expect("any value is an Unknown")
+    }
+
+    /// The promise of `operation` rejected with `EINVAL` for `message`.
+    fn refuse(&self, operation: &str, message: String) -> sys::napi_value {
+        let e = crate::invalid(message);
+        self.handle.rejected(self.env, operation, &e)
+    }
+}
+
+/// Runs `call` with the handle in `argv[0]`, or throws if it is not one.
+unsafe fn with_handle(
+    env: sys::napi_env,
+    info: sys::napi_callback_info,
+    name: &CStr,
+    call: impl FnOnce(&Converted<'_>, &[sys::napi_value; MAX_ARGS]) -> sys::napi_value,
+) -> sys::napi_value {
+    // SAFETY: called by Node with this call's info.
+    let argv = unsafe { arguments(env, info) };
+    // SAFETY: a value of this call.
+    let Some(handle) = (unsafe { instance::<NativeHandle>(env, argv[0]) }) else {
+        // SAFETY: on the JavaScript thread.
+        return unsafe { not_a_handle(env, name) };
+    };
+    call(&Converted { env, handle }, &argv)
+}
+
+/// `pread(handle, count, offset, flags, cancel, structured)`: see [`NativeHandle::pread`].
+unsafe extern "C" fn pread(env: sys::napi_env, info: sys::napi_callback_info) -> sys::napi_value {
+    // SAFETY: a napi callback.
+    unsafe {
+        with_handle(env, info, c"pread", |c, argv| {
+            let structured = c.flag(argv[5], "structured").unwrap_or(false);
+            let op = if structured { "preadStructured" } else { "pread" };
+            let args = (|| Ok::<_, String>((c.number(argv[1], "count")?, c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?)))();
+            match args {
+                Ok((count, offset, flags, cancel)) => {
+                    c.handle.pread(&Env::from_raw(env), count, offset, flags, cancel, Some(structured)).raw()
+                }
+                Err(m) => c.refuse(op, m),
+            }
+        })
+    }
+}
+
+/// `preadInto(handle, buf, offset, flags, cancel, pooled)`: see [`NativeHandle::pread_into`].
+unsafe extern "C" fn pread_into(env: sys::napi_env, info: sys::napi_callback_info) -> sys::napi_value {
+    // SAFETY: a napi callback.
+    unsafe {
+        with_handle(env, info, c"preadInto", |c, argv| {
+            let pooled = c.flag(argv[5], "pooled").unwrap_or(false);
+            let op = if pooled { "pread" } else { "preadInto" };
+            let args = (|| Ok::<_, String>((c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?)))();
+            match args {
+                Ok((offset, flags, cancel)) => {
+                    c.handle.pread_into(&Env::from_raw(env), c.unknown(argv[1]), offset, flags, cancel, Some(pooled)).raw()
+                }
+                Err(m) => c.refuse(op, m),
+            }
+        })
+    }
+}
+
+/// `pwrite(handle, buf, offset, flags, cancel)`: see [`NativeHandle::pwrite`].
+unsafe extern "C" fn pwrite(env: sys::napi_env, info: sys::napi_callback_info) -> sys::napi_value {
+    // SAFETY: a napi callback.
+    unsafe {
+        with_handle(env, info, c"pwrite", |c, argv| {
+            let args = (|| Ok::<_, String>((c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?)))();
+            match args {
+                Ok((offset, flags, cancel)) => c.handle.pwrite(&Env::from_raw(env), c.unknown(argv[1]), offset, flags, cancel).raw(),
+                Err(m) => c.refuse("pwrite", m),
+            }
+        })
+    }
+}
+
+/// The per-command entry points, as functions that take the handle first. handle.ts gets
+/// them once per module instance (so once per thread).
+#[napi(ts_return_type = "{
+  pread(handle: NativeHandle, count: number, offset: number | bigint, flags: number, cancel: NativeCancel | null, structured?: boolean): Promise<Buffer | { data: Buffer; chunks: Array<{ offset: number; length: number; status: 'data' | 'hole' | 'error' }> }>
+  preadInto(handle: NativeHandle, buf: Uint8Array, offset: number | bigint, flags: number, cancel: NativeCancel | null, pooled?: boolean): Promise<void | Buffer>
+  pwrite(handle: NativeHandle, buf: Uint8Array, offset: number | bigint, flags: number, cancel: NativeCancel | null): Promise<void>
+}")]
+pub fn command_calls(env: &Env) -> Result<Object<'_>> {
+    type Callback = unsafe extern "C" fn(sys::napi_env, sys::napi_callback_info) -> sys::napi_value;
+    let calls: [(&CStr, Callback); 3] = [(c"pread", pread), (c"preadInto", pread_into), (c"pwrite", pwrite)];
+    let mut object = Object::new(env)?;
+    for (name, callback) in calls {
+        let mut f = ptr::null_mut();
+        // SAFETY: a NUL-terminated name and a callback that lives as long as the addon.
+        check_status!(
+            unsafe { sys::napi_create_function(env.raw(), name.as_ptr(), name.to_bytes().len() as isize, Some(callback), ptr::null_mut(), &mut f) },
+            "creating {:?}",
+            name
+        )?;
+        // SAFETY: a function just made, on the JavaScript thread.
+        let f = unsafe { Unknown::from_napi_value(env.raw(), f) }?;
+        object.set_named_property(name.to_str().expect("ASCII names"), f)?;
+    }
+    Ok(object)
+}
