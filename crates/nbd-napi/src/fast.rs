@@ -26,6 +26,7 @@ use napi::sys;
 use napi::JsValue;
 use napi_derive::napi;
 
+use crate::event_loop::Outcome;
 use crate::handle::{NativeCancel, NativeHandle};
 
 /// The most arguments an entry point takes (the handle included).
@@ -181,7 +182,8 @@ unsafe fn with_handle(
     call(&Converted { env, handle }, &argv)
 }
 
-/// `pread(handle, count, offset, flags, cancel, structured)`: see [`NativeHandle::pread`].
+/// `pread(handle, count, offset, flags, cancel, structured)`: a new Buffer, or with
+/// `structured` the data and its chunks (`preadStructured`); see [`NativeHandle::read`].
 unsafe extern "C" fn pread(env: sys::napi_env, info: sys::napi_callback_info) -> sys::napi_value {
     // SAFETY: a napi callback.
     unsafe {
@@ -191,7 +193,8 @@ unsafe extern "C" fn pread(env: sys::napi_env, info: sys::napi_callback_info) ->
             let args = (|| Ok::<_, String>((c.number(argv[1], "count")?, c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?)))();
             match args {
                 Ok((count, offset, flags, cancel)) => {
-                    c.handle.pread(&Env::from_raw(env), count, offset, flags, cancel, Some(structured)).raw()
+                    let outcome = if structured { Outcome::Structured } else { Outcome::Buffer };
+                    c.handle.read(&Env::from_raw(env), op, count, offset, flags, outcome, cancel).raw()
                 }
                 Err(m) => c.refuse(op, m),
             }
@@ -199,7 +202,8 @@ unsafe extern "C" fn pread(env: sys::napi_env, info: sys::napi_callback_info) ->
     }
 }
 
-/// `preadInto(handle, buf, offset, flags, cancel, pooled)`: see [`NativeHandle::pread_into`].
+/// `preadInto(handle, buf, offset, flags, cancel, pooled)`: into `buf`, or with `pooled` a
+/// small `pread` into a slice of handle.ts's slab; see [`NativeHandle::read_into`].
 unsafe extern "C" fn pread_into(env: sys::napi_env, info: sys::napi_callback_info) -> sys::napi_value {
     // SAFETY: a napi callback.
     unsafe {
@@ -209,7 +213,8 @@ unsafe extern "C" fn pread_into(env: sys::napi_env, info: sys::napi_callback_inf
             let args = (|| Ok::<_, String>((c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?)))();
             match args {
                 Ok((offset, flags, cancel)) => {
-                    c.handle.pread_into(&Env::from_raw(env), c.unknown(argv[1]), offset, flags, cancel, Some(pooled)).raw()
+                    let outcome = if pooled { Outcome::CallerBuffer } else { Outcome::Void };
+                    c.handle.read_into(&Env::from_raw(env), op, c.unknown(argv[1]), offset, flags, cancel, outcome).raw()
                 }
                 Err(m) => c.refuse(op, m),
             }

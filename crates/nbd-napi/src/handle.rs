@@ -295,8 +295,10 @@ impl NativeHandle {
         }
     }
 
+    /// Reads into a new Buffer (`pread`), or with [`Outcome::Structured`], the data and the
+    /// chunks the server sent (`preadStructured`).
     #[allow(clippy::too_many_arguments)]
-    fn read<'env>(
+    pub(crate) fn read<'env>(
         &self,
         env: &'env Env,
         operation: &'static str,
@@ -334,11 +336,15 @@ impl NativeHandle {
         self.start(env, c, own, None, Payload::None, cancel)
     }
 
-    /// A read into the caller's buffer `buf`: `preadInto` (zeroed first, before any check,
-    /// when `preadInitialize` is on; resolves to nothing) or a pooled `pread` (resolves with
-    /// `buf`, which nobody has seen, so it is not zeroed).
+    /// A read into the caller's buffer `buf`, directly (event-loop driver) or on completion
+    /// (tokio driver):
+    /// - `preadInto` ([`Outcome::Void`]): resolves with nothing; with `preadInitialize` on,
+    ///   `buf` is zeroed first, before any check, as libnbd does;
+    /// - a small `pread` ([`Outcome::CallerBuffer`]), whose Buffer handle.ts took from its
+    ///   pool: resolves with `buf`. No zeroing: every byte is written on success, and on
+    ///   failure the Buffer is never handed out.
     #[allow(clippy::too_many_arguments)]
-    fn read_into<'env>(
+    pub(crate) fn read_into<'env>(
         &self,
         env: &'env Env,
         op: &'static str,
@@ -369,47 +375,6 @@ impl NativeHandle {
     // the class: napi-rs's per-call borrow bookkeeping cost more than the rest of a small
     // read's JavaScript-side work. Each returns a promise at once; refusals (state, strict
     // checks, arguments) reject it.
-
-    /// Reads into a new Buffer (`nbd_pread`), or with `structured`, the data and the chunks
-    /// the server sent (`nbd_pread_structured`).
-    pub(crate) fn pread<'env>(
-        &self,
-        env: &'env Env,
-        count_: f64,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-        structured: Option<bool>,
-    ) -> Unknown<'env> {
-        if structured == Some(true) {
-            self.read(env, "preadStructured", count_, offset_, flags, Outcome::Structured, cancel)
-        } else {
-            self.read(env, "pread", count_, offset_, flags, Outcome::Buffer, cancel)
-        }
-    }
-
-    /// Reads `buf.length` bytes into `buf`, directly (event-loop driver) or on completion
-    /// (tokio driver).
-    /// - For `preadInto` (`pooled` absent or false): resolves with nothing; with
-    ///   `preadInitialize` on, `buf` is zeroed first, before any check, as libnbd does.
-    /// - For a small `pread` (`pooled` true), whose Buffer handle.ts took from its pool:
-    ///   resolves with `buf`, and errors name `pread`. No zeroing: every byte is written on
-    ///   success, and on failure the Buffer is never handed out.
-    pub(crate) fn pread_into<'env>(
-        &self,
-        env: &'env Env,
-        buf: Unknown,
-        offset_: Either<f64, BigInt>,
-        flags: u32,
-        cancel: Option<&NativeCancel>,
-        pooled: Option<bool>,
-    ) -> Unknown<'env> {
-        if pooled == Some(true) {
-            self.read_into(env, "pread", buf, offset_, flags, cancel, Outcome::CallerBuffer)
-        } else {
-            self.read_into(env, "preadInto", buf, offset_, flags, cancel, Outcome::Void)
-        }
-    }
 
     /// Writes `buf`: small writes are copied now; large ones are sent from `buf` (event-loop
     /// driver) or copied now (tokio driver).
