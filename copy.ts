@@ -25,6 +25,7 @@ import { CONTEXT_BASE_ALLOCATION, STATE_ZERO } from './constants'
 import { NbdError, abortError, checkAborted, makeError } from './errors'
 import { Handle } from './handle'
 import { native } from './native'
+import { requestSize as fitRequest } from './streams'
 import { isUri } from './support'
 
 /** One end of a copy: an NBD URI, `'null:'` (destination only), a file or block device path, a `Handle`, or a Node stream. */
@@ -152,7 +153,10 @@ function nativeEndpoint(e: CopyEndpoint, source: boolean): NativeEndpoint | unde
     return { kind: 'file', path: path.resolve(e) }
   }
   if (e instanceof Handle) {
-    if (e.state !== 'ready') throw fail(`the ${source ? 'source' : 'destination'} handle is ${e.state}, not ready`)
+    // Connected: idle (`ready`) or with commands of its own in flight (`processing`).
+    if (e.state !== 'ready' && e.state !== 'processing') {
+      throw fail(`the ${source ? 'source' : 'destination'} handle is ${e.state}, not connected`)
+    }
     try {
       return { kind: 'nbd', uri: e.getUri() }
     } catch {
@@ -249,6 +253,8 @@ interface Piece {
 interface Source {
   /** Undefined for a stream. */
   size: number | undefined
+  /** An NBD source: requests must fit its block-size limits. */
+  handle?: Handle
   /** Pieces of [offset, offset+length): zero where the source reads as zeroes. */
   extents(offset: number, length: number): Promise<Piece[]>
   read(offset: number, length: number): Promise<Buffer>
@@ -258,6 +264,8 @@ interface Source {
 interface Sink {
   /** Writes must arrive in order (a stream). */
   sequential: boolean
+  /** An NBD destination: writes must fit its block-size limits. */
+  handle?: Handle
   /** Reads as zeroes already (a truncated file). */
   isZero: boolean
   /** Undefined when there is no limit. */
@@ -270,6 +278,19 @@ interface Sink {
   ended?(size: number): Promise<void>
   flush(): Promise<void>
   close(ok: boolean): Promise<void>
+}
+
+/** A failure to open or connect to one end, as an NbdError naming that side (`connecting to the source: …`). */
+function openError(e: unknown, what: string, signal?: AbortSignal): Error {
+  if (signal?.aborted) return abortError(signal)
+  if (e instanceof NbdError) {
+    const message = e.message.replace(/^[a-zA-Z]+: /, '')
+    return new NbdError(e.code, `${what}: ${message}`, 'copy', e.errno)
+  }
+  const err = e as NodeJS.ErrnoException
+  const code = err && typeof err.code === 'string' && /^E[A-Z]+$/.test(err.code) ? err.code : 'EIO'
+  const errno = typeof err?.errno === 'number' ? Math.abs(err.errno) : undefined
+  return new NbdError(code, `${what}: ${e instanceof Error ? e.message : String(e)}`, 'copy', errno)
 }
 
 function sideError(e: unknown, what: string, offset: number, signal?: AbortSignal): Error {
@@ -299,6 +320,7 @@ async function openHandle(uri: string, source: boolean): Promise<Handle> {
 function handleSource(h: Handle, owned: boolean, signal?: AbortSignal): Source {
   const hasExtents = h.canMetaContext(CONTEXT_BASE_ALLOCATION)
   return {
+    handle: h,
     size: h.getSize(),
     async extents(offset, length) {
       if (!hasExtents) return [{ offset, length, zero: false }]
@@ -336,6 +358,7 @@ async function fileSource(p: string): Promise<Source> {
 function handleSink(h: Handle, owned: boolean, signal?: AbortSignal): Sink {
   if (h.isReadOnly()) throw fail('the destination is read-only', 'EPERM')
   return {
+    handle: h,
     sequential: false,
     isZero: false,
     size: h.getSize(),
@@ -531,7 +554,12 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
   try {
     // Open both ends.
     if (typeof source === 'string') {
-      src = isUri(source) ? handleSource(await openHandle(source, true), true, signal) : await fileSource(path.resolve(source))
+      const uri = isUri(source)
+      try {
+        src = uri ? handleSource(await openHandle(source, true), true, signal) : await fileSource(path.resolve(source))
+      } catch (e) {
+        throw openError(e, uri ? 'connecting to the source' : `opening the source ${source}`, signal)
+      }
     } else if (source instanceof Handle) {
       src = handleSource(source, false, signal)
     } else {
@@ -539,9 +567,14 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
     }
     checkAborted(signal)
     if (typeof destination === 'string') {
-      if (destination === 'null:') sink = nullSink()
-      else if (isUri(destination)) sink = handleSink(await openHandle(destination, false), true, signal)
-      else sink = await fileSink(path.resolve(destination))
+      const uri = isUri(destination)
+      try {
+        if (destination === 'null:') sink = nullSink()
+        else if (uri) sink = handleSink(await openHandle(destination, false), true, signal)
+        else sink = await fileSink(path.resolve(destination))
+      } catch (e) {
+        throw openError(e, uri ? 'connecting to the destination' : `opening the destination ${destination}`, signal)
+      }
     } else if (destination instanceof Handle) {
       sink = handleSink(destination, false, signal)
     } else {
@@ -552,7 +585,9 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
     if (size !== undefined && sink.size !== undefined && sink.size < size) {
       throw fail(`the destination (${sink.size} bytes) is smaller than the source (${size} bytes)`, 'ENOSPC')
     }
-    await sink.prepare(size)
+    await sink.prepare(size).catch((e: unknown) => {
+      throw sideError(e, 'preparing the destination', 0, signal)
+    })
     const destinationIsZero = s.destinationIsZero || sink.isZero
     counters.bytesTotal = size ?? 0
     const out = sink
@@ -580,9 +615,12 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
       }
     }
     const limit = s.requests * (s.connections ?? 1)
+    // Requests within both NBD ends' limits (payload, advertised maximum, minimum alignment).
+    let request = s.requestSize
+    for (const h of [src?.handle, out.handle]) if (h !== undefined) request = fitRequest(h, request).size
 
     if (stream !== undefined) {
-      // A Readable: blocks of requestSize in the order they come.
+      // A Readable: blocks of the request size in the order they come.
       let offset = 0
       let pending: Buffer[] = []
       let pendingLength = 0
@@ -592,11 +630,11 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
           const b = typeof chunk === 'string' ? Buffer.from(chunk) : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength)
           pending.push(b)
           pendingLength += b.length
-          while (pendingLength >= s.requestSize) {
+          while (pendingLength >= request) {
             const all = Buffer.concat(pending, pendingLength)
-            const block = all.subarray(0, s.requestSize)
-            pending = [all.subarray(s.requestSize)]
-            pendingLength = all.length - s.requestSize
+            const block = all.subarray(0, request)
+            pending = [all.subarray(request)]
+            pendingLength = all.length - request
             yield { offset, data: block }
             offset += block.length
           }
@@ -623,9 +661,11 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
         signal?.removeEventListener('abort', onAbort)
       }
       counters.bytesTotal = offset
-      await out.ended?.(offset)
+      await out.ended?.(offset).catch((e: unknown) => {
+        throw sideError(e, 'extending the destination', offset, signal)
+      })
     } else {
-      // Random access: extents per unit, pieces of requestSize.
+      // Random access: extents per unit, pieces of the request size.
       const input = src!
       const total = size!
       const unit = 32 * MiB
@@ -642,7 +682,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
           let k = 0
           let zeroFrom = -1
           for (let at = start; at < start + length; ) {
-            const n = Math.min(s.requestSize, start + length - at)
+            const n = Math.min(request, start + length - at)
             while (k + 1 < extents.length && extents[k]!.offset + extents[k]!.length <= at) k++
             let allZero = true
             for (let j = k; j < extents.length && extents[j]!.offset < at + n; j++) if (!extents[j]!.zero) allZero = false
@@ -706,7 +746,9 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
     ok = true
   } catch (e) {
     if (signal?.aborted) throw abortError(signal)
-    throw e
+    // Every failure is an NbdError; the paths above name their side already.
+    if (e instanceof NbdError) throw e
+    throw openError(e, 'copy failed', signal)
   } finally {
     const closing: Promise<void>[] = []
     if (src) closing.push(src.close().catch(() => {}))

@@ -118,8 +118,9 @@ function offsetArg(v: bigint): number | bigint {
 /**
  * The request size for `handle`: `wanted`, within the payload limit and the advertised
  * maximum, and a multiple of the advertised minimum (the alignment strict mode checks).
+ * Also used by copy()'s JavaScript engine. @internal
  */
-function requestSize(handle: Handle, wanted: number): { size: number; minimum: number } {
+export function requestSize(handle: Handle, wanted: number): { size: number; minimum: number } {
   const minimum = Math.max(1, handle.getBlockSize('minimum'))
   let size = Math.min(wanted, handle.getBlockSize('payload'))
   const maximum = handle.getBlockSize('maximum')

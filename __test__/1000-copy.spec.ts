@@ -427,3 +427,52 @@ test('a TLS (PSK) Handle as the source: the native engine connects with its URI 
   const plain = await h.pread(4 * MiB, 0)
   t.is(fileSha(path.join(dir, 'tls.img')), sha(plain))
 })
+
+test('the JavaScript engine: a file that cannot be opened is an NbdError naming the side', async (t) => {
+  const dir = tempDir(t)
+  const sink = new Writable({ write: (_c, _e, cb) => cb() })
+  const e1 = await t.throwsAsync(copy(path.join(dir, 'missing.img'), sink))
+  assertNbdError(t, e1, 'ENOENT', 'copy')
+  t.regex(e1!.message, /^copy: opening the source .*missing\.img: /)
+  const e2 = await t.throwsAsync(copy(Readable.from([Buffer.alloc(10)]), path.join(dir, 'no', 'such', 'dir.img')))
+  assertNbdError(t, e2, 'ENOENT', 'copy')
+  t.regex(e2!.message, /^copy: opening the destination .*dir\.img: /)
+  const e3 = await t.throwsAsync(copy(Readable.from([Buffer.alloc(10)]), `nbd+unix:///?socket=${path.join(dir, 'nobody.sock')}`))
+  assertNbdError(t, e3, 'ENOENT', 'copy')
+  t.regex(e3!.message, /^copy: connecting to the destination: /)
+})
+
+test('the JavaScript engine keeps requests within the servers’ maximum block size, and takes a handle with commands in flight', async (t) => {
+  // Requests over 64 KiB fail at the server (blocksize-policy's error policy).
+  const strict = ['blocksize-maximum=64K', 'blocksize-preferred=4K', 'blocksize-error-policy=error']
+  const server = await useNbdkit(t, ['--filter=blocksize-policy', 'pattern', '4M', ...strict])
+  const dest = await useNbdkit(t, ['--filter=blocksize-policy', 'memory', '4M', ...strict])
+  if (!server || !dest) return
+  // nbdcopy, asked to keep within the limit too, is the independent reader.
+  const readAll = (uri: string) => {
+    const r = spawnSync('nbdcopy', ['--request-size=65536', uri, '-'], { maxBuffer: 8 * MiB })
+    if (r.status !== 0) throw new Error(`nbdcopy: ${r.stderr}`)
+    return r.stdout
+  }
+  const want = sha(readAll(server.uri))
+  const src = new Handle()
+  t.teardown(() => src.close())
+  await src.connectSocket(await connectedSocketFd(server))
+  t.is(src.getBlockSize('maximum'), 64 * KiB)
+  // A read of its own still in flight: the handle is `processing`, and connected.
+  const own = src.pread(4096, 0)
+  t.is(src.state, 'processing')
+  const chunks: Buffer[] = []
+  const r = await copy(src, new Writable({ write: (c: Buffer, _e, cb) => (chunks.push(c), cb()) }), { requestSize: 1 * MiB })
+  t.is(r.engine, 'javascript')
+  t.is(sha(Buffer.concat(chunks)), want)
+  t.is((await own).length, 4096)
+
+  const dst = new Handle()
+  t.teardown(() => dst.close())
+  await dst.connectSocket(await connectedSocketFd(dest))
+  const data = seededBytes(4 * MiB, 9)
+  const w = await copy(Readable.from([data]), dst, { requestSize: 2 * MiB })
+  t.is(w.engine, 'javascript')
+  t.is(sha(readAll(dest.uri)), sha(data))
+})
