@@ -38,7 +38,8 @@ export interface ExportDetails {
   blockSizeMinimum?: number
   blockSizePreferred?: number
   blockSizeMaximum?: number
-  exportSize: number
+  /** The size in bytes: a number, or a bigint for an export past Number.MAX_SAFE_INTEGER (8 PiB). */
+  exportSize: number | bigint
   /** `export-size-str`: the size with the largest exact binary suffix (`1M`, `3584K`, `1000`). */
   exportSizeStr: string
 }
@@ -140,10 +141,7 @@ async function describeExport(
   }
   checkAborted(opts.signal)
   const sizeBig = h.getSize({ bigint: true })
-  if (sizeBig > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw fail(`the export size ${sizeBig} is past Number.MAX_SAFE_INTEGER`, 'ERANGE')
-  }
-  const size = Number(sizeBig)
+  const size = sizeBig > BigInt(Number.MAX_SAFE_INTEGER) ? sizeBig : Number(sizeBig)
   const exportName = maybe(() => h.getCanonicalExportName()) || h.getExportName()
   const description = listed?.description ?? maybe(() => h.getExportDescription())
   const uri = opts.uri ? maybe(() => h.getUri()) : undefined
@@ -173,7 +171,7 @@ async function describeExport(
     }
   }
   // Last, as in nbdinfo: it leaves option mode.
-  const content = opts.content ? await probeContent(h, size, opts.signal) : undefined
+  const content = opts.content ? await probeContent(h, sizeBig > 8192n ? 8192 : Number(sizeBig), opts.signal) : undefined
 
   const out: ExportDetails = { exportName } as ExportDetails
   if (description) out.description = description

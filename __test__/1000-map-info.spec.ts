@@ -218,6 +218,21 @@ test('info: nbdkit memory, sparse-random, read-only and oldstyle equal nbdinfo -
   await sameInfo(t, memory, true)
 })
 
+test('info: an export past Number.MAX_SAFE_INTEGER reports its size as a bigint, the rest as nbdinfo --json', async (t) => {
+  if (!requireTool(t, 'nbdinfo', 'file')) return
+  const huge = await useNbdkit(t, ['null', '4E'])
+  if (!huge) return
+  const ours = await info(huge.uri)
+  const theirs = camel(JSON.parse(await nbdinfo(['--json', huge.uri]))) as typeof ours
+  const { exportSize, ...rest } = ours.exports[0]!
+  t.is(exportSize, 4n << 60n)
+  t.is(rest.exportSizeStr, '4E')
+  // 2^62 is exact as a JSON number too.
+  t.is(BigInt(theirs.exports[0]!.exportSize), exportSize)
+  const { exportSize: _, ...theirRest } = theirs.exports[0]!
+  t.deepEqual({ ...ours, exports: [rest] }, { ...theirs, exports: [theirRest] })
+})
+
 test('info: qemu-nbd (description, block sizes, contexts, content of a boot sector) equals nbdinfo --json and --list --json', async (t) => {
   if (!requireTool(t, 'nbdinfo', 'file', 'qemu-io')) return
   const server = await useQemuNbd(t, {

@@ -407,6 +407,13 @@ test('info equals nbdinfo on oldstyle and plain newstyle nbdkit', async (t) => {
   }
 })
 
+test('info equals nbdinfo on an export past 2^53 bytes (nbdkit null 4E): every describing mode', async (t) => {
+  if (!requireTool(t, 'nbdinfo', 'file')) return
+  const huge = await useNbdkit(t, ['null', '4E'])
+  if (!huge) return
+  for (const mode of DESCRIBE_MODES) await sameAsNbdinfo(t, mode, [huge.uri])
+})
+
 test('info usage errors: conflicting modes, --totals alone, --content with --no-content', async (t) => {
   const cases: [string[], RegExp][] = [
     [['--list', '--size', 'nbd://x'], /you cannot use --list, --map, --size and --can\/--is together/],
