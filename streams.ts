@@ -21,8 +21,7 @@ export interface ReadStreamOptions {
   start?: number | bigint
   /**
    * Last byte to read, inclusive as in fs.createReadStream (default: the export's last byte).
-   * A range reaching past the export fails, once the bytes before the end have been read,
-   * with pread's own error (`EINVAL`, as libnbd).
+   * As fs at the end of a file, the stream ends at the export's end when `end` lies past it.
    */
   end?: number | bigint
   /**
@@ -202,7 +201,10 @@ export class NbdReadStream extends Readable {
         this.#limit = size > this.#pos ? size : this.#pos
         this.end = offsetArg(this.#limit - 1n < this.#pos ? this.#pos : this.#limit - 1n)
       } else {
-        this.#limit = BigInt(this.end) + 1n
+        // An end past the export's is its end (as fs at the end of a file).
+        const wanted = BigInt(this.end) + 1n
+        const last = size > this.#pos ? size : this.#pos
+        this.#limit = wanted < last ? wanted : last
       }
       callback()
     } catch (e) {
