@@ -366,7 +366,8 @@ function handleSink(h: Handle, owned: boolean, signal?: AbortSignal): Sink {
     write: (offset, data) => h.pwrite(data, offset, { signal }),
     async zero(offset, length, allocated) {
       if (h.canZero()) return h.zero(length, offset, { noHole: allocated, signal })
-      const block = Buffer.alloc(Math.min(length, 1 * MiB))
+      // No zero command: zeroes written in requests within the server's limits.
+      const block = Buffer.alloc(Math.min(length, fitRequest(h, 1 * MiB).size))
       for (let at = offset; at < offset + length; at += block.length) {
         await h.pwrite(block.subarray(0, Math.min(block.length, offset + length - at)), at, { signal })
       }
@@ -591,6 +592,12 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
     const destinationIsZero = s.destinationIsZero || sink.isZero
     counters.bytesTotal = size ?? 0
     const out = sink
+    // Requests within both NBD ends' limits (payload, advertised maximum, minimum alignment).
+    let request = s.requestSize
+    for (const h of [src?.handle, out.handle]) if (h !== undefined) request = fitRequest(h, request).size
+    // Zero detection in blocks no smaller than the destination's minimum, so that the data
+    // and zero runs it splits a piece into stay aligned to it.
+    const granule = Math.max(s.sparse, out.handle?.getBlockSize('minimum') ?? 0)
     const zeroOut = async (offset: number, length: number) => {
       if (!destinationIsZero || out.sequential) {
         await out.zero(offset, length, s.allocated).catch((e: unknown) => {
@@ -601,7 +608,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
       counters.bytesDone += length
     }
     const writeOut = async (offset: number, data: Buffer) => {
-      const runs = s.sparse > 0 && !s.allocated && !out.sequential ? zeroRuns(data, offset, s.sparse) : [{ offset, length: data.length, zero: false }]
+      const runs = s.sparse > 0 && !s.allocated && !out.sequential ? zeroRuns(data, offset, granule) : [{ offset, length: data.length, zero: false }]
       for (const r of runs) {
         if (r.zero) {
           await zeroOut(r.offset, r.length)
@@ -615,9 +622,6 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
       }
     }
     const limit = s.requests * (s.connections ?? 1)
-    // Requests within both NBD ends' limits (payload, advertised maximum, minimum alignment).
-    let request = s.requestSize
-    for (const h of [src?.handle, out.handle]) if (h !== undefined) request = fitRequest(h, request).size
 
     if (stream !== undefined) {
       // A Readable: blocks of the request size in the order they come.

@@ -221,16 +221,16 @@ export class NbdReadStream extends Readable {
   #issue(): void {
     while (this.#wanted && this.#slots.length < READ_DEPTH && this.#pos < this.#limit) {
       const min = BigInt(this.#minimum)
-      // Aligned down within the export; at or past its end as it is (that read fails anyway).
-      const from = this.#pos < this.#size ? this.#pos - (this.#pos % min) : this.#pos
+      // Aligned down (the range ends within the export, so the position is inside it).
+      const from = this.#pos - (this.#pos % min)
       let to = from + BigInt(this.#requestSize)
       if (to > this.#limit) {
         // The last request: widened to the alignment, which the export's size respects.
         to = this.#limit + ((min - (this.#limit % min)) % min)
       }
-      // Never across the export's end: the bytes before it are delivered, then a request
-      // at the end fails as pread does.
-      if (from < this.#size && to > this.#size) to = this.#size
+      // Never across the export's end (an export whose size breaks its own alignment: the
+      // server then refuses the unaligned request, and the stream fails with its EINVAL).
+      if (to > this.#size) to = this.#size
       const slot: ReadSlot = {
         skip: Number(this.#pos - from),
         keep: Number((to < this.#limit ? to : this.#limit) - this.#pos),

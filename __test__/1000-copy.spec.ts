@@ -476,3 +476,29 @@ test('the JavaScript engine keeps requests within the servers’ maximum block s
   t.is(w.engine, 'javascript')
   t.is(sha(readAll(dest.uri)), sha(data))
 })
+
+test('the JavaScript engine into a destination with a large minimum block size and no zero command: zeroes and data runs stay within its limits', async (t) => {
+  // 64 KiB minimum and maximum, no NBD_CMD_WRITE_ZEROES: zero runs must be written as data,
+  // and no run may be smaller or larger than a block.
+  const policy = ['blocksize-minimum=64K', 'blocksize-preferred=64K', 'blocksize-maximum=64K', 'blocksize-error-policy=error']
+  const dest = await useNbdkit(t, ['--filter=blocksize-policy', '--filter=nozero', 'memory', '4M', ...policy])
+  if (!dest) return
+  const readAll = (uri: string) => {
+    const r = spawnSync('nbdcopy', ['--request-size=65536', uri, '-'], { maxBuffer: 8 * MiB })
+    if (r.status !== 0) throw new Error(`nbdcopy: ${r.stderr}`)
+    return r.stdout
+  }
+  // Data with zero blocks of 4 KiB (smaller than the destination's minimum) and a long hole.
+  const data = seededBytes(4 * MiB, 3)
+  data.fill(0, 4096, 8192)
+  data.fill(0, MiB, 3 * MiB)
+  const dst = new Handle()
+  t.teardown(() => dst.close())
+  await dst.connectSocket(await connectedSocketFd(dest))
+  t.false(dst.canZero())
+  // Make the destination dirty first, so that skipped zeroes would show.
+  for (let at = 0; at < 4 * MiB; at += 64 * KiB) await dst.pwrite(Buffer.alloc(64 * KiB, 0xee), at)
+  const r = await copy(Readable.from([data]), dst, { destinationIsZero: false })
+  t.is(r.engine, 'javascript')
+  t.is(sha(readAll(dest.uri)), sha(data))
+})

@@ -228,6 +228,8 @@ test('the native per-command calls check what they are given: a non-handle throw
   await rejects(calls.pwrite(h, buf, 0, 'fua' as unknown as number, null), 'pwrite', /flags must be a number/)
   await rejects(calls.pwrite(h, 'not a buffer' as unknown as Buffer, 0, 0, null), 'pwrite', /buf must be a Uint8Array/)
   await rejects(calls.pwrite(h, buf, -1n, 0, cancel), 'pwrite', /bigint offset/)
+  await rejects(calls.pread(h, 16, 0, 0, null, 'yes' as unknown as boolean), 'pread', /structured must be a boolean/)
+  await rejects(calls.preadInto(h, buf, 0, 0, null, 1 as unknown as boolean), 'preadInto', /pooled must be a boolean/)
   // Right arguments on a handle that never connected: refused by its state, as the methods are.
   const e = await calls.preadInto(h, buf, 0, 0, cancel).then(() => undefined, (x: unknown) => x)
   t.true(e instanceof NbdError && e.operation === 'preadInto', String(e))

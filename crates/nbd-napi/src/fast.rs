@@ -188,11 +188,11 @@ unsafe extern "C" fn pread(env: sys::napi_env, info: sys::napi_callback_info) ->
     // SAFETY: a napi callback.
     unsafe {
         with_handle(env, info, c"pread", |c, argv| {
-            let structured = c.flag(argv[5], "structured").unwrap_or(false);
-            let op = if structured { "preadStructured" } else { "pread" };
-            let args = (|| Ok::<_, String>((c.number(argv[1], "count")?, c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?)))();
+            let structured = c.flag(argv[5], "structured");
+            let op = if structured == Ok(true) { "preadStructured" } else { "pread" };
+            let args = (|| Ok::<_, String>((c.number(argv[1], "count")?, c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?, structured?)))();
             match args {
-                Ok((count, offset, flags, cancel)) => {
+                Ok((count, offset, flags, cancel, structured)) => {
                     let outcome = if structured { Outcome::Structured } else { Outcome::Buffer };
                     c.handle.read(&Env::from_raw(env), op, count, offset, flags, outcome, cancel).raw()
                 }
@@ -208,11 +208,11 @@ unsafe extern "C" fn pread_into(env: sys::napi_env, info: sys::napi_callback_inf
     // SAFETY: a napi callback.
     unsafe {
         with_handle(env, info, c"preadInto", |c, argv| {
-            let pooled = c.flag(argv[5], "pooled").unwrap_or(false);
-            let op = if pooled { "pread" } else { "preadInto" };
-            let args = (|| Ok::<_, String>((c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?)))();
+            let pooled = c.flag(argv[5], "pooled");
+            let op = if pooled == Ok(true) { "pread" } else { "preadInto" };
+            let args = (|| Ok::<_, String>((c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?, pooled?)))();
             match args {
-                Ok((offset, flags, cancel)) => {
+                Ok((offset, flags, cancel, pooled)) => {
                     let outcome = if pooled { Outcome::CallerBuffer } else { Outcome::Void };
                     c.handle.read_into(&Env::from_raw(env), op, c.unknown(argv[1]), offset, flags, cancel, outcome).raw()
                 }
