@@ -1089,7 +1089,8 @@ impl Lane {
                 }
                 let job = tokio::select! {
                     j = job_rx => j.ok(),
-                    _ = &mut release_rx => None,
+                    // Released without a job: done (the receiver must not be polled again).
+                    _ = &mut release_rx => return,
                 };
                 if let Some(job) = job {
                     worker(job, index).await;
