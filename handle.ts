@@ -581,7 +581,7 @@ export class Handle {
    * conventions (`bytesWritten`; destroyed on error or abort). Small writes are gathered
    * and large ones split into requests within the server's limits, kept in flight up to the
    * stream's `highWaterMark`; the export is flushed before 'finish' unless `flush: false`.
-   * A write past the end of the export fails the stream with pwrite's error (`EINVAL`). There
+   * A write past the end of the export fails the stream with pwrite's error (`ENOSPC`). There
    * is no read-modify-write: on a server with a minimum block size, `start` and the total
    * length must be multiples of it.
    *

@@ -229,7 +229,7 @@ export class NbdReadStream extends Readable {
         to = this.#limit + ((min - (this.#limit % min)) % min)
       }
       // Never across the export's end (an export whose size breaks its own alignment: the
-      // server then refuses the unaligned request, and the stream fails with its EINVAL).
+      // strict alignment check refuses the unaligned request: the stream fails with EINVAL).
       if (to > this.#size) to = this.#size
       const slot: ReadSlot = {
         skip: Number(this.#pos - from),
