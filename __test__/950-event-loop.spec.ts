@@ -2,10 +2,11 @@
 // writing from the caller's buffers directly. These tests push on what that design must get
 // right: buffers detached mid-command, partial writes to a server that reads slowly,
 // thousands of commands in flight with aborts mixed in, and settling order.
+import fs from 'node:fs'
 import test from 'ava'
 import { Handle, NbdError } from 'nbd-client'
 import { openHandle, seededBytes, KiB, MiB } from './helpers/nbd'
-import { sleep, useNbdkit } from './helpers/servers'
+import { sleep, useNbdkit, useQemuNbd } from './helpers/servers'
 import { useFake } from './helpers/fake-server'
 import { waitFor } from './helpers/fds'
 
@@ -229,8 +230,36 @@ test('the native per-command calls check what they are given: a non-handle throw
   await rejects(calls.pwrite(h, 'not a buffer' as unknown as Buffer, 0, 0, null), 'pwrite', /buf must be a Uint8Array/)
   await rejects(calls.pwrite(h, buf, -1n, 0, cancel), 'pwrite', /bigint offset/)
   await rejects(calls.pread(h, 16, 0, 0, null, 'yes' as unknown as boolean), 'pread', /structured must be a boolean/)
-  await rejects(calls.preadInto(h, buf, 0, 0, null, 1 as unknown as boolean), 'preadInto', /pooled must be a boolean/)
+  await rejects(calls.preadInto(h, buf, 0, 0, null, 1 as unknown as boolean), 'preadInto', /fresh must be a boolean/)
   // Right arguments on a handle that never connected: refused by its state, as the methods are.
   const e = await calls.preadInto(h, buf, 0, 0, cancel).then(() => undefined, (x: unknown) => x)
   t.true(e instanceof NbdError && e.operation === 'preadInto', String(e))
+})
+
+test('a large pread over holes (qemu-nbd sends hole chunks) reads zeros there, never stale memory', async (t) => {
+  // pread's Buffer is not zeroed when made: every byte must come from the reply.
+  const server = await useQemuNbd(t, {
+    format: 'raw',
+    size: 4 * MiB,
+    prepare: (image) => {
+      const fd = fs.openSync(image, 'r+')
+      fs.writeSync(fd, Buffer.alloc(64 * KiB, 7), 0, 64 * KiB, 0)
+      fs.writeSync(fd, Buffer.alloc(64 * KiB, 9), 0, 64 * KiB, 3 * MiB)
+      fs.closeSync(fd)
+    },
+  })
+  if (!server) return
+  const h = await openHandle(t, server)
+  t.true(h.getStructuredRepliesNegotiated())
+  const want = Buffer.alloc(4 * MiB)
+  want.fill(7, 0, 64 * KiB)
+  want.fill(9, 3 * MiB, 3 * MiB + 64 * KiB)
+  for (let round = 0; round < 4; round++) {
+    // Garbage in freed memory, for the next Buffers to be made from.
+    for (let i = 0; i < 32; i++) Buffer.allocUnsafeSlow(4 * MiB).fill(0xaa)
+    const chunks = await h.preadStructured(4 * MiB, 0)
+    t.true(chunks.chunks.some((c) => c.status === 'hole'), 'the server sent holes')
+    t.true((await h.pread(4 * MiB, 0)).equals(want), `round ${round}`)
+    t.true((await h.pread(MiB + 4096, 2 * MiB + 4096)).equals(want.subarray(2 * MiB + 4096, 3 * MiB + 8192)))
+  }
 })

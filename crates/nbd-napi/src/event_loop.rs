@@ -50,8 +50,8 @@ pub(crate) enum Outcome {
     Void,
     /// The Buffer made for a `pread`.
     Buffer,
-    /// The caller's buffer itself (a small `pread`, whose Buffer handle.ts takes from its
-    /// pool).
+    /// The caller's buffer itself: a `pread`'s, which handle.ts made for it (a slice of its
+    /// slab, or a Buffer of its own).
     CallerBuffer,
     /// `{ data, chunks }` of a `preadStructured`.
     Structured,

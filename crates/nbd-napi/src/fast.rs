@@ -202,18 +202,19 @@ unsafe extern "C" fn pread(env: sys::napi_env, info: sys::napi_callback_info) ->
     }
 }
 
-/// `preadInto(handle, buf, offset, flags, cancel, pooled)`: into `buf`, or with `pooled` a
-/// small `pread` into a slice of handle.ts's slab; see [`NativeHandle::read_into`].
+/// `preadInto(handle, buf, offset, flags, cancel, fresh)`: into `buf`, or with `fresh` a
+/// `pread` into the Buffer handle.ts made for it (a slice of its slab, or one of its own);
+/// see [`NativeHandle::read_into`].
 unsafe extern "C" fn pread_into(env: sys::napi_env, info: sys::napi_callback_info) -> sys::napi_value {
     // SAFETY: a napi callback.
     unsafe {
         with_handle(env, info, c"preadInto", |c, argv| {
-            let pooled = c.flag(argv[5], "pooled");
-            let op = if pooled == Ok(true) { "pread" } else { "preadInto" };
-            let args = (|| Ok::<_, String>((c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?, pooled?)))();
+            let fresh = c.flag(argv[5], "fresh");
+            let op = if fresh == Ok(true) { "pread" } else { "preadInto" };
+            let args = (|| Ok::<_, String>((c.offset(argv[2])?, c.flags(argv[3])?, c.cancel(argv[4])?, fresh?)))();
             match args {
-                Ok((offset, flags, cancel, pooled)) => {
-                    let outcome = if pooled { Outcome::CallerBuffer } else { Outcome::Void };
+                Ok((offset, flags, cancel, fresh)) => {
+                    let outcome = if fresh { Outcome::CallerBuffer } else { Outcome::Void };
                     c.handle.read_into(&Env::from_raw(env), op, c.unknown(argv[1]), offset, flags, cancel, outcome).raw()
                 }
                 Err(m) => c.refuse(op, m),
@@ -240,7 +241,7 @@ unsafe extern "C" fn pwrite(env: sys::napi_env, info: sys::napi_callback_info) -
 /// them once per module instance (so once per thread).
 #[napi(ts_return_type = "{
   pread(handle: NativeHandle, count: number, offset: number | bigint, flags: number, cancel: NativeCancel | null, structured?: boolean): Promise<Buffer | { data: Buffer; chunks: Array<{ offset: number; length: number; status: 'data' | 'hole' | 'error' }> }>
-  preadInto(handle: NativeHandle, buf: Uint8Array, offset: number | bigint, flags: number, cancel: NativeCancel | null, pooled?: boolean): Promise<void | Buffer>
+  preadInto(handle: NativeHandle, buf: Uint8Array, offset: number | bigint, flags: number, cancel: NativeCancel | null, fresh?: boolean): Promise<void | Buffer>
   pwrite(handle: NativeHandle, buf: Uint8Array, offset: number | bigint, flags: number, cancel: NativeCancel | null): Promise<void>
 }")]
 pub fn command_calls(env: &Env) -> Result<Object<'_>> {

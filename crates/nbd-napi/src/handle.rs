@@ -340,9 +340,9 @@ impl NativeHandle {
     /// (tokio driver):
     /// - `preadInto` ([`Outcome::Void`]): resolves with nothing; with `preadInitialize` on,
     ///   `buf` is zeroed first, before any check, as libnbd does;
-    /// - a small `pread` ([`Outcome::CallerBuffer`]), whose Buffer handle.ts took from its
-    ///   pool: resolves with `buf`. No zeroing: every byte is written on success, and on
-    ///   failure the Buffer is never handed out.
+    /// - a `pread` ([`Outcome::CallerBuffer`]) into the Buffer handle.ts made for it (a slice
+    ///   of its slab, or a Buffer of its own): resolves with `buf`. No zeroing: every byte is
+    ///   written on success, and on failure the Buffer is never handed out.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn read_into<'env>(
         &self,

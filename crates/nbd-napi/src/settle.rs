@@ -324,10 +324,10 @@ pub(crate) fn new_buffer(env: Env, len: usize) -> Option<(Value, *mut u8)> {
     (status == sys::Status::napi_ok).then_some((v, data.cast()))
 }
 
-/// Reads this large get memory recycled through [`READ_POOL`] instead of a fresh Buffer:
-/// a fresh allocation this size is a new mapping, faulted in and zeroed page by page, which
-/// cost more than the read itself (measured: 75 µs of CPU per 256 KiB pread against 28 for
-/// libnbd reading into one buffer).
+/// Reads this large that the binding makes the Buffer for (`preadStructured`; a `pread`
+/// gets its Buffer from handle.ts) get memory recycled through [`READ_POOL`] instead of a
+/// Buffer zeroed by Node: a fresh allocation this size can be a new mapping, faulted in and
+/// zeroed page by page.
 pub(crate) const POOLED_READ_MIN: usize = 64 * 1024;
 /// The most memory the pool keeps for reuse.
 const POOL_MAX_BYTES: usize = 64 * 1024 * 1024;
