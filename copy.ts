@@ -280,30 +280,31 @@ interface Sink {
   close(ok: boolean): Promise<void>
 }
 
-/** A failure to open or connect to one end, as an NbdError naming that side (`connecting to the source: …`). */
-function openError(e: unknown, what: string, signal?: AbortSignal): Error {
+/**
+ * Any failure of a copy as its NbdError, naming what the copy was doing: `what: message`
+ * (opening or connecting to an end), or at an offset `what at offset: CODE: message`
+ * (`reading the source at 1048576: EIO: …`).
+ */
+function copyError(e: unknown, what: string, signal?: AbortSignal, offset?: number): Error {
   if (signal?.aborted) return abortError(signal)
+  let code = 'EIO'
+  let errno: number | undefined
+  let known = false
+  let message = e instanceof Error ? e.message : String(e)
   if (e instanceof NbdError) {
-    const message = e.message.replace(/^[a-zA-Z]+: /, '')
-    return new NbdError(e.code, `${what}: ${message}`, 'copy', e.errno)
+    ;({ code, errno } = e)
+    message = message.replace(/^[a-zA-Z]+: /, '')
+    known = true
+  } else {
+    const err = e as NodeJS.ErrnoException
+    if (err && typeof err.code === 'string' && /^E[A-Z]+$/.test(err.code)) {
+      code = err.code
+      errno = typeof err.errno === 'number' ? Math.abs(err.errno) : undefined
+      known = true
+    }
   }
-  const err = e as NodeJS.ErrnoException
-  const code = err && typeof err.code === 'string' && /^E[A-Z]+$/.test(err.code) ? err.code : 'EIO'
-  const errno = typeof err?.errno === 'number' ? Math.abs(err.errno) : undefined
-  return new NbdError(code, `${what}: ${e instanceof Error ? e.message : String(e)}`, 'copy', errno)
-}
-
-function sideError(e: unknown, what: string, offset: number, signal?: AbortSignal): Error {
-  if (signal?.aborted) return abortError(signal)
-  if (e instanceof NbdError) {
-    const message = e.message.replace(/^[a-zA-Z]+: /, '')
-    return new NbdError(e.code, `${what} at ${offset}: ${e.code}: ${message}`, 'copy', e.errno)
-  }
-  const err = e as NodeJS.ErrnoException
-  if (err && typeof err.code === 'string' && /^E[A-Z]+$/.test(err.code)) {
-    return new NbdError(err.code, `${what} at ${offset}: ${err.code}: ${err.message}`, 'copy', typeof err.errno === 'number' ? Math.abs(err.errno) : undefined)
-  }
-  return new NbdError('EIO', `${what} at ${offset}: ${e instanceof Error ? e.message : String(e)}`, 'copy')
+  if (offset === undefined) return new NbdError(code, `${what}: ${message}`, 'copy', errno)
+  return new NbdError(code, `${what} at ${offset}: ${known ? `${code}: ` : ''}${message}`, 'copy', errno)
 }
 
 async function openHandle(uri: string, source: boolean): Promise<Handle> {
@@ -559,7 +560,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
       try {
         src = uri ? handleSource(await openHandle(source, true), true, signal) : await fileSource(path.resolve(source))
       } catch (e) {
-        throw openError(e, uri ? 'connecting to the source' : `opening the source ${source}`, signal)
+        throw copyError(e, uri ? 'connecting to the source' : `opening the source ${source}`, signal)
       }
     } else if (source instanceof Handle) {
       src = handleSource(source, false, signal)
@@ -574,7 +575,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
         else if (uri) sink = handleSink(await openHandle(destination, false), true, signal)
         else sink = await fileSink(path.resolve(destination))
       } catch (e) {
-        throw openError(e, uri ? 'connecting to the destination' : `opening the destination ${destination}`, signal)
+        throw copyError(e, uri ? 'connecting to the destination' : `opening the destination ${destination}`, signal)
       }
     } else if (destination instanceof Handle) {
       sink = handleSink(destination, false, signal)
@@ -587,7 +588,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
       throw fail(`the destination (${sink.size} bytes) is smaller than the source (${size} bytes)`, 'ENOSPC')
     }
     await sink.prepare(size).catch((e: unknown) => {
-      throw sideError(e, 'preparing the destination', 0, signal)
+      throw copyError(e, 'preparing the destination', signal, 0)
     })
     const destinationIsZero = s.destinationIsZero || sink.isZero
     counters.bytesTotal = size ?? 0
@@ -601,7 +602,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
     const zeroOut = async (offset: number, length: number) => {
       if (!destinationIsZero || out.sequential) {
         await out.zero(offset, length, s.allocated).catch((e: unknown) => {
-          throw sideError(e, 'zeroing the destination', offset, signal)
+          throw copyError(e, 'zeroing the destination', signal, offset)
         })
       }
       counters.bytesZero += length
@@ -615,7 +616,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
           continue
         }
         await out.write(r.offset, data.subarray(r.offset - offset, r.offset - offset + r.length)).catch((e: unknown) => {
-          throw sideError(e, 'writing the destination', r.offset, signal)
+          throw copyError(e, 'writing the destination', signal, r.offset)
         })
         counters.dataBytes += r.length
         counters.bytesDone += r.length
@@ -660,13 +661,13 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
       } catch (e) {
         if (signal?.aborted) throw abortError(signal)
         if (e instanceof NbdError) throw e
-        throw sideError(e, 'reading the source', offset, signal)
+        throw copyError(e, 'reading the source', signal, offset)
       } finally {
         signal?.removeEventListener('abort', onAbort)
       }
       counters.bytesTotal = offset
       await out.ended?.(offset).catch((e: unknown) => {
-        throw sideError(e, 'extending the destination', offset, signal)
+        throw copyError(e, 'extending the destination', signal, offset)
       })
     } else {
       // Random access: extents per unit, pieces of the request size.
@@ -681,7 +682,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
           try {
             extents = await input.extents(start, length)
           } catch (e) {
-            throw sideError(e, 'block status of the source', start, signal)
+            throw copyError(e, 'block status of the source', signal, start)
           }
           let k = 0
           let zeroFrom = -1
@@ -712,7 +713,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
         const queue: Piece[] = []
         for await (const p of pieces()) {
           queue.push(p)
-          ahead.push(p.zero ? Promise.resolve(null) : input.read(p.offset, p.length).catch((e: unknown) => Promise.reject(sideError(e, 'reading the source', p.offset, signal))))
+          ahead.push(p.zero ? Promise.resolve(null) : input.read(p.offset, p.length).catch((e: unknown) => Promise.reject(copyError(e, 'reading the source', signal, p.offset))))
           // Keep unhandled-rejection noise away; the rejection is awaited in order below.
           ahead[ahead.length - 1]!.catch(() => {})
           while (ahead.length >= limit) {
@@ -736,7 +737,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
           try {
             data = await input.read(p.offset, p.length)
           } catch (e) {
-            throw sideError(e, 'reading the source', p.offset, signal)
+            throw copyError(e, 'reading the source', signal, p.offset)
           }
           await writeOut(p.offset, data)
         })
@@ -744,7 +745,7 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
     }
     if (s.flush) {
       await out.flush().catch((e: unknown) => {
-        throw sideError(e, 'flushing the destination', counters.bytesDone, signal)
+        throw copyError(e, 'flushing the destination', signal, counters.bytesDone)
       })
     }
     ok = true
@@ -752,14 +753,14 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
     if (signal?.aborted) throw abortError(signal)
     // Every failure is an NbdError; the paths above name their side already.
     if (e instanceof NbdError) throw e
-    throw openError(e, 'copy failed', signal)
+    throw copyError(e, 'copy failed', signal)
   } finally {
     const closing: Promise<void>[] = []
     if (src) closing.push(src.close().catch(() => {}))
     if (sink) closing.push(sink.close(ok).catch((e: unknown) => {
       if (ok) {
         ok = false
-        throw sideError(e, 'closing the destination', counters.bytesDone, signal)
+        throw copyError(e, 'closing the destination', signal, counters.bytesDone)
       }
     }))
     try {

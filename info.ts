@@ -171,7 +171,7 @@ async function describeExport(
     }
   }
   // Last, as in nbdinfo: it leaves option mode.
-  const content = opts.content ? await probeContent(h, sizeBig > 8192n ? 8192 : Number(sizeBig), opts.signal) : undefined
+  const content = opts.content ? await probeContent(h, Number(sizeBig), opts.signal) : undefined
 
   const out: ExportDetails = { exportName } as ExportDetails
   if (description) out.description = description

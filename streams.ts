@@ -196,14 +196,14 @@ export class NbdReadStream extends Readable {
       const { size: request, minimum } = requestSize(h, this.#chunk)
       this.#requestSize = request
       this.#minimum = minimum
+      // As fs at the end of a file: the range stops at the export's end, and a start at or
+      // past it (or an empty export) makes an empty stream.
+      const last = size > this.#pos ? size : this.#pos
       if (this.end === undefined) {
-        // An empty export, or a start at or past its end, is an empty stream (as fs).
-        this.#limit = size > this.#pos ? size : this.#pos
-        this.end = offsetArg(this.#limit - 1n < this.#pos ? this.#pos : this.#limit - 1n)
+        this.#limit = last
+        this.end = offsetArg(last - 1n < this.#pos ? this.#pos : last - 1n)
       } else {
-        // An end past the export's is its end (as fs at the end of a file).
         const wanted = BigInt(this.end) + 1n
-        const last = size > this.#pos ? size : this.#pos
         this.#limit = wanted < last ? wanted : last
       }
       callback()

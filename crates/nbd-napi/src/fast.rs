@@ -85,7 +85,8 @@ unsafe fn not_a_handle(env: sys::napi_env, call: &CStr) -> sys::napi_value {
     ptr::null_mut()
 }
 
-/// The arguments after the handle, converted; `Err` names the first that is wrong.
+/// What converts one call's arguments after the handle: each conversion's `Err` says what
+/// is wrong, for the call to reject with.
 struct Converted<'a> {
     env: sys::napi_env,
     handle: &'a NativeHandle,

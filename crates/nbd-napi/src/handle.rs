@@ -201,8 +201,7 @@ impl NativeHandle {
     }
 
     fn reject<'env>(&self, env: &'env Env, operation: &str, e: &nbd_client::Error) -> Unknown<'env> {
-        let v = settle::rejected(env.raw(), &self.make_error, operation, e);
-        unsafe { Unknown::from_napi_value(env.raw(), v) }.expect("a promise")
+        Self::value(env, self.rejected(env.raw(), operation, e))
     }
 
     /// A core error as `operation`'s `NbdError`, for a synchronous call to throw.
