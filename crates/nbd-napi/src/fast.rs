@@ -246,6 +246,8 @@ unsafe extern "C" fn pwrite(env: sys::napi_env, info: sys::napi_callback_info) -
   pwrite(handle: NativeHandle, buf: Uint8Array, offset: number | bigint, flags: number, cancel: NativeCancel | null): Promise<void>
 }")]
 pub fn command_calls(env: &Env) -> Result<Object<'_>> {
+    // handle.ts asks for these as it loads: the first load in a process sets malloc up.
+    crate::alloc::tune_malloc();
     type Callback = unsafe extern "C" fn(sys::napi_env, sys::napi_callback_info) -> sys::napi_value;
     let calls: [(&CStr, Callback); 3] = [(c"pread", pread), (c"preadInto", pread_into), (c"pwrite", pwrite)];
     let mut object = Object::new(env)?;

@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+mod alloc;
 mod copy;
 mod event_loop;
 mod fast;
