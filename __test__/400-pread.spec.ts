@@ -290,6 +290,14 @@ test('loading the addon keeps freed read-sized memory for reuse on glibc, unless
     t.pass('not glibc: nothing is tuned')
     return
   }
+  // Under qemu-user (the cross suites) memory the guest unmaps stays in the emulator's
+  // resident set, so neither case can be told from the other there; natively they can.
+  const machine = spawnSync('uname', ['-m'], { encoding: 'utf8' }).stdout.trim()
+  const native = { x64: 'x86_64', arm64: 'aarch64' }[process.arch as string]
+  if (native !== undefined && machine !== native) {
+    t.log(`emulated (${process.arch} on ${machine}): the resident set does not show unmapped memory`)
+    return
+  }
   t.true(tuned < 8, `tuned: ${tuned} MiB returned`)
   t.true(untouched > 40, `untouched: ${untouched} MiB returned`)
 })
