@@ -1,62 +1,73 @@
 //! glibc malloc's thresholds, set once per process so that large read Buffers reuse memory.
 //!
 //! A `pread` over 16 KiB returns a new Buffer, which Node allocates with malloc. V8 frees
-//! those Buffers in batches, at the full collections that every 64 MiB or so of new
-//! ArrayBuffer memory triggers. With glibc's starting thresholds, a batch that large,
-//! freed at the top of the heap, goes straight back to the kernel (the trim threshold
-//! starts at 128 KiB), and the next reads fault in fresh pages that the kernel zeroes one
-//! by one. Measured against nbdkit (`bench/run.js`, ours alone, 3 runs each): 256 KiB reads
-//! at depth 16 took 85 µs of CPU per read with glibc's starting thresholds and 59 µs with
-//! the ones set here; 2 MiB reads at depth 8, 559 and 452 µs.
+//! those Buffers in batches, at the collections that new ArrayBuffer memory triggers. With
+//! glibc's starting thresholds, a batch freed at the top of the heap goes straight back to
+//! the kernel (the trim threshold starts at 128 KiB), and the next reads fault in fresh
+//! pages that the kernel zeroes one by one. Measured against nbdkit (`bench/ours.js`, 256
+//! KiB reads at depth 16, 5 alternating runs, medians): 61,000 page faults per run and 90
+//! µs of CPU per read with glibc's starting thresholds, 13,000 and 80 µs with the ones set
+//! here. The read stream's CPU fell by a tenth.
 //!
-//! Blocks under 32 MiB come from the heap (glibc's own dynamic threshold rises to that
-//! once a program frees a 32 MiB block it had mapped). Free memory at the top of a heap is
-//! given back to the kernel only past 64 MiB (twice the mmap threshold, as glibc's dynamic
-//! rule pairs them), and then down to 64 MiB, not to nothing (`M_TOP_PAD`): a batch that the
-//! collector frees is reused by the next reads. The cost: the process may keep up to 64 MiB
-//! of freed memory per malloc arena that it would otherwise have returned.
+//! What is set, on 64-bit glibc only:
+//! - `M_MMAP_THRESHOLD` 32 MiB: blocks under 32 MiB come from the heap rather than a
+//!   mapping of their own (glibc's dynamic threshold rises that far by itself once the
+//!   program frees a mapped block that large);
+//! - `M_TRIM_THRESHOLD` 16 MiB: free memory at the top of a heap goes back to the kernel
+//!   once it passes 16 MiB, not 128 KiB. (Alternating runs: 8 MiB left twice the faults;
+//!   16, 32 and 64 MiB, with or without a top pad, all did as well as each other.)
 //!
-//! Left alone when `NBD_CLIENT_MALLOC=default` is set, when `GLIBC_TUNABLES` already sets
-//! any of the three (the user chose), and on other C libraries (musl has no such knobs;
-//! Electron's renderer allocates ArrayBuffers with its own allocator).
+//! Setting either switches glibc's dynamic adjustment off for the process. The costs: up to
+//! 16 MiB of freed memory at the top of each malloc arena (one per thread that allocates,
+//! up to eight per CPU) is kept rather than returned, and a block up to 32 MiB in the heap
+//! can be pinned there by a live block above it, where a mapping would have been returned
+//! when freed. The settings cannot be undone once made.
+//!
+//! Left alone when `NBD_CLIENT_MALLOC=default` is set, when the environment already sets
+//! either threshold (`GLIBC_TUNABLES`, or the older `MALLOC_*_` variables), and on other C
+//! libraries (musl has no such knobs) and 32-bit systems. Electron calls it too, but gains
+//! nothing there: its ArrayBuffers do not come from malloc.
 
 /// Sets the thresholds the first time it is called in a process; later calls (each worker
 /// thread loads the addon again) do nothing.
 pub(crate) fn tune_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
-            if !wanted(std::env::var_os("NBD_CLIENT_MALLOC"), std::env::var_os("GLIBC_TUNABLES")) {
+            let chosen = |name: &str| std::env::var_os(name).is_some();
+            let user_set = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"].iter().any(|n| chosen(n));
+            if user_set || !wanted(std::env::var_os("NBD_CLIENT_MALLOC"), std::env::var_os("GLIBC_TUNABLES")) {
                 return;
             }
-            // SAFETY: mallopt only changes two of malloc's parameters, under malloc's lock.
+            // SAFETY: mallopt only changes malloc's parameters, under malloc's lock. The trim
+            // threshold is set only if the mmap threshold was taken: either call turns the
+            // dynamic adjustment off, which must not leave the mmap threshold at 128 KiB.
             unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, KEPT);
-                libc::mallopt(libc::M_TOP_PAD, KEPT);
+                if libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 {
+                    libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+                }
             }
         });
     }
 }
 
 /// glibc's largest dynamic mmap threshold on 64-bit systems.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
 const MMAP_THRESHOLD: libc::c_int = 32 << 20;
-/// The trim threshold (what glibc's dynamic rule pairs with that mmap threshold), and what
-/// a trim leaves in place.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const KEPT: libc::c_int = 64 << 20;
+/// Free memory kept at the top of a heap before any goes back to the kernel.
+#[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
+const TRIM_THRESHOLD: libc::c_int = 16 << 20;
 
 /// Whether to touch malloc, given `NBD_CLIENT_MALLOC` and `GLIBC_TUNABLES`.
-#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64")), allow(dead_code))]
 fn wanted(opt_out: Option<std::ffi::OsString>, tunables: Option<std::ffi::OsString>) -> bool {
     if opt_out.is_some_and(|v| v == "default") {
         return false;
     }
     let chosen = tunables.is_some_and(|t| {
         let t = t.to_string_lossy();
-        ["mmap_threshold", "trim_threshold", "top_pad"].iter().any(|k| t.contains(&format!("glibc.malloc.{k}")))
+        ["mmap_threshold", "trim_threshold"].iter().any(|k| t.contains(&format!("glibc.malloc.{k}")))
     });
     !chosen
 }
@@ -72,6 +83,5 @@ mod tests {
         assert!(!wanted(Some("default".into()), None));
         assert!(!wanted(None, Some("glibc.malloc.trim_threshold=1".into())));
         assert!(!wanted(None, Some("glibc.pthread.x=1:glibc.malloc.mmap_threshold=4096".into())));
-        assert!(!wanted(None, Some("glibc.malloc.top_pad=0".into())));
     }
 }
