@@ -463,19 +463,20 @@ test('the JavaScript engine: a file that cannot be opened is an NbdError naming 
   t.regex(e3!.message, /^copy: connecting to the destination: /)
 })
 
+/** The whole export, read by nbdcopy (the independent reader) in requests of 64 KiB. */
+function readIn64K(uri: string): Buffer {
+  const r = spawnSync('nbdcopy', ['--request-size=65536', uri, '-'], { maxBuffer: 8 * MiB })
+  if (r.status !== 0) throw new Error(`nbdcopy: ${r.stderr}`)
+  return r.stdout
+}
+
 test('the JavaScript engine keeps requests within the servers’ maximum block size, and takes a handle with commands in flight', async (t) => {
   // Requests over 64 KiB fail at the server (blocksize-policy's error policy).
   const strict = ['blocksize-maximum=64K', 'blocksize-preferred=4K', 'blocksize-error-policy=error']
   const server = await useNbdkit(t, ['--filter=blocksize-policy', 'pattern', '4M', ...strict])
   const dest = await useNbdkit(t, ['--filter=blocksize-policy', 'memory', '4M', ...strict])
   if (!server || !dest) return
-  // nbdcopy, asked to keep within the limit too, is the independent reader.
-  const readAll = (uri: string) => {
-    const r = spawnSync('nbdcopy', ['--request-size=65536', uri, '-'], { maxBuffer: 8 * MiB })
-    if (r.status !== 0) throw new Error(`nbdcopy: ${r.stderr}`)
-    return r.stdout
-  }
-  const want = sha(readAll(server.uri))
+  const want = sha(readIn64K(server.uri))
   const src = new Handle()
   t.teardown(() => src.close())
   await src.connectSocket(await connectedSocketFd(server))
@@ -495,7 +496,7 @@ test('the JavaScript engine keeps requests within the servers’ maximum block s
   const data = seededBytes(4 * MiB, 9)
   const w = await copy(Readable.from([data]), dst, { requestSize: 2 * MiB })
   t.is(w.engine, 'javascript')
-  t.is(sha(readAll(dest.uri)), sha(data))
+  t.is(sha(readIn64K(dest.uri)), sha(data))
 })
 
 test('the JavaScript engine into a destination with a large minimum block size and no zero command: zeroes and data runs stay within its limits', async (t) => {
@@ -504,11 +505,6 @@ test('the JavaScript engine into a destination with a large minimum block size a
   const policy = ['blocksize-minimum=64K', 'blocksize-preferred=64K', 'blocksize-maximum=64K', 'blocksize-error-policy=error']
   const dest = await useNbdkit(t, ['--filter=blocksize-policy', '--filter=nozero', 'memory', '4M', ...policy])
   if (!dest) return
-  const readAll = (uri: string) => {
-    const r = spawnSync('nbdcopy', ['--request-size=65536', uri, '-'], { maxBuffer: 8 * MiB })
-    if (r.status !== 0) throw new Error(`nbdcopy: ${r.stderr}`)
-    return r.stdout
-  }
   // Data with zero blocks of 4 KiB (smaller than the destination's minimum) and a long hole.
   const data = seededBytes(4 * MiB, 3)
   data.fill(0, 4096, 8192)
@@ -521,5 +517,5 @@ test('the JavaScript engine into a destination with a large minimum block size a
   for (let at = 0; at < 4 * MiB; at += 64 * KiB) await dst.pwrite(Buffer.alloc(64 * KiB, 0xee), at)
   const r = await copy(Readable.from([data]), dst, { destinationIsZero: false })
   t.is(r.engine, 'javascript')
-  t.is(sha(readAll(dest.uri)), sha(data))
+  t.is(sha(readIn64K(dest.uri)), sha(data))
 })

@@ -35,9 +35,7 @@ pub(crate) fn tune_malloc() {
     {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
-            let chosen = |name: &str| std::env::var_os(name).is_some();
-            let user_set = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"].iter().any(|n| chosen(n));
-            if user_set || !wanted(std::env::var_os("NBD_CLIENT_MALLOC"), std::env::var_os("GLIBC_TUNABLES")) {
+            if !wanted(|name| std::env::var_os(name)) {
                 return;
             }
             // SAFETY: mallopt only changes malloc's parameters, under malloc's lock. The trim
@@ -59,17 +57,20 @@ const MMAP_THRESHOLD: libc::c_int = 32 << 20;
 #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
 const TRIM_THRESHOLD: libc::c_int = 16 << 20;
 
-/// Whether to touch malloc, given `NBD_CLIENT_MALLOC` and `GLIBC_TUNABLES`.
+/// Whether to touch malloc, given the environment (`env` looks a variable up): not with
+/// `NBD_CLIENT_MALLOC=default`, nor when the user set either threshold.
 #[cfg_attr(not(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64")), allow(dead_code))]
-fn wanted(opt_out: Option<std::ffi::OsString>, tunables: Option<std::ffi::OsString>) -> bool {
-    if opt_out.is_some_and(|v| v == "default") {
+fn wanted(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    if env("NBD_CLIENT_MALLOC").is_some_and(|v| v == "default") {
         return false;
     }
-    let chosen = tunables.is_some_and(|t| {
+    if env("MALLOC_MMAP_THRESHOLD_").is_some() || env("MALLOC_TRIM_THRESHOLD_").is_some() {
+        return false;
+    }
+    !env("GLIBC_TUNABLES").is_some_and(|t| {
         let t = t.to_string_lossy();
-        ["mmap_threshold", "trim_threshold"].iter().any(|k| t.contains(&format!("glibc.malloc.{k}")))
-    });
-    !chosen
+        t.contains("glibc.malloc.mmap_threshold") || t.contains("glibc.malloc.trim_threshold")
+    })
 }
 
 #[cfg(test)]
@@ -77,11 +78,16 @@ mod tests {
     use super::wanted;
 
     #[test]
-    fn respects_the_opt_out_and_the_users_tunables() {
-        assert!(wanted(None, None));
-        assert!(wanted(Some("".into()), Some("glibc.malloc.arena_max=2".into())));
-        assert!(!wanted(Some("default".into()), None));
-        assert!(!wanted(None, Some("glibc.malloc.trim_threshold=1".into())));
-        assert!(!wanted(None, Some("glibc.pthread.x=1:glibc.malloc.mmap_threshold=4096".into())));
+    fn respects_the_opt_out_and_the_users_settings() {
+        let with = |vars: &'static [(&'static str, &'static str)]| {
+            wanted(move |name| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| (*v).into()))
+        };
+        assert!(with(&[]));
+        assert!(with(&[("NBD_CLIENT_MALLOC", ""), ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")]));
+        assert!(!with(&[("NBD_CLIENT_MALLOC", "default")]));
+        assert!(!with(&[("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")]));
+        assert!(!with(&[("GLIBC_TUNABLES", "glibc.pthread.x=1:glibc.malloc.mmap_threshold=4096")]));
+        assert!(!with(&[("MALLOC_TRIM_THRESHOLD_", "1048576")]));
+        assert!(!with(&[("MALLOC_MMAP_THRESHOLD_", "131072")]));
     }
 }
