@@ -49,12 +49,12 @@ const POOLED_READ_MAX = 16 * 1024
 /** The largest read (libnbd's limit too): larger ones are refused with `ERANGE`. */
 const READ_MAX = 64 * 1024 * 1024
 
-/**
- * The per-command native calls (pread, preadInto, pwrite), taking the native handle as their
- * first argument: plain functions rather than methods of the class, which cost napi-rs's
- * per-call bookkeeping (crates/nbd-napi/src/fast.rs). One set per thread that loads this.
- */
-const calls = native.commandCalls()
+// Large reads return new Buffers from malloc: glibc's thresholds are set for them once per
+// process, as the package loads (crates/nbd-napi/src/alloc.rs; README, "malloc, on glibc").
+native.tuneMalloc()
+
+/** The per-command native calls of one handle (crates/nbd-napi/src/fast.rs). */
+type CommandCalls = ReturnType<typeof Binding.commandCalls>
 
 const asyncDispose: typeof Symbol.asyncDispose =
   (Symbol as { asyncDispose?: typeof Symbol.asyncDispose }).asyncDispose ??
@@ -72,10 +72,17 @@ const asyncDispose: typeof Symbol.asyncDispose =
  */
 export class Handle {
   readonly #native: Binding.NativeHandle
+  /**
+   * pread, preadInto and pwrite bound to #native: plain functions rather than methods of the
+   * class, which cost napi-rs's per-call bookkeeping, and bound so that no call has to find
+   * and check its handle.
+   */
+  readonly #calls: CommandCalls
 
   /** A newly created handle (`nbd_create`); `options` calls the matching setters. */
   constructor(options?: HandleOptions) {
     this.#native = new native.NativeHandle(makeError)
+    this.#calls = native.commandCalls(this.#native)
     if (options === undefined) return
     const op = 'create'
     const o = checkObject(op, options)
@@ -304,14 +311,14 @@ export class Handle {
       }
       if (fresh !== undefined) {
         const b = fresh
-        if (opts === undefined) return calls.preadInto(this.#native, b, o, 0, null, true) as Promise<Buffer>
+        if (opts === undefined) return this.#calls.preadInto(b, o, 0, null, true) as Promise<Buffer>
         const { flags, signal } = checkOptions('pread', opts, [])
-        return run(signal, (cancel) => calls.preadInto(this.#native, b, o, flags, cancel, true) as Promise<Buffer>)
+        return run(signal, (cancel) => this.#calls.preadInto(b, o, flags, cancel, true) as Promise<Buffer>)
       }
       // Empty reads, and reads over the limit (refused with ERANGE), are the native side's.
-      if (opts === undefined) return calls.pread(this.#native, c, o, 0, null) as Promise<Buffer>
+      if (opts === undefined) return this.#calls.pread(c, o, 0, null) as Promise<Buffer>
       const { flags, signal } = checkOptions('pread', opts, [])
-      return run(signal, (cancel) => calls.pread(this.#native, c, o, flags, cancel) as Promise<Buffer>)
+      return run(signal, (cancel) => this.#calls.pread(c, o, flags, cancel) as Promise<Buffer>)
     } catch (e) {
       return Promise.reject(toNbdError(e, 'pread'))
     }
@@ -333,7 +340,7 @@ export class Handle {
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
       const { flags, signal } = checkOptions(op, opts, ['df'])
-      return run(signal, (cancel) => calls.pread(this.#native, c, o, flags, cancel, true) as Promise<{ data: Buffer; chunks: ReadChunk[] }>)
+      return run(signal, (cancel) => this.#calls.pread(c, o, flags, cancel, true) as Promise<{ data: Buffer; chunks: ReadChunk[] }>)
     })
   }
 
@@ -354,9 +361,9 @@ export class Handle {
     try {
       const b = checkBuffer('preadInto', buf)
       const o = checkOffset('preadInto', offset)
-      if (opts === undefined) return calls.preadInto(this.#native, b, o, 0, null) as Promise<void>
+      if (opts === undefined) return this.#calls.preadInto(b, o, 0, null) as Promise<void>
       const { flags, signal } = checkOptions('preadInto', opts, [])
-      return run(signal, (cancel) => calls.preadInto(this.#native, b, o, flags, cancel) as Promise<void>)
+      return run(signal, (cancel) => this.#calls.preadInto(b, o, flags, cancel) as Promise<void>)
     } catch (e) {
       return Promise.reject(toNbdError(e, 'preadInto'))
     }
@@ -375,9 +382,9 @@ export class Handle {
     try {
       const b = checkBuffer('pwrite', buf)
       const o = checkOffset('pwrite', offset)
-      if (opts === undefined) return calls.pwrite(this.#native, b, o, 0, null)
+      if (opts === undefined) return this.#calls.pwrite(b, o, 0, null)
       const { flags, signal } = checkOptions('pwrite', opts, ['fua'])
-      return run(signal, (cancel) => calls.pwrite(this.#native, b, o, flags, cancel))
+      return run(signal, (cancel) => this.#calls.pwrite(b, o, flags, cancel))
     } catch (e) {
       return Promise.reject(toNbdError(e, 'pwrite'))
     }

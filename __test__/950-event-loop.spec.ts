@@ -195,13 +195,12 @@ test('close() while shutdown() waits for a pending command: the command rejects 
   t.is(h.state, 'closed')
 })
 
-test('the native per-command calls check what they are given: a non-handle throws a TypeError, a wrong argument rejects with EINVAL', async (t) => {
+test('the native per-command calls check what they are given: binding to a non-handle throws a TypeError, a wrong argument rejects with EINVAL', async (t) => {
   // The binding itself, as handle.ts reaches it (not exported from the package).
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const native = require('../binding.js') as typeof import('../binding')
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const { makeError } = require('../dist/errors.js') as typeof import('../errors')
-  const calls = native.commandCalls()
   const cancel = new native.NativeCancel()
   const h = new native.NativeHandle(makeError)
   const buf = Buffer.alloc(16)
@@ -209,10 +208,9 @@ test('the native per-command calls check what they are given: a non-handle throw
   // for a handle.
   for (const notHandle of [undefined, null, 1, 'handle', {}, [], cancel, buf, Object.create(native.NativeHandle.prototype)]) {
     const as = notHandle as unknown as InstanceType<typeof native.NativeHandle>
-    t.throws(() => calls.pread(as, 16, 0, 0, null), { instanceOf: TypeError, message: /pread: the first argument is not a NativeHandle/ })
-    t.throws(() => calls.preadInto(as, buf, 0, 0, null), { instanceOf: TypeError, message: /preadInto: / })
-    t.throws(() => calls.pwrite(as, buf, 0, 0, null), { instanceOf: TypeError, message: /pwrite: / })
+    t.throws(() => native.commandCalls(as), { instanceOf: TypeError, message: /commandCalls: the argument is not a NativeHandle/ })
   }
+  const calls = native.commandCalls(h)
   const rejects = async (p: Promise<unknown>, op: string, message: RegExp) => {
     const e = await p.then(() => undefined, (x: unknown) => x)
     t.true(e instanceof NbdError, String(e))
@@ -221,19 +219,47 @@ test('the native per-command calls check what they are given: a non-handle throw
     t.regex((e as NbdError).message, message)
   }
   const asCancel = h as unknown as InstanceType<typeof native.NativeCancel>
-  await rejects(calls.pread(h, 16, 0, 0, asCancel), 'pread', /cancel must be a NativeCancel or null/)
-  await rejects(calls.pread(h, 16, 0, 0, asCancel, true), 'preadStructured', /cancel must be/)
-  await rejects(calls.pread(h, 'x' as unknown as number, 0, 0, null), 'pread', /count must be a number/)
-  await rejects(calls.preadInto(h, buf, '0' as unknown as number, 0, null), 'preadInto', /offset must be a number or a bigint/)
-  await rejects(calls.preadInto(h, buf, 0, 0, {} as never, true), 'pread', /cancel must be/)
-  await rejects(calls.pwrite(h, buf, 0, 'fua' as unknown as number, null), 'pwrite', /flags must be a number/)
-  await rejects(calls.pwrite(h, 'not a buffer' as unknown as Buffer, 0, 0, null), 'pwrite', /buf must be a Uint8Array/)
-  await rejects(calls.pwrite(h, buf, -1n, 0, cancel), 'pwrite', /bigint offset/)
-  await rejects(calls.pread(h, 16, 0, 0, null, 'yes' as unknown as boolean), 'pread', /structured must be a boolean/)
-  await rejects(calls.preadInto(h, buf, 0, 0, null, 1 as unknown as boolean), 'preadInto', /fresh must be a boolean/)
+  await rejects(calls.pread(16, 0, 0, asCancel), 'pread', /cancel must be a NativeCancel or null/)
+  await rejects(calls.pread(16, 0, 0, asCancel, true), 'preadStructured', /cancel must be/)
+  await rejects(calls.pread('x' as unknown as number, 0, 0, null), 'pread', /count must be a number/)
+  await rejects(calls.preadInto(buf, '0' as unknown as number, 0, null), 'preadInto', /offset must be a number or a bigint/)
+  await rejects(calls.preadInto(buf, 0, 0, {} as never, true), 'pread', /cancel must be/)
+  await rejects(calls.pwrite(buf, 0, 'fua' as unknown as number, null), 'pwrite', /flags must be a number/)
+  await rejects(calls.pwrite('not a buffer' as unknown as Buffer, 0, 0, null), 'pwrite', /buf must be a Uint8Array/)
+  await rejects(calls.pwrite(buf, -1n, 0, cancel), 'pwrite', /bigint offset/)
+  await rejects(calls.pread(16, 0, 0, null, 'yes' as unknown as boolean), 'pread', /structured must be a boolean/)
+  await rejects(calls.preadInto(buf, 0, 0, null, 1 as unknown as boolean), 'preadInto', /fresh must be a boolean/)
   // Right arguments on a handle that never connected: refused by its state, as the methods are.
-  const e = await calls.preadInto(h, buf, 0, 0, cancel).then(() => undefined, (x: unknown) => x)
+  const e = await calls.preadInto(buf, 0, 0, cancel).then(() => undefined, (x: unknown) => x)
   t.true(e instanceof NbdError && e.operation === 'preadInto', String(e))
+})
+
+test.serial('per-command calls kept after their handle was collected throw a TypeError, never touch freed memory', async (t) => {
+  t.is(typeof global.gc, 'function', 'run with --expose-gc')
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const native = require('../binding.js') as typeof import('../binding')
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { makeError } = require('../dist/errors.js') as typeof import('../errors')
+  // handle.ts never lets this happen (a Handle holds both); the binding must survive it anyway.
+  let gone = false
+  const registry = new FinalizationRegistry(() => {
+    gone = true
+  })
+  const make = () => {
+    const h = new native.NativeHandle(makeError)
+    registry.register(h, 'handle')
+    return native.commandCalls(h)
+  }
+  const calls = make()
+  const collected = await waitFor(() => {
+    if (!gone) global.gc!()
+    return gone
+  }, 10_000, 20)
+  t.true(collected, 'the NativeHandle was never collected: something still holds it')
+  const buf = Buffer.alloc(16)
+  t.throws(() => calls.pread(16, 0, 0, null), { instanceOf: TypeError, message: /pread: its handle was garbage-collected/ })
+  t.throws(() => calls.preadInto(buf, 0, 0, null), { instanceOf: TypeError, message: /preadInto: its handle/ })
+  t.throws(() => calls.pwrite(buf, 0, 0, null), { instanceOf: TypeError, message: /pwrite: its handle/ })
 })
 
 test('a large pread over holes (qemu-nbd sends hole chunks) reads zeros there, never stale memory', async (t) => {
