@@ -234,32 +234,57 @@ test('the native per-command calls check what they are given: binding to a non-h
   t.true(e instanceof NbdError && e.operation === 'preadInto', String(e))
 })
 
-test.serial('per-command calls kept after their handle was collected throw a TypeError, never touch freed memory', async (t) => {
+test.serial('per-command calls kept after their handle was collected throw a TypeError; their native data is freed with them', async (t) => {
   t.is(typeof global.gc, 'function', 'run with --expose-gc')
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const native = require('../binding.js') as typeof import('../binding')
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const { makeError } = require('../dist/errors.js') as typeof import('../errors')
+  // Finalizers that napi defers run from setImmediate: give them two turns.
+  const settle = async () => {
+    await new Promise(setImmediate)
+    await new Promise(setImmediate)
+  }
+  const baseline = native.liveBoundCalls()
   // handle.ts never lets this happen (a Handle holds both); the binding must survive it anyway.
-  let gone = false
-  const registry = new FinalizationRegistry(() => {
-    gone = true
+  let handleGone = false
+  let callsGone = false
+  const registry = new FinalizationRegistry((what: string) => {
+    if (what === 'handle') handleGone = true
+    else callsGone = true
   })
-  const make = () => {
+  let calls: ReturnType<typeof native.commandCalls> | undefined = (() => {
     const h = new native.NativeHandle(makeError)
     registry.register(h, 'handle')
     return native.commandCalls(h)
-  }
-  const calls = make()
+  })()
+  t.is(native.liveBoundCalls(), baseline + 1)
   const collected = await waitFor(() => {
-    if (!gone) global.gc!()
-    return gone
+    if (!handleGone) global.gc!()
+    return handleGone
   }, 10_000, 20)
   t.true(collected, 'the NativeHandle was never collected: something still holds it')
+  await settle()
   const buf = Buffer.alloc(16)
-  t.throws(() => calls.pread(16, 0, 0, null), { instanceOf: TypeError, message: /pread: its handle was garbage-collected/ })
-  t.throws(() => calls.preadInto(buf, 0, 0, null), { instanceOf: TypeError, message: /preadInto: its handle/ })
-  t.throws(() => calls.pwrite(buf, 0, 0, null), { instanceOf: TypeError, message: /pwrite: its handle/ })
+  t.throws(() => calls!.pread(16, 0, 0, null), { instanceOf: TypeError, message: /pread: its handle was garbage-collected/ })
+  t.throws(() => calls!.preadInto(buf, 0, 0, null), { instanceOf: TypeError, message: /preadInto: its handle/ })
+  t.throws(() => calls!.pwrite(buf, 0, 0, null), { instanceOf: TypeError, message: /pwrite: its handle/ })
+  t.is(native.liveBoundCalls(), baseline + 1, 'freed while its functions live')
+  // Dropping the functions frees what they carried.
+  registry.register(calls, 'calls')
+  calls = undefined
+  const dropped = await waitFor(() => {
+    if (!callsGone) global.gc!()
+    return callsGone
+  }, 10_000, 20)
+  t.true(dropped, 'the calls were never collected')
+  let freed = false
+  for (let i = 0; i < 50 && !freed; i++) {
+    global.gc!()
+    await settle()
+    freed = native.liveBoundCalls() === baseline
+  }
+  t.true(freed, `still ${native.liveBoundCalls() - baseline} bound set(s) alive after their functions were collected`)
 })
 
 test('a large pread over holes (qemu-nbd sends hole chunks) reads zeros there, never stale memory', async (t) => {

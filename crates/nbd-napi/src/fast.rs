@@ -9,8 +9,12 @@
 //! [`NativeHandle`] once, when handle.ts creates it, and each call finds its handle through
 //! its function's data rather than by checking and unwrapping an argument. (Finding it from
 //! an argument took two private-property lookups per call, the type tag's and the wrap's:
-//! about 1.5 % of the client's CPU at depth 1.) The data holds a weak reference to the
-//! handle's object and its address: the object alive means the address is good.
+//! about 1.5 % of the client's CPU at depth 1.) The three share one [`Bound`]: a weak
+//! reference to the handle's object and the address of the `NativeHandle` it wraps. A
+//! collection clears the reference at once, and napi-rs drops the `NativeHandle` only
+//! later, from the wrap's finalizer; so whenever JavaScript runs, the reference reads
+//! `null` or the address is good. (At environment teardown Node runs finalizers while
+//! objects still live, but no JavaScript runs then, so no call can come.)
 //!
 //! handle.ts calls them with arguments that validation.ts has checked. Nothing is trusted
 //! anyway: binding to an object that is not a `NativeHandle` throws a `TypeError`, and any
@@ -21,6 +25,9 @@
 //! state is in cells), which is what napi-rs's bookkeeping guards against, so the shared
 //! references made here are sound for the length of the call, during which the handle's
 //! object (held in the call's scope) keeps it alive.
+
+use std::cell::Cell;
+use std::rc::Rc;
 
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr;
@@ -36,12 +43,41 @@ use crate::handle::{NativeCancel, NativeHandle};
 /// The most arguments an entry point takes (the handle included).
 const MAX_ARGS: usize = 6;
 
-/// What a bound call's function carries: the handle it acts on.
+/// What one handle's bound functions carry (each holds one count): the handle they act on.
 struct Bound {
+    env: sys::napi_env,
     /// Weak: the `NativeHandle` object, `null` once collected.
     object: sys::napi_ref,
     /// The `NativeHandle` that object wraps, valid while the object lives.
     handle: *const NativeHandle,
+}
+
+thread_local! {
+    /// `Bound`s alive on this thread, for [`live_bound_calls`].
+    static LIVE_BOUND: Cell<u32> = const { Cell::new(0) };
+}
+
+impl Bound {
+    fn new(env: sys::napi_env, object: sys::napi_ref, handle: *const NativeHandle) -> Bound {
+        LIVE_BOUND.with(|n| n.set(n.get() + 1));
+        Bound { env, object, handle }
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        LIVE_BOUND.with(|n| n.set(n.get() - 1));
+        // SAFETY: our reference, in its environment, deleted once; a reference whose
+        // object was collected may still be deleted.
+        unsafe { sys::napi_delete_reference(self.env, self.object) };
+    }
+}
+
+/// How many handles' per-command calls are alive on this thread (their functions not yet
+/// finalized). For tests: it goes back down once the functions are collected.
+#[napi]
+pub fn live_bound_calls() -> u32 {
+    LIVE_BOUND.with(Cell::get)
 }
 
 /// The call's arguments after `argv[0]`, which is left for the handle's object; missing
@@ -191,9 +227,14 @@ unsafe fn with_handle(
 ) -> sys::napi_value {
     // SAFETY: called by Node with this call's info.
     let (mut argv, data) = unsafe { arguments(env, info) };
+    if data.is_null() {
+        // Only if Node could not describe the call, which it always can.
+        // SAFETY: on the JavaScript thread.
+        return unsafe { type_error(env, format!("{}: the call has no handle", name.to_str().unwrap_or("call"))) };
+    }
     // SAFETY: every function with one of these callbacks was made by `command_calls` with
-    // a `Bound` as its data, freed only by the function's finalizer (the function is alive:
-    // it is being called).
+    // a count of an `Rc<Bound>` as its data, given up only by the function's finalizer
+    // (the function is alive: it is being called).
     let bound = unsafe { &*(data as *const Bound) };
     // SAFETY: a reference of this environment.
     let status = unsafe { sys::napi_get_reference_value(env, bound.object, &mut argv[0]) };
@@ -202,8 +243,10 @@ unsafe fn with_handle(
         // SAFETY: on the JavaScript thread.
         return unsafe { type_error(env, format!("{}: its handle was garbage-collected", name.to_str().unwrap_or("call"))) };
     }
-    // SAFETY: the object is alive (its value is in this call's scope), so the NativeHandle
-    // it wraps is too; only shared references to it are ever made (see the module's note).
+    // SAFETY: the reference is not yet cleared, so no collection has taken the object and
+    // napi-rs has not dropped the NativeHandle it wraps (see the module's note); the
+    // object's value, now in this call's scope, keeps it so for the call. Only shared
+    // references to it are ever made.
     let handle = unsafe { &*bound.handle };
     call(&Converted { env, handle }, &argv)
 }
@@ -263,13 +306,11 @@ unsafe extern "C" fn pwrite(env: sys::napi_env, info: sys::napi_callback_info) -
     }
 }
 
-/// Frees a bound function's data when the function is collected.
-unsafe extern "C" fn drop_bound(env: sys::napi_env, data: *mut c_void, _hint: *mut c_void) {
-    // SAFETY: `data` is the `Bound` that `command_calls` leaked for this function, and
-    // this finalizer runs once.
-    let bound = unsafe { Box::from_raw(data as *mut Bound) };
-    // SAFETY: a reference of this environment, deleted once.
-    unsafe { sys::napi_delete_reference(env, bound.object) };
+/// Gives up a bound function's count of its `Bound` when the function is collected.
+unsafe extern "C" fn drop_bound(_env: sys::napi_env, data: *mut c_void, _hint: *mut c_void) {
+    // SAFETY: `data` is the count `command_calls` gave this function, and this finalizer
+    // runs once.
+    drop(unsafe { Rc::from_raw(data as *const Bound) });
 }
 
 /// Sets glibc malloc up for large reads, once per process (see `alloc.rs`); handle.ts
@@ -297,23 +338,25 @@ pub fn command_calls<'env>(env: &'env Env, #[napi(ts_arg_type = "NativeHandle")]
     };
     type Callback = unsafe extern "C" fn(sys::napi_env, sys::napi_callback_info) -> sys::napi_value;
     let calls: [(&CStr, Callback); 3] = [(c"pread", pread), (c"preadInto", pread_into), (c"pwrite", pwrite)];
+    let mut weak = ptr::null_mut();
+    // SAFETY: an object of this call; a count of 0 makes the reference weak.
+    check_status!(unsafe { sys::napi_create_reference(raw_env, object, 0, &mut weak) }, "referencing the handle")?;
+    let bound = Rc::new(Bound::new(raw_env, weak, native as *const NativeHandle));
     let mut result = Object::new(env)?;
     for (name, callback) in calls {
-        let mut weak = ptr::null_mut();
-        // SAFETY: an object of this call; a count of 0 makes the reference weak.
-        check_status!(unsafe { sys::napi_create_reference(raw_env, object, 0, &mut weak) }, "referencing the handle")?;
-        let data = Box::into_raw(Box::new(Bound { object: weak, handle: native as *const NativeHandle }));
+        let data = Rc::into_raw(bound.clone()).cast_mut();
         let mut f = ptr::null_mut();
         // SAFETY: a NUL-terminated name and a callback that lives as long as the addon.
         let made = unsafe { sys::napi_create_function(raw_env, name.as_ptr(), name.to_bytes().len() as isize, Some(callback), data.cast(), &mut f) };
         let made = if made == sys::Status::napi_ok {
-            // SAFETY: a function just made; `drop_bound` frees `data` when it is collected.
+            // SAFETY: a function just made; `drop_bound` gives up its count when it is
+            // collected.
             unsafe { sys::napi_add_finalizer(raw_env, f, data.cast(), Some(drop_bound), ptr::null_mut(), ptr::null_mut()) }
         } else {
             made
         };
         if made != sys::Status::napi_ok {
-            // SAFETY: nothing else has `data` or its reference.
+            // SAFETY: the count was this function's, which nothing can reach or call.
             unsafe { drop_bound(raw_env, data.cast(), ptr::null_mut()) };
             check_status!(made, "making {:?}", name)?;
         }
