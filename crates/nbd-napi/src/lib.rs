@@ -19,7 +19,7 @@ mod testing;
 mod tokio_path;
 
 pub use copy::NativeCopy;
-pub use fast::command_calls;
+pub use fast::{command_calls, live_bound_calls, tune_malloc};
 pub use handle::{NativeCancel, NativeHandle};
 
 use napi_derive::napi;
