@@ -27,10 +27,9 @@
 //! object (held in the call's scope) keeps it alive.
 
 use std::cell::Cell;
-use std::rc::Rc;
-
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr;
+use std::rc::Rc;
 
 use napi::bindgen_prelude::*;
 use napi::sys;
@@ -40,7 +39,7 @@ use napi_derive::napi;
 use crate::event_loop::Outcome;
 use crate::handle::{NativeCancel, NativeHandle};
 
-/// The most arguments an entry point takes (the handle included).
+/// The most arguments an entry point takes, counting the handle's object in `argv[0]`.
 const MAX_ARGS: usize = 6;
 
 /// What one handle's bound functions carry (each holds one count): the handle they act on.
@@ -80,8 +79,8 @@ pub fn live_bound_calls() -> u32 {
     LIVE_BOUND.with(Cell::get)
 }
 
-/// The call's arguments after `argv[0]`, which is left for the handle's object; missing
-/// ones are `undefined`. Also the function's data.
+/// The call's arguments after `argv[0]`, which is left for the handle's object (missing
+/// ones are `undefined`), and the function's data: null if Node could not describe the call.
 unsafe fn arguments(env: sys::napi_env, info: sys::napi_callback_info) -> ([sys::napi_value; MAX_ARGS], *mut c_void) {
     let mut argc = MAX_ARGS - 1;
     let mut argv = [ptr::null_mut(); MAX_ARGS];
@@ -90,11 +89,7 @@ unsafe fn arguments(env: sys::napi_env, info: sys::napi_callback_info) -> ([sys:
     // undefined.
     let status = unsafe { sys::napi_get_cb_info(env, info, &mut argc, argv[1..].as_mut_ptr(), ptr::null_mut(), &mut data) };
     if status != sys::Status::napi_ok {
-        // Not expected on a JavaScript call; leave every argument undefined.
-        for v in argv[1..].iter_mut() {
-            // SAFETY: on the JavaScript thread, inside a callback.
-            unsafe { sys::napi_get_undefined(env, v) };
-        }
+        data = ptr::null_mut();
     }
     (argv, data)
 }
