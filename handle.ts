@@ -481,7 +481,10 @@ export class Handle {
     return this.#async('optGo', () => this.#native.optGo())
   }
 
-  /** Ends the connection politely with NBD_OPT_ABORT (`nbd_opt_abort`); the handle is then `closed`. */
+  /**
+   * Ends the connection politely with NBD_OPT_ABORT (`nbd_opt_abort`); the handle is then
+   * `closed`. The server's answer is waited for 2 seconds at most.
+   */
   async optAbort(): Promise<void> {
     return this.#async('optAbort', () => this.#native.optAbort())
   }

@@ -196,8 +196,13 @@ async function describeExport(
  * `target` is an NBD URI (one connection in option mode, closed before this resolves; files
  * named in the URI, such as `tls-psk-file`, are allowed as nbdinfo allows them) or a `Handle`:
  * one still `negotiating` (connected with `optMode: true`) is used as it is and left
- * connected (no content probe unless `content: true`, which ends its option mode); one that is
- * `ready` is described from its getters alone (no `contexts`, `content` or `list`).
+ * connected, with its export name and `requestMetaContext` setting as they were (no content
+ * probe unless `content: true`, which ends its option mode); one that is `ready` is
+ * described from its getters alone (no `contexts`, `content` or `list`).
+ *
+ * `signal` rejects the call at once with an `AbortError`. A connection info() opened is
+ * closed; a caller's handle is left open, and an option request it was waiting for stays
+ * outstanding until the server answers or the handle is closed.
  */
 export async function info(target: string | Handle, options?: InfoOptions): Promise<ExportInfo> {
   if (options !== undefined && (options === null || typeof options !== 'object')) {
@@ -222,45 +227,78 @@ export async function info(target: string | Handle, options?: InfoOptions): Prom
     throw fail('target must be an NBD URI or a Handle')
   }
 
-  const onAbort = () => {
-    if (owned) void h.close()
-  }
+  // An abort closes a handle info() opened, which ends whatever it waits for; a caller's
+  // handle is not closed, so the call rejects at once instead, and leaves the handle with
+  // its request outstanding (only closing it ends that).
+  let onAbort = () => {}
+  const aborted = new Promise<never>((_, reject) => {
+    onAbort = () => {
+      if (owned) void h.close()
+      reject(abortError(signal))
+    }
+  })
+  aborted.catch(() => {})
   signal?.addEventListener('abort', onAbort, { once: true })
+  // A caller's handle still negotiating gets back the settings info() changes on it.
+  const restore = !owned && h.state === 'negotiating' ? { name: h.getExportName(), meta: h.getRequestMetaContext() } : undefined
+  const work = describe(h, owned, target, list, o.content, signal)
   try {
-    if (owned) await h.connectUri(target as string)
-    else if (h.state !== 'negotiating' && h.state !== 'ready') {
-      throw fail(`the handle is ${h.state}; info needs one that is connected`)
-    }
-    checkAborted(signal)
-    const head = {
-      protocol: h.getProtocol(),
-      tls: h.getTlsNegotiated(),
-      structured: h.getStructuredRepliesNegotiated(),
-    }
-    const exports: ExportDetails[] = []
-    const describeOpts = { uri: owned, signal }
-    if (!list) {
-      const content = o.content ?? owned
-      exports.push(await describeExport(h, undefined, { ...describeOpts, content }))
-    } else {
-      if (h.state !== 'negotiating') throw fail('list needs a connection in option mode (optMode: true)')
-      const listing = await h.optList()
-      for (const entry of listing) {
-        checkAborted(signal)
-        if (h.state !== 'negotiating') break
-        h.setExportName(entry.name)
-        exports.push(await describeExport(h, entry, { ...describeOpts, content: o.content === true }))
-      }
-    }
-    return { ...head, exports }
+    return await (signal ? Promise.race([work, aborted]) : work)
   } catch (e) {
     if (signal?.aborted) throw abortError(signal)
     throw e instanceof NbdError ? new NbdError(e.code, e.message.replace(/^[a-zA-Z]+: /, ''), 'info', e.errno) : e
   } finally {
-    signal?.removeEventListener('abort', onAbort)
+    if (signal?.aborted) work.catch(() => {})
+    if (restore && h.state === 'negotiating') {
+      try {
+        if (h.getExportName() !== restore.name) h.setExportName(restore.name)
+        h.setRequestMetaContext(restore.meta)
+      } catch {
+        // The handle moved on (closed by the caller meanwhile): nothing to give back.
+      }
+    }
     if (owned) {
-      if (h.state === 'negotiating') await h.optAbort().catch(() => {})
+      // Polite, but not waited for after an abort (close ends it then).
+      if (h.state === 'negotiating' && !signal?.aborted) await h.optAbort().catch(() => {})
       await h.close()
     }
+    signal?.removeEventListener('abort', onAbort)
   }
+}
+
+/** info()'s work on its handle, `h`, which it opened itself when `owned`. */
+async function describe(
+  h: Handle,
+  owned: boolean,
+  target: string | Handle,
+  list: boolean,
+  wantContent: boolean | undefined,
+  signal: AbortSignal | undefined,
+): Promise<ExportInfo> {
+  if (owned) await h.connectUri(target as string)
+  else if (h.state !== 'negotiating' && h.state !== 'ready') {
+    throw fail(`the handle is ${h.state}; info needs one that is connected`)
+  }
+  checkAborted(signal)
+  const head = {
+    protocol: h.getProtocol(),
+    tls: h.getTlsNegotiated(),
+    structured: h.getStructuredRepliesNegotiated(),
+  }
+  const exports: ExportDetails[] = []
+  const describeOpts = { uri: owned, signal }
+  if (!list) {
+    const content = wantContent ?? owned
+    exports.push(await describeExport(h, undefined, { ...describeOpts, content }))
+  } else {
+    if (h.state !== 'negotiating') throw fail('list needs a connection in option mode (optMode: true)')
+    const listing = await h.optList()
+    for (const entry of listing) {
+      checkAborted(signal)
+      if (h.state !== 'negotiating') break
+      h.setExportName(entry.name)
+      exports.push(await describeExport(h, entry, { ...describeOpts, content: wantContent === true }))
+    }
+  }
+  return { ...head, exports }
 }

@@ -297,3 +297,68 @@ test('info: bad targets and options, refused connections and abort', async (t) =
   t.is(humanSize(1n << 60n), '1E')
   t.is(humanSize(3 * 1024 * 1024 + 1024), '3073K')
 })
+
+test('info: a server that never answers NBD_OPT_ABORT holds info() up 2 s at most; a signal ends the wait at once', async (t) => {
+  const { useFake, OPT } = await import('./helpers/fake-server')
+  const server = await useFake(t, { size: MiB, onOption: (o) => (o.option === OPT.ABORT ? 'stall' : 'default') })
+  const uri = `nbd+unix:///?socket=${server.socket}`
+  let started = Date.now()
+  const plain = await info(uri, { content: false })
+  t.is(plain.exports[0]!.exportSize, MiB)
+  const took = Date.now() - started
+  t.true(took >= 1500 && took < 6000, `info took ${took} ms`)
+  // With a signal that fires while info() waits for the answer: it resolves (the facts were
+  // complete) as soon as the signal closes the connection.
+  const ac = new AbortController()
+  started = Date.now()
+  setTimeout(() => ac.abort(), 300)
+  const settled = await info(uri, { list: true, signal: ac.signal }).then(
+    (r) => `resolved with ${r.exports.length} export`,
+    (e: Error) => `rejected: ${e.name}`,
+  )
+  t.true(Date.now() - started < 1500, `info with a signal took ${Date.now() - started} ms: ${settled}`)
+})
+
+test('info(handle): a stalled option request rejects at the abort, and the caller keeps its handle', async (t) => {
+  const { useFake, OPT } = await import('./helpers/fake-server')
+  for (const [opt, options] of [
+    [OPT.INFO, {}],
+    [OPT.LIST, { list: true }],
+  ] as const) {
+    const server = await useFake(t, { size: MiB, onOption: (o) => (o.option === opt ? 'stall' : 'default') })
+    const h = new Handle({ optMode: true, fullInfo: true })
+    t.teardown(() => h.close())
+    await h.connectUri(`nbd+unix:///?socket=${server.socket}`)
+    const ac = new AbortController()
+    const started = Date.now()
+    setTimeout(() => ac.abort(), 200)
+    const err = await t.throwsAsync(() => info(h, { ...options, signal: ac.signal }))
+    t.is(err?.name, 'AbortError')
+    t.true(Date.now() - started < 1500, `the abort took ${Date.now() - started} ms`)
+    t.not(h.state, 'closed')
+    await h.close()
+    t.is(h.state, 'closed')
+  }
+})
+
+test('info(handle) gives back the export name and requestMetaContext it changed', async (t) => {
+  const server = await useNbdServer(t, { size: 2 * MiB, extraExports: ['second', 'third'] })
+  if (!server) return
+  const h = new Handle({ optMode: true })
+  t.teardown(() => h.close())
+  await h.connectUri(server.uri)
+  const name = h.getExportName()
+  t.true(h.getRequestMetaContext())
+  const listed = await info(h, { list: true })
+  t.is(listed.exports.length, 3)
+  t.is(h.getExportName(), name)
+  t.true(h.getRequestMetaContext())
+  const one = await info(h)
+  t.is(one.exports[0]!.exportName, name)
+  t.is(h.getExportName(), name)
+  t.true(h.getRequestMetaContext())
+  // The handle still enters transmission, with the export it was set to.
+  await h.optGo()
+  t.is(h.getExportName(), name)
+  t.is(h.state, 'ready')
+})

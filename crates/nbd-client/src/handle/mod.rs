@@ -32,6 +32,10 @@ use crate::transport::subprocess::Child;
 use crate::transport::{self, tcp, Stream};
 use crate::uri::{self, NbdUri, UriTransport};
 
+/// How long `opt_abort` waits for the server's answer before it ends the connection
+/// anyway.
+const OPT_ABORT_WAIT: Duration = Duration::from_secs(2);
+
 /// Byte and chunk counters of a connection (libnbd's `nbd_stats_*`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -670,13 +674,25 @@ impl Handle {
                 }
             }
         };
+        let aborting = matches!(req, OptRequest::Abort);
         if let Err(e) = negotiation.begin(req) {
             *self.phase() = Phase::Negotiating { socket, negotiation };
             return Err(e);
         }
         let settings = self.settings();
         let link = self.link(&settings);
-        let result = self.unless_closed(negotiation.answer(&link)).await;
+        let answer = self.unless_closed(negotiation.answer(&link));
+        let result = if aborting {
+            // The server should answer NBD_OPT_ABORT and hang up, but nothing needs its
+            // answer (libnbd does not wait for it): one that never answers holds the caller
+            // up for a moment only, as shutdown's wait for the server to close.
+            match tokio::time::timeout(OPT_ABORT_WAIT, answer).await {
+                Ok(r) => r,
+                Err(_) => Ok(OptStep::Aborted { newstyle: false }),
+            }
+        } else {
+            answer.await
+        };
         let mut phase = self.phase();
         if !matches!(*phase, Phase::OptBusy) {
             return Err(closed_while_connecting());
@@ -716,7 +732,8 @@ impl Handle {
         }
     }
 
-    /// `nbd_opt_abort`: ends the connection politely (the handle is then closed).
+    /// `nbd_opt_abort`: ends the connection politely (the handle is then closed). A
+    /// server that does not answer within 2 seconds is not waited for any longer.
     pub async fn opt_abort(&self) -> Result<()> {
         self.opt(OptRequest::Abort).await.map(|_| ())
     }
