@@ -47,7 +47,7 @@ export interface CopyOptions {
   connections?: number
   /** Requests in flight per connection; default 64. */
   requests?: number
-  /** Bytes per request; default 256 KiB, raised to the servers' preferred and capped at their maximum block size. */
+  /** Bytes per request; default 256 KiB, raised to the servers' preferred, capped at their maximum block size and rounded down to a multiple of their minimum. */
   requestSize?: number
   /** Zero detection granularity in bytes (a power of two ≥ 512; default 4096), or `false` to write every byte read. */
   sparse?: number | false
@@ -59,7 +59,10 @@ export interface CopyOptions {
   flush?: boolean
   /** Aborts the copy: it rejects with an `AbortError`, having closed what it opened. */
   signal?: AbortSignal
-  /** Called at most 10 times a second while the copy runs, and once at the end. */
+  /**
+   * Called at most 10 times a second while the copy runs, and once at the end. If it throws,
+   * the copy stops as if aborted and rejects with what it threw.
+   */
   onProgress?(p: CopyProgress): void
 }
 
@@ -209,8 +212,36 @@ export async function copy(source: CopyEndpoint, destination: CopyEndpoint, opti
   checkAborted(s.signal)
   const src = nativeEndpoint(source, true)
   const dst = nativeEndpoint(destination, false)
-  if (src !== undefined && dst !== undefined) return copyNative(src, dst, s)
-  return copyJs(source, destination, s)
+  if (!s.onProgress) return src !== undefined && dst !== undefined ? copyNative(src, dst, s) : copyJs(source, destination, s)
+  // An onProgress that throws stops the copy, which rejects with what it threw: the engines
+  // see an abort of their own signal.
+  const user = s.signal
+  const stop = new AbortController()
+  const forward = () => stop.abort(user?.reason)
+  user?.addEventListener('abort', forward, { once: true })
+  const report = s.onProgress
+  let thrown: { error: unknown } | undefined
+  const guarded = (p: CopyProgress) => {
+    if (thrown) return
+    try {
+      report(p)
+    } catch (error) {
+      thrown = { error }
+      stop.abort(error)
+    }
+  }
+  const inner: Settled = { ...s, signal: stop.signal, onProgress: guarded }
+  try {
+    const r = await (src !== undefined && dst !== undefined ? copyNative(src, dst, inner) : copyJs(source, destination, inner))
+    if (thrown) throw thrown.error
+    return r
+  } catch (e) {
+    if (thrown) throw thrown.error
+    if (user?.aborted) throw abortError(user)
+    throw e
+  } finally {
+    user?.removeEventListener('abort', forward)
+  }
 }
 
 async function copyNative(src: NativeEndpoint, dst: NativeEndpoint, s: Settled): Promise<CopyResult> {
@@ -336,9 +367,34 @@ function handleSource(h: Handle, owned: boolean, signal?: AbortSignal): Source {
   }
 }
 
+/**
+ * Opens a local path, which must be a regular file or a block device. O_NONBLOCK keeps the
+ * open of a FIFO from waiting (in the thread pool, beyond abort) for its other end; regular
+ * files and block devices ignore the flag.
+ */
+async function openLocal(p: string, flags: number, mode?: number): Promise<{ fh: fs.promises.FileHandle; st: fs.Stats }> {
+  const notAFile = () => fail(`${p} is neither a regular file nor a block device (use a stream for pipes)`)
+  let fh: fs.promises.FileHandle
+  try {
+    fh = await fs.promises.open(p, flags | fs.constants.O_NONBLOCK, mode)
+  } catch (e) {
+    // A FIFO nobody reads refuses a non-blocking open for writing.
+    if ((e as NodeJS.ErrnoException).code === 'ENXIO') throw notAFile()
+    throw e
+  }
+  const st = await fh.stat().catch(async (e: unknown) => {
+    await fh.close()
+    throw e
+  })
+  if (!st.isFile() && !st.isBlockDevice()) {
+    await fh.close()
+    throw notAFile()
+  }
+  return { fh, st }
+}
+
 async function fileSource(p: string): Promise<Source> {
-  const fh = await fs.promises.open(p, 'r')
-  const st = await fh.stat()
+  const { fh, st } = await openLocal(p, fs.constants.O_RDONLY)
   return {
     size: st.size,
     extents: async (offset, length) => [{ offset, length, zero: false }],
@@ -385,14 +441,15 @@ function handleSink(h: Handle, owned: boolean, signal?: AbortSignal): Sink {
 }
 
 async function fileSink(p: string): Promise<Sink> {
-  let fh: fs.promises.FileHandle
+  const { O_RDWR, O_WRONLY, O_CREAT, O_EXCL } = fs.constants
+  let opened: { fh: fs.promises.FileHandle; st: fs.Stats }
   try {
-    fh = await fs.promises.open(p, 'r+')
+    opened = await openLocal(p, O_RDWR)
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e
-    fh = await fs.promises.open(p, 'wx', 0o644)
+    opened = await openLocal(p, O_WRONLY | O_CREAT | O_EXCL, 0o644)
   }
-  const st = await fh.stat()
+  const { fh, st } = opened
   const regular = st.isFile()
   let size: number | undefined
   return {
@@ -447,11 +504,20 @@ function streamSink(w: Writable, signal?: AbortSignal): Sink {
     failure = e
   }
   w.on('error', onError)
-  const waitFor = (event: string) =>
+  // A stream destroyed without an error (as an HTTP response whose client went away) takes
+  // no more data: the copy fails rather than wait for a 'drain' or 'finish' that never comes.
+  const gone = () => new NbdError('EPIPE', 'the destination stream was destroyed before the copy ended', 'copy')
+  const waitFor = (event: 'drain' | 'finish') =>
     new Promise<void>((resolve, reject) => {
       const done = () => {
         cleanup()
         resolve()
+      }
+      const closed = () => {
+        cleanup()
+        if (failure) reject(failure)
+        else if (event === 'finish' && w.writableFinished) resolve()
+        else reject(gone())
       }
       const bad = (e: Error) => {
         cleanup()
@@ -464,16 +530,17 @@ function streamSink(w: Writable, signal?: AbortSignal): Sink {
       const cleanup = () => {
         w.off(event, done)
         w.off('error', bad)
-        w.off('close', done)
+        w.off('close', closed)
         signal?.removeEventListener('abort', aborted)
       }
       w.once(event, done)
       w.once('error', bad)
-      w.once('close', done)
+      w.once('close', closed)
       signal?.addEventListener('abort', aborted, { once: true })
     })
   const put = async (data: Buffer) => {
     if (failure) throw failure
+    if (w.destroyed || w.writableEnded) throw gone()
     if (!w.write(data)) await waitFor('drain')
     if (failure) throw failure
   }
@@ -491,6 +558,9 @@ function streamSink(w: Writable, signal?: AbortSignal): Sink {
     async close(ok) {
       w.off('error', onError)
       if (ok) {
+        if (failure) throw failure
+        if (w.writableFinished) return
+        if (w.destroyed) throw gone()
         const finished = waitFor('finish')
         w.end()
         await finished
@@ -500,14 +570,38 @@ function streamSink(w: Writable, signal?: AbortSignal): Sink {
   }
 }
 
-/** Runs `work` over `items` with at most `limit` at once; the first failure stops the rest. */
-async function pool<T>(items: AsyncIterable<T> | Iterable<T>, limit: number, work: (item: T) => Promise<void>): Promise<void> {
+/**
+ * Runs `work` over `items` with at most `limit` at once; the first failure stops the rest,
+ * even while the next item is still awaited (an idle stream source must not hide a
+ * destination that failed). The iterator is closed once that pending item arrives; a caller
+ * whose items may never come (a stream) ends their source itself.
+ */
+async function pool<T>(items: AsyncIterable<T>, limit: number, work: (item: T) => Promise<void>): Promise<void> {
   const running = new Set<Promise<void>>()
   let failure: unknown
   let failed = false
-  for await (const item of items) {
-    if (failed) break
-    const p: Promise<void> = work(item).then(
+  const FAILED = Symbol('failed')
+  let onFailed = () => {}
+  const failedNow = new Promise<typeof FAILED>((resolve) => {
+    onFailed = () => resolve(FAILED)
+  })
+  const it = items[Symbol.asyncIterator]()
+  for (;;) {
+    if (failed) {
+      await it.return?.()
+      break
+    }
+    const next = it.next()
+    const r = await Promise.race([next, failedNow])
+    if (r === FAILED) {
+      next.then(
+        () => it.return?.(),
+        () => {},
+      )
+      break
+    }
+    if (r.done) break
+    const p: Promise<void> = work(r.value).then(
       () => {
         running.delete(p)
       },
@@ -516,6 +610,7 @@ async function pool<T>(items: AsyncIterable<T> | Iterable<T>, limit: number, wor
         if (!failed) {
           failed = true
           failure = e
+          onFailed()
         }
       },
     )
@@ -659,6 +754,9 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
           return writeOut(o, data)
         })
       } catch (e) {
+        // The source may be waiting for data that never comes: it is ended here, as an
+        // early end of its iteration would have ended it.
+        if (!stream.destroyed) stream.destroy()
         if (signal?.aborted) throw abortError(signal)
         if (e instanceof NbdError) throw e
         throw copyError(e, 'reading the source', signal, offset)

@@ -519,3 +519,107 @@ test('the JavaScript engine into a destination with a large minimum block size a
   t.is(r.engine, 'javascript')
   t.is(sha(readIn64K(dest.uri)), sha(data))
 })
+
+test('the native engine rounds requestSize down to the servers’ minimum block size', async (t) => {
+  // Requests that are not whole 4 KiB blocks fail at the servers (blocksize-policy's error policy).
+  const strict = ['blocksize-minimum=4K', 'blocksize-preferred=4K', 'blocksize-maximum=1M', 'blocksize-error-policy=error']
+  const source = await useNbdkit(t, ['--filter=blocksize-policy', 'pattern', '1M', ...strict], { readOnly: true })
+  const dest = await useNbdkit(t, ['--filter=blocksize-policy', 'memory', '1M', ...strict])
+  if (!source || !dest) return
+  const dir = tempDir(t)
+  const file = path.join(dir, 'f.img')
+  for (const [from, to] of [
+    [source.uri, 'null:'],
+    [source.uri, file],
+    [file, dest.uri],
+  ] as const) {
+    const r = await copy(from, to, { requestSize: 5000 })
+    t.is(r.engine, 'native')
+    t.is(r.bytes, MiB)
+  }
+  t.is(fileSha(file), sha(readIn64K(source.uri)))
+  t.is(sha(readIn64K(dest.uri)), sha(readIn64K(source.uri)))
+})
+
+test('a FIFO as source or destination is refused at once (both engines), never waited on', async (t) => {
+  const server = await useNbdkit(t, ['pattern', '1M'])
+  if (!server) return
+  const dir = tempDir(t)
+  const fifo = path.join(dir, 'fifo')
+  spawnSync('mkfifo', [fifo])
+  t.true(fs.statSync(fifo).isFIFO())
+  const started = Date.now()
+  const cases: [string, () => Promise<unknown>][] = [
+    ['native, source', () => copy(fifo, 'null:')],
+    ['native, destination', () => copy(server.uri, fifo)],
+    ['javascript, source', () => copy(fifo, new Writable({ write: (_c, _e, cb) => cb() }))],
+    ['javascript, destination', () => copy(Readable.from([Buffer.alloc(4096)]), fifo)],
+  ]
+  for (const [what, run] of cases) {
+    const err = await t.throwsAsync(run(), undefined, what)
+    assertNbdError(t, err, 'EINVAL', 'copy')
+    t.regex(err!.message, /neither a regular file nor a block device/, what)
+  }
+  t.true(Date.now() - started < 5000, `took ${Date.now() - started} ms`)
+})
+
+test('a Writable destroyed without an error fails the copy with EPIPE and closes the source', async (t) => {
+  const server = await useNbdkit(t, ['pattern', '16M'])
+  if (!server) return
+  const before = countOpenFds()
+  let got = 0
+  const w: Writable = new Writable({
+    highWaterMark: 64 * KiB,
+    write(c: Buffer, _e, cb) {
+      got += c.length
+      // A consumer that goes away, as an HTTP response whose client hung up.
+      if (got > 2 * MiB) w.destroy()
+      else setImmediate(cb)
+    },
+  })
+  const err = await t.throwsAsync(copy(server.uri, w))
+  assertNbdError(t, err, 'EPIPE', 'copy')
+  const gone = new Writable({ write: (_c, _e, cb) => cb() })
+  gone.destroy()
+  const err2 = await t.throwsAsync(copy(server.uri, gone))
+  assertNbdError(t, err2, 'EPIPE', 'copy')
+  t.true(await waitFor(() => countOpenFds() <= before, 3000), `fds: ${countOpenFds()} now, ${before} before`)
+})
+
+test('an onProgress that throws stops the copy, which rejects with what it threw (both engines)', async (t) => {
+  const server = await useNbdkit(t, ['--filter=delay', 'pattern', '8M', 'rdelay=20ms'])
+  if (!server) return
+  for (const dest of ['null:', new Writable({ write: (_c, _e, cb) => cb() })]) {
+    let calls = 0
+    const boom = new Error('progress went wrong')
+    const started = Date.now()
+    const err = await t.throwsAsync(
+      copy(server.uri, dest, {
+        requestSize: 64 * KiB,
+        connections: 1,
+        requests: 1,
+        onProgress: () => {
+          calls++
+          throw boom
+        },
+      }),
+    )
+    t.is(err, boom)
+    t.is(calls, 1)
+    // 128 reads of 20 ms would take 2.5 s: it stopped at the first report.
+    t.true(Date.now() - started < 2000, `took ${Date.now() - started} ms`)
+  }
+})
+
+test('a stream source that goes idle does not hide a destination that failed', async (t) => {
+  const { useFake, CMD } = await import('./helpers/fake-server')
+  const server = await useFake(t, { size: 64 * MiB, onCommand: (req) => (req.type === CMD.WRITE ? 'close' : 'default') })
+  const src = new PassThrough()
+  // One request's worth and more, then nothing: the producer stays open and quiet.
+  src.write(Buffer.alloc(MiB, 1))
+  const started = Date.now()
+  const err = await t.throwsAsync(copy(src, `nbd+unix:///?socket=${server.socket}`))
+  assertNbdError(t, err, 'ENOTCONN', 'copy')
+  t.true(Date.now() - started < 3000, `took ${Date.now() - started} ms`)
+  t.true(src.destroyed)
+})

@@ -309,3 +309,13 @@ test('copy errors are one line with the code and exit status 1, where nbdcopy fa
   t.is(usage.status, 1)
   t.regex(usage.stderr, /^nbd-client: EINVAL: copy: --request-size must be an integer >= 1, got 0 \(see 'nbd-client copy --help'\)\n$/)
 })
+
+test('--progress=FD whose reader goes away: the copy goes on without progress and succeeds', async (t) => {
+  const source = await useNbdkit(t, ['--filter=delay', 'pattern', String(4 * MiB), 'rdelay=10ms'])
+  if (!source) return
+  // fd 3 is a pipe whose reader takes 4 bytes and exits: later progress writes get EPIPE.
+  const script = `exec 3> >(head -c 4 >/dev/null); '${process.execPath}' '${CLI}' copy -C 1 -R 1 --request-size=65536 --progress=3 '${source.uri}' null:`
+  const r = spawnSync('bash', ['-c', script], { encoding: 'utf8', timeout: 60_000 })
+  t.is(r.status, 0, r.stderr)
+  t.is(r.stderr, '')
+})

@@ -42,7 +42,13 @@ export class Progress {
     const text = this.#lines ? progressLine(fraction) : progressBar(fraction, this.#spin++)
     // The end is drawn once: the copy's final report and finish() both say 100%.
     if (fraction >= 1) this.#done = true
-    fs.writeSync(this.#fd, text)
+    try {
+      fs.writeSync(this.#fd, text)
+    } catch {
+      // Whoever read the progress went away (EPIPE, a closed fd): the copy goes on
+      // without it, as it would without --progress.
+      this.#done = true
+    }
   }
 
   finish(): void {

@@ -75,8 +75,8 @@ pub struct Options {
     pub connections: Option<usize>,
     /// Requests in flight per connection.
     pub requests: usize,
-    /// Bytes per read; raised to the sides' preferred block size and capped at their
-    /// maximum.
+    /// Bytes per read; raised to the sides' preferred block size, capped at their maximum
+    /// and rounded down to a multiple of their minimum.
     pub request_size: u32,
     /// Zero detection granularity; `None` writes every byte read.
     pub sparse: Option<u32>,
@@ -208,6 +208,8 @@ struct Opened {
     side: Side,
     size: u64,
     endpoint: Endpoint,
+    /// The server's minimum block size (a power of two), 1 elsewhere.
+    minimum: u32,
     preferred: u32,
     maximum: u32,
 }
@@ -262,9 +264,9 @@ async fn open(endpoint: Endpoint, source: bool) -> Result<Opened> {
                     return Err(e);
                 }
             };
-            let (preferred, maximum) = match n.export.block_size {
-                Some(b) => (b.preferred.max(1), b.maximum.min(n.export.payload_max())),
-                None => (1, n.export.payload_max()),
+            let (minimum, preferred, maximum) = match n.export.block_size {
+                Some(b) => (b.minimum.max(1), b.preferred.max(1), b.maximum.min(n.export.payload_max())),
+                None => (1, 1, n.export.payload_max()),
             };
             let extents = source && n.meta_context_id(BASE_ALLOCATION).is_some();
             if !source && n.export.has(FLAG_READ_ONLY) {
@@ -275,18 +277,26 @@ async fn open(endpoint: Endpoint, source: bool) -> Result<Opened> {
                 side: Side::Nbd { conns: vec![h], flags: n.export.flags, extents },
                 size: n.export.size,
                 endpoint,
+                minimum,
                 preferred,
                 maximum,
             })
         }
         Endpoint::File(path) => {
             let shown = path.display().to_string();
+            // O_NONBLOCK: opening a FIFO would otherwise wait (uncancellably, on this thread)
+            // for its other end; it is refused below instead. Regular files ignore the flag
+            // and a block device has it cleared.
             let file = if source {
-                File::open(path).map_err(|e| io_error(e, &format!("opening {name} {shown}")))?
+                OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)
+                    .map_err(|e| io_error(e, &format!("opening {name} {shown}")))?
             } else {
                 // As nbdcopy: open without O_CREAT first so that a block device path that is
                 // missing is not turned into a regular file by accident... then create.
-                match OpenOptions::new().write(true).open(path) {
+                match OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(path) {
                     Ok(f) => f,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => OpenOptions::new()
                         .write(true)
@@ -294,25 +304,27 @@ async fn open(endpoint: Endpoint, source: bool) -> Result<Opened> {
                         .mode(0o644)
                         .open(path)
                         .map_err(|e| io_error(e, &format!("creating {name} {shown}")))?,
+                    // A FIFO that nobody reads.
+                    Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Err(not_a_file(&shown)),
                     Err(e) => return Err(io_error(e, &format!("opening {name} {shown}"))),
                 }
             };
             let meta = file.metadata().map_err(|e| io_error(e, &shown))?;
+            if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
+                return Err(not_a_file(&shown));
+            }
+            clear_nonblocking(&file).map_err(|e| io_error(e, &shown))?;
             let regular = meta.file_type().is_file();
             let size = if regular {
                 meta.len()
-            } else if meta.file_type().is_block_device() {
-                block_device_size(&file).map_err(|e| io_error(e, &shown))?
             } else {
-                return Err(Error::usage(
-                    Errno::EINVAL,
-                    format!("{shown} is neither a regular file nor a block device (use a stream for pipes)"),
-                ));
+                block_device_size(&file).map_err(|e| io_error(e, &shown))?
             };
             Ok(Opened {
                 side: Side::File(Arc::new(LocalFile { file, regular, written: Mutex::default() })),
                 size,
                 endpoint,
+                minimum: 1,
                 preferred: 4096,
                 maximum: 64 << 20,
             })
@@ -321,9 +333,26 @@ async fn open(endpoint: Endpoint, source: bool) -> Result<Opened> {
             if source {
                 return Err(Error::usage(Errno::EINVAL, "null: can only be a destination"));
             }
-            Ok(Opened { side: Side::Null, size: u64::MAX, endpoint, preferred: 1, maximum: 64 << 20 })
+            Ok(Opened { side: Side::Null, size: u64::MAX, endpoint, minimum: 1, preferred: 1, maximum: 64 << 20 })
         }
     }
+}
+
+fn not_a_file(shown: &str) -> Error {
+    Error::usage(
+        Errno::EINVAL,
+        format!("{shown} is neither a regular file nor a block device (use a stream for pipes)"),
+    )
+}
+
+fn clear_nonblocking(file: &File) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; it only changes its status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn block_device_size(file: &File) -> std::io::Result<u64> {
@@ -1153,6 +1182,10 @@ async fn prepare(src: &mut Opened, dst: &mut Opened, options: &Options, progress
         connections = 1;
     }
     let request_size = options.request_size.max(src.preferred).max(dst.preferred).min(src.maximum).min(dst.maximum);
+    // Every request must be a whole number of both servers' minimum blocks (powers of two,
+    // so the larger is a multiple of the other); offsets are multiples of the size.
+    let minimum = src.minimum.max(dst.minimum);
+    let request_size = (request_size / minimum * minimum).max(minimum);
     let sparse = options.sparse.map(|s| s.max(dst.preferred).max(1) as u64);
     Ok(Plan { connections, request_size, sparse, destination_is_zero })
 }
