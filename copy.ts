@@ -212,6 +212,9 @@ export async function copy(source: CopyEndpoint, destination: CopyEndpoint, opti
   checkAborted(s.signal)
   const src = nativeEndpoint(source, true)
   const dst = nativeEndpoint(destination, false)
+  if (isWritable(destination) && (destination.destroyed || destination.writableEnded)) {
+    throw fail('the destination stream was destroyed or ended before the copy', 'EPIPE')
+  }
   if (!s.onProgress) return src !== undefined && dst !== undefined ? copyNative(src, dst, s) : copyJs(source, destination, s)
   // An onProgress that throws stops the copy, which rejects with what it threw: the engines
   // see an abort of their own signal.
@@ -367,21 +370,18 @@ function handleSource(h: Handle, owned: boolean, signal?: AbortSignal): Source {
   }
 }
 
-/**
- * Opens a local path, which must be a regular file or a block device. O_NONBLOCK keeps the
- * open of a FIFO from waiting (in the thread pool, beyond abort) for its other end; regular
- * files and block devices ignore the flag.
- */
+/** Opens a local path, which must be a regular file or a block device. */
 async function openLocal(p: string, flags: number, mode?: number): Promise<{ fh: fs.promises.FileHandle; st: fs.Stats }> {
   const notAFile = () => fail(`${p} is neither a regular file nor a block device (use a stream for pipes)`)
-  let fh: fs.promises.FileHandle
-  try {
-    fh = await fs.promises.open(p, flags | fs.constants.O_NONBLOCK, mode)
-  } catch (e) {
-    // A FIFO nobody reads refuses a non-blocking open for writing.
-    if ((e as NodeJS.ErrnoException).code === 'ENXIO') throw notAFile()
+  // Looked at first, so that a FIFO is never opened: opening one waits (in the thread pool,
+  // beyond abort) for its other end. (A block device is opened as usual: some drivers skip
+  // their media checks on a non-blocking open.)
+  const seen = await fs.promises.stat(p).catch((e: NodeJS.ErrnoException) => {
+    if (e.code === 'ENOENT') return undefined
     throw e
-  }
+  })
+  if (seen && !seen.isFile() && !seen.isBlockDevice()) throw notAFile()
+  const fh = await fs.promises.open(p, flags, mode)
   const st = await fh.stat().catch(async (e: unknown) => {
     await fh.close()
     throw e
@@ -595,7 +595,7 @@ async function pool<T>(items: AsyncIterable<T>, limit: number, work: (item: T) =
     const r = await Promise.race([next, failedNow])
     if (r === FAILED) {
       next.then(
-        () => it.return?.(),
+        () => it.return?.()?.catch(() => {}),
         () => {},
       )
       break

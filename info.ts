@@ -103,6 +103,7 @@ function runFile(file: string): Promise<string | undefined> {
 
 /** `file -b` of the export's first 8 KiB, as nbdinfo's content probe. */
 async function probeContent(h: Handle, size: number, signal?: AbortSignal): Promise<string | undefined> {
+  checkAborted(signal)
   if (h.state === 'negotiating') await h.optGo()
   const first = size > 8192 ? 8192 : size
   let data: Buffer
@@ -136,6 +137,8 @@ async function describeExport(
       await h.optInfo()
     } catch (e) {
       if (h.state !== 'negotiating') throw e
+      // After an abort, info() has already rejected: nothing more goes to the server.
+      checkAborted(opts.signal)
       await h.optGo()
     }
   }
@@ -164,6 +167,7 @@ async function describeExport(
   }
   let contexts: string[] | undefined
   if (h.state === 'negotiating') {
+    checkAborted(opts.signal)
     try {
       contexts = await h.optListMetaContext()
     } catch (e) {
@@ -249,13 +253,20 @@ export async function info(target: string | Handle, options?: InfoOptions): Prom
     throw e instanceof NbdError ? new NbdError(e.code, e.message.replace(/^[a-zA-Z]+: /, ''), 'info', e.errno) : e
   } finally {
     if (signal?.aborted) work.catch(() => {})
-    if (restore && h.state === 'negotiating') {
-      try {
-        if (h.getExportName() !== restore.name) h.setExportName(restore.name)
-        h.setRequestMetaContext(restore.meta)
-      } catch {
-        // The handle moved on (closed by the caller meanwhile): nothing to give back.
+    if (restore) {
+      const giveBack = () => {
+        if (h.state !== 'negotiating') return
+        try {
+          if (h.getExportName() !== restore.name) h.setExportName(restore.name)
+          h.setRequestMetaContext(restore.meta)
+        } catch {
+          // The handle moved on (closed by the caller meanwhile): nothing to give back.
+        }
       }
+      // After an abort the work may still wait for the server's answer to its last
+      // request: the settings are given back once that has come.
+      if (signal?.aborted) work.then(giveBack, giveBack)
+      else giveBack()
     }
     if (owned) {
       // Polite, but not waited for after an abort (close ends it then).

@@ -539,6 +539,13 @@ test('the native engine rounds requestSize down to the servers’ minimum block 
   }
   t.is(fileSha(file), sha(readIn64K(source.uri)))
   t.is(sha(readIn64K(dest.uri)), sha(readIn64K(source.uri)))
+  // Block sizes that cannot meet: the source takes at most 4 KiB, the destination at least 64 KiB.
+  const small = await useNbdkit(t, ['--filter=blocksize-policy', 'pattern', '1M', 'blocksize-minimum=512', 'blocksize-maximum=4K'], { readOnly: true })
+  const large = await useNbdkit(t, ['--filter=blocksize-policy', 'memory', '1M', 'blocksize-minimum=64K', 'blocksize-preferred=64K', 'blocksize-maximum=1M'])
+  if (!small || !large) return
+  const err = await t.throwsAsync(copy(small.uri, large.uri))
+  assertNbdError(t, err, 'EINVAL', 'copy')
+  t.regex(err!.message, /block sizes do not fit together/)
 })
 
 test('a FIFO as source or destination is refused at once (both engines), never waited on', async (t) => {
@@ -564,8 +571,11 @@ test('a FIFO as source or destination is refused at once (both engines), never w
 })
 
 test('a Writable destroyed without an error fails the copy with EPIPE and closes the source', async (t) => {
+  // A server per copy: nbdkit 1.32 can die of a copy that fails with reads in flight
+  // (raw_send_socket: sock >= 0), refusing the next one.
   const server = await useNbdkit(t, ['pattern', '16M'])
-  if (!server) return
+  const second = await useNbdkit(t, ['pattern', '16M'])
+  if (!server || !second) return
   const before = countOpenFds()
   let got = 0
   const w: Writable = new Writable({
@@ -581,7 +591,7 @@ test('a Writable destroyed without an error fails the copy with EPIPE and closes
   assertNbdError(t, err, 'EPIPE', 'copy')
   const gone = new Writable({ write: (_c, _e, cb) => cb() })
   gone.destroy()
-  const err2 = await t.throwsAsync(copy(server.uri, gone))
+  const err2 = await t.throwsAsync(copy(second.uri, gone))
   assertNbdError(t, err2, 'EPIPE', 'copy')
   t.true(await waitFor(() => countOpenFds() <= before, 3000), `fds: ${countOpenFds()} now, ${before} before`)
 })

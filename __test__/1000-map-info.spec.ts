@@ -10,6 +10,15 @@ import { nbdinfoMap } from './helpers/crosscheck'
 import { expectReject, openHandle, seededBytes, KiB, MiB } from './helpers/nbd'
 import { requireTool, useNbdkit, useNbdServer, useQemuNbd, type Server } from './helpers/servers'
 
+async function waitUntil(ok: () => boolean, ms: number): Promise<boolean> {
+  const end = Date.now() + ms
+  while (!ok()) {
+    if (Date.now() > end) return false
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+  return true
+}
+
 function sh(t: ExecutionContext, argv: string[]): void {
   const r = spawnSync(argv[0]!, argv.slice(1), { encoding: 'utf8' })
   if (r.status !== 0) t.fail(`${argv.join(' ')} failed: ${r.stderr}`)
@@ -339,6 +348,32 @@ test('info(handle): a stalled option request rejects at the abort, and the calle
     await h.close()
     t.is(h.state, 'closed')
   }
+})
+
+test('info(handle) aborted while the server is slow: once the answer comes, nothing more is sent and the settings are given back', async (t) => {
+  const { useFake, OPT } = await import('./helpers/fake-server')
+  const seen: number[] = []
+  const server = await useFake(t, {
+    size: MiB,
+    onOption: async (o) => {
+      seen.push(o.option)
+      if (o.option === OPT.INFO) await new Promise((resolve) => setTimeout(resolve, 600))
+      return 'default'
+    },
+  })
+  const h = new Handle({ optMode: true })
+  t.teardown(() => h.close())
+  await h.connectUri(`nbd+unix:///?socket=${server.socket}`)
+  const before = seen.length
+  const ac = new AbortController()
+  setTimeout(() => ac.abort(), 100)
+  const err = await t.throwsAsync(() => info(h, { signal: ac.signal }))
+  t.is(err?.name, 'AbortError')
+  t.true(await waitUntil(() => h.state === 'negotiating', 5000), `state ${h.state}`)
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  t.deepEqual(seen.slice(before), [OPT.INFO], 'only the request in flight at the abort was sent')
+  t.true(h.getRequestMetaContext())
+  t.is(h.state, 'negotiating')
 })
 
 test('info(handle) gives back the export name and requestMetaContext it changed', async (t) => {

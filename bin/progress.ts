@@ -29,6 +29,7 @@ export class Progress {
   readonly #lines: boolean
   #spin = 0
   #done = false
+  #wrote = false
 
   constructor(fd?: number) {
     this.#lines = fd !== undefined
@@ -44,7 +45,12 @@ export class Progress {
     if (fraction >= 1) this.#done = true
     try {
       fs.writeSync(this.#fd, text)
-    } catch {
+      this.#wrote = true
+    } catch (e) {
+      // A descriptor that never took a line is the user's mistake, and said so.
+      if (!this.#wrote) throw e
+      // A full non-blocking pipe: this frame is skipped.
+      if ((e as NodeJS.ErrnoException).code === 'EAGAIN') return
       // Whoever read the progress went away (EPIPE, a closed fd): the copy goes on
       // without it, as it would without --progress.
       this.#done = true

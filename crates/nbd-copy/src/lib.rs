@@ -284,19 +284,23 @@ async fn open(endpoint: Endpoint, source: bool) -> Result<Opened> {
         }
         Endpoint::File(path) => {
             let shown = path.display().to_string();
-            // O_NONBLOCK: opening a FIFO would otherwise wait (uncancellably, on this thread)
-            // for its other end; it is refused below instead. Regular files ignore the flag
-            // and a block device has it cleared.
+            // Looked at first, so that a FIFO is never opened: the open would wait
+            // (uncancellably, on this thread) for its other end. A block device is opened as
+            // usual: some drivers skip their media checks on a non-blocking open.
+            match std::fs::metadata(path) {
+                Ok(m) if !m.file_type().is_file() && !m.file_type().is_block_device() => {
+                    return Err(not_a_file(&shown))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !source => {}
+                Err(e) => return Err(io_error(e, &format!("opening {name} {shown}"))),
+            }
             let file = if source {
-                OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(path)
-                    .map_err(|e| io_error(e, &format!("opening {name} {shown}")))?
+                File::open(path).map_err(|e| io_error(e, &format!("opening {name} {shown}")))?
             } else {
                 // As nbdcopy: open without O_CREAT first so that a block device path that is
                 // missing is not turned into a regular file by accident... then create.
-                match OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(path) {
+                match OpenOptions::new().write(true).open(path) {
                     Ok(f) => f,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => OpenOptions::new()
                         .write(true)
@@ -304,8 +308,6 @@ async fn open(endpoint: Endpoint, source: bool) -> Result<Opened> {
                         .mode(0o644)
                         .open(path)
                         .map_err(|e| io_error(e, &format!("creating {name} {shown}")))?,
-                    // A FIFO that nobody reads.
-                    Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Err(not_a_file(&shown)),
                     Err(e) => return Err(io_error(e, &format!("opening {name} {shown}"))),
                 }
             };
@@ -313,7 +315,6 @@ async fn open(endpoint: Endpoint, source: bool) -> Result<Opened> {
             if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
                 return Err(not_a_file(&shown));
             }
-            clear_nonblocking(&file).map_err(|e| io_error(e, &shown))?;
             let regular = meta.file_type().is_file();
             let size = if regular {
                 meta.len()
@@ -343,16 +344,6 @@ fn not_a_file(shown: &str) -> Error {
         Errno::EINVAL,
         format!("{shown} is neither a regular file nor a block device (use a stream for pipes)"),
     )
-}
-
-fn clear_nonblocking(file: &File) -> std::io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own; it only changes its status flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn block_device_size(file: &File) -> std::io::Result<u64> {
@@ -1185,6 +1176,16 @@ async fn prepare(src: &mut Opened, dst: &mut Opened, options: &Options, progress
     // Every request must be a whole number of both servers' minimum blocks (powers of two,
     // so the larger is a multiple of the other); offsets are multiples of the size.
     let minimum = src.minimum.max(dst.minimum);
+    if minimum > src.maximum.min(dst.maximum) {
+        return Err(Error::usage(
+            Errno::EINVAL,
+            format!(
+                "the servers' block sizes do not fit together: one needs requests of at least {minimum} \
+                 bytes, the other takes at most {}",
+                src.maximum.min(dst.maximum)
+            ),
+        ));
+    }
     let request_size = (request_size / minimum * minimum).max(minimum);
     let sparse = options.sparse.map(|s| s.max(dst.preferred).max(1) as u64);
     Ok(Plan { connections, request_size, sparse, destination_is_zero })

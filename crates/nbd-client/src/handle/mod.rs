@@ -6,7 +6,7 @@
 //! [`crate::driver`]) in [`commands`]. Each method checks its own row of the state table
 //! (`nbd_proto::state`) and its own arguments, so a binding above only converts.
 
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -688,7 +688,13 @@ impl Handle {
             // up for a moment only, as shutdown's wait for the server to close.
             match tokio::time::timeout(OPT_ABORT_WAIT, answer).await {
                 Ok(r) => r,
-                Err(_) => Ok(OptStep::Aborted { newstyle: false }),
+                Err(_) => {
+                    // Ends the connection now, as the server should have: `closed` means the
+                    // server sees it gone, even before close() releases the descriptor.
+                    // SAFETY: shutdown(2) on the socket this handle owns; it stays open.
+                    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+                    Ok(OptStep::Aborted { newstyle: false })
+                }
             }
         } else {
             answer.await
