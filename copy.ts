@@ -215,7 +215,8 @@ export async function copy(source: CopyEndpoint, destination: CopyEndpoint, opti
   if (isWritable(destination) && (destination.destroyed || destination.writableEnded)) {
     throw fail('the destination stream was destroyed or ended before the copy', 'EPIPE')
   }
-  if (!s.onProgress) return src !== undefined && dst !== undefined ? copyNative(src, dst, s) : copyJs(source, destination, s)
+  const run = (settled: Settled) => (src !== undefined && dst !== undefined ? copyNative(src, dst, settled) : copyJs(source, destination, settled))
+  if (!s.onProgress) return run(s)
   // An onProgress that throws stops the copy, which rejects with what it threw: the engines
   // see an abort of their own signal.
   const user = s.signal
@@ -235,7 +236,7 @@ export async function copy(source: CopyEndpoint, destination: CopyEndpoint, opti
   }
   const inner: Settled = { ...s, signal: stop.signal, onProgress: guarded }
   try {
-    const r = await (src !== undefined && dst !== undefined ? copyNative(src, dst, inner) : copyJs(source, destination, inner))
+    const r = await run(inner)
     if (thrown) throw thrown.error
     return r
   } catch (e) {

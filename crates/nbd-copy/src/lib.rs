@@ -1176,13 +1176,13 @@ async fn prepare(src: &mut Opened, dst: &mut Opened, options: &Options, progress
     // Every request must be a whole number of both servers' minimum blocks (powers of two,
     // so the larger is a multiple of the other); offsets are multiples of the size.
     let minimum = src.minimum.max(dst.minimum);
-    if minimum > src.maximum.min(dst.maximum) {
+    let most = src.maximum.min(dst.maximum);
+    if minimum > most {
         return Err(Error::usage(
             Errno::EINVAL,
             format!(
                 "the servers' block sizes do not fit together: one needs requests of at least {minimum} \
-                 bytes, the other takes at most {}",
-                src.maximum.min(dst.maximum)
+                 bytes, the other takes at most {most}"
             ),
         ));
     }
