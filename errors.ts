@@ -5,7 +5,13 @@
  * @packageDocumentation
  */
 
-const ERRNO: Record<string, number> = {
+import { constants } from 'node:os'
+
+/** This platform's errno numbers, as Node knows them. */
+const OS_ERRNO = constants.errno as Record<string, number | undefined>
+
+/** Linux's numbers, for a name Node does not list on this platform. */
+const LINUX_ERRNO: Record<string, number> = {
   EPERM: 1, ENOENT: 2, ESRCH: 3, EINTR: 4, EIO: 5, ENOEXEC: 8, EBADF: 9, ENODEV: 19, EAGAIN: 11, ENOMEM: 12, EACCES: 13,
   EFAULT: 14, EBUSY: 16, EEXIST: 17, ENOTDIR: 20, EINVAL: 22, EMFILE: 24, ENOSPC: 28,
   EPIPE: 32, ERANGE: 34, ENAMETOOLONG: 36, ENOSYS: 38, EPROTO: 71, EOVERFLOW: 75,
@@ -27,7 +33,7 @@ export class NbdError extends Error {
     super(`${operation}: ${message}`)
     this.name = 'NbdError'
     this.code = code
-    this.errno = errno ?? ERRNO[code] ?? 0
+    this.errno = errno ?? OS_ERRNO[code] ?? LINUX_ERRNO[code] ?? 0
     this.operation = operation
   }
 }

@@ -1,7 +1,8 @@
 //! POSIX error numbers by name, as libnbd reports them through `nbd_get_errno`.
 
-/// An errno value this library reports. The numbers are Linux's; the names are what
-/// JavaScript sees as `NbdError.code`.
+/// An errno value this library reports. The names are what JavaScript sees as
+/// `NbdError.code`; the numbers are this platform's (the comments give Linux's, which the
+/// NBD protocol also uses on the wire: see [`Errno::from_nbd_error`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Errno {
@@ -90,46 +91,46 @@ pub enum Errno {
 use Errno::*;
 
 const TABLE: &[(Errno, &str, i32)] = &[
-    (EPERM, "EPERM", 1),
-    (ENOENT, "ENOENT", 2),
-    (EINTR, "EINTR", 4),
-    (EIO, "EIO", 5),
-    (EBADF, "EBADF", 9),
-    (EAGAIN, "EAGAIN", 11),
-    (ENOMEM, "ENOMEM", 12),
-    (EACCES, "EACCES", 13),
-    (EFAULT, "EFAULT", 14),
-    (EBUSY, "EBUSY", 16),
-    (EEXIST, "EEXIST", 17),
-    (ENOTDIR, "ENOTDIR", 20),
-    (EINVAL, "EINVAL", 22),
-    (EMFILE, "EMFILE", 24),
-    (ENOSPC, "ENOSPC", 28),
-    (EPIPE, "EPIPE", 32),
-    (ERANGE, "ERANGE", 34),
-    (ENAMETOOLONG, "ENAMETOOLONG", 36),
-    (ENOSYS, "ENOSYS", 38),
-    (EPROTO, "EPROTO", 71),
-    (EOVERFLOW, "EOVERFLOW", 75),
-    (ENOTSOCK, "ENOTSOCK", 88),
-    (EPROTONOSUPPORT, "EPROTONOSUPPORT", 93),
-    (ENOTSUP, "ENOTSUP", 95),
-    (EADDRINUSE, "EADDRINUSE", 98),
-    (EADDRNOTAVAIL, "EADDRNOTAVAIL", 99),
-    (ENETUNREACH, "ENETUNREACH", 101),
-    (ECONNABORTED, "ECONNABORTED", 103),
-    (ECONNRESET, "ECONNRESET", 104),
-    (EISCONN, "EISCONN", 106),
-    (ENOTCONN, "ENOTCONN", 107),
-    (ESHUTDOWN, "ESHUTDOWN", 108),
-    (ETIMEDOUT, "ETIMEDOUT", 110),
-    (ECONNREFUSED, "ECONNREFUSED", 111),
-    (EHOSTUNREACH, "EHOSTUNREACH", 113),
-    (ECANCELED, "ECANCELED", 125),
-    (ENOEXEC, "ENOEXEC", 8),
-    (ENODEV, "ENODEV", 19),
-    (EAFNOSUPPORT, "EAFNOSUPPORT", 97),
-    (ESRCH, "ESRCH", 3),
+    (EPERM, "EPERM", libc::EPERM),
+    (ENOENT, "ENOENT", libc::ENOENT),
+    (EINTR, "EINTR", libc::EINTR),
+    (EIO, "EIO", libc::EIO),
+    (EBADF, "EBADF", libc::EBADF),
+    (EAGAIN, "EAGAIN", libc::EAGAIN),
+    (ENOMEM, "ENOMEM", libc::ENOMEM),
+    (EACCES, "EACCES", libc::EACCES),
+    (EFAULT, "EFAULT", libc::EFAULT),
+    (EBUSY, "EBUSY", libc::EBUSY),
+    (EEXIST, "EEXIST", libc::EEXIST),
+    (ENOTDIR, "ENOTDIR", libc::ENOTDIR),
+    (EINVAL, "EINVAL", libc::EINVAL),
+    (EMFILE, "EMFILE", libc::EMFILE),
+    (ENOSPC, "ENOSPC", libc::ENOSPC),
+    (EPIPE, "EPIPE", libc::EPIPE),
+    (ERANGE, "ERANGE", libc::ERANGE),
+    (ENAMETOOLONG, "ENAMETOOLONG", libc::ENAMETOOLONG),
+    (ENOSYS, "ENOSYS", libc::ENOSYS),
+    (EPROTO, "EPROTO", libc::EPROTO),
+    (EOVERFLOW, "EOVERFLOW", libc::EOVERFLOW),
+    (ENOTSOCK, "ENOTSOCK", libc::ENOTSOCK),
+    (EPROTONOSUPPORT, "EPROTONOSUPPORT", libc::EPROTONOSUPPORT),
+    (ENOTSUP, "ENOTSUP", libc::ENOTSUP),
+    (EADDRINUSE, "EADDRINUSE", libc::EADDRINUSE),
+    (EADDRNOTAVAIL, "EADDRNOTAVAIL", libc::EADDRNOTAVAIL),
+    (ENETUNREACH, "ENETUNREACH", libc::ENETUNREACH),
+    (ECONNABORTED, "ECONNABORTED", libc::ECONNABORTED),
+    (ECONNRESET, "ECONNRESET", libc::ECONNRESET),
+    (EISCONN, "EISCONN", libc::EISCONN),
+    (ENOTCONN, "ENOTCONN", libc::ENOTCONN),
+    (ESHUTDOWN, "ESHUTDOWN", libc::ESHUTDOWN),
+    (ETIMEDOUT, "ETIMEDOUT", libc::ETIMEDOUT),
+    (ECONNREFUSED, "ECONNREFUSED", libc::ECONNREFUSED),
+    (EHOSTUNREACH, "EHOSTUNREACH", libc::EHOSTUNREACH),
+    (ECANCELED, "ECANCELED", libc::ECANCELED),
+    (ENOEXEC, "ENOEXEC", libc::ENOEXEC),
+    (ENODEV, "ENODEV", libc::ENODEV),
+    (EAFNOSUPPORT, "EAFNOSUPPORT", libc::EAFNOSUPPORT),
+    (ESRCH, "ESRCH", libc::ESRCH),
 ];
 
 impl Errno {
@@ -145,12 +146,13 @@ impl Errno {
         self.entry().1
     }
 
-    /// The positive POSIX number (Linux numbering).
+    /// The positive POSIX number on this platform (as libnbd's `nbd_get_errno`).
     pub fn number(self) -> i32 {
         self.entry().2
     }
 
-    /// The errno for an OS error number; numbers this library does not name become `EIO`.
+    /// The errno for an OS error number of this platform; numbers this library does not
+    /// name become `EIO`.
     pub fn from_raw_os_error(n: i32) -> Errno {
         TABLE
             .iter()
