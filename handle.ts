@@ -312,12 +312,12 @@ export class Handle {
       if (fresh !== undefined) {
         const b = fresh
         if (opts === undefined) return this.#calls.preadInto(b, o, 0, null, true) as Promise<Buffer>
-        const { flags, signal } = checkOptions('pread', opts, [])
+        const { flags, signal } = checkOptions('pread', opts)
         return run(signal, (cancel) => this.#calls.preadInto(b, o, flags, cancel, true) as Promise<Buffer>)
       }
       // Empty reads, and reads over the limit (refused with ERANGE), are the native side's.
       if (opts === undefined) return this.#calls.pread(c, o, 0, null) as Promise<Buffer>
-      const { flags, signal } = checkOptions('pread', opts, [])
+      const { flags, signal } = checkOptions('pread', opts)
       return run(signal, (cancel) => this.#calls.pread(c, o, flags, cancel) as Promise<Buffer>)
     } catch (e) {
       return Promise.reject(toNbdError(e, 'pread'))
@@ -339,7 +339,7 @@ export class Handle {
       const op = 'preadStructured'
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, ['df'])
+      const { flags, signal } = checkOptions(op, opts)
       return run(signal, (cancel) => this.#calls.pread(c, o, flags, cancel, true) as Promise<{ data: Buffer; chunks: ReadChunk[] }>)
     })
   }
@@ -362,7 +362,7 @@ export class Handle {
       const b = checkBuffer('preadInto', buf)
       const o = checkOffset('preadInto', offset)
       if (opts === undefined) return this.#calls.preadInto(b, o, 0, null) as Promise<void>
-      const { flags, signal } = checkOptions('preadInto', opts, [])
+      const { flags, signal } = checkOptions('preadInto', opts)
       return run(signal, (cancel) => this.#calls.preadInto(b, o, flags, cancel) as Promise<void>)
     } catch (e) {
       return Promise.reject(toNbdError(e, 'preadInto'))
@@ -383,7 +383,7 @@ export class Handle {
       const b = checkBuffer('pwrite', buf)
       const o = checkOffset('pwrite', offset)
       if (opts === undefined) return this.#calls.pwrite(b, o, 0, null)
-      const { flags, signal } = checkOptions('pwrite', opts, ['fua'])
+      const { flags, signal } = checkOptions('pwrite', opts)
       return run(signal, (cancel) => this.#calls.pwrite(b, o, flags, cancel))
     } catch (e) {
       return Promise.reject(toNbdError(e, 'pwrite'))
@@ -393,7 +393,7 @@ export class Handle {
   /** Asks the server to commit all completed writes to stable storage (`nbd_flush`). */
   flush(opts?: CmdOptions): Promise<void> {
     return this.#command('flush', () => {
-      const { flags, signal } = checkOptions('flush', opts, [])
+      const { flags, signal } = checkOptions('flush', opts)
       return run(signal, (cancel) => this.#native.command('flush', 0, 0, flags, cancel))
     })
   }
@@ -404,7 +404,7 @@ export class Handle {
       const op = 'trim'
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, ['fua'])
+      const { flags, signal } = checkOptions(op, opts)
       return run(signal, (cancel) => this.#native.command(op, c, o, flags, cancel))
     })
   }
@@ -415,7 +415,7 @@ export class Handle {
       const op = 'cache'
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, [])
+      const { flags, signal } = checkOptions(op, opts)
       return run(signal, (cancel) => this.#native.command(op, c, o, flags, cancel))
     })
   }
@@ -433,7 +433,7 @@ export class Handle {
       const op = 'zero'
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
-      const { flags, signal } = checkOptions(op, opts, ['fua', 'noHole', 'fastZero'])
+      const { flags, signal } = checkOptions(op, opts)
       return run(signal, (cancel) => this.#native.command(op, c, o, flags, cancel))
     })
   }
@@ -457,12 +457,10 @@ export class Handle {
       const op = 'blockStatus'
       const c = checkCount(op, count)
       const o = checkOffset(op, offset)
-      const { flags: raw, signal } = checkOptions(op, opts, [])
-      let flags = raw
+      const { flags, signal } = checkOptions(op, opts)
       let contexts: string[] | undefined
       if (opts !== undefined) {
         const x = opts as Record<string, unknown>
-        if (x.reqOne !== undefined && checkBoolean(op, 'reqOne', x.reqOne)) flags = (flags | CMD_FLAG_REQ_ONE) >>> 0
         if (x.contexts !== undefined) contexts = checkStringList(op, 'contexts', x.contexts)
       }
       return run(signal, (cancel) => this.#native.blockStatus(c, o, flags, contexts, cancel) as Promise<Record<string, Extent[]>>)

@@ -7,7 +7,7 @@
  * @packageDocumentation
  */
 
-import { CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE } from './constants'
+import { CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE } from './constants'
 import { invalid, type NbdError } from './errors'
 
 const MAX_U64 = (1n << 64n) - 1n
@@ -143,15 +143,18 @@ export function checkMaxInFlight(op: string, v: unknown): number {
 }
 
 /** The named flags each command accepts, and their bits. */
-const NAMED_FLAGS = { fua: CMD_FLAG_FUA, noHole: CMD_FLAG_NO_HOLE, fastZero: CMD_FLAG_FAST_ZERO, df: CMD_FLAG_DF } as const
-type FlagName = keyof typeof NAMED_FLAGS
+const NAMED_FLAGS = { fua: CMD_FLAG_FUA, noHole: CMD_FLAG_NO_HOLE, fastZero: CMD_FLAG_FAST_ZERO, df: CMD_FLAG_DF, reqOne: CMD_FLAG_REQ_ONE } as const
 
-/** A command's options: its raw `flags` OR-ed with the `named` flags set, and its signal. */
-export function checkOptions(op: string, opts: unknown, named: readonly FlagName[]): { flags: number; signal: AbortSignal | undefined } {
+/**
+ * A command's options: its raw `flags` OR-ed with every named flag set to true, and its
+ * signal. A named flag the command does not take counts as that bit in `flags` would: the
+ * strict checks refuse it (EINVAL, as libnbd refuses the bit), rather than it being dropped.
+ */
+export function checkOptions(op: string, opts: unknown): { flags: number; signal: AbortSignal | undefined } {
   if (opts === undefined) return { flags: 0, signal: undefined }
   const o = checkObject(op, opts)
   let flags = o.flags === undefined ? 0 : checkUint32(op, 'flags', o.flags)
-  for (const name of named) {
+  for (const name of Object.keys(NAMED_FLAGS) as (keyof typeof NAMED_FLAGS)[]) {
     const v = o[name]
     if (v !== undefined && checkBoolean(op, name, v)) flags = (flags | NAMED_FLAGS[name]) >>> 0
   }

@@ -8,12 +8,14 @@ import { randomBytes } from 'node:crypto'
 import { execFileSync } from 'node:child_process'
 import test from 'ava'
 import {
+  CMD_FLAG_FUA,
   CMD_FLAG_PAYLOAD_LEN,
   Handle,
   NbdError,
   isUri,
   STRICT_AUTO_FLAG,
   STRICT_COMMANDS,
+  STRICT_FLAGS,
   STRICT_PAYLOAD,
 } from 'nbd-client'
 import { OPT, REP, REPLY_TYPE, optionReply, structuredChunk, dataPayload, useFake } from './helpers/fake-server'
@@ -307,7 +309,9 @@ test('item 17: out of bounds is ENOSPC for pwrite, trim and zero, EINVAL for rea
 // ---- item 18: the payload maximum limits writes, not reads ----
 
 test('item 18: reads up to 64 MiB pass STRICT_PAYLOAD; writes over the payload maximum do not', async (t) => {
-  const server = await useNbdkit(t, ['memory', '64M'])
+  // Larger than 64 MiB, so that the read over 64 MiB below is in bounds (libnbd checks the
+  // range first: out of bounds it would be EINVAL).
+  const server = await useNbdkit(t, ['memory', '128M'])
   if (!server) return
   const h = await openHandle(t, server)
   const payload = h.getBlockSize('payload')
@@ -318,6 +322,7 @@ test('item 18: reads up to 64 MiB pass STRICT_PAYLOAD; writes over the payload m
   t.is(data.length, big)
   await expectReject(t, () => h.pwrite(Buffer.alloc(big), 0), 'ERANGE', 'pwrite')
   await expectReject(t, () => h.pread(64 * MiB + 512, 0), 'ERANGE', 'pread')
+  await expectReject(t, () => h.pread(64 * MiB + 512, 64 * MiB), 'EINVAL', 'pread')
 })
 
 // ---- item 19: block status without contexts under relaxed strict mode ----
@@ -540,4 +545,54 @@ test('item 20: getTlsUsername is the login name and getTlsHostname the TCP host 
   t.is(h.getTlsHostname(), '127.0.0.1')
   const k = new Handle({ tlsHostname: 'srv.example' })
   t.is(k.getTlsHostname(), 'srv.example')
+})
+
+// ---- a request wrong in several ways gets libnbd's errno: its checks run in its order ----
+
+test('client-side refusals follow libnbd order: command support, read-only, range, then size', async (t) => {
+  const ro = await useNbdkit(t, ['-r', 'memory', '1M'])
+  if (!ro) return
+  const h = await openHandle(t, ro)
+  t.true(h.isReadOnly())
+  t.false(h.canTrim())
+  t.false(h.canZero())
+  // libnbd asks whether the server takes the command before whether the export is writable.
+  await expectReject(t, () => h.trim(512, 0), 'EINVAL', 'trim')
+  await expectReject(t, () => h.zero(512, 0), 'EINVAL', 'zero')
+  await expectReject(t, () => h.pwrite(Buffer.alloc(512), 0), 'EPERM', 'pwrite')
+  const rw = await useNbdkit(t, ['memory', '1M'])
+  if (!rw) return
+  const w = await openHandle(t, rw)
+  // Too large and out of bounds: the range is checked first (ENOSPC for a write, EINVAL for a read).
+  await expectReject(t, () => w.pwrite(Buffer.alloc(65 * MiB), 0), 'ENOSPC', 'pwrite')
+  await expectReject(t, () => w.pread(65 * MiB, 0), 'EINVAL', 'pread')
+  await expectReject(t, () => w.preadInto(Buffer.alloc(65 * MiB), 0), 'EINVAL', 'preadInto')
+  // The state comes before everything: a handle not yet connected says so, whatever the size.
+  const fresh = new Handle()
+  t.teardown(() => fresh.close())
+  await expectReject(t, () => fresh.pread(65 * MiB, 0), 'ENOTCONN', 'pread')
+})
+
+test('a named flag a command does not take is refused as its bit would be, not dropped', async (t) => {
+  const server = await useNbdkit(t, ['memory', '1M'])
+  if (!server) return
+  const h = await openHandle(t, server)
+  t.true(h.canFua())
+  // libnbd refuses FUA on a read or a flush (STRICT_FLAGS): so does the named form.
+  await expectReject(t, () => h.pread(512, 0, { fua: true }), 'EINVAL', 'pread')
+  await expectReject(t, () => h.flush({ fua: true } as never), 'EINVAL', 'flush')
+  await expectReject(t, () => h.pread(512, 0, { flags: CMD_FLAG_FUA }), 'EINVAL', 'pread')
+  await expectReject(t, () => h.pwrite(Buffer.alloc(512), 0, { reqOne: true } as never), 'EINVAL', 'pwrite')
+  // false is no flag at all, and the flags a command takes still work by name.
+  t.is((await h.pread(512, 0, { fua: false } as never)).length, 512)
+  await h.pwrite(Buffer.alloc(512), 0, { fua: true })
+  // With STRICT_FLAGS off the bit goes to the server, as libnbd sends it: whatever nbdkit
+  // answers, it is the server's answer, and the handle stays usable.
+  h.setStrictMode(h.getStrictMode() & ~STRICT_FLAGS)
+  const sent = await h.pread(512, 0, { fua: true } as never).then(
+    (b) => b.length,
+    (e: NbdError) => e.message,
+  )
+  t.true(sent === 512 || /server|invalid/i.test(String(sent)), String(sent))
+  t.is(h.state, 'ready')
 })

@@ -3,10 +3,11 @@
 //!
 //! [`StrictChecks`] pairs what the handshake settled with the bits in force; get one from
 //! [`Session::strict`](super::Session::strict). It borrows both and allocates nothing, so
-//! it costs nothing per command. The checks run in libnbd's order: the flags
-//! ([`STRICT_AUTO_FLAG`], [`STRICT_FLAGS`]), the length limits (always), what the server
-//! supports ([`STRICT_COMMANDS`]), then the range ([`STRICT_ZERO_SIZE`], [`STRICT_BOUNDS`],
-//! [`STRICT_ALIGN`]).
+//! it costs nothing per command. The checks run in libnbd's order, so that a request wrong
+//! in several ways gets libnbd's errno: the flags ([`STRICT_AUTO_FLAG`], [`STRICT_FLAGS`]),
+//! what the server supports ([`STRICT_COMMANDS`]: the command itself, then the read-only
+//! bit, then its flags), the range ([`STRICT_ZERO_SIZE`], [`STRICT_BOUNDS`],
+//! [`STRICT_ALIGN`]), then the length limits (always).
 
 use crate::consts::*;
 use crate::errno::Errno;
@@ -40,11 +41,11 @@ impl<'a> StrictChecks<'a> {
     /// flags to put on the wire.
     pub fn check(&self, cmd: &Command) -> Result<u16> {
         let flags = self.flags(cmd)?;
-        self.length(cmd)?;
         if self.on(STRICT_COMMANDS) {
             self.supported(cmd, flags)?;
         }
         self.range(cmd)?;
+        self.length(cmd)?;
         Ok(flags)
     }
 
@@ -124,17 +125,12 @@ impl<'a> StrictChecks<'a> {
         Ok(())
     }
 
-    /// `STRICT_COMMANDS`: the server supports the command and its flags.
+    /// `STRICT_COMMANDS`: the server supports the command, writes to the export, and
+    /// takes the command's flags.
     fn supported(&self, cmd: &Command, flags: u16) -> Result<()> {
         let export = &self.negotiated.export;
         if cmd.kind == CommandKind::BlockStatus {
             self.block_status_possible()?;
-        }
-        if cmd.kind.modifies() && export.has(FLAG_READ_ONLY) {
-            return Err(usage(
-                Errno::EPERM,
-                "server does not support write operations (the export is read-only)",
-            ));
         }
         let (needed, what) = match cmd.kind {
             CommandKind::Flush => (FLAG_SEND_FLUSH, "flush"),
@@ -147,6 +143,14 @@ impl<'a> StrictChecks<'a> {
             return Err(usage(
                 Errno::EINVAL,
                 format!("server does not support {what} operations"),
+            ));
+        }
+        // After the command's own bit, as libnbd: a trim on a read-only export that offers no
+        // trim is EINVAL, not EPERM.
+        if cmd.kind.modifies() && export.has(FLAG_READ_ONLY) {
+            return Err(usage(
+                Errno::EPERM,
+                "server does not support write operations (the export is read-only)",
             ));
         }
         if flags & CMD_FLAG_FUA != 0 && !export.has(FLAG_SEND_FUA) {
