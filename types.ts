@@ -39,7 +39,9 @@ export interface HandleOptions {
   handshakeFlags?: number
   /**
    * Milliseconds allowed for the whole connect and handshake; a server that stalls then
-   * fails the connect with `ETIMEDOUT`. Default: no limit beyond the operating system's.
+   * fails the connect with `ETIMEDOUT`. In option mode it also bounds each option request
+   * (`optGo`, `optInfo`, `optList`, …): one the server does not answer in time fails with
+   * `ETIMEDOUT` and the handle is `dead`. Default: no limit beyond the operating system's.
    */
   connectTimeout?: number
   /** Requests on the wire at once; more are queued, never refused. Default 64. */

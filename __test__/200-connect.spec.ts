@@ -1,6 +1,7 @@
 // Connecting: the connectSocket ownership contract clause by clause, connectUnix/connectTcp to
 // every real peer and the embedded server, the three handshake styles, export selection and the
 // connect timeout.
+import { spawnSync } from 'node:child_process'
 import fs from 'node:fs'
 import test, { type ExecutionContext } from 'ava'
 import { Handle, HANDSHAKE_FLAG_NO_ZEROES } from 'nbd-client'
@@ -468,4 +469,55 @@ test('connectSocket after a failed connect is refused by state, not retried', as
   t.teardown(() => other.close())
   await other.connectSocket(fd)
   t.is(other.state, 'ready')
+})
+
+// ---- connect calls take the handle when they are called ----
+
+test('of two connect calls made together the first wins; the handle is connecting when the call returns', async (t) => {
+  const server = await useNbdkit(t, ['memory', '1M'])
+  if (!server) return
+  for (let i = 0; i < 10; i++) {
+    const h = new Handle()
+    t.teardown(() => h.close())
+    const first = h.connectUri(`nbd+unix:///first?socket=${server.socket}`)
+    // Before the fix the state moved on a tokio thread: 'created' here about a third of the time.
+    t.not(h.state, 'created')
+    await expectReject(t, () => h.connectUri(`nbd+unix:///second?socket=${server.socket}`), 'EINVAL', 'connectUri')
+    t.throws(() => h.setExportName('third'), { code: 'EINVAL' })
+    await first
+    t.is(h.getExportName(), 'first')
+    await h.close()
+  }
+})
+
+test('connectSocket that cannot duplicate the fd (no descriptors left) still keeps it until close()', async (t) => {
+  // A child with a low descriptor limit fills it, then connects: the handle must fail (EMFILE)
+  // and, as the contract says, close the fd only when it is closed itself.
+  const script = `
+    const fs = require('node:fs')
+    const { Handle } = require('nbd-client')
+    const { EmbeddedServer } = require('nbd-client/testing')
+    const isOpen = (fd) => { try { fs.fstatSync(fd); return true } catch { return false } }
+    const server = new EmbeddedServer({ size: 1 << 20 })
+    const fd = server.socketpair()
+    const h = new Handle()
+    const fillers = []
+    try { for (;;) fillers.push(fs.openSync('/dev/null', 'r')) } catch {}
+    h.connectSocket(fd).then(() => 'connected', (e) => e.code).then(async (outcome) => {
+      const openBeforeClose = isOpen(fd)
+      for (const f of fillers) fs.closeSync(f)
+      await h.close()
+      console.log(JSON.stringify({ outcome, filled: fillers.length, openBeforeClose, openAfterClose: isOpen(fd) }))
+      server.close()
+    })`
+  const res = spawnSync('bash', ['-c', 'ulimit -n 200 && exec "$0" -e "$1"', process.execPath, script], {
+    encoding: 'utf8',
+    timeout: 60_000,
+  })
+  t.is(res.status, 0, res.stderr)
+  const r = JSON.parse(res.stdout.trim().split('\n').pop() ?? '{}')
+  t.true(r.filled > 0)
+  t.is(r.outcome, 'EMFILE')
+  t.true(r.openBeforeClose, 'the fd was closed before the handle was')
+  t.false(r.openAfterClose, 'close() did not close the fd')
 })

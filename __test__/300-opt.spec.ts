@@ -242,3 +242,69 @@ for (const m of matrix) {
     t.is(h.canMetaContext(CONTEXT_BASE_ALLOCATION), contexts.includes(CONTEXT_BASE_ALLOCATION))
   })
 }
+
+// ---- option requests take the connection when they are called ----
+
+test('an option request made while another is answered is refused at once; the first one wins', async (t) => {
+  const { useFake, OPT } = await import('./helpers/fake-server')
+  // The server takes a while over NBD_OPT_LIST, so the second call surely meets the first
+  // in progress (before the fix, either call could win, or both ran).
+  const server = await useFake(t, {
+    size: MiB,
+    onOption: async (o) => {
+      if (o.option === OPT.LIST) await new Promise((resolve) => setTimeout(resolve, 300))
+      return 'default'
+    },
+  })
+  for (let i = 0; i < 5; i++) {
+    const h = new Handle({ optMode: true })
+    t.teardown(() => h.close())
+    await h.connectUri(`nbd+unix:///?socket=${server.socket}`)
+    const list = h.optList()
+    t.is(h.state, 'connecting', 'the request has the connection as soon as the call returns')
+    await expectReject(t, () => h.optInfo(), 'EINVAL', 'optInfo')
+    t.true(Array.isArray(await list))
+    t.is(h.state, 'negotiating')
+    await h.optInfo()
+    await h.close()
+  }
+})
+
+test('connectTimeout bounds each option request: a server that stalls one fails it with ETIMEDOUT', async (t) => {
+  const { useFake, OPT } = await import('./helpers/fake-server')
+  for (const [option, call] of [
+    [OPT.GO, (h: Handle) => h.optGo()],
+    [OPT.INFO, (h: Handle) => h.optInfo()],
+    [OPT.LIST, (h: Handle) => h.optList()],
+    [OPT.LIST_META_CONTEXT, (h: Handle) => h.optListMetaContext(['base:allocation'])],
+  ] as const) {
+    const server = await useFake(t, { size: MiB, onOption: (o) => (o.option === option ? 'stall' : 'default') })
+    const h = new Handle({ optMode: true, connectTimeout: 300 })
+    t.teardown(() => h.close())
+    await h.connectUri(`nbd+unix:///?socket=${server.socket}`)
+    const started = Date.now()
+    await expectReject(t, () => call(h), 'ETIMEDOUT')
+    // Generous for emulated CI: only a hang (the bug) gets near it.
+    t.true(Date.now() - started < 10_000, `took ${Date.now() - started} ms`)
+    // Out of step with the server now: nothing more can be asked on this connection.
+    t.is(h.state, 'dead')
+    await h.close()
+  }
+})
+
+test('an option answer slower than usual but within connectTimeout is waited for', async (t) => {
+  const { useFake, OPT } = await import('./helpers/fake-server')
+  const server = await useFake(t, {
+    size: MiB,
+    onOption: async (o) => {
+      if (o.option === OPT.INFO) await new Promise((resolve) => setTimeout(resolve, 700))
+      return 'default'
+    },
+  })
+  const h = new Handle({ optMode: true, connectTimeout: 5000 })
+  t.teardown(() => h.close())
+  await h.connectUri(`nbd+unix:///?socket=${server.socket}`)
+  await h.optInfo()
+  t.is(h.state, 'negotiating')
+  t.is(h.getSize(), MiB)
+})

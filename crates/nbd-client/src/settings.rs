@@ -40,7 +40,8 @@ pub struct Settings {
     pub tls: TlsSettings,
     /// What `connect_uri` accepts (`nbd_set_uri_allow_*`).
     pub uri_policy: UriPolicy,
-    /// Limit on the whole connect and handshake; `None` waits as long as the OS does.
+    /// Limit on the whole connect and handshake, and in option mode on each option request;
+    /// `None` waits as long as the OS does.
     pub connect_timeout: Option<Duration>,
     /// Commands on the wire at once; more are queued.
     pub max_in_flight: usize,

@@ -162,7 +162,12 @@ impl Drop for NativeHandle {
 /// rejected with `$op`'s `NbdError`.
 macro_rules! spawn {
     ($self:ident, $env:expr, $op:literal, $work:expr) => {
-        settle::spawn($env, $self.make_error, $op, async move { $work.await })
+        {
+            // Made here, on the JavaScript thread: the call's checks and state change happen
+            // now, before the promise is returned; only the rest runs on tokio.
+            let work = $work;
+            settle::spawn($env, $self.make_error, $op, work)
+        }
     };
 }
 
@@ -311,17 +316,13 @@ impl NativeHandle {
             Ok(span) => span,
             Err(e) => return self.reject(env, operation, &e),
         };
-        if count > READ_MAX {
-            let e = nbd_client::Error::usage(
-                Errno::ERANGE,
-                format!("count {count} is larger than the 64 MiB this client reads at once"),
-            );
-            return self.reject(env, operation, &e);
-        }
         let c = Self::read_cmd(operation, count, offset, flags, outcome);
         // The Buffer is made now only for the event-loop driver (which reads straight into
-        // it); the tokio driver reads into memory of its own.
-        let own = if self.driver(env.raw()).is_some() {
+        // it); the tokio driver reads into memory of its own. A read over 64 MiB gets none:
+        // the checks refuse it (ERANGE, after the state and range checks, as libnbd).
+        let own = if count > READ_MAX {
+            None
+        } else if self.driver(env.raw()).is_some() {
             match settle::read_buffer(env.raw(), count as usize) {
                 Some((v, p)) => Some((v, p, count as usize)),
                 None => {
@@ -887,16 +888,16 @@ impl NativeHandle {
     /// Asks for the export's details (`nbd_opt_info`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn opt_info<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
-        let h = self.handle.clone();
-        settle::spawn(env, self.make_error, "optInfo", async move { h.opt_info().await.map(drop) })
+        let step = self.handle.opt_info();
+        settle::spawn(env, self.make_error, "optInfo", async move { step.await.map(drop) })
     }
 
     /// The exports the server lists.
     #[napi]
     pub fn opt_list<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, Vec<NativeExportListing>>> {
-        let h = self.handle.clone();
+        let step = self.handle.opt_list();
         settle::spawn(env, self.make_error, "optList", async move {
-            let list = h.opt_list().await?;
+            let list = step.await?;
             Ok(list.into_iter().map(|e| NativeExportListing { name: e.name, description: e.description }).collect())
         })
     }
@@ -953,7 +954,7 @@ impl NativeHandle {
             return Ok(Self::value(env, d.shutdown(abandon_pending)));
         }
         let h = self.handle.clone();
-        let p = spawn!(self, env, "shutdown", h.shutdown(abandon_pending))?;
+        let p = settle::spawn(env, self.make_error, "shutdown", async move { h.shutdown(abandon_pending).await })?;
         Ok(Self::value(env, p.raw()))
     }
 

@@ -9,6 +9,7 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
@@ -419,18 +420,26 @@ impl Handle {
     /// On a handle that is not newly created, or an fd that is not a connected stream
     /// socket, the call fails and the caller still owns `fd`. Once those checks pass the
     /// handle owns `fd`, whatever happens next, and closes it when closed or dropped.
-    pub async fn connect_socket(&self, fd: RawFd) -> Result<()> {
-        self.begin_connect(|| transport::check_connected_stream(fd).map(|_| ()))?;
+    ///
+    /// Like every connect and option call, the checks and the move to `Connecting` happen
+    /// when it is called, not when the future is first polled: of two calls made one after
+    /// the other, the first wins. The future must then be awaited (or spawned).
+    pub fn connect_socket(&self, fd: RawFd) -> impl Future<Output = Result<()>> + Send + 'static {
+        let begun = self.begin_connect(|| transport::check_connected_stream(fd).map(|_| ()));
         // SAFETY: checked open above; from here on the caller has handed it over.
-        let socket = unsafe { transport::adopt(fd) };
-        self.finish_connect(async move { Ok(Opened { socket, child: None }) }).await
+        let socket = begun.map(|()| unsafe { transport::adopt(fd) });
+        let h = self.clone();
+        async move {
+            let socket = socket?;
+            h.finish_connect(async move { Ok(Opened { socket, child: None }) }).await
+        }
     }
 
     /// `nbd_connect_uri`: parses `uri` (libnbd's grammar), checks it against the URI
     /// policy, applies its settings (export name, TLS), then connects.
-    pub async fn connect_uri(&self, text: &str) -> Result<()> {
+    pub fn connect_uri(&self, text: &str) -> impl Future<Output = Result<()>> + Send + 'static {
         let mut parsed: Option<NbdUri> = None;
-        self.begin_connect(|| {
+        let begun = self.begin_connect(|| {
             let u = uri::parse(text)?;
             self.settings().uri_policy.check(&u)?;
             check_string("export name", &u.export_name)?;
@@ -440,19 +449,25 @@ impl Handle {
             });
             parsed = Some(u);
             Ok(())
-        })?;
-        let u = parsed.expect("set by the precheck");
-        self.set_target(u.transport.clone());
-        let target = match &u.transport {
-            UriTransport::Tcp { host, port } => Target::Tcp { host: host.clone(), port: port.to_string() },
-            UriTransport::Unix { socket } => Target::Unix { path: socket.clone() },
-            UriTransport::Vsock { cid, port } => Target::Vsock { cid: *cid, port: *port },
-            UriTransport::Ssh { .. } => {
-                let argv = uri::ssh_argv(&u).expect("an ssh transport");
-                return self.connect_child(Target::Command { argv }).await;
-            }
-        };
-        self.finish_connect(connect::open(target)).await
+        });
+        if let (Ok(()), Some(u)) = (&begun, &parsed) {
+            self.set_target(u.transport.clone());
+        }
+        let h = self.clone();
+        async move {
+            begun?;
+            let u = parsed.expect("set by the precheck");
+            let target = match &u.transport {
+                UriTransport::Tcp { host, port } => Target::Tcp { host: host.clone(), port: port.to_string() },
+                UriTransport::Unix { socket } => Target::Unix { path: socket.clone() },
+                UriTransport::Vsock { cid, port } => Target::Vsock { cid: *cid, port: *port },
+                UriTransport::Ssh { .. } => {
+                    let argv = uri::ssh_argv(&u).expect("an ssh transport");
+                    return h.connect_child(Target::Command { argv }).await;
+                }
+            };
+            h.finish_connect(connect::open(target)).await
+        }
     }
 
     fn set_target(&self, t: UriTransport) {
@@ -463,17 +478,28 @@ impl Handle {
     /// `nbdkit -s memory 1G`) and talks NBD over it. The process is ended and reaped when
     /// the handle is closed or dropped; if the connect fails, the error says how the
     /// process ended and what it wrote to stderr.
-    pub async fn connect_command(&self, argv: Vec<String>) -> Result<()> {
-        self.begin_connect(|| Ok(()))?;
-        self.connect_child(Target::Command { argv }).await
+    pub fn connect_command(&self, argv: Vec<String>) -> impl Future<Output = Result<()>> + Send + 'static {
+        let begun = self.begin_connect(|| Ok(()));
+        let h = self.clone();
+        async move {
+            begun?;
+            h.connect_child(Target::Command { argv }).await
+        }
     }
 
     /// `nbd_connect_systemd_socket_activation`: starts `argv` with a listening socket as
     /// fd 3 (`LISTEN_FDS`, `LISTEN_PID`), as systemd would, e.g. `qemu-nbd -f qcow2 IMG`.
-    pub async fn connect_systemd_socket_activation(&self, argv: Vec<String>) -> Result<()> {
-        self.begin_connect(|| Ok(()))?;
+    pub fn connect_systemd_socket_activation(
+        &self,
+        argv: Vec<String>,
+    ) -> impl Future<Output = Result<()>> + Send + 'static {
+        let begun = self.begin_connect(|| Ok(()));
         let name = self.settings().socket_activation_name;
-        self.connect_child(Target::SocketActivation { argv, name }).await
+        let h = self.clone();
+        async move {
+            begun?;
+            h.connect_child(Target::SocketActivation { argv, name }).await
+        }
     }
 
     /// Connects to a server it starts; a failure says how the server ended.
@@ -481,8 +507,16 @@ impl Handle {
         let result = self.finish_connect(connect::open(target)).await;
         let Err(e) = result else { return Ok(()) };
         let child = lock(&self.inner.child).clone();
+        // A server that failed to start is usually still exiting when the connection ends:
+        // wait a moment to say how. Not after a timeout (a server that stalls is still
+        // running, and the caller asked not to wait longer) or a close.
+        let wait = if matches!(e.errno(), Errno::ETIMEDOUT | Errno::ECANCELED) {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1)
+        };
         match child {
-            Some(child) => match child.failure_report(Duration::from_secs(1)).await {
+            Some(child) => match child.failure_report(wait).await {
                 Some(report) => Err(Error::new(e.fault(), e.errno(), format!("{}; {report}", e.message()))),
                 None => Err(e),
             },
@@ -491,23 +525,44 @@ impl Handle {
     }
 
     /// `nbd_connect_vsock` (Linux).
-    pub async fn connect_vsock(&self, cid: u32, port: u32) -> Result<()> {
-        self.begin_connect(|| Ok(()))?;
-        self.set_target(UriTransport::Vsock { cid, port });
-        self.finish_connect(connect::open(Target::Vsock { cid, port })).await
+    pub fn connect_vsock(&self, cid: u32, port: u32) -> impl Future<Output = Result<()>> + Send + 'static {
+        let begun = self.begin_connect(|| Ok(()));
+        if begun.is_ok() {
+            self.set_target(UriTransport::Vsock { cid, port });
+        }
+        let h = self.clone();
+        async move {
+            begun?;
+            h.finish_connect(connect::open(Target::Vsock { cid, port })).await
+        }
     }
 
     /// `nbd_connect_unix`.
-    pub async fn connect_unix(&self, path: &str) -> Result<()> {
-        self.begin_connect(|| Ok(()))?;
-        self.set_target(UriTransport::Unix { socket: path.to_string() });
-        self.finish_connect(connect::open(Target::Unix { path: path.to_string() })).await
+    pub fn connect_unix(&self, path: &str) -> impl Future<Output = Result<()>> + Send + 'static {
+        let begun = self.begin_connect(|| Ok(()));
+        if begun.is_ok() {
+            self.set_target(UriTransport::Unix { socket: path.to_string() });
+        }
+        let (h, path) = (self.clone(), path.to_string());
+        async move {
+            begun?;
+            h.finish_connect(connect::open(Target::Unix { path })).await
+        }
     }
 
     /// `nbd_connect_tcp`: `port` is a number or any service name getaddrinfo knows
     /// (`nbd` is 10809).
-    pub async fn connect_tcp(&self, host: &str, port: &str) -> Result<()> {
-        self.begin_connect(|| Ok(()))?;
+    pub fn connect_tcp(&self, host: &str, port: &str) -> impl Future<Output = Result<()>> + Send + 'static {
+        let begun = self.begin_connect(|| Ok(()));
+        let (h, host, port) = (self.clone(), host.to_string(), port.to_string());
+        async move {
+            begun?;
+            h.connect_tcp_begun(&host, &port).await
+        }
+    }
+
+    /// The rest of [`Handle::connect_tcp`], once the handle is `Connecting`.
+    async fn connect_tcp_begun(&self, host: &str, port: &str) -> Result<()> {
         let number = match port.parse::<u16>() {
             Ok(p) => Some(p),
             Err(_) => {
@@ -567,8 +622,11 @@ impl Handle {
             if let Some(child) = child {
                 *lock(&self.inner.child) = Some(Arc::new(child));
             }
-            let stream = Stream::new(&socket)?;
+            // Kept before anything can fail: a connectSocket fd is the handle's from here on,
+            // and is closed with the handle, never earlier.
+            let stream = Stream::new(&socket);
             *lock(&adopted) = Some(socket);
+            let stream = stream?;
             connect::handshake(stream, settings.handshake(), &link).await
         };
         let timed = async {
@@ -657,8 +715,17 @@ impl Handle {
     // ---- option negotiation ----
 
     /// Runs one option request; `None` when `NBD_OPT_GO` moved the connection to
-    /// transmission.
-    async fn opt(&self, req: OptRequest) -> Result<Option<OptReply>> {
+    /// transmission. The state check and the move to `OptBusy` happen now, at the call; the
+    /// exchange itself when the future runs.
+    fn opt(&self, req: OptRequest) -> impl Future<Output = Result<Option<OptReply>>> + Send + 'static {
+        let begun = self.opt_begin(req);
+        let h = self.clone();
+        async move { h.opt_exchange(begun?).await }
+    }
+
+    /// Takes the negotiating connection for one option request (the handle is `OptBusy`,
+    /// which refuses other calls, until [`Handle::opt_exchange`] puts it back).
+    fn opt_begin(&self, req: OptRequest) -> Result<OptBegun> {
         state::ensure_allowed(Call::Opt, self.state())?;
         let (socket, mut negotiation) = {
             let mut phase = self.phase();
@@ -670,7 +737,10 @@ impl Handle {
                 other => {
                     *phase = other;
                     drop(phase);
-                    return state::ensure_allowed(Call::Opt, State::Connecting).map(|()| None);
+                    // Another option request (or the connect) has the connection.
+                    return Err(state::ensure_allowed(Call::Opt, State::Connecting).err().unwrap_or_else(|| {
+                        Error::usage(Errno::EINVAL, "invalid state: another option request is in progress")
+                    }));
                 }
             }
         };
@@ -679,6 +749,21 @@ impl Handle {
             *self.phase() = Phase::Negotiating { socket, negotiation };
             return Err(e);
         }
+        Ok(OptBegun {
+            socket,
+            negotiation,
+            aborting,
+        })
+    }
+
+    /// The exchange of an option request taken by [`Handle::opt_begin`], and the phase it
+    /// leaves the handle in.
+    async fn opt_exchange(&self, begun: OptBegun) -> Result<Option<OptReply>> {
+        let OptBegun {
+            socket,
+            negotiation,
+            aborting,
+        } = begun;
         let settings = self.settings();
         let link = self.link(&settings);
         let answer = self.unless_closed(negotiation.answer(&link));
@@ -696,6 +781,19 @@ impl Handle {
                     Ok(OptStep::Aborted { newstyle: false })
                 }
             }
+        } else if let Some(limit) = settings.connect_timeout {
+            // The connect timeout covers each option exchange too: in option mode these are
+            // the rest of the handshake, and a server that stalls one must not hang the
+            // caller. The connection is then out of step, so it is dead.
+            tokio::time::timeout(limit, answer).await.unwrap_or_else(|_| {
+                Err(Error::io(
+                    Errno::ETIMEDOUT,
+                    format!(
+                        "the server did not answer the option request within {} ms",
+                        limit.as_millis()
+                    ),
+                ))
+            })
         } else {
             answer.await
         };
@@ -731,81 +829,105 @@ impl Handle {
 
     /// `nbd_opt_go`: ends negotiation and enters transmission. A refusal by a server that
     /// is still there leaves the handle negotiating.
-    pub async fn opt_go(&self) -> Result<()> {
-        match self.opt(OptRequest::Go).await? {
-            None => Ok(()),
-            Some(other) => Err(Error::protocol(format!("unexpected answer to NBD_OPT_GO: {other:?}"))),
+    pub fn opt_go(&self) -> impl Future<Output = Result<()>> + Send + 'static {
+        let step = self.opt(OptRequest::Go);
+        async move {
+            match step.await? {
+                None => Ok(()),
+                Some(other) => Err(Error::protocol(format!("unexpected answer to NBD_OPT_GO: {other:?}"))),
+            }
         }
     }
 
     /// `nbd_opt_abort`: ends the connection politely (the handle is then closed). A
     /// server that does not answer within 2 seconds is not waited for any longer.
-    pub async fn opt_abort(&self) -> Result<()> {
-        self.opt(OptRequest::Abort).await.map(|_| ())
+    pub fn opt_abort(&self) -> impl Future<Output = Result<()>> + Send + 'static {
+        let step = self.opt(OptRequest::Abort);
+        async move { step.await.map(|_| ()) }
     }
 
     /// `nbd_opt_info`: the export's details, after which the getters report them.
-    pub async fn opt_info(&self) -> Result<ExportInfo> {
-        match self.opt(OptRequest::Info).await? {
-            Some(OptReply::Info(info)) => Ok(info),
-            other => Err(Error::protocol(format!("unexpected answer to NBD_OPT_INFO: {other:?}"))),
+    pub fn opt_info(&self) -> impl Future<Output = Result<ExportInfo>> + Send + 'static {
+        let step = self.opt(OptRequest::Info);
+        async move {
+            match step.await? {
+                Some(OptReply::Info(info)) => Ok(info),
+                other => Err(Error::protocol(format!("unexpected answer to NBD_OPT_INFO: {other:?}"))),
+            }
         }
     }
 
     /// `nbd_opt_list`: the server's exports.
-    pub async fn opt_list(&self) -> Result<Vec<ExportEntry>> {
-        match self.opt(OptRequest::List).await? {
-            Some(OptReply::List(list)) => Ok(list),
-            other => Err(Error::protocol(format!("unexpected answer to NBD_OPT_LIST: {other:?}"))),
+    pub fn opt_list(&self) -> impl Future<Output = Result<Vec<ExportEntry>>> + Send + 'static {
+        let step = self.opt(OptRequest::List);
+        async move {
+            match step.await? {
+                Some(OptReply::List(list)) => Ok(list),
+                other => Err(Error::protocol(format!("unexpected answer to NBD_OPT_LIST: {other:?}"))),
+            }
         }
     }
 
     /// `nbd_opt_list_meta_context(_queries)`: the contexts the server offers for the
     /// export (for `queries`, or the configured contexts).
-    pub async fn opt_list_meta_context(&self, queries: Option<Vec<String>>) -> Result<Vec<String>> {
-        self.opt_meta_context(OptRequest::ListMetaContext, "NBD_OPT_LIST_META_CONTEXT", queries).await
+    pub fn opt_list_meta_context(
+        &self,
+        queries: Option<Vec<String>>,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send + 'static {
+        self.opt_meta_context(OptRequest::ListMetaContext, "NBD_OPT_LIST_META_CONTEXT", queries)
     }
 
     /// `nbd_opt_set_meta_context(_queries)`: the contexts the server agreed to.
-    pub async fn opt_set_meta_context(&self, queries: Option<Vec<String>>) -> Result<Vec<String>> {
-        self.opt_meta_context(OptRequest::SetMetaContext, "NBD_OPT_SET_META_CONTEXT", queries).await
+    pub fn opt_set_meta_context(
+        &self,
+        queries: Option<Vec<String>>,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send + 'static {
+        self.opt_meta_context(OptRequest::SetMetaContext, "NBD_OPT_SET_META_CONTEXT", queries)
     }
 
-    async fn opt_meta_context(
+    fn opt_meta_context(
         &self,
         request: fn(Option<Vec<String>>) -> OptRequest,
-        name: &str,
+        name: &'static str,
         queries: Option<Vec<String>>,
-    ) -> Result<Vec<String>> {
-        for q in queries.iter().flatten() {
-            check_string("meta context query", q)?;
-        }
-        match self.opt(request(queries)).await? {
-            Some(OptReply::MetaContexts(names)) => Ok(names),
-            other => Err(Error::protocol(format!("unexpected answer to {name}: {other:?}"))),
+    ) -> impl Future<Output = Result<Vec<String>>> + Send + 'static {
+        let checked = queries
+            .iter()
+            .flatten()
+            .try_for_each(|q| check_string("meta context query", q));
+        // A bad query is refused before the option is taken: the handle stays negotiating.
+        let step = checked.map(|()| self.opt(request(queries)));
+        async move {
+            match step?.await? {
+                Some(OptReply::MetaContexts(names)) => Ok(names),
+                other => Err(Error::protocol(format!("unexpected answer to {name}: {other:?}"))),
+            }
         }
     }
 
-    async fn opt_bool(&self, req: OptRequest) -> Result<bool> {
-        match self.opt(req).await? {
-            Some(OptReply::Agreed(yes)) => Ok(yes),
-            other => Err(Error::protocol(format!("unexpected option answer: {other:?}"))),
+    fn opt_bool(&self, req: OptRequest) -> impl Future<Output = Result<bool>> + Send + 'static {
+        let step = self.opt(req);
+        async move {
+            match step.await? {
+                Some(OptReply::Agreed(yes)) => Ok(yes),
+                other => Err(Error::protocol(format!("unexpected option answer: {other:?}"))),
+            }
         }
     }
 
     /// `nbd_opt_structured_reply`.
-    pub async fn opt_structured_reply(&self) -> Result<bool> {
-        self.opt_bool(OptRequest::StructuredReply).await
+    pub fn opt_structured_reply(&self) -> impl Future<Output = Result<bool>> + Send + 'static {
+        self.opt_bool(OptRequest::StructuredReply)
     }
 
     /// `nbd_opt_extended_headers`.
-    pub async fn opt_extended_headers(&self) -> Result<bool> {
-        self.opt_bool(OptRequest::ExtendedHeaders).await
+    pub fn opt_extended_headers(&self) -> impl Future<Output = Result<bool>> + Send + 'static {
+        self.opt_bool(OptRequest::ExtendedHeaders)
     }
 
     /// `nbd_opt_starttls`.
-    pub async fn opt_starttls(&self) -> Result<bool> {
-        self.opt_bool(OptRequest::StartTls).await
+    pub fn opt_starttls(&self) -> impl Future<Output = Result<bool>> + Send + 'static {
+        self.opt_bool(OptRequest::StartTls)
     }
 
     // ---- ending ----
@@ -897,6 +1019,13 @@ impl Handle {
 
 /// Locks `m`, whatever a panicking holder left (every value kept under these locks is
 /// whole at all times).
+/// A negotiating connection taken for one option request.
+struct OptBegun {
+    socket: OwnedFd,
+    negotiation: Box<Negotiation>,
+    aborting: bool,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
