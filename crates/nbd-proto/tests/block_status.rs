@@ -360,3 +360,25 @@ fn a_simple_read_reply_is_recorded_as_one_data_chunk() {
     assert!(result.is_ok());
     assert_eq!(detail, Detail::Chunks(vec![ReadChunk { offset: 4096, length: 8, status: ChunkStatus::Data }]));
 }
+
+#[test]
+fn a_filtered_request_is_checked_as_a_filter_before_its_range() {
+    let base = vec!["base:allocation".to_string()];
+    let check = |s: &Session, c: Command, strict: u32| {
+        s.strict(strict).check_submission(&c, false, Some(&base)).map(|(f, _)| f).map_err(|e| e.errno())
+    };
+    let past_end = bs(1 << 40, 512);
+    // No extended headers: ENOTSUP comes before the range (EINVAL) or a zero count.
+    let compact = Session::new(negotiated(false, FLAG_BLOCK_STAT_PAYLOAD));
+    assert_eq!(check(&compact, past_end, STRICT_MASK), Err(Errno::ENOTSUP));
+    assert_eq!(check(&compact, bs(0, 0), STRICT_MASK), Err(Errno::ENOTSUP));
+    // No payload flag and no contexts: the flag (EINVAL) is checked before the contexts.
+    let mut bare = negotiated(true, 0);
+    bare.meta_contexts.clear();
+    assert_eq!(check(&Session::new(bare), bs(0, 512), STRICT_MASK), Err(Errno::EINVAL));
+    // Everything in place: the range is then checked as for any block status.
+    let ok = Session::new(negotiated(true, FLAG_BLOCK_STAT_PAYLOAD));
+    assert_eq!(check(&ok, past_end, STRICT_MASK), Err(Errno::EINVAL));
+    let (_, ids) = ok.strict(STRICT_MASK).check_submission(&bs(0, 512), false, Some(&base)).unwrap();
+    assert_eq!(ids.map(|v| v.len()), Some(1));
+}

@@ -74,6 +74,12 @@ fn passes(s: &Session, c: Command, strict: u32) -> u16 {
     }
 }
 
+/// A structured read (`nbd_pread_structured`): the only read that takes DF.
+#[track_caller]
+fn structured_read(s: &Session, c: Command, strict: u32) -> std::result::Result<u16, Errno> {
+    s.strict(strict).check_submission(&c, true, None).map(|(f, _)| f).map_err(|e| e.errno())
+}
+
 use CommandKind::*;
 
 // ---- StrictChecks::check ----
@@ -170,12 +176,19 @@ fn flags_the_server_does_not_support_are_refused() {
         STRICT_MASK,
     );
 
-    // DF needs the server's flag and structured replies.
+    // DF (on a structured read) needs the server's flag and structured replies.
     let df = CMD_FLAG_DF as u32;
-    refused(&none, cmd(Read, 0, 512, df), STRICT_MASK, Errno::EINVAL);
+    assert_eq!(structured_read(&none, cmd(Read, 0, 512, df), STRICT_MASK), Err(Errno::EINVAL));
     let simple = Session::new(negotiated(MIB, FLAG_SEND_DF, None, false));
-    refused(&simple, cmd(Read, 0, 512, df), STRICT_MASK, Errno::EINVAL);
-    passes(&session(MIB, FLAG_SEND_DF), cmd(Read, 0, 512, df), STRICT_MASK);
+    assert_eq!(structured_read(&simple, cmd(Read, 0, 512, df), STRICT_MASK), Err(Errno::EINVAL));
+    assert_eq!(structured_read(&session(MIB, FLAG_SEND_DF), cmd(Read, 0, 512, df), STRICT_MASK), Ok(CMD_FLAG_DF));
+    // A plain read takes no flag at all (nbd_pread), DF included.
+    refused(&session(MIB, FLAG_SEND_DF), cmd(Read, 0, 512, df), STRICT_MASK, Errno::EINVAL);
+    // Each flag's support is checked only on the commands libnbd checks it on: without
+    // STRICT_FLAGS, FUA on a flush goes to a server that has no FUA, as libnbd sends it.
+    let flush_only = session(MIB, FLAG_SEND_FLUSH);
+    passes(&flush_only, cmd(Flush, 0, 0, CMD_FLAG_FUA as u32), STRICT_MASK & !STRICT_FLAGS);
+    refused(&flush_only, cmd(Write, 0, 512, CMD_FLAG_FUA as u32), STRICT_MASK & !STRICT_FLAGS, Errno::EINVAL);
 }
 
 #[test]
@@ -196,6 +209,7 @@ fn flags_invalid_for_the_command_are_refused_under_strict_flags() {
     for (kind, bad) in [
         (Read, fua),
         (Read, CMD_FLAG_NO_HOLE as u32),
+        (Read, CMD_FLAG_DF as u32),
         (Write, CMD_FLAG_DF as u32),
         (Trim, CMD_FLAG_NO_HOLE as u32),
         (Flush, fua),
@@ -210,8 +224,8 @@ fn flags_invalid_for_the_command_are_refused_under_strict_flags() {
         // Without STRICT_FLAGS the flags go to the server as they are.
         assert_eq!(passes(&s, cmd(kind, 0, len, bad), STRICT_MASK & !STRICT_FLAGS), bad as u16);
     }
+    assert_eq!(structured_read(&s, cmd(Read, 0, 512, CMD_FLAG_DF as u32), STRICT_MASK), Ok(CMD_FLAG_DF));
     for (kind, good) in [
-        (Read, CMD_FLAG_DF),
         (Write, CMD_FLAG_FUA),
         (Trim, CMD_FLAG_FUA),
         (WriteZeroes, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO),

@@ -306,20 +306,14 @@ impl<U: CommandData> Connection<U> {
         if let Err(e) = self.check_state() {
             return Err((e, user));
         }
-        let flags = match self.session.strict(strict).check(&cmd) {
-            Ok(f) => f,
+        let (flags, ids) = match self.session.strict(strict).check_submission(&cmd, record_chunks, filter.as_deref()) {
+            Ok(checked) => checked,
             Err(e) => return Err((e, user)),
         };
-        let mut tracking = Tracking {
-            filter: None,
+        let tracking = Tracking {
+            filter: ids,
             record_chunks,
         };
-        if let Some(names) = &filter {
-            match self.session.block_status_filter(names, strict) {
-                Ok(ids) => tracking.filter = Some(ids),
-                Err(e) => return Err((e, user)),
-            }
-        }
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         let q = Queued {
             cmd,

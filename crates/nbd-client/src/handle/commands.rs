@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use nbd_proto::state::{self, Call};
-use nbd_proto::transmission::{Command, CommandKind, Detail, Session, Tracking};
+use nbd_proto::transmission::{Command, CommandKind, Detail, Tracking};
 use nbd_proto::{Errno, Error, Result};
 
 use super::{lock, Handle, Phase};
@@ -188,11 +188,8 @@ impl Handle {
                 (command(kind, offset, count, flags), Payload::None)
             }
         };
-        let (requests, lifeline, flags, session) = self.checked(&cmd)?;
-        if let Some(names) = &filter {
-            let strict = self.inner.strict.load(Ordering::Relaxed);
-            tracking.filter = Some(session.block_status_filter(names, strict)?);
-        }
+        let (requests, lifeline, flags, ids) = self.checked(&cmd, tracking.record_chunks, filter.as_deref())?;
+        tracking.filter = ids;
         // A cancelled command must not touch its buffer, not even to zero it.
         if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
             return Err(cancelled_error());
@@ -237,13 +234,15 @@ impl Handle {
         Ok(())
     }
 
-    /// The state check and libnbd's client-side checks; the way to the driver and the
-    /// wire flags.
+    /// The state check and libnbd's client-side checks; the way to the driver, the wire
+    /// flags and a filter's context ids.
     #[allow(clippy::type_complexity)]
     fn checked(
         &self,
         cmd: &Command,
-    ) -> Result<(mpsc::UnboundedSender<Request>, Arc<Lifeline>, u16, Arc<Session>)> {
+        chunks: bool,
+        filter: Option<&[String]>,
+    ) -> Result<(mpsc::UnboundedSender<Request>, Arc<Lifeline>, u16, Option<Vec<u32>>)> {
         let state = self.state();
         state::ensure_allowed(Call::Command, state)?;
         let (session, requests, lifeline) = match &*self.phase() {
@@ -259,8 +258,9 @@ impl Handle {
                 ))
             }
         };
-        let flags = session.strict(self.inner.strict.load(Ordering::Relaxed)).check(cmd)?;
-        Ok((requests, lifeline, flags, session))
+        let strict = self.inner.strict.load(Ordering::Relaxed);
+        let (flags, ids) = session.strict(strict).check_submission(cmd, chunks, filter)?;
+        Ok((requests, lifeline, flags, ids))
     }
 }
 

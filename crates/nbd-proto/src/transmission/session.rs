@@ -1,8 +1,7 @@
 //! [`Session`]: what the handshake settled, for checking and framing requests.
 
 use crate::consts::*;
-use crate::errno::Errno;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::handshake::Negotiated;
 use crate::wire::{put_u16, put_u32, put_u64};
 
@@ -31,23 +30,11 @@ impl Session {
 
     /// The context ids for a block status request filtered to `names`
     /// (`nbd_block_status_filter`), in the order given, after
-    /// [`StrictChecks::check_filter`]. Every name must have been negotiated. An empty
-    /// filter and a name given twice are sent as they are, for the server to judge (as
-    /// libnbd does: that is how servers are tested).
+    /// [`StrictChecks::check_filter`]; see [`StrictChecks::filter_ids`].
     pub fn block_status_filter(&self, names: &[String], strict_mode: u32) -> Result<Vec<u32>> {
-        self.strict(strict_mode).check_filter()?;
-        names
-            .iter()
-            .map(|name| {
-                let id = self.negotiated.meta_valid.then(|| self.negotiated.meta_context_id(name));
-                id.flatten().ok_or_else(|| {
-                    Error::usage(
-                        Errno::EINVAL,
-                        format!("meta context {name:?} was not negotiated, so it cannot be filtered on"),
-                    )
-                })
-            })
-            .collect()
+        let checks = self.strict(strict_mode);
+        checks.check_filter()?;
+        checks.filter_ids(names)
     }
 
     /// Appends a block status request filtered to context `ids` (from

@@ -38,20 +38,61 @@ impl<'a> StrictChecks<'a> {
     }
 
     /// Refuses, without any traffic, what libnbd refuses client-side; returns the 16-bit
-    /// flags to put on the wire.
+    /// flags to put on the wire. For a plain command: a read here is `nbd_pread` (no DF);
+    /// see [`StrictChecks::check_submission`] for structured reads and filtered block status.
     pub fn check(&self, cmd: &Command) -> Result<u16> {
-        let flags = self.flags(cmd)?;
-        if self.on(STRICT_COMMANDS) {
-            self.supported(cmd, flags)?;
-        }
+        Ok(self.check_submission(cmd, false, None)?.0)
+    }
+
+    /// Every check of a command as it is submitted, in libnbd's order. `chunks`: a
+    /// structured read (`nbd_pread_structured`, the only read that takes DF); `filter`: the
+    /// context names of a filtered block status (`nbd_block_status_filter`), whose own checks
+    /// come before the range. Returns the wire flags and the filter's context ids.
+    pub fn check_submission(
+        &self,
+        cmd: &Command,
+        chunks: bool,
+        filter: Option<&[String]>,
+    ) -> Result<(u16, Option<Vec<u32>>)> {
+        let flags = self.flags(cmd, chunks)?;
+        let ids = match filter {
+            Some(names) => {
+                self.check_filter()?;
+                Some(self.filter_ids(names)?)
+            }
+            None => {
+                if self.on(STRICT_COMMANDS) {
+                    self.supported(cmd, flags, chunks)?;
+                }
+                None
+            }
+        };
         self.range(cmd)?;
         self.length(cmd)?;
-        Ok(flags)
+        Ok((flags, ids))
+    }
+
+    /// The context ids for a filter of `names`, in the order given. Every name must have
+    /// been negotiated. An empty filter and a name given twice are sent as they are, for the
+    /// server to judge (as libnbd does: that is how servers are tested).
+    pub fn filter_ids(&self, names: &[String]) -> Result<Vec<u32>> {
+        names
+            .iter()
+            .map(|name| {
+                let id = self.negotiated.meta_valid.then(|| self.negotiated.meta_context_id(name));
+                id.flatten().ok_or_else(|| {
+                    usage(
+                        Errno::EINVAL,
+                        format!("meta context {name:?} was not negotiated, so it cannot be filtered on"),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// The flags to send: 16 bits always; the payload length flag set by the framing
     /// (`STRICT_AUTO_FLAG`); only the command's own flags (`STRICT_FLAGS`).
-    fn flags(&self, cmd: &Command) -> Result<u16> {
+    fn flags(&self, cmd: &Command, chunks: bool) -> Result<u16> {
         if cmd.flags > 0xffff {
             return Err(usage(
                 Errno::EINVAL,
@@ -70,7 +111,11 @@ impl<'a> StrictChecks<'a> {
             }
         }
         if self.on(STRICT_FLAGS) {
-            let permitted = cmd.kind.permitted_flags();
+            let mut permitted = cmd.kind.permitted_flags();
+            if cmd.kind == CommandKind::Read && !chunks {
+                // DF is `nbd_pread_structured`'s; `nbd_pread` takes no flag.
+                permitted &= !CMD_FLAG_DF;
+            }
             if flags & !permitted != 0 {
                 return Err(usage(
                     Errno::EINVAL,
@@ -127,7 +172,7 @@ impl<'a> StrictChecks<'a> {
 
     /// `STRICT_COMMANDS`: the server supports the command, writes to the export, and
     /// takes the command's flags.
-    fn supported(&self, cmd: &Command, flags: u16) -> Result<()> {
+    fn supported(&self, cmd: &Command, flags: u16, chunks: bool) -> Result<()> {
         let export = &self.negotiated.export;
         if cmd.kind == CommandKind::BlockStatus {
             self.block_status_possible()?;
@@ -153,13 +198,16 @@ impl<'a> StrictChecks<'a> {
                 "server does not support write operations (the export is read-only)",
             ));
         }
-        if flags & CMD_FLAG_FUA != 0 && !export.has(FLAG_SEND_FUA) {
+        // Each flag is checked for the commands libnbd checks it on; elsewhere (with
+        // STRICT_FLAGS off) it goes to the server as it is.
+        let writes = matches!(cmd.kind, CommandKind::Write | CommandKind::Trim | CommandKind::WriteZeroes);
+        if writes && flags & CMD_FLAG_FUA != 0 && !export.has(FLAG_SEND_FUA) {
             return Err(usage(Errno::EINVAL, "server does not support the FUA flag"));
         }
-        if flags & CMD_FLAG_FAST_ZERO != 0 && !export.has(FLAG_SEND_FAST_ZERO) {
+        if cmd.kind == CommandKind::WriteZeroes && flags & CMD_FLAG_FAST_ZERO != 0 && !export.has(FLAG_SEND_FAST_ZERO) {
             return Err(usage(Errno::EINVAL, "server does not support the fast zero flag"));
         }
-        if flags & CMD_FLAG_DF != 0 && !self.negotiated.can_df() {
+        if cmd.kind == CommandKind::Read && chunks && flags & CMD_FLAG_DF != 0 && !self.negotiated.can_df() {
             return Err(usage(Errno::EINVAL, "server does not support the DF flag"));
         }
         Ok(())
