@@ -696,3 +696,27 @@ async fn a_protocol_violation_is_dead_before_the_command_hears() {
     assert_eq!(state, State::Dead, "the state the completion saw");
     h.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connect_or_option_future_dropped_does_not_leave_the_handle_busy() {
+    let srv = server(MIB);
+    // The call takes the handle at once; dropping its future unpolled leaves it dead (as a
+    // failed connect), not connecting forever.
+    let h = Handle::default();
+    drop(h.connect_socket(srv.socketpair().unwrap().into_raw_fd()));
+    assert_eq!(h.state(), State::Dead);
+    assert_errno(h.connect_socket(-1).await, Errno::EINVAL);
+    h.close().await;
+
+    // An option request dropped before it started gives the connection back.
+    let mut config = Settings::default();
+    config.negotiation.opt_mode = true;
+    let h = Handle::new(config);
+    h.connect_socket(srv.socketpair().unwrap().into_raw_fd()).await.unwrap();
+    assert_eq!(h.state(), State::Negotiating);
+    drop(h.opt_info());
+    assert_eq!(h.state(), State::Negotiating);
+    h.opt_go().await.unwrap();
+    assert_eq!(h.state(), State::Ready);
+    h.close().await;
+}

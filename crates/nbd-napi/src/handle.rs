@@ -665,7 +665,8 @@ impl NativeHandle {
         self.handle.settings().negotiation.handshake_flags
     }
 
-    /// Milliseconds for the whole connect and handshake; 0 means no limit.
+    /// Milliseconds for the whole connect and handshake, and in option mode for each option
+    /// request; 0 means no limit.
     #[napi]
     pub fn set_connect_timeout(&self, ms: f64) -> Result<()> {
         if !(ms >= 0.0 && ms.is_finite()) {

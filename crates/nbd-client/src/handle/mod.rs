@@ -423,13 +423,17 @@ impl Handle {
     ///
     /// Like every connect and option call, the checks and the move to `Connecting` happen
     /// when it is called, not when the future is first polled: of two calls made one after
-    /// the other, the first wins. The future must then be awaited (or spawned).
+    /// the other, the first wins. The future should then be awaited (or spawned): dropped
+    /// before it ends, it leaves the handle dead, as a failed connect does (an option request
+    /// dropped before it started leaves the handle negotiating).
     pub fn connect_socket(&self, fd: RawFd) -> impl Future<Output = Result<()>> + Send + 'static {
         let begun = self.begin_connect(|| transport::check_connected_stream(fd).map(|_| ()));
         // SAFETY: checked open above; from here on the caller has handed it over.
         let socket = begun.map(|()| unsafe { transport::adopt(fd) });
         let h = self.clone();
+        let guard = socket.is_ok().then(|| ConnectGuard(self.clone()));
         async move {
+            let _connecting = guard;
             let socket = socket?;
             h.finish_connect(async move { Ok(Opened { socket, child: None }) }).await
         }
@@ -454,7 +458,9 @@ impl Handle {
             self.set_target(u.transport.clone());
         }
         let h = self.clone();
+        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
         async move {
+            let _connecting = guard;
             begun?;
             let u = parsed.expect("set by the precheck");
             let target = match &u.transport {
@@ -481,7 +487,9 @@ impl Handle {
     pub fn connect_command(&self, argv: Vec<String>) -> impl Future<Output = Result<()>> + Send + 'static {
         let begun = self.begin_connect(|| Ok(()));
         let h = self.clone();
+        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
         async move {
+            let _connecting = guard;
             begun?;
             h.connect_child(Target::Command { argv }).await
         }
@@ -496,7 +504,9 @@ impl Handle {
         let begun = self.begin_connect(|| Ok(()));
         let name = self.settings().socket_activation_name;
         let h = self.clone();
+        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
         async move {
+            let _connecting = guard;
             begun?;
             h.connect_child(Target::SocketActivation { argv, name }).await
         }
@@ -531,7 +541,9 @@ impl Handle {
             self.set_target(UriTransport::Vsock { cid, port });
         }
         let h = self.clone();
+        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
         async move {
+            let _connecting = guard;
             begun?;
             h.finish_connect(connect::open(Target::Vsock { cid, port })).await
         }
@@ -544,7 +556,9 @@ impl Handle {
             self.set_target(UriTransport::Unix { socket: path.to_string() });
         }
         let (h, path) = (self.clone(), path.to_string());
+        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
         async move {
+            let _connecting = guard;
             begun?;
             h.finish_connect(connect::open(Target::Unix { path })).await
         }
@@ -555,7 +569,9 @@ impl Handle {
     pub fn connect_tcp(&self, host: &str, port: &str) -> impl Future<Output = Result<()>> + Send + 'static {
         let begun = self.begin_connect(|| Ok(()));
         let (h, host, port) = (self.clone(), host.to_string(), port.to_string());
+        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
         async move {
+            let _connecting = guard;
             begun?;
             h.connect_tcp_begun(&host, &port).await
         }
@@ -727,7 +743,7 @@ impl Handle {
     /// which refuses other calls, until [`Handle::opt_exchange`] puts it back).
     fn opt_begin(&self, req: OptRequest) -> Result<OptBegun> {
         state::ensure_allowed(Call::Opt, self.state())?;
-        let (socket, mut negotiation) = {
+        let (socket, negotiation) = {
             let mut phase = self.phase();
             match std::mem::replace(&mut *phase, Phase::Connecting) {
                 Phase::Negotiating { socket, negotiation } => {
@@ -744,26 +760,25 @@ impl Handle {
                 }
             }
         };
-        let aborting = matches!(req, OptRequest::Abort);
-        if let Err(e) = negotiation.begin(req) {
-            *self.phase() = Phase::Negotiating { socket, negotiation };
-            return Err(e);
-        }
         Ok(OptBegun {
-            socket,
-            negotiation,
-            aborting,
+            handle: self.clone(),
+            parts: Some((socket, negotiation)),
+            req: Some(req),
         })
     }
 
     /// The exchange of an option request taken by [`Handle::opt_begin`], and the phase it
     /// leaves the handle in.
-    async fn opt_exchange(&self, begun: OptBegun) -> Result<Option<OptReply>> {
-        let OptBegun {
-            socket,
-            negotiation,
-            aborting,
-        } = begun;
+    async fn opt_exchange(&self, mut begun: OptBegun) -> Result<Option<OptReply>> {
+        // `begun` stays alive to the end: if this future is dropped midway, it marks the
+        // handle dead rather than leaving it busy.
+        let req = begun.req.take().expect("an option request runs once");
+        let aborting = matches!(req, OptRequest::Abort);
+        let (socket, mut negotiation) = begun.parts.take().expect("an option request runs once");
+        if let Err(e) = negotiation.begin(req) {
+            *self.phase() = Phase::Negotiating { socket, negotiation };
+            return Err(e);
+        }
         let settings = self.settings();
         let link = self.link(&settings);
         let answer = self.unless_closed(negotiation.answer(&link));
@@ -1017,15 +1032,43 @@ impl Handle {
     }
 }
 
-/// Locks `m`, whatever a panicking holder left (every value kept under these locks is
-/// whole at all times).
-/// A negotiating connection taken for one option request.
+/// A negotiating connection taken for one option request. Dropped while the handle is
+/// still `OptBusy` (its future dropped before it ended), it puts the handle back: to
+/// negotiating if the exchange never started, else to dead (the connection is out of step).
 struct OptBegun {
-    socket: OwnedFd,
-    negotiation: Box<Negotiation>,
-    aborting: bool,
+    handle: Handle,
+    parts: Option<(OwnedFd, Box<Negotiation>)>,
+    req: Option<OptRequest>,
 }
 
+impl Drop for OptBegun {
+    fn drop(&mut self) {
+        let mut phase = self.handle.phase();
+        if matches!(*phase, Phase::OptBusy) {
+            *phase = match self.parts.take() {
+                Some((socket, negotiation)) => Phase::Negotiating { socket, negotiation },
+                None => Phase::Failed { socket: None },
+            };
+        }
+    }
+}
+
+/// Held by a connect's future once the handle is `Connecting`: dropped before the connect
+/// ended (the future dropped), it leaves the handle dead, as a failed connect does, rather
+/// than connecting forever.
+struct ConnectGuard(Handle);
+
+impl Drop for ConnectGuard {
+    fn drop(&mut self) {
+        let mut phase = self.0.phase();
+        if matches!(*phase, Phase::Connecting) {
+            *phase = Phase::Failed { socket: None };
+        }
+    }
+}
+
+/// Locks `m`, whatever a panicking holder left (every value kept under these locks is
+/// whole at all times).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -143,8 +143,8 @@ impl Handle {
         self.configure(|s| s.uri_policy.allow_local_file = on)
     }
 
-    /// The limit on the whole connect and handshake (`None`: none): only on a newly
-    /// created handle.
+    /// The limit on the whole connect and handshake, and in option mode on each option
+    /// request (`None`: none): only on a newly created handle.
     pub fn set_connect_timeout(&self, limit: Option<Duration>) -> Result<()> {
         self.configure(|s| s.connect_timeout = limit)
     }
