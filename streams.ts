@@ -20,14 +20,17 @@ export interface ReadStreamOptions {
   /** First byte to read (default 0). A bigint reaches past 2^53. */
   start?: number | bigint
   /**
-   * Last byte to read, inclusive as in fs.createReadStream (default: the export's last byte).
-   * As fs at the end of a file, the stream ends at the export's end when `end` lies past it.
+   * Last byte to read, inclusive as in fs.createReadStream (default: the export's last byte;
+   * `Infinity` also means that, as in fs). As fs at the end of a file, the stream ends at the
+   * export's end when `end` lies past it.
    */
   end?: number | bigint
   /**
    * Bytes per read request and the stream's buffer threshold, as in fs.createReadStream
    * (default 256 KiB). A request is never larger than `getBlockSize('payload')` or the
-   * server's advertised maximum.
+   * server's advertised maximum. Unlike fs, which reads one request at a time, up to 16
+   * requests are in flight (for throughput): a consumer that pauses may find up to 16 ×
+   * `highWaterMark` bytes buffered, as the reads in flight complete.
    */
   highWaterMark?: number
   /** Destroys the stream with an `AbortError` (and drops the reads in flight). */
@@ -60,6 +63,11 @@ const READ_DEPTH = 16
 const DEFAULT_WRITE_HWM = 4 * 1024 * 1024
 /** Bytes per write request (coalescing small writes, splitting large ones). */
 const WRITE_CHUNK = 256 * 1024
+/**
+ * A written chunk at least this many requests long is sent from its own memory, and its
+ * callback waits for those requests; a shorter one is copied and called back at once.
+ */
+const DIRECT_REQUESTS = 4
 const MAX_U64 = (1n << 64n) - 1n
 
 function invalid(operation: string, message: string, code = 'EINVAL'): NbdError {
@@ -167,7 +175,8 @@ export class NbdReadStream extends Readable {
     const op = 'createReadStream'
     const o = checkObject(op, options)
     const start = o.start === undefined ? 0n : checkPosition(op, 'start', o.start)
-    const end = o.end === undefined ? undefined : checkPosition(op, 'end', o.end)
+    // Infinity is fs's own default for `end`: to the end.
+    const end = o.end === undefined || o.end === Number.POSITIVE_INFINITY ? undefined : checkPosition(op, 'end', o.end)
     if (end !== undefined && start > end) {
       throw invalid(op, `start (${start}) must be <= end (${end})`, 'ERANGE')
     }
@@ -345,25 +354,41 @@ export class NbdWriteStream extends Writable {
   }
 
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
-    this.#take(chunk)
-    this.#afterWrite(callback)
+    const direct: Promise<void>[] = []
+    this.#take(chunk, direct)
+    this.#afterSent(direct, callback)
   }
 
   override _writev(chunks: { chunk: Buffer }[], callback: (error?: Error | null) => void): void {
-    for (const { chunk } of chunks) this.#take(chunk)
-    this.#afterWrite(callback)
+    const direct: Promise<void>[] = []
+    for (const { chunk } of chunks) this.#take(chunk, direct)
+    this.#afterSent(direct, callback)
   }
 
-  /** Turns `chunk` into requests: whole ones sent at once, the rest gathered. */
-  #take(chunk: Buffer): void {
+  /**
+   * Calls back once the caller may reuse its chunks: at once when they were copied, else
+   * when the requests sent from them have settled (pwrite sends large writes from the
+   * memory itself, and a chunk's owner may refill it as soon as its callback runs).
+   */
+  #afterSent(direct: Promise<void>[], callback: (error?: Error | null) => void): void {
+    if (direct.length === 0) this.#afterWrite(callback)
+    else void Promise.all(direct).then(() => this.#afterWrite(callback))
+  }
+
+  /**
+   * Turns `chunk` into requests: whole ones sent at once, the rest gathered. A chunk of at
+   * least {@link DIRECT_REQUESTS} requests is sent from its own memory (its promises go to
+   * `direct`); a smaller one is copied, so that its callback comes at once and the next
+   * chunk's requests join it on the wire.
+   */
+  #take(chunk: Buffer, direct: Promise<void>[]): void {
     let rest = chunk
+    const fromChunk = chunk.length >= DIRECT_REQUESTS * this.#requestSize
     while (rest.length > 0) {
-      if (this.#gathered === 0 && rest.length >= this.#requestSize) {
-        // Whole requests straight from the caller's chunk: pwrite sends large ones from the
-        // chunk itself, which Writable's contract leaves to us until the write settles.
+      if (fromChunk && this.#gathered === 0 && rest.length >= this.#requestSize) {
         const piece = rest.subarray(0, this.#requestSize)
         rest = rest.subarray(this.#requestSize)
-        this.#send(piece)
+        direct.push(this.#send(piece))
         continue
       }
       this.#gather ??= Buffer.allocUnsafe(this.#requestSize)
@@ -394,7 +419,7 @@ export class NbdWriteStream extends Writable {
     this.#gathered = 0
   }
 
-  #send(piece: Buffer): void {
+  #send(piece: Buffer): Promise<void> {
     const offset = this.#pos
     this.#pos += BigInt(piece.length)
     const length = piece.length
@@ -415,6 +440,7 @@ export class NbdWriteStream extends Writable {
       },
     )
     this.#inFlight.add(done)
+    return done
   }
 
   #release(): void {
