@@ -319,3 +319,28 @@ test('--progress=FD whose reader goes away: the copy goes on without progress an
   t.is(r.status, 0, r.stderr)
   t.is(r.stderr, '')
 })
+
+test('copy to and from a FIFO and to /dev/null, as nbdcopy does (as streams)', async (t) => {
+  if (!requireTool(t, 'nbdcopy', 'nbdkit', 'sh', 'mkfifo')) return
+  const dir = makeTempDir('nbd-cli-fifo-')
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }))
+  const size = 2 * MiB
+  const source = await useNbdkit(t, ['memory', String(size)])
+  const destination = await useNbdkit(t, ['memory', String(size)])
+  if (!source || !destination) return
+  const data = mixed().subarray(0, size)
+  await crossWritePrefix(source.uri, data)
+  // To a character device: nbdcopy exits 0, so does ours (it was refused: "neither a regular file").
+  const [ours, theirs] = [await cli([source.uri, '/dev/null']), await nbdcopy([source.uri, '/dev/null'])]
+  t.is(theirs.status, 0, theirs.stderr.toString())
+  t.is(ours.status, 0, ours.stderr.toString())
+  // Through a FIFO: ours writes it while cat reads it, then ours reads one that cat writes.
+  const fifo = path.join(dir, 'fifo')
+  const out = path.join(dir, 'out')
+  t.is((await run(['mkfifo', fifo])).status, 0)
+  const sh = (command: string) => run(['sh', '-c', command])
+  t.is((await sh(`cat '${fifo}' > '${out}' & '${process.execPath}' '${CLI}' copy '${source.uri}' '${fifo}'; wait`)).status, 0)
+  t.true(fs.readFileSync(out).equals(data))
+  t.is((await sh(`cat '${out}' > '${fifo}' & '${process.execPath}' '${CLI}' copy '${fifo}' '${destination.uri}'; wait`)).status, 0)
+  t.true((await crossReadAll(destination.uri)).equals(data))
+})

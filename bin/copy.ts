@@ -109,6 +109,19 @@ async function endpoint(spec: string | string[], role: 'source' | 'destination',
     if (fs.fstatSync(fd).isFile()) return `/dev/fd/${fd}`
     return role === 'source' ? process.stdin : process.stdout
   }
+  if (spec !== 'null:' && !isUri(spec)) {
+    // nbdcopy copies to and from pipes and character devices (a FIFO, /dev/null) as streams;
+    // copy() takes paths of regular files and block devices only, so those go as streams.
+    let st: fs.Stats | undefined
+    try {
+      st = fs.statSync(spec)
+    } catch {
+      st = undefined
+    }
+    if (st !== undefined && (st.isFIFO() || st.isCharacterDevice())) {
+      return role === 'source' ? fs.createReadStream(spec) : fs.createWriteStream(spec)
+    }
+  }
   const custom = Object.keys(settings).some((k) => k !== 'uriAllowLocalFile')
   if (custom && isUri(spec)) return connect((h) => h.connectUri(spec))
   return spec
