@@ -55,6 +55,11 @@ const OUTPUT_REPORTED: usize = 1024;
 const EOF_GRACE: Duration = Duration::from_secs(2);
 /// After `SIGTERM`, how long before `SIGKILL`.
 const TERM_GRACE: Duration = Duration::from_secs(2);
+/// How long a forked child may take to exec, or to report why it could not, before it is
+/// killed. A child stuck between fork and exec would otherwise hold its connect up for ever,
+/// beyond any timeout's reach (the wait is on a blocking thread); seen once under qemu-user,
+/// whose own locks a fork from a many-threaded process can inherit held.
+const EXEC_REPORT_LIMIT: Duration = Duration::from_secs(60);
 /// Stack size of the helper threads: they read, write, fork and wait, nothing more.
 const THREAD_STACK: usize = 128 * 1024;
 /// The fd the systemd protocol passes the first socket on.
@@ -855,6 +860,23 @@ fn fork_exec(plan: &mut ExecRequest, fds: ChildFds) -> Result<libc::pid_t> {
         unsafe { child_exec(&pointers, fds, report_w.as_raw_fd(), parent) }
     }
     drop(report_w);
+    if !wait_readable(&report_r, EXEC_REPORT_LIMIT) {
+        // SAFETY: kill and waitpid on our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let mut status = 0;
+        // SAFETY: as above.
+        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+        {}
+        return Err(Error::io(
+            Errno::ETIMEDOUT,
+            format!(
+                "cannot run {:?}: the process neither started it nor failed within {} s of fork (killed)",
+                plan.program,
+                EXEC_REPORT_LIMIT.as_secs()
+            ),
+        ));
+    }
     // The pipe closes on a successful exec (close-on-exec) or carries 8 bytes.
     let mut report = File::from(report_r);
     let mut buf = [0u8; 8];
@@ -890,6 +912,28 @@ fn fork_exec(plan: &mut ExecRequest, fds: ChildFds) -> Result<libc::pid_t> {
         format!("cannot set up the server process for {:?}: {os}", plan.program)
     };
     Err(Error::io(errno_kind, message))
+}
+
+/// Whether `fd` became readable (data or end of file) within `limit`.
+fn wait_readable(fd: &OwnedFd, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            return true;
+        }
+        if n < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // Let the read that follows tell what is wrong.
+            return true;
+        }
+    }
 }
 
 /// The child between fork and exec. Only async-signal-safe calls; no allocation, no locks,
