@@ -308,6 +308,17 @@ test('copy errors are one line with the code and exit status 1, where nbdcopy fa
   const usage = await cli(['--request-size=0', source.uri, 'null:'])
   t.is(usage.status, 1)
   t.regex(usage.stderr, /^nbd-client: EINVAL: copy: --request-size must be an integer >= 1, got 0 \(see 'nbd-client copy --help'\)\n$/)
+  // nbdcopy's rule for --request-size (a power of 2 within 4096-32 MiB), refused as it refuses it.
+  for (const size of ['1000', '512', '67108864']) {
+    const [ours, theirs] = [await cli([`--request-size=${size}`, source.uri, 'null:']), await nbdcopy([`--request-size=${size}`, source.uri, 'null:'])]
+    t.not(theirs.status, 0, `nbdcopy --request-size=${size}`)
+    t.is(ours.status, 1, `--request-size=${size}`)
+    t.regex(ours.stderr, /--request-size: must be a power of 2 within 4096-33554432/)
+  }
+  // Counts above copy()'s limits are taken as those limits, where nbdcopy takes them too.
+  const [many, theirMany] = [await cli(['-C', '100', '-R', '100000', source.uri, 'null:']), await nbdcopy(['-C', '100', '-R', '100000', source.uri, 'null:'])]
+  t.is(theirMany.status, 0, theirMany.stderr.toString())
+  t.is(many.status, 0, many.stderr.toString())
 })
 
 test('--progress=FD whose reader goes away: the copy goes on without progress and succeeds', async (t) => {

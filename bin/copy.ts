@@ -38,7 +38,7 @@ DESTINATION may also be null: (discard).
 
     -C, --connections=N     connections per NBD side
     -R, --requests=N        requests in flight per connection
-    --request-size=N        bytes per request
+    --request-size=N        bytes per request (a power of 2, 4096 to 32 MiB, as nbdcopy)
     -S, --sparse=N          zero detection granularity (0: write every byte)
     --allocated             zeroes become allocated zeroes, not holes
     --destination-is-zero   the destination already reads as zeroes
@@ -46,6 +46,10 @@ DESTINATION may also be null: (discard).
     -p, --progress[=FD]     a progress bar (on a terminal), or progress lines on FD
 
 ${COMMON_HELP}`
+
+/** copy()'s limits on connections per side and requests in flight per connection. */
+const MAX_CONNECTIONS = 64
+const MAX_REQUESTS = 1024
 
 function count(name: string, text: string | true | undefined, min: number): number | undefined {
   if (text === undefined) return undefined
@@ -65,12 +69,20 @@ export function copyOptions(argv: string[]): {
   const ends = splitEndpoints(args.positionals)
   if (ends.length !== 2) throw new UsageError(SUBCOMMAND, 'expected a SOURCE and a DESTINATION')
   const options: CopyOptions = {}
+  // nbdcopy takes any count of connections and requests; copy() opens at most 64 and keeps
+  // at most 1024 in flight per connection, so larger counts are those.
   const connections = count('connections', last(args, 'connections'), 1)
-  if (connections !== undefined) options.connections = connections
+  if (connections !== undefined) options.connections = Math.min(connections, MAX_CONNECTIONS)
   const requests = count('requests', last(args, 'requests'), 1)
-  if (requests !== undefined) options.requests = requests
+  if (requests !== undefined) options.requests = Math.min(requests, MAX_REQUESTS)
   const requestSize = count('request-size', last(args, 'request-size'), 1)
-  if (requestSize !== undefined) options.requestSize = requestSize
+  if (requestSize !== undefined) {
+    // nbdcopy's rule and words.
+    if (requestSize < 4096 || requestSize > 32 * 1024 * 1024 || (requestSize & (requestSize - 1)) !== 0) {
+      throw new UsageError(SUBCOMMAND, '--request-size: must be a power of 2 within 4096-33554432')
+    }
+    options.requestSize = requestSize
+  }
   const sparse = count('sparse', last(args, 'sparse'), 0)
   if (sparse !== undefined) options.sparse = sparse === 0 ? false : sparse
   if (has(args, 'allocated')) options.allocated = true
