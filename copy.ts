@@ -80,6 +80,8 @@ export interface CopyResult {
 }
 
 const MiB = 1024 * 1024
+/** The most connections per NBD side and requests in flight per connection copy() takes (not exported from the package; the command line uses them). */
+export const COPY_LIMITS = { connections: 64, requests: 1024 } as const
 
 function fail(message: string, code = 'EINVAL'): NbdError {
   return new NbdError(code, message, 'copy')
@@ -130,8 +132,8 @@ function settle(options: CopyOptions | undefined): Settled {
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw fail('signal must be an AbortSignal')
   if (o.onProgress !== undefined && typeof o.onProgress !== 'function') throw fail('onProgress must be a function')
   return {
-    connections: o.connections === undefined ? undefined : positive('connections', o.connections, 64),
-    requests: o.requests === undefined ? 64 : positive('requests', o.requests, 1024),
+    connections: o.connections === undefined ? undefined : positive('connections', o.connections, COPY_LIMITS.connections),
+    requests: o.requests === undefined ? 64 : positive('requests', o.requests, COPY_LIMITS.requests),
     requestSize: o.requestSize === undefined ? 256 * 1024 : positive('requestSize', o.requestSize, 64 * MiB),
     sparse,
     allocated: bool('allocated', false),

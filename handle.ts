@@ -9,7 +9,7 @@
 
 import type * as Binding from './binding'
 import { run } from './abort'
-import { CMD_FLAG_REQ_ONE, type CONTEXT_BASE_ALLOCATION, type STRICT_COMMANDS } from './constants'
+import { type CONTEXT_BASE_ALLOCATION, type STRICT_COMMANDS } from './constants'
 import { invalid, makeError, toNbdError, type NbdError } from './errors'
 import { mapExtents, type MapExtent, type MapOptions } from './map'
 import { native } from './native'

@@ -11,7 +11,7 @@ import {
   COMMON_HELP, COMMON_OPTIONS, Output, PROGRAM, UsageError, answerHelpOrVersion, handleOptions, has, last, parseArgs,
   type OptionSpec,
 } from './cli'
-import { copy, type CopyEndpoint, type CopyOptions } from './library'
+import { COPY_LIMITS, copy, type CopyEndpoint, type CopyOptions } from './library'
 import { Progress } from './progress'
 
 const SUBCOMMAND = 'copy'
@@ -47,10 +47,6 @@ DESTINATION may also be null: (discard).
 
 ${COMMON_HELP}`
 
-/** copy()'s limits on connections per side and requests in flight per connection. */
-const MAX_CONNECTIONS = 64
-const MAX_REQUESTS = 1024
-
 function count(name: string, text: string | true | undefined, min: number): number | undefined {
   if (text === undefined) return undefined
   const n = typeof text === 'string' && /^\d+$/.test(text) ? Number(text) : NaN
@@ -69,12 +65,12 @@ export function copyOptions(argv: string[]): {
   const ends = splitEndpoints(args.positionals)
   if (ends.length !== 2) throw new UsageError(SUBCOMMAND, 'expected a SOURCE and a DESTINATION')
   const options: CopyOptions = {}
-  // nbdcopy takes any count of connections and requests; copy() opens at most 64 and keeps
-  // at most 1024 in flight per connection, so larger counts are those.
+  // nbdcopy takes any count of connections and requests; larger counts than copy() takes
+  // are copy()'s limits.
   const connections = count('connections', last(args, 'connections'), 1)
-  if (connections !== undefined) options.connections = Math.min(connections, MAX_CONNECTIONS)
+  if (connections !== undefined) options.connections = Math.min(connections, COPY_LIMITS.connections)
   const requests = count('requests', last(args, 'requests'), 1)
-  if (requests !== undefined) options.requests = Math.min(requests, MAX_REQUESTS)
+  if (requests !== undefined) options.requests = Math.min(requests, COPY_LIMITS.requests)
   const requestSize = count('request-size', last(args, 'request-size'), 1)
   if (requestSize !== undefined) {
     // nbdcopy's rule and words.

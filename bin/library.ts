@@ -7,3 +7,4 @@ export {
   copy, info, type CopyEndpoint, type CopyOptions, type CopyProgress, type CopyResult, type ExportDetails,
   type ExportInfo, type MapExtent,
 } from '../index'
+export { COPY_LIMITS } from '../copy'

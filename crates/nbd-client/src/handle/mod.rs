@@ -430,13 +430,9 @@ impl Handle {
         let begun = self.begin_connect(|| transport::check_connected_stream(fd).map(|_| ()));
         // SAFETY: checked open above; from here on the caller has handed it over.
         let socket = begun.map(|()| unsafe { transport::adopt(fd) });
-        let h = self.clone();
-        let guard = socket.is_ok().then(|| ConnectGuard(self.clone()));
-        async move {
-            let _connecting = guard;
-            let socket = socket?;
+        self.connecting(socket, |h, socket| async move {
             h.finish_connect(async move { Ok(Opened { socket, child: None }) }).await
-        }
+        })
     }
 
     /// `nbd_connect_uri`: parses `uri` (libnbd's grammar), checks it against the URI
@@ -454,15 +450,11 @@ impl Handle {
             parsed = Some(u);
             Ok(())
         });
-        if let (Ok(()), Some(u)) = (&begun, &parsed) {
+        let begun = begun.map(|()| parsed.expect("set by the precheck"));
+        if let Ok(u) = &begun {
             self.set_target(u.transport.clone());
         }
-        let h = self.clone();
-        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
-        async move {
-            let _connecting = guard;
-            begun?;
-            let u = parsed.expect("set by the precheck");
+        self.connecting(begun, |h, u| async move {
             let target = match &u.transport {
                 UriTransport::Tcp { host, port } => Target::Tcp { host: host.clone(), port: port.to_string() },
                 UriTransport::Unix { socket } => Target::Unix { path: socket.clone() },
@@ -473,7 +465,7 @@ impl Handle {
                 }
             };
             h.finish_connect(connect::open(target)).await
-        }
+        })
     }
 
     fn set_target(&self, t: UriTransport) {
@@ -486,13 +478,7 @@ impl Handle {
     /// process ended and what it wrote to stderr.
     pub fn connect_command(&self, argv: Vec<String>) -> impl Future<Output = Result<()>> + Send + 'static {
         let begun = self.begin_connect(|| Ok(()));
-        let h = self.clone();
-        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
-        async move {
-            let _connecting = guard;
-            begun?;
-            h.connect_child(Target::Command { argv }).await
-        }
+        self.connecting(begun, |h, ()| async move { h.connect_child(Target::Command { argv }).await })
     }
 
     /// `nbd_connect_systemd_socket_activation`: starts `argv` with a listening socket as
@@ -503,13 +489,9 @@ impl Handle {
     ) -> impl Future<Output = Result<()>> + Send + 'static {
         let begun = self.begin_connect(|| Ok(()));
         let name = self.settings().socket_activation_name;
-        let h = self.clone();
-        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
-        async move {
-            let _connecting = guard;
-            begun?;
+        self.connecting(begun, |h, ()| async move {
             h.connect_child(Target::SocketActivation { argv, name }).await
-        }
+        })
     }
 
     /// Connects to a server it starts; a failure says how the server ended.
@@ -540,13 +522,9 @@ impl Handle {
         if begun.is_ok() {
             self.set_target(UriTransport::Vsock { cid, port });
         }
-        let h = self.clone();
-        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
-        async move {
-            let _connecting = guard;
-            begun?;
+        self.connecting(begun, move |h, ()| async move {
             h.finish_connect(connect::open(Target::Vsock { cid, port })).await
-        }
+        })
     }
 
     /// `nbd_connect_unix`.
@@ -555,26 +533,16 @@ impl Handle {
         if begun.is_ok() {
             self.set_target(UriTransport::Unix { socket: path.to_string() });
         }
-        let (h, path) = (self.clone(), path.to_string());
-        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
-        async move {
-            let _connecting = guard;
-            begun?;
-            h.finish_connect(connect::open(Target::Unix { path })).await
-        }
+        let path = path.to_string();
+        self.connecting(begun, |h, ()| async move { h.finish_connect(connect::open(Target::Unix { path })).await })
     }
 
     /// `nbd_connect_tcp`: `port` is a number or any service name getaddrinfo knows
     /// (`nbd` is 10809).
     pub fn connect_tcp(&self, host: &str, port: &str) -> impl Future<Output = Result<()>> + Send + 'static {
         let begun = self.begin_connect(|| Ok(()));
-        let (h, host, port) = (self.clone(), host.to_string(), port.to_string());
-        let guard = begun.is_ok().then(|| ConnectGuard(self.clone()));
-        async move {
-            let _connecting = guard;
-            begun?;
-            h.connect_tcp_begun(&host, &port).await
-        }
+        let (host, port) = (host.to_string(), port.to_string());
+        self.connecting(begun, |h, ()| async move { h.connect_tcp_begun(&host, &port).await })
     }
 
     /// The rest of [`Handle::connect_tcp`], once the handle is `Connecting`.
@@ -612,6 +580,25 @@ impl Handle {
         precheck()?;
         *phase = Phase::Connecting;
         Ok(())
+    }
+
+    /// The rest of a connect whose call `begun` (with what the call prepared, `T`): `rest`
+    /// runs on the handle once the future is polled, and a [`ConnectGuard`] held from now on
+    /// leaves the handle dead if the future is dropped before it ends.
+    fn connecting<T, F>(
+        &self,
+        begun: Result<T>,
+        rest: impl FnOnce(Handle, T) -> F + Send + 'static,
+    ) -> impl Future<Output = Result<()>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<()>> + Send + 'static,
+    {
+        let begun = begun.map(|prepared| (ConnectGuard(self.clone()), prepared));
+        async move {
+            let (guard, prepared) = begun?;
+            rest(guard.0.clone(), prepared).await
+        }
     }
 
     /// What the handshake steps need: the counters, the debug sink, the TLS settings.
@@ -753,17 +740,16 @@ impl Handle {
                 other => {
                     *phase = other;
                     drop(phase);
-                    // Another option request (or the connect) has the connection.
-                    return Err(state::ensure_allowed(Call::Opt, State::Connecting).err().unwrap_or_else(|| {
-                        Error::usage(Errno::EINVAL, "invalid state: another option request is in progress")
-                    }));
+                    // Another option request (or the connect) has the connection: refused as
+                    // while connecting.
+                    return Err(state::ensure_allowed(Call::Opt, State::Connecting)
+                        .expect_err("option requests are refused while connecting"));
                 }
             }
         };
         Ok(OptBegun {
             handle: self.clone(),
-            parts: Some((socket, negotiation)),
-            req: Some(req),
+            taken: Some((socket, negotiation, req)),
         })
     }
 
@@ -772,9 +758,8 @@ impl Handle {
     async fn opt_exchange(&self, mut begun: OptBegun) -> Result<Option<OptReply>> {
         // `begun` stays alive to the end: if this future is dropped midway, it marks the
         // handle dead rather than leaving it busy.
-        let req = begun.req.take().expect("an option request runs once");
+        let (socket, mut negotiation, req) = begun.taken.take().expect("an option request runs once");
         let aborting = matches!(req, OptRequest::Abort);
-        let (socket, mut negotiation) = begun.parts.take().expect("an option request runs once");
         if let Err(e) = negotiation.begin(req) {
             *self.phase() = Phase::Negotiating { socket, negotiation };
             return Err(e);
@@ -1037,16 +1022,16 @@ impl Handle {
 /// negotiating if the exchange never started, else to dead (the connection is out of step).
 struct OptBegun {
     handle: Handle,
-    parts: Option<(OwnedFd, Box<Negotiation>)>,
-    req: Option<OptRequest>,
+    /// The connection and the request, until the exchange takes them.
+    taken: Option<(OwnedFd, Box<Negotiation>, OptRequest)>,
 }
 
 impl Drop for OptBegun {
     fn drop(&mut self) {
         let mut phase = self.handle.phase();
         if matches!(*phase, Phase::OptBusy) {
-            *phase = match self.parts.take() {
-                Some((socket, negotiation)) => Phase::Negotiating { socket, negotiation },
+            *phase = match self.taken.take() {
+                Some((socket, negotiation, _)) => Phase::Negotiating { socket, negotiation },
                 None => Phase::Failed { socket: None },
             };
         }

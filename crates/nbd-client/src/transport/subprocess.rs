@@ -871,7 +871,7 @@ fn fork_exec(plan: &mut ExecRequest, fds: ChildFds) -> Result<libc::pid_t> {
         return Err(Error::io(
             Errno::ETIMEDOUT,
             format!(
-                "cannot run {:?}: the process neither started it nor failed within {} s of fork (killed)",
+                "cannot run {:?}: the process neither exec'd it nor failed within {} s of fork (killed)",
                 plan.program,
                 EXEC_REPORT_LIMIT.as_secs()
             ),
