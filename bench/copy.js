@@ -16,7 +16,10 @@
 // otherwise, except that ours runs with flush: false, as nbdcopy does not flush unless
 // asked. The file destination is removed and `sync` run before every run (untimed). Prints
 // the median of each side and the ratio nbdcopy/ours (≥ 1.0: ours is at least as fast),
-// for the call and for the whole process.
+// for the call and for the whole process. The last two columns are the median CPU time (user
+// and system, every thread) that the nbdkit servers of the row spent during each side's runs:
+// on a small machine both sides share the CPUs with the servers, and how the client drives a
+// server changes what the server spends (Linux only; n/a elsewhere).
 'use strict'
 
 const { spawn, spawnSync } = require('node:child_process')
@@ -102,6 +105,25 @@ function timed(argv) {
   })
 }
 
+// CPU seconds (user + system) the given nbdkit processes have used so far, all their
+// threads included (Linux: /proc), or undefined where that cannot be read.
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout) || 100
+function serverCpu(children) {
+  let ticks = 0
+  for (const c of children) {
+    let stat
+    try {
+      stat = fs.readFileSync(`/proc/${c.pid}/stat`, 'utf8')
+    } catch {
+      return undefined
+    }
+    // Fields after the command name: state is the 3rd field of the line, utime the 14th.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    ticks += Number(f[11]) + Number(f[12])
+  }
+  return ticks / CLK_TCK
+}
+
 function median(xs) {
   const s = [...xs].sort((a, b) => a - b)
   const m = s.length >> 1
@@ -122,8 +144,8 @@ async function main() {
   const results = []
   try {
     console.log(`copy bench: ${args.runs} runs per side, alternating, each a fresh process; ratio = nbdcopy/ours${args.quick ? ' (--quick: sizes / 8)' : ''}`)
-    console.log(`${''.padEnd(40)} ${'the call (ours: load + copy())'.padEnd(29)}   ${'the whole process'}`)
-    console.log(`${'row'.padEnd(40)} ${'nbdcopy s'.padStart(10)} ${'ours s'.padStart(10)} ${'ratio'.padStart(7)}   ${'nbdcopy s'.padStart(10)} ${'ours s'.padStart(10)} ${'ratio'.padStart(7)}`)
+    console.log(`${''.padEnd(40)} ${'the call (ours: load + copy())'.padEnd(29)}   ${'the whole process'.padEnd(29)}   ${'servers\' CPU s'}`)
+    console.log(`${'row'.padEnd(40)} ${'nbdcopy s'.padStart(10)} ${'ours s'.padStart(10)} ${'ratio'.padStart(7)}   ${'nbdcopy s'.padStart(10)} ${'ours s'.padStart(10)} ${'ratio'.padStart(7)}   ${'nbdcopy'.padStart(8)} ${'ours'.padStart(8)}`)
     for (const row of ROWS.filter((r) => args.rows.includes(r.name))) {
       const src = servers[row.src].uri
       const dst = row.dst === 'file' ? file : row.dst === 'null' ? 'null:' : servers.nbd.uri
@@ -143,13 +165,18 @@ async function main() {
       const ours = [process.execPath, '-e', row.stream ? streamed : script]
       const times = { nbdcopy: [], ours: [] }
       const processTimes = { nbdcopy: [], ours: [] }
+      const serverTimes = { nbdcopy: [], ours: [] }
+      const involved = [servers[row.src].child, ...(row.dst === 'nbd' ? [servers.nbd.child] : [])]
       for (let i = 0; i < args.runs; i++) {
         for (const [side, argv] of [['nbdcopy', theirs], ['ours', ours]]) {
           fs.rmSync(file, { force: true })
           spawnSync('sync')
+          const before = serverCpu(involved)
           const t = await timed(argv)
+          const after = serverCpu(involved)
           times[side].push(t.call)
           processTimes[side].push(t.process)
+          if (before !== undefined && after !== undefined) serverTimes[side].push(after - before)
         }
       }
       const a = median(times.nbdcopy)
@@ -167,10 +194,15 @@ async function main() {
         processNbdcopy: processTimes.nbdcopy,
         processOurs: processTimes.ours,
         processRatio: pa / pb,
+        serverCpuNbdcopy: serverTimes.nbdcopy,
+        serverCpuOurs: serverTimes.ours,
       })
       const cols = [a, b].map((x) => x.toFixed(3).padStart(10)).join(' ')
       const pcols = [pa, pb].map((x) => x.toFixed(3).padStart(10)).join(' ')
-      console.log(`${row.label.padEnd(40)} ${cols} ${(a / b).toFixed(2).padStart(7)}   ${pcols} ${(pa / pb).toFixed(2).padStart(7)}`)
+      const scols = ['nbdcopy', 'ours']
+        .map((side) => (serverTimes[side].length > 0 ? median(serverTimes[side]).toFixed(2) : 'n/a').padStart(8))
+        .join(' ')
+      console.log(`${row.label.padEnd(40)} ${cols} ${(a / b).toFixed(2).padStart(7)}   ${pcols} ${(pa / pb).toFixed(2).padStart(7)}   ${scols}`)
     }
   } finally {
     for (const s of Object.values(servers)) s.child.kill()
