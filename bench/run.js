@@ -237,6 +237,20 @@ async function stopNbdkitAndWait(server) {
   clearTimeout(timer);
 }
 
+// CPU seconds (user + system, every thread) nbdkit has used so far, or null where /proc
+// cannot tell (not Linux).
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout) || 100;
+function serverCpuSeconds(server) {
+  try {
+    const stat = fs.readFileSync(`/proc/${server.child.pid}/stat`, 'utf8');
+    // Fields after the command name: state is the 3rd field of the line, utime the 14th.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+  } catch {
+    return null;
+  }
+}
+
 // One benchmark process; returns its parsed JSON line. `wrapper`, if given,
 // is a command line the process is started under (strace for --syscalls).
 function runOnce(side, row, sock, ops, server, wrapper = null) {
@@ -256,7 +270,9 @@ function runOnce(side, row, sock, ops, server, wrapper = null) {
     args = [...wrapper.slice(1), cmd, ...args];
     cmd = wrapper[0];
   }
+  const serverBefore = serverCpuSeconds(server);
   const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 600000, maxBuffer: 16 * 1024 * 1024 });
+  const serverAfter = serverCpuSeconds(server);
   const what = `${row.name} (${side}${wrapper ? `, under ${wrapper[0]}` : ''})`;
   if (r.error) throw new BenchError(`${what}: ${r.error.message}`);
   if (r.status !== 0) {
@@ -277,6 +293,10 @@ function runOnce(side, row, sock, ops, server, wrapper = null) {
     }
   }
   if (result.ops !== ops) throw new BenchError(`${what}: ran ${result.ops} operations, expected ${ops}`);
+  // The server's CPU over the whole run (connecting and warming up too), per operation.
+  result.serverCpuUsPerOp = serverBefore === null || serverAfter === null || wrapper
+    ? null
+    : ((serverAfter - serverBefore) * 1e6) / (ops + WARMUP);
   return result;
 }
 
@@ -375,7 +395,7 @@ function fmtNum(x, digits = 0) {
 
 function printTable(results, withSyscalls) {
   const header = ['row', 'ours ops/s', 'libnbd ops/s', 'ours/libnbd', 'ours MiB/s', 'libnbd MiB/s',
-    'ours CPU µs/op', 'libnbd CPU µs/op'];
+    'ours CPU µs/op', 'libnbd CPU µs/op', 'server µs/op (ours)', 'server µs/op (libnbd)'];
   if (withSyscalls) header.push('ours syscalls/op', 'libnbd syscalls/op');
   const body = results.map((r) => {
     const cells = [
@@ -387,6 +407,8 @@ function printTable(results, withSyscalls) {
       fmtNum(r.libnbd.medianMibPerSec, 1),
       fmtNum(r.ours.medianCpuUsPerOp, 2),
       fmtNum(r.libnbd.medianCpuUsPerOp, 2),
+      fmtNum(r.ours.medianServerCpuUsPerOp, 2),
+      fmtNum(r.libnbd.medianServerCpuUsPerOp, 2),
     ];
     if (withSyscalls) {
       cells.push(fmtNum(r.ours.syscalls ? r.ours.syscalls.perOp : null, 2),
@@ -484,6 +506,7 @@ async function main() {
         medianCpuUsPerOp: median(list.map((r) => r.cpuUsPerOp)),
         medianCpuUserUsPerOp: median(list.map((r) => r.cpuUserUs / r.ops)),
         medianCpuSystemUsPerOp: median(list.map((r) => r.cpuSystemUs / r.ops)),
+        medianServerCpuUsPerOp: list.every((r) => r.serverCpuUsPerOp !== null) ? median(list.map((r) => r.serverCpuUsPerOp)) : null,
         syscalls: null,
       });
       const ours = summarize(runs.ours);
@@ -509,7 +532,8 @@ async function main() {
     process.stdout.write('\n');
     printTable(results, opts.syscalls);
     process.stdout.write(`\nmedians of ${opts.runs} alternating runs per side; ratio = ours/libnbd ops/s (>1: ours faster); ` +
-      'CPU = user+system time of the client process over the timed phase' +
+      'CPU = user+system time of the client process over the timed phase; ' +
+      'server = nbdkit\'s user+system time over the whole run (connect and warm-up too) per operation' +
       `${opts.quick ? '; --quick: smoke run, not a measurement' : ''}\n`);
 
     if (opts.syscalls) {
