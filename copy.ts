@@ -201,6 +201,12 @@ function progressReporter(s: Settled, read: () => CopyProgress): { stop(final: b
  * Errors are `NbdError`s with operation `copy` that name the side and the offset:
  * `copy: reading the source at 1048576: EIO: …`.
  *
+ * The native engine runs on threads of its own, one per connection. On Linux, such a thread
+ * that finds another of the copy's threads on its CPU moves itself to a CPU none of them is
+ * on, by setting its own CPU affinity and at once setting it back: left together, they drag a
+ * local server's threads between CPUs. `NBD_CLIENT_COPY_PLACEMENT=off` in the environment
+ * turns this off.
+ *
  * @example
  * ```ts
  * const r = await copy('nbd+unix:///disk?socket=/run/nbd.sock', 'backup.img', {

@@ -861,6 +861,9 @@ async fn worker(job: Arc<Job>, index: usize) {
             job.fail(Error::io(Errno::EIO, format!("copy task: {e}")));
         }
     }
+    if let Some(placement) = &job.placement {
+        placement.leave(index);
+    }
 }
 
 async fn close_all(handles: Vec<Handle>, polite: bool) {
@@ -887,6 +890,10 @@ async fn close_all(handles: Vec<Handle>, polite: bool) {
 /// thread that received the data, as nbdcopy writes from its connection threads (handing
 /// each write to a blocking pool cost a third more CPU), and a slow disk must not stall the
 /// caller's other tasks.
+///
+/// On Linux, a connection's thread that finds another of the copy's connection threads on its
+/// CPU moves itself to one none of them is on, by setting its own affinity for a moment (see
+/// [`Placement`]; `NBD_CLIENT_COPY_PLACEMENT=off` in the environment turns this off).
 pub async fn copy(src: Endpoint, dst: Endpoint, options: Options, progress: Arc<Progress>, cancel: CancelToken) -> Result<Report> {
     let (done, outcome) = tokio::sync::oneshot::channel();
     // A file destination with one connection writes on one thread while another reads the
@@ -978,8 +985,8 @@ async fn copy_here(src: Endpoint, dst: Endpoint, options: Options, progress: Arc
 /// multi-threaded runtime, the tasks of two connections moved between its threads; measured
 /// against nbdkit pattern with two connections to `null:`, the server then spent about a
 /// fifth more CPU, its threads migrating between CPUs ten times as often as with nbdcopy.)
-/// The connections that planned the copy stay idle until the end. The lanes are kept on
-/// different CPUs where they can be (see [`Placement`]).
+/// The connections that planned the copy stay idle until the end. On Linux a lane that finds
+/// another on its CPU moves itself off it (see [`Placement`]).
 ///
 /// A copy with one connection runs on the planning runtime: two threads for a file
 /// destination (one writes the file while the other reads the socket), else one.
@@ -1144,26 +1151,30 @@ impl Lane {
     }
 }
 
-/// Keeps the lanes of a copy on different CPUs when they can be.
+/// Keeps the lanes of one copy on different CPUs where it can (Linux; best effort).
 ///
-/// The kernel wakes a thread where its waker runs when it can, and a lane is woken by the
-/// server's replies and wakes the server's threads in turn. Now and then two lanes end up
-/// sharing a CPU for the rest of the copy, with the server's threads dragged over to it and
-/// moved back again and again. Measured against nbdkit pattern with two connections to
-/// `null:` on two CPUs: in about half of 15 runs both lanes ran on one CPU, the server
-/// migrated its threads 1,300 to 2,500 times (60 to 600 in the other runs), spent up to a
-/// third more CPU, and the copy took up to 40 % longer. nbdcopy, with a thread per
-/// connection as here, has the same two kinds of run. With this check, the lanes were on
-/// different CPUs throughout each of 10 traced runs (server migrations 270 to 840), for 6
-/// to 12 moves per copy.
+/// The kernel tends to wake a thread on its waker's CPU, and a lane is woken by the server's
+/// replies and wakes the server's threads in turn. Now and then two lanes end up sharing a
+/// CPU for the rest of the copy, with a local server's threads dragged over to it and moved
+/// back again and again. Measured against nbdkit pattern with two connections to `null:` on
+/// two CPUs, 15 runs each way, alternating: without this check, both lanes ran on one CPU in
+/// about half the runs, where the server migrated its threads 1,300 to 2,500 times (60 to
+/// 600 in the other runs) and spent up to a third more CPU, and the copies took 530 to
+/// 817 ms; with it, 563 to 630 ms. In 10 traced runs with it the lanes were on different
+/// CPUs throughout (server migrations 270 to 840), for 6 to 12 moves per copy. nbdcopy, a
+/// thread per connection as here, shows the same two kinds of run.
 ///
 /// Each lane records the CPU it runs on as it sends a piece. A lane that finds a
-/// lower-numbered lane on its CPU moves itself to an allowed CPU that no lane is on, at most
-/// once per [`Placement::INTERVAL`]: its affinity is set to that CPU alone and at once
-/// restored, so the kernel stays free to move it again. Nothing moves when every allowed
-/// CPU has a lane (more lanes than CPUs), nor where the calls are missing (not Linux).
+/// lower-numbered lane of the same copy on its CPU moves itself to an allowed CPU that no
+/// lane of the copy is on, at most once per [`Placement::INTERVAL`]: its affinity is set to
+/// that CPU alone and at once set back to what it was (as read just before; a change made by
+/// someone else in between is lost), so the kernel stays free to move it again. If setting
+/// it back fails, the lane is allowed every CPU rather than left on one. Nothing moves when
+/// every allowed CPU has a lane (more lanes than CPUs), with `NBD_CLIENT_COPY_PLACEMENT=off`
+/// in the environment, or where the calls are missing (not Linux).
 struct Placement {
-    /// The CPU each lane last ran on (`usize::MAX`: not yet known).
+    /// The CPU each lane last ran on (`usize::MAX`: not known, or the lane has finished).
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     cpus: Vec<std::sync::atomic::AtomicUsize>,
 }
 
@@ -1172,11 +1183,15 @@ impl Placement {
     #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     const INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
-    fn new(lanes: usize) -> Placement {
-        Placement { cpus: (0..lanes).map(|_| std::sync::atomic::AtomicUsize::new(usize::MAX)).collect() }
+    /// For `lanes` lanes, unless the environment turns it off.
+    fn new(lanes: usize) -> Option<Placement> {
+        if !placement_wanted(std::env::var_os("NBD_CLIENT_COPY_PLACEMENT").as_deref()) {
+            return None;
+        }
+        Some(Placement { cpus: (0..lanes).map(|_| std::sync::atomic::AtomicUsize::new(usize::MAX)).collect() })
     }
 
-    /// Lane `index`'s check; `moved_at` is when it last moved.
+    /// Lane `index`'s check, on its own thread; `moved_at` is when it last moved.
     #[cfg(any(target_os = "linux", target_os = "android"))]
     fn check(&self, index: usize, moved_at: &mut Option<Instant>) {
         // SAFETY: sched_getcpu only reports the calling thread's CPU.
@@ -1184,44 +1199,86 @@ impl Placement {
             return;
         };
         self.cpus[index].store(cpu, Ordering::Relaxed);
-        if !crowded(index, &self.cpus) {
-            return;
-        }
-        if moved_at.is_some_and(|t| t.elapsed() < Self::INTERVAL) {
+        if !crowded(index, &self.cpus) || moved_at.is_some_and(|t| t.elapsed() < Self::INTERVAL) {
             return;
         }
         *moved_at = Some(Instant::now());
-        let size = std::mem::size_of::<libc::cpu_set_t>();
-        // SAFETY: cpu_set_t is plain data; the calls read or write only the sets given, for
-        // the calling thread (pid 0).
-        unsafe {
-            let mut allowed: libc::cpu_set_t = std::mem::zeroed();
-            if libc::sched_getaffinity(0, size, &mut allowed) != 0 {
-                return;
-            }
-            let allowed_cpus = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &allowed));
-            let lanes: Vec<usize> = self.cpus.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-            let Some(free) = free_cpu(&lanes, allowed_cpus) else {
-                return;
-            };
-            let mut only: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(free, &mut only);
-            if libc::sched_setaffinity(0, size, &only) == 0 {
-                self.cpus[index].store(free, Ordering::Relaxed);
-                libc::sched_setaffinity(0, size, &allowed);
+        let Some(allowed) = affinity() else {
+            return;
+        };
+        let lanes: Vec<usize> = self.cpus.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let Some(free) = free_cpu(&lanes, (0..CPU_SET_BITS).filter(|&c| cpu_isset(c, &allowed))) else {
+            return;
+        };
+        let mut only = empty_cpu_set();
+        // SAFETY: `free` < CPU_SET_BITS, the set's size in bits.
+        unsafe { libc::CPU_SET(free, &mut only) };
+        if set_affinity(&only) {
+            self.cpus[index].store(free, Ordering::Relaxed);
+            if !set_affinity(&allowed) {
+                let mut all = empty_cpu_set();
+                for c in 0..CPU_SET_BITS {
+                    // SAFETY: c < CPU_SET_BITS.
+                    unsafe { libc::CPU_SET(c, &mut all) };
+                }
+                // The kernel keeps only the CPUs the thread may use (its cpuset's).
+                set_affinity(&all);
             }
         }
     }
 
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     fn check(&self, _index: usize, _moved_at: &mut Option<Instant>) {}
+
+    /// Lane `index` has finished: its CPU no longer counts as taken.
+    fn leave(&self, index: usize) {
+        self.cpus[index].store(usize::MAX, Ordering::Relaxed);
+    }
+}
+
+/// Whether `NBD_CLIENT_COPY_PLACEMENT`'s value (`None`: unset) lets lanes move.
+fn placement_wanted(value: Option<&std::ffi::OsStr>) -> bool {
+    value.is_none_or(|v| v != "off")
+}
+
+/// Bits in a `cpu_set_t` (1024 with glibc and musl; musl's `CPU_SETSIZE` in the libc crate
+/// says 128, fewer than its set holds).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const CPU_SET_BITS: usize = std::mem::size_of::<libc::cpu_set_t>() * 8;
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn empty_cpu_set() -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain data, all zeroes being the empty set.
+    unsafe { std::mem::zeroed() }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn cpu_isset(cpu: usize, set: &libc::cpu_set_t) -> bool {
+    // SAFETY: callers pass cpu < CPU_SET_BITS.
+    unsafe { libc::CPU_ISSET(cpu, set) }
+}
+
+/// The calling thread's affinity, or `None` when it cannot be read.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn affinity() -> Option<libc::cpu_set_t> {
+    let mut set = empty_cpu_set();
+    // SAFETY: writes at most size_of::<cpu_set_t>() bytes into `set`, for the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    (r == 0).then_some(set)
+}
+
+/// Sets the calling thread's affinity; whether that worked.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_affinity(set: &libc::cpu_set_t) -> bool {
+    // SAFETY: reads size_of::<cpu_set_t>() bytes from `set`, for the calling thread.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) == 0 }
 }
 
 /// Whether lane `index` shares its CPU with a lower-numbered lane (which stays put).
 #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 fn crowded(index: usize, lanes: &[std::sync::atomic::AtomicUsize]) -> bool {
     let cpu = lanes[index].load(Ordering::Relaxed);
-    lanes[..index].iter().any(|c| c.load(Ordering::Relaxed) == cpu)
+    cpu != usize::MAX && lanes[..index].iter().any(|c| c.load(Ordering::Relaxed) == cpu)
 }
 
 /// The first of the `allowed` CPUs that no lane is on.
@@ -1311,7 +1368,7 @@ async fn run(
         data_bytes: AtomicU64::new(0),
         pool: Arc::new(Pool::default()),
         file_calls: Semaphore::new(cpus().max(2)),
-        placement: lanes.is_some().then(|| Placement::new(plan.connections)),
+        placement: if lanes.is_some() { Placement::new(plan.connections) } else { None },
     });
     // On abort (or a first error), closing the connections fails whatever is on the wire.
     let watch = {
@@ -1424,6 +1481,47 @@ mod tests {
         assert_eq!(free_cpu(&[0, 0], [0, 1].into_iter()), Some(1));
         assert_eq!(free_cpu(&[0, 1], [0, 1].into_iter()), None);
         assert_eq!(free_cpu(&[2, 2], [2].into_iter()), None);
+        // A finished lane leaves its CPU: nobody is crowded by it any more.
+        let p = Placement { cpus: lanes(&[4, 4]) };
+        assert!(crowded(1, &p.cpus));
+        p.leave(0);
+        assert!(!crowded(1, &p.cpus));
+        let p = Placement { cpus: lanes(&[4, 5]) };
+        p.leave(0);
+        let taken: Vec<usize> = p.cpus.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        assert_eq!(free_cpu(&taken, 4..6), Some(4));
+        // Only `off` turns moving off.
+        assert!(placement_wanted(None));
+        assert!(placement_wanted(Some("on".as_ref())));
+        assert!(!placement_wanted(Some("off".as_ref())));
+    }
+
+    /// A lane that moves ends with the affinity it had, whether it moved or not (there may be
+    /// no other CPU, or the thread may move before the check reads its CPU).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn a_move_leaves_the_affinity_as_it_was() {
+        std::thread::spawn(|| {
+            let before = affinity().expect("the affinity can be read");
+            let p = Placement { cpus: (0..2).map(|_| std::sync::atomic::AtomicUsize::new(usize::MAX)).collect() };
+            // Lane 0 claims this thread's CPU, so lane 1 (this thread) is crowded there.
+            // SAFETY: sched_getcpu only reports the calling thread's CPU.
+            let cpu = unsafe { libc::sched_getcpu() } as usize;
+            p.cpus[0].store(cpu, Ordering::Relaxed);
+            let mut moved_at = None;
+            p.check(1, &mut moved_at);
+            let after = affinity().expect("the affinity can be read");
+            assert!((0..CPU_SET_BITS).all(|c| cpu_isset(c, &before) == cpu_isset(c, &after)));
+            // Crowded again just after a move: within the interval it stays where it is.
+            let first = Some(Instant::now());
+            moved_at = first;
+            // SAFETY: as above.
+            p.cpus[0].store(unsafe { libc::sched_getcpu() } as usize, Ordering::Relaxed);
+            p.check(1, &mut moved_at);
+            assert_eq!(moved_at, first);
+        })
+        .join()
+        .expect("the test thread");
     }
 
     #[test]
