@@ -26,6 +26,7 @@ const { spawn, spawnSync } = require('node:child_process')
 const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
+const { cpuSeconds } = require('./server-cpu')
 
 const ROOT = path.join(__dirname, '..')
 const DIST = path.join(ROOT, 'dist', 'index.js')
@@ -105,25 +106,6 @@ function timed(argv) {
   })
 }
 
-// CPU seconds (user + system) the given nbdkit processes have used so far, all their
-// threads included (Linux: /proc), or undefined where that cannot be read.
-const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout) || 100
-function serverCpu(children) {
-  let ticks = 0
-  for (const c of children) {
-    let stat
-    try {
-      stat = fs.readFileSync(`/proc/${c.pid}/stat`, 'utf8')
-    } catch {
-      return undefined
-    }
-    // Fields after the command name: state is the 3rd field of the line, utime the 14th.
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-    ticks += Number(f[11]) + Number(f[12])
-  }
-  return ticks / CLK_TCK
-}
-
 function median(xs) {
   const s = [...xs].sort((a, b) => a - b)
   const m = s.length >> 1
@@ -166,17 +148,17 @@ async function main() {
       const times = { nbdcopy: [], ours: [] }
       const processTimes = { nbdcopy: [], ours: [] }
       const serverTimes = { nbdcopy: [], ours: [] }
-      const involved = [servers[row.src].child, ...(row.dst === 'nbd' ? [servers.nbd.child] : [])]
+      const involved = [servers[row.src].child.pid, ...(row.dst === 'nbd' ? [servers.nbd.child.pid] : [])]
       for (let i = 0; i < args.runs; i++) {
         for (const [side, argv] of [['nbdcopy', theirs], ['ours', ours]]) {
           fs.rmSync(file, { force: true })
           spawnSync('sync')
-          const before = serverCpu(involved)
+          const before = cpuSeconds(involved)
           const t = await timed(argv)
-          const after = serverCpu(involved)
+          const after = cpuSeconds(involved)
           times[side].push(t.call)
           processTimes[side].push(t.process)
-          if (before !== undefined && after !== undefined) serverTimes[side].push(after - before)
+          if (before !== null && after !== null) serverTimes[side].push(after - before)
         }
       }
       const a = median(times.nbdcopy)

@@ -17,6 +17,7 @@ const { spawn, spawnSync } = require('node:child_process');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
+const { cpuSeconds } = require('./server-cpu');
 
 const BENCH_DIR = __dirname;
 const ROOT = path.join(BENCH_DIR, '..');
@@ -237,20 +238,6 @@ async function stopNbdkitAndWait(server) {
   clearTimeout(timer);
 }
 
-// CPU seconds (user + system, every thread) nbdkit has used so far, or null where /proc
-// cannot tell (not Linux).
-const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout) || 100;
-function serverCpuSeconds(server) {
-  try {
-    const stat = fs.readFileSync(`/proc/${server.child.pid}/stat`, 'utf8');
-    // Fields after the command name: state is the 3rd field of the line, utime the 14th.
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
-  } catch {
-    return null;
-  }
-}
-
 // One benchmark process; returns its parsed JSON line. `wrapper`, if given,
 // is a command line the process is started under (strace for --syscalls).
 function runOnce(side, row, sock, ops, server, wrapper = null) {
@@ -270,9 +257,9 @@ function runOnce(side, row, sock, ops, server, wrapper = null) {
     args = [...wrapper.slice(1), cmd, ...args];
     cmd = wrapper[0];
   }
-  const serverBefore = serverCpuSeconds(server);
+  const serverBefore = cpuSeconds([server.child.pid]);
   const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 600000, maxBuffer: 16 * 1024 * 1024 });
-  const serverAfter = serverCpuSeconds(server);
+  const serverAfter = cpuSeconds([server.child.pid]);
   const what = `${row.name} (${side}${wrapper ? `, under ${wrapper[0]}` : ''})`;
   if (r.error) throw new BenchError(`${what}: ${r.error.message}`);
   if (r.status !== 0) {
