@@ -160,6 +160,69 @@ async function failsPromptly(t: ExecutionContext, h: Handle, connect: () => Prom
   t.is(h.state, 'dead')
 }
 
+/** Whether this CPU runs AES-GCM in hardware, from /proc/cpuinfo; undefined where it can't say. */
+function aesInHardware(): boolean | undefined {
+  let info: string
+  try {
+    info = fs.readFileSync('/proc/cpuinfo', 'utf8')
+  } catch {
+    return undefined
+  }
+  const words = (key: string) => new Set((info.match(new RegExp(`^${key}\\s*:(.*)$`, 'm'))?.[1] ?? '').trim().split(/\s+/))
+  // Only on x86-64, where /proc/cpuinfo is the CPU this test runs on (an emulator may show
+  // its host's instead).
+  if (process.arch !== 'x64') return undefined
+  const flags = words('flags')
+  return flags.has('aes') && flags.has('pclmulqdq')
+}
+
+/** The "TLS handshake done: …" debug message of one connect to `server`, with `suites` in the environment. */
+async function handshakeWith(server: Server, c: Creds, suites: string | undefined): Promise<string> {
+  const saved = process.env.NBD_CLIENT_TLS_CIPHERSUITES
+  if (suites === undefined) delete process.env.NBD_CLIENT_TLS_CIPHERSUITES
+  else process.env.NBD_CLIENT_TLS_CIPHERSUITES = suites
+  let done = ''
+  const h = new Handle({
+    exportName: server.exportName,
+    tls: 'require',
+    tlsPskFile: c.psk,
+    tlsUsername: 'alice',
+    debug: (_context, message) => {
+      if (message.startsWith('TLS handshake done')) done = message
+    },
+  })
+  try {
+    await connectTo(h, server)
+    const b = await h.pread(4096, 0)
+    if (b.length !== 4096) throw new Error(`read ${b.length} bytes`)
+    return done
+  } finally {
+    await h.close()
+    if (saved === undefined) delete process.env.NBD_CLIENT_TLS_CIPHERSUITES
+    else process.env.NBD_CLIENT_TLS_CIPHERSUITES = saved
+  }
+}
+
+// Serial: the tests change the process's environment, which the connect reads.
+test.serial('TLS 1.3 with a PSK: AES-128-GCM where the CPU has AES (nbdkit and qemu-nbd), ChaCha20 when the environment says so, a bad list refused', async (t) => {
+  if (!requireTool(t, 'openssl')) return
+  const c = makeCreds(t)
+  const aes = aesInHardware()
+  for (const server of [await nbdkitPsk(t, c), await qemuTls(t, c, 'psk')]) {
+    if (!server) return
+    const chosen = await handshakeWith(server, c, undefined)
+    t.regex(chosen, /TLSv1\.3, cipher suite TLS_(AES_128_GCM_SHA256|CHACHA20_POLY1305_SHA256)$/)
+    if (aes === true) t.regex(chosen, /TLS_AES_128_GCM_SHA256$/, server.uri)
+    if (aes === false) t.regex(chosen, /TLS_CHACHA20_POLY1305_SHA256$/, server.uri)
+    t.regex(await handshakeWith(server, c, 'TLS_CHACHA20_POLY1305_SHA256'), /cipher suite TLS_CHACHA20_POLY1305_SHA256$/)
+  }
+  const server = await nbdkitPsk(t, c)
+  if (!server) return
+  const err = await t.throwsAsync(handshakeWith(server, c, 'TLS_NO_SUCH_SUITE'))
+  t.is((err as { code?: string }).code, 'EINVAL')
+  t.regex(err!.message, /NBD_CLIENT_TLS_CIPHERSUITES="TLS_NO_SUCH_SUITE"/)
+})
+
 test('a wrong PSK key fails promptly and says which key file and user', async (t) => {
   if (!requireTool(t, 'openssl')) return
   const c = makeCreds(t)

