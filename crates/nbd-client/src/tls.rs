@@ -632,7 +632,7 @@ impl TlsConnector {
                         Errno::ECONNREFUSED,
                         format!(
                             "TLS handshake: no protocol version or cipher suite in common with \
-                             the server ({})",
+                             the server ({}); {SUITES_VARIABLE} sets the TLS 1.3 suites offered",
                             err.reason().unwrap_or("no common parameters")
                         ),
                     );
@@ -760,9 +760,11 @@ impl TlsConnector {
             (_, ALERT_PROTOCOL_VERSION | ALERT_HANDSHAKE_FAILURE | ALERT_INSUFFICIENT_SECURITY) => {
                 refused(
                     Errno::ECONNREFUSED,
-                    "the server refused the handshake (no protocol version, cipher suite or \
-                     credential type in common)"
-                        .into(),
+                    format!(
+                        "the server refused the handshake (no protocol version, cipher suite or \
+                         credential type in common; {SUITES_VARIABLE} sets the TLS 1.3 suites \
+                         offered)"
+                    ),
                 )
             }
             _ => refused(
