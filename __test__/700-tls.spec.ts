@@ -204,7 +204,7 @@ async function handshakeWith(server: Server, c: Creds, suites: string | undefine
 }
 
 // Serial: the tests change the process's environment, which the connect reads.
-test.serial('TLS 1.3 with a PSK: AES-128-GCM where the CPU has AES (nbdkit and qemu-nbd), ChaCha20 when the environment says so, a bad list refused', async (t) => {
+test.serial('TLS 1.3 with a PSK: nbdkit and qemu-nbd agree on AES-128-GCM where the CPU has AES, on ChaCha20 when the environment lists it alone; a list of unknown suites is refused', async (t) => {
   if (!requireTool(t, 'openssl')) return
   const c = makeCreds(t)
   const aes = aesInHardware()
