@@ -160,19 +160,20 @@ async function failsPromptly(t: ExecutionContext, h: Handle, connect: () => Prom
   t.is(h.state, 'dead')
 }
 
-/** Whether this CPU runs AES-GCM in hardware, from /proc/cpuinfo; undefined where it can't say. */
+/**
+ * Whether this CPU runs AES-GCM in hardware, from /proc/cpuinfo; undefined where it can't say.
+ * Only on x86-64, where /proc/cpuinfo is the CPU this test runs on (an emulator may show its
+ * host's instead).
+ */
 function aesInHardware(): boolean | undefined {
+  if (process.arch !== 'x64') return undefined
   let info: string
   try {
     info = fs.readFileSync('/proc/cpuinfo', 'utf8')
   } catch {
     return undefined
   }
-  const words = (key: string) => new Set((info.match(new RegExp(`^${key}\\s*:(.*)$`, 'm'))?.[1] ?? '').trim().split(/\s+/))
-  // Only on x86-64, where /proc/cpuinfo is the CPU this test runs on (an emulator may show
-  // its host's instead).
-  if (process.arch !== 'x64') return undefined
-  const flags = words('flags')
+  const flags = new Set((/^flags\s*:(.*)$/m.exec(info)?.[1] ?? '').trim().split(/\s+/))
   return flags.has('aes') && flags.has('pclmulqdq')
 }
 
