@@ -2,7 +2,7 @@
 // run.js: nbd-client vs libnbd, side by side, on one nbdkit server.
 //
 //   node bench/run.js [--rows name,...|all] [--runs N] [--quick] [--syscalls]
-//                     [--only ours|libnbd] [--json FILE] [--verbose]
+//                     [--floor] [--only ours|libnbd] [--json FILE] [--verbose]
 //
 // Builds bench/build/libnbd-bench from bench/libnbd-bench.c when needed,
 // starts `nbdkit memory 1G` on a private Unix socket, fills the export with
@@ -10,7 +10,9 @@
 // (ours, libnbd, ours, libnbd, ...) and reports the median ops/s of each
 // side, the ratio ours/libnbd and the median CPU time per operation of each
 // side. With --syscalls it also counts system calls per operation under
-// `strace -f -c`. See bench/README.md.
+// `strace -f -c`. With --floor the depth-1 rows also run bench/floor.c, a
+// client with no library that does the least a round trip needs, as a third
+// side in the alternation. See bench/README.md.
 'use strict';
 
 const { spawn, spawnSync } = require('node:child_process');
@@ -23,6 +25,8 @@ const BENCH_DIR = __dirname;
 const ROOT = path.join(BENCH_DIR, '..');
 const C_SOURCE = path.join(BENCH_DIR, 'libnbd-bench.c');
 const C_BINARY = path.join(BENCH_DIR, 'build', 'libnbd-bench');
+const FLOOR_SOURCE = path.join(BENCH_DIR, 'floor.c');
+const FLOOR_BINARY = path.join(BENCH_DIR, 'build', 'floor-bench');
 const OURS = path.join(BENCH_DIR, 'ours.js');
 const DIST = path.join(ROOT, 'dist', 'index.js');
 
@@ -66,6 +70,8 @@ function usage() {
     '  --runs N         runs per side per row, alternating ours/libnbd (default 5; 3 with --quick)',
     '  --quick          a tenth of the operations per run: a smoke test, not a measurement',
     '  --syscalls       also count system calls per operation of each side under strace -f -c',
+    '  --floor          depth-1 rows also run bench/floor.c (a client with no library, one command',
+    '                   at a time) as a third side, and report each client against it',
     '  --only SIDE      run only "ours" or only "libnbd"',
     '  --json FILE      also write the results as JSON to FILE',
     '  --verbose        print every run as it finishes',
@@ -77,7 +83,7 @@ function usage() {
 }
 
 function parseArgs(argv) {
-  const o = { rows: null, runs: null, quick: false, syscalls: false, only: null, json: null, verbose: false };
+  const o = { rows: null, runs: null, quick: false, syscalls: false, floor: false, only: null, json: null, verbose: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const eq = a.indexOf('=');
@@ -97,6 +103,7 @@ function parseArgs(argv) {
       }
       case '--quick': o.quick = true; break;
       case '--syscalls': o.syscalls = true; break;
+      case '--floor': o.floor = true; break;
       case '--only': {
         o.only = value();
         if (o.only !== 'ours' && o.only !== 'libnbd') throw new BenchError(`--only must be "ours" or "libnbd", got '${o.only}'`);
@@ -138,28 +145,38 @@ function which(cmd) {
   return null;
 }
 
-function buildCBinary() {
-  let upToDate = false;
+function isUpToDate(binary, source) {
   try {
-    upToDate = fs.statSync(C_BINARY).mtimeMs >= fs.statSync(C_SOURCE).mtimeMs;
+    return fs.statSync(binary).mtimeMs >= fs.statSync(source).mtimeMs;
   } catch {
-    upToDate = false;
+    return false;
   }
-  if (upToDate) return;
+}
+
+function compile(source, binary, libs) {
+  const cc = process.env.CC || 'cc';
+  if (!which(cc)) throw new BenchError(`C compiler '${cc}' not found (set CC or install gcc)`);
+  fs.mkdirSync(path.dirname(binary), { recursive: true });
+  const args = ['-O2', '-Wall', '-o', binary, source, ...libs];
+  process.stderr.write(`building ${path.relative(ROOT, binary)}: ${cc} ${args.join(' ')}\n`);
+  const r = spawnSync(cc, args, { stdio: 'inherit' });
+  if (r.error) throw new BenchError(`running ${cc}: ${r.error.message}`);
+  if (r.status !== 0) throw new BenchError(`building ${path.relative(ROOT, binary)} failed (exit ${r.status})`);
+}
+
+function buildFloorBinary() {
+  if (!isUpToDate(FLOOR_BINARY, FLOOR_SOURCE)) compile(FLOOR_SOURCE, FLOOR_BINARY, []);
+}
+
+function buildCBinary() {
+  if (isUpToDate(C_BINARY, C_SOURCE)) return;
 
   if (!which('pkg-config')) throw new BenchError('pkg-config not found: install pkg-config and libnbd-dev to build bench/libnbd-bench.c');
   const pc = spawnSync('pkg-config', ['--cflags', '--libs', 'libnbd'], { encoding: 'utf8' });
   if (pc.status !== 0) {
     throw new BenchError(`pkg-config cannot find libnbd (install libnbd-dev):\n${(pc.stderr || '').trim()}`);
   }
-  const cc = process.env.CC || 'cc';
-  if (!which(cc)) throw new BenchError(`C compiler '${cc}' not found (set CC or install gcc)`);
-  fs.mkdirSync(path.dirname(C_BINARY), { recursive: true });
-  const args = ['-O2', '-Wall', '-o', C_BINARY, C_SOURCE, ...pc.stdout.trim().split(/\s+/).filter(Boolean)];
-  process.stderr.write(`building ${path.relative(ROOT, C_BINARY)}: ${cc} ${args.join(' ')}\n`);
-  const r = spawnSync(cc, args, { stdio: 'inherit' });
-  if (r.error) throw new BenchError(`running ${cc}: ${r.error.message}`);
-  if (r.status !== 0) throw new BenchError(`building ${path.relative(ROOT, C_BINARY)} failed (exit ${r.status})`);
+  compile(C_SOURCE, C_BINARY, pc.stdout.trim().split(/\s+/).filter(Boolean));
 }
 
 function sleep(ms) {
@@ -250,7 +267,7 @@ function runOnce(side, row, sock, ops, server, wrapper = null) {
     cmd = process.execPath;
     args = [OURS, ...common, ...(row.into ? ['--into'] : [])];
   } else {
-    cmd = C_BINARY;
+    cmd = side === 'floor' ? FLOOR_BINARY : C_BINARY;
     args = common;
   }
   if (wrapper) {
@@ -380,10 +397,16 @@ function fmtNum(x, digits = 0) {
   return x.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
 }
 
-function printTable(results, withSyscalls) {
+// The rows the floor client can run: one command at a time, no TLS.
+function hasFloor(row) {
+  return row.depth === 1 && !row.tls;
+}
+
+function printTable(results, withSyscalls, withFloor) {
   const header = ['row', 'ours ops/s', 'libnbd ops/s', 'ours/libnbd', 'ours MiB/s', 'libnbd MiB/s',
     'ours CPU µs/op', 'libnbd CPU µs/op', 'server µs/op (ours)', 'server µs/op (libnbd)'];
   if (withSyscalls) header.push('ours syscalls/op', 'libnbd syscalls/op');
+  if (withFloor) header.push('floor ops/s', 'floor CPU µs/op', 'ours/floor', 'libnbd/floor');
   const body = results.map((r) => {
     const cells = [
       r.label,
@@ -400,6 +423,11 @@ function printTable(results, withSyscalls) {
     if (withSyscalls) {
       cells.push(fmtNum(r.ours.syscalls ? r.ours.syscalls.perOp : null, 2),
         fmtNum(r.libnbd.syscalls ? r.libnbd.syscalls.perOp : null, 2));
+    }
+    if (withFloor) {
+      const f = r.floor;
+      const share = (side) => (f && side.medianOpsPerSec !== null ? (side.medianOpsPerSec / f.medianOpsPerSec).toFixed(2) : '-');
+      cells.push(fmtNum(f ? f.medianOpsPerSec : null), fmtNum(f ? f.medianCpuUsPerOp : null, 2), share(r.ours), share(r.libnbd));
     }
     return cells;
   });
@@ -418,6 +446,7 @@ async function main() {
   }
   // The C binary is also used to prefill the export, so build it either way.
   buildCBinary();
+  if (opts.floor) buildFloorBinary();
   if (opts.syscalls && !which('strace')) {
     throw new BenchError('--syscalls needs strace, which is not on PATH (Debian/Ubuntu: apt-get install -y strace)');
   }
@@ -474,9 +503,10 @@ async function main() {
     for (const row of opts.rowList) {
       const target = row.tls ? tlsServer : server;
       const ops = opts.quick ? Math.max(100, Math.round(row.ops / QUICK_DIVISOR)) : row.ops;
-      const runs = { ours: [], libnbd: [] };
+      const runs = { ours: [], libnbd: [], floor: [] };
+      const rowSides = opts.floor && hasFloor(row) ? [...sides, 'floor'] : sides;
       for (let i = 0; i < opts.runs; i++) {
-        for (const side of sides) {
+        for (const side of rowSides) {
           const r = runOnce(side, row, target.sock, ops, target);
           runs[side].push(r);
           if (opts.verbose) {
@@ -512,15 +542,18 @@ async function main() {
       results.push({
         name: row.name, label: row.label, op: row.op, blockSize: row.bs, depth: row.depth,
         preadInto: !!row.into, opsPerRun: ops, ours, libnbd, ratio,
+        floor: runs.floor.length > 0 ? summarize(runs.floor) : null,
       });
       process.stderr.write(`${row.label}: done (${opts.runs} run${opts.runs === 1 ? '' : 's'} per side)\n`);
     }
 
     process.stdout.write('\n');
-    printTable(results, opts.syscalls);
+    printTable(results, opts.syscalls, opts.floor);
     process.stdout.write(`\nmedians of ${opts.runs} alternating runs per side; ratio = ours/libnbd ops/s (>1: ours faster); ` +
       'CPU = user+system time of the client process over the timed phase; ' +
       'server = nbdkit\'s user+system time over the whole run (connect and warm-up too) per operation' +
+      `${opts.floor ? '; floor = bench/floor.c (no library, simple replies, one command at a time), ' +
+        'run in the same alternation on the depth-1 rows; ours/floor and libnbd/floor = each client\'s ops/s over the floor\'s' : ''}` +
       `${opts.quick ? '; --quick: smoke run, not a measurement' : ''}\n`);
 
     if (opts.syscalls) {
@@ -541,6 +574,10 @@ async function main() {
         host: { cpus: os.cpus().length, cpuModel: (os.cpus()[0] || {}).model, node: process.version, platform: `${os.platform()} ${os.release()}` },
         server: `nbdkit memory ${EXPORT_SIZE} over a Unix socket`,
         runsPerSide: opts.runs, quick: opts.quick, warmup: WARMUP, sides,
+        floor: opts.floor
+          ? 'bench/floor.c: no library, NBD_OPT_GO without structured replies, one command at a time ' +
+            '(one send and two recv each, plus a poll when the reply has not come yet), on the depth-1 rows without TLS'
+          : null,
         cpu: 'user and system time of the client process (every thread) over the timed phase: ' +
           'process.cpuUsage() in ours.js, getrusage(RUSAGE_SELF) in libnbd-bench',
         syscalls: opts.syscalls
