@@ -27,21 +27,15 @@
 
 #define _GNU_SOURCE
 #include <endian.h>
-#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <poll.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
+
+#include "bench-util.h"
 
 #define REQUEST_MAGIC 0x25609513u
 #define SIMPLE_REPLY_MAGIC 0x67446698u
@@ -57,18 +51,6 @@
 #define FLAG_NO_ZEROES 2u
 
 static int fd = -1;
-
-static void
-die (const char *fmt, ...)
-{
-  va_list ap;
-  fprintf (stderr, "floor-bench: ");
-  va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
-  va_end (ap);
-  fputc ('\n', stderr);
-  exit (1);
-}
 
 /* Reads exactly n bytes, waiting in poll() whenever the socket is empty. */
 static void
@@ -119,24 +101,6 @@ write_all (struct iovec *iov, int n)
       iov->iov_len -= w;
     }
   }
-}
-
-static uint64_t
-parse_u64 (const char *name, const char *s)
-{
-  char *end;
-  errno = 0;
-  unsigned long long v = strtoull (s, &end, 10);
-  if (errno != 0 || end == s)
-    die ("%s: expected a non-negative integer, got '%s'", name, s);
-  switch (*end) {
-  case 'k': case 'K': v <<= 10; end++; break;
-  case 'm': case 'M': v <<= 20; end++; break;
-  case 'g': case 'G': v <<= 30; end++; break;
-  }
-  if (*end != '\0')
-    die ("%s: expected a non-negative integer, got '%s'", name, s);
-  return v;
 }
 
 /* Handshake: fixed newstyle, NBD_OPT_GO on the default export.  Returns its size. */
@@ -206,6 +170,7 @@ main (int argc, char **argv)
     { NULL, 0, NULL, 0 },
   };
   int c;
+  program_name = "floor-bench";
   while ((c = getopt_long (argc, argv, "", longopts, NULL)) != -1) {
     switch (c) {
     case 'S': socket_path = optarg; break;
@@ -252,13 +217,13 @@ main (int argc, char **argv)
     die ("out of memory");
   memset (buf, is_write ? 0xa5 : 0, bs);
 
-  struct rusage r0, r1;
-  struct timespec t0, t1;
+  uint64_t user0 = 0, sys0 = 0, user1, sys1;
+  double t0 = 0;
   uint64_t total = warmup + ops;
   for (uint64_t i = 0; i < total; i++) {
     if (i == warmup) {
-      getrusage (RUSAGE_SELF, &r0);
-      clock_gettime (CLOCK_MONOTONIC, &t0);
+      cpu_times_us (&user0, &sys0);
+      t0 = now_seconds ();
     }
     unsigned char req[28];
     uint32_t w32 = htobe32 (REQUEST_MAGIC);
@@ -286,8 +251,8 @@ main (int argc, char **argv)
     if (!is_write)
       read_exact (buf, bs);
   }
-  clock_gettime (CLOCK_MONOTONIC, &t1);
-  getrusage (RUSAGE_SELF, &r1);
+  double seconds = now_seconds () - t0;
+  cpu_times_us (&user1, &sys1);
 
   /* NBD_CMD_DISC, then close. */
   unsigned char disc[28] = { 0 };
@@ -299,9 +264,7 @@ main (int argc, char **argv)
   write_all (&dv, 1);
   close (fd);
 
-  double seconds = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
-  double user = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec) * 1e6 + (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec);
-  double sys = (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) * 1e6 + (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec);
+  double user = (double) (user1 - user0), sys = (double) (sys1 - sys0);
   printf ("{\"ops\":%" PRIu64 ",\"seconds\":%.6f,\"opsPerSec\":%.1f,\"mibPerSec\":%.2f,"
           "\"cpuUserUs\":%.0f,\"cpuSystemUs\":%.0f,\"cpuUsPerOp\":%.3f}\n",
           ops, seconds, ops / seconds, ops * (double) bs / seconds / (1024 * 1024),

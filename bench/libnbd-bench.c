@@ -46,6 +46,8 @@
 
 #include <libnbd.h>
 
+#include "bench-util.h"
+
 static struct nbd_handle *nbd;
 
 /* Workload parameters. */
@@ -69,69 +71,11 @@ static void *write_buf;         /* shared by every pwrite: it is only read */
 static uint64_t completed;
 static int command_error;       /* first errno reported to a callback */
 
-static void __attribute__ ((noreturn, format (printf, 1, 2)))
-die (const char *fmt, ...)
-{
-  va_list ap;
-
-  fprintf (stderr, "libnbd-bench: ");
-  va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
-  va_end (ap);
-  fputc ('\n', stderr);
-  exit (EXIT_FAILURE);
-}
-
 static void __attribute__ ((noreturn))
 die_nbd (const char *what)
 {
   const char *msg = nbd_get_error ();
   die ("%s: %s (errno %d)", what, msg ? msg : "unknown error", nbd_get_errno ());
-}
-
-static uint64_t
-parse_u64 (const char *name, const char *s)
-{
-  char *end;
-  unsigned long long v;
-
-  errno = 0;
-  if (s[0] == '-')
-    die ("%s: expected a non-negative integer, got '%s'", name, s);
-  v = strtoull (s, &end, 0);
-  if (errno != 0 || end == s)
-    die ("%s: expected a non-negative integer, got '%s'", name, s);
-  /* Accept the binary suffixes k, m, g (KiB, MiB, GiB). */
-  switch (*end) {
-  case 'k': case 'K': v <<= 10; end++; break;
-  case 'm': case 'M': v <<= 20; end++; break;
-  case 'g': case 'G': v <<= 30; end++; break;
-  }
-  if (*end != '\0')
-    die ("%s: trailing characters in '%s'", name, s);
-  return v;
-}
-
-static double
-now_seconds (void)
-{
-  struct timespec ts;
-
-  if (clock_gettime (CLOCK_MONOTONIC, &ts) == -1)
-    die ("clock_gettime: %s", strerror (errno));
-  return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
-}
-
-/* User and system CPU time of the process so far, in microseconds. */
-static void
-cpu_times_us (uint64_t *user_us, uint64_t *system_us)
-{
-  struct rusage ru;
-
-  if (getrusage (RUSAGE_SELF, &ru) == -1)
-    die ("getrusage: %s", strerror (errno));
-  *user_us = (uint64_t) ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
-  *system_us = (uint64_t) ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
 }
 
 static int
@@ -237,6 +181,7 @@ main (int argc, char *argv[])
   unsigned i;
   int c;
 
+  program_name = "libnbd-bench";
   while ((c = getopt_long (argc, argv, "", long_options, NULL)) != -1) {
     switch (c) {
     case 'U': socket_path = optarg; break;

@@ -25,6 +25,7 @@ const BENCH_DIR = __dirname;
 const ROOT = path.join(BENCH_DIR, '..');
 const C_SOURCE = path.join(BENCH_DIR, 'libnbd-bench.c');
 const C_BINARY = path.join(BENCH_DIR, 'build', 'libnbd-bench');
+const C_SHARED = path.join(BENCH_DIR, 'bench-util.h'); // included by both C programs
 const FLOOR_SOURCE = path.join(BENCH_DIR, 'floor.c');
 const FLOOR_BINARY = path.join(BENCH_DIR, 'build', 'floor-bench');
 const OURS = path.join(BENCH_DIR, 'ours.js');
@@ -145,9 +146,11 @@ function which(cmd) {
   return null;
 }
 
+// Whether `binary` is newer than its source and the header both C programs share.
 function isUpToDate(binary, source) {
   try {
-    return fs.statSync(binary).mtimeMs >= fs.statSync(source).mtimeMs;
+    const built = fs.statSync(binary).mtimeMs;
+    return [source, C_SHARED].every((f) => built >= fs.statSync(f).mtimeMs);
   } catch {
     return false;
   }
