@@ -538,19 +538,20 @@ const chunk = (req: NbdRequest, type: number, payload?: Buffer, opts: { done?: b
   structuredChunk(req.cookie, type, payload, { done: opts.done ?? true, length: opts.length })
 
 const txFaults: TxFault[] = [
-  // unknown cookies and wrong magic: no command is to blame, so every pending one gets ENOTCONN
+  // unknown cookies and wrong magic name no command: the oldest one on the wire takes the
+  // blame (EPROTO), the others get ENOTCONN
   {
     title: 'a simple reply to a cookie never sent',
     fake: SIMPLE,
     bad: (req) => [simpleReply(req.cookie + 1000n)],
-    codes: DEAD_ALL,
+    codes: DEAD_EPROTO,
     state: 'dead',
     message: /unknown cookie/,
   },
   {
     title: 'a structured chunk for a cookie never sent',
     bad: (req) => [structuredChunk(0xdeadbeefn, REPLY_TYPE.NONE, undefined, { done: true })],
-    codes: DEAD_ALL,
+    codes: DEAD_EPROTO,
     state: 'dead',
     message: /unknown cookie/,
   },
@@ -558,14 +559,14 @@ const txFaults: TxFault[] = [
     title: 'a second reply to a command already answered',
     fake: SIMPLE,
     bad: (req, conn) => [...conn.defaultReply(req), simpleReply(req.cookie)],
-    codes: ['resolved', 'ENOTCONN', 'ENOTCONN'],
+    codes: ['resolved', 'EPROTO', 'ENOTCONN'],
     state: 'dead',
     message: /unknown cookie/,
   },
   {
     title: 'a reply with an unknown magic',
     bad: (req) => [simpleReply(req.cookie, 0, undefined, { magic: 0x12345678 })],
-    codes: DEAD_ALL,
+    codes: DEAD_EPROTO,
     state: 'dead',
     message: /unknown magic 0x12345678/,
   },

@@ -882,35 +882,41 @@ fn nothing_is_consumed_until_a_whole_unit_is_there() {
 // ---- protocol faults ----
 
 #[test]
-fn reply_to_an_unknown_cookie_is_fatal_without_a_command() {
+fn reply_to_an_unknown_cookie_blames_the_oldest_command() {
     let cmds = [(1, write(0, 1)), (2, read(0, 10))];
     let (f, _, mut d) = run_fatal(false, &cmds, &simple_reply(0, 99));
     assert!(f.error.message().contains("99"), "{}", f.error);
-    assert!(f.command.is_none());
-    let mut rest = d.take_all();
-    rest.sort();
-    assert_eq!(rest, vec![(1, 10), (2, 20)]);
+    assert_eq!(f.command, Some((1, 10)));
+    assert_eq!(d.take_all(), vec![(2, 20)]);
     assert!(d.is_empty());
 
     let (f, _, _) = run_fatal(true, &cmds, &none_chunk(98));
-    assert!(f.command.is_none());
-    // A cookie that has already been answered is unknown.
+    assert_eq!(f.command, Some((1, 10)));
+    // A cookie that has already been answered is unknown; the oldest left takes the blame.
     let mut input = simple_reply(0, 1);
     input.extend(simple_reply(0, 1));
     let (f, events, mut d) = run_fatal(false, &cmds, &input);
     assert_eq!(events, vec![done_ok(1)]);
-    assert!(f.command.is_none());
-    assert_eq!(d.take_all(), vec![(2, 20)]);
+    assert_eq!(f.command, Some((2, 20)));
+    assert!(d.take_all().is_empty());
+    // Cookies, not the order of registration, tell which is oldest.
+    let later_first = [(7, read(0, 10)), (3, write(0, 1))];
+    let (f, _, mut d) = run_fatal(false, &later_first, &simple_reply(0, 99));
+    assert_eq!(f.command, Some((3, 30)));
+    assert_eq!(d.take_all(), vec![(7, 70)]);
 }
 
 #[test]
-fn unknown_magic_is_fatal_without_a_command() {
+fn unknown_magic_blames_the_oldest_command() {
     let mut input = simple_reply(0, 1);
     input[0] = 0x12;
-    let (f, _, mut d) = run_fatal(true, &[(1, write(0, 1))], &input);
-    assert!(f.command.is_none());
+    let (f, _, mut d) = run_fatal(true, &[(1, write(0, 1)), (2, write(0, 1))], &input);
+    assert_eq!(f.command, Some((1, 10)));
     assert!(f.error.message().contains("magic"), "{}", f.error);
-    assert_eq!(d.take_all(), vec![(1, 10)]);
+    assert_eq!(d.take_all(), vec![(2, 20)]);
+    // With nothing in flight there is nobody to blame.
+    let (f, _, _) = run_fatal(true, &[], &input);
+    assert!(f.command.is_none());
 }
 
 #[test]
@@ -920,9 +926,9 @@ fn structured_reply_when_not_negotiated_blames_its_command() {
     assert_eq!(f.command, Some((1, 10)));
     assert!(f.error.message().contains("not negotiated"), "{}", f.error);
     assert_eq!(d.take_all(), vec![(2, 20)]);
-    // An unknown cookie in that framing blames nobody.
+    // An unknown cookie in that framing blames the oldest command.
     let (f, _, _) = run_fatal(false, &cmds, &none_chunk(77));
-    assert!(f.command.is_none());
+    assert_eq!(f.command, Some((1, 10)));
 }
 
 #[test]

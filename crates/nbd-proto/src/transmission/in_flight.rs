@@ -168,6 +168,12 @@ impl<T> InFlightTable<T> {
         self.map.len()
     }
 
+    /// The command sent first of those in flight (cookies are handed out in increasing
+    /// order), if any.
+    pub fn oldest(&self) -> Option<u64> {
+        self.map.keys().min().copied()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

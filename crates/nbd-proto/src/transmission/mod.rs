@@ -37,8 +37,9 @@
 //! ```
 //!
 //! An `Err(Fatal)` means the server broke the protocol: the connection is unusable, the
-//! command named in it (if any) fails with its error, and [`ReplyDecoder::take_all`]
-//! returns every other command so the driver can fail them too.
+//! command named in it fails with its error (the one the bad reply was for or, when the
+//! bytes name no command in flight, the oldest command in flight), and
+//! [`ReplyDecoder::take_all`] returns every other command so the driver can fail them too.
 
 //!
 //! # Where things are

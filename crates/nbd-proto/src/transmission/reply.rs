@@ -50,7 +50,9 @@ pub struct Decoded<T> {
 pub struct Fatal<T> {
     /// The protocol error.
     pub error: Error,
-    /// The command the bad reply was for, when it could be told, with its user data.
+    /// The command to fail with the error, with its user data: the one the bad reply was
+    /// for, or, when the reply names no command in flight (an unknown cookie, a bad magic),
+    /// the oldest command in flight. `None` only when nothing was in flight.
     pub command: Option<(u64, T)>,
 }
 
@@ -680,7 +682,11 @@ impl<T> ReplyDecoder<T> {
         Ok(extents)
     }
 
+    /// A protocol violation, blamed on `cookie`'s command; with no cookie (the bytes name no
+    /// command in flight), on the oldest command in flight, which a reply in order would
+    /// have answered: the caller waiting longest sees `EPROTO`, not only `ENOTCONN`.
     fn fatal(&mut self, cookie: Option<u64>, message: impl Into<String>) -> Fatal<T> {
+        let cookie = cookie.or_else(|| self.table.oldest());
         let command = cookie.and_then(|c| self.table.remove(c).map(|user| (c, user)));
         Fatal {
             error: Error::protocol(message),
