@@ -1060,3 +1060,40 @@ export class Handle {
     return mapExtents(this, options)
   }
 }
+
+// ---- methods called without their handle ----
+
+/**
+ * Methods that return a promise, apart from the three per-command ones below, which
+ * already turn every failure, an unbound call included, into a rejection.
+ */
+const PROMISE_METHODS = new Set([
+  'connectSocket', 'connectUnix', 'connectTcp', 'connectUri', 'connectCommand',
+  'connectSystemdSocketActivation', 'connectVsock',
+  'optGo', 'optAbort', 'optInfo', 'optList', 'optListMetaContext', 'optSetMetaContext',
+  'optStructuredReply', 'optExtendedHeaders', 'optStarttls',
+  'preadStructured', 'flush', 'trim', 'cache', 'zero', 'blockStatus', 'shutdown', 'close',
+])
+/** Called once per command: they check `this` themselves, at no extra call. */
+const SELF_CHECKING = new Set(['pread', 'preadInto', 'pwrite'])
+
+// A method taken off its handle (`commands.map(h.flush)`, `promise.then(h.close)`) would
+// otherwise fail on its first use of `this` with a TypeError, thrown synchronously by the
+// methods that are not `async`. Each is wrapped once here so that such a call fails as the
+// API promises: an `NbdError` (`EINVAL`) that says what happened, as a rejection from the
+// methods that return a promise and thrown from the others.
+for (const name of Object.getOwnPropertyNames(Handle.prototype)) {
+  const d = Object.getOwnPropertyDescriptor(Handle.prototype, name)
+  if (name === 'constructor' || SELF_CHECKING.has(name) || d === undefined || typeof d.value !== 'function') continue
+  const method = d.value as (this: unknown, ...args: unknown[]) => unknown
+  const returnsPromise = PROMISE_METHODS.has(name)
+  const wrapped = {
+    [name](this: unknown, ...args: unknown[]): unknown {
+      if (this instanceof Handle) return method.apply(this, args)
+      const e = invalid(name, `${name}() was called without its Handle: call it as handle.${name}(…), or bind it first`)
+      if (returnsPromise) return Promise.reject(e)
+      throw e
+    },
+  }[name]!
+  Object.defineProperty(Handle.prototype, name, { ...d, value: wrapped })
+}

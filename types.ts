@@ -41,7 +41,9 @@ export interface HandleOptions {
    * Milliseconds allowed for the whole connect and handshake; a server that stalls then
    * fails the connect with `ETIMEDOUT`. In option mode it also bounds each option request
    * (`optGo`, `optInfo`, `optList`, …): one the server does not answer in time fails with
-   * `ETIMEDOUT` and the handle is `dead`. Default: no limit beyond the operating system's.
+   * `ETIMEDOUT` and the handle is `dead`. `0`, like leaving it out, means no limit beyond
+   * the operating system's (a server that accepts and then says nothing is waited for
+   * forever). The default.
    */
   connectTimeout?: number
   /** Requests on the wire at once; more are queued, never refused. Default 64. */

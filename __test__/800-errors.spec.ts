@@ -227,6 +227,50 @@ test('bad calls never throw synchronously and never kill the handle', async (t) 
   t.true((await h.pread(1024, 0)).equals(data))
 })
 
+test('a method taken off its handle fails with EINVAL: rejected where it returns a promise, thrown where not', async (t) => {
+  const h = await argHandle(t)
+  // Every method of the prototype, and which of them return promises, from the published types.
+  const dts = fs.readFileSync(`${__dirname}/../dist/handle.d.ts`, 'utf8')
+  const names = Object.getOwnPropertyNames(Handle.prototype).filter(
+    (n) => n !== 'constructor' && typeof Object.getOwnPropertyDescriptor(Handle.prototype, n)!.value === 'function',
+  )
+  t.true(names.length > 80, `${names.length} methods`)
+  // Each method's declaration runs from its line (four spaces, its name, a parenthesis) to
+  // the next member's; comments are left out.
+  const declarations = new Map<string, string>()
+  let member: string | undefined
+  for (const line of dts.split('\n')) {
+    if (/^\s*(\/\*\*|\*)/.test(line)) continue
+    const m = /^ {4}([A-Za-z]\w*)\(/.exec(line)
+    if (m) member = m[1]!
+    else if (/^ {4}[^\s})]/.test(line)) member = undefined
+    if (member !== undefined) declarations.set(member, `${declarations.get(member) ?? ''}${line}\n`)
+  }
+  const returnsPromise = (name: string) => /\)\s*:\s*Promise</.test(declarations.get(name) ?? '')
+  t.true(returnsPromise('flush') && returnsPromise('connectUnix') && !returnsPromise('getSize'))
+  for (const name of names) {
+    const method = (h as unknown as Record<string, (...a: unknown[]) => unknown>)[name]!
+    let result: unknown
+    let thrown: unknown
+    try {
+      result = method(4096, 0)
+    } catch (e) {
+      thrown = e
+    }
+    if (returnsPromise(name)) {
+      t.is(thrown, undefined, `${name} threw synchronously`)
+      t.true(result instanceof Promise, name)
+      thrown = await (result as Promise<unknown>).then(() => undefined, (e: unknown) => e)
+    }
+    t.true(thrown instanceof NbdError, `${name}: ${String(thrown)}`)
+    t.is((thrown as NbdError).code, 'EINVAL', name)
+    t.is((thrown as NbdError).operation, name, name)
+  }
+  // The handle itself was never touched.
+  t.is(h.state, 'ready')
+  t.is(h.inFlight, 0)
+})
+
 // ---- strict checks against the export -------------------------------------------------------
 
 test('ranges past the end of the export reject with EINVAL, or ENOSPC for what writes (strict bounds)', async (t) => {

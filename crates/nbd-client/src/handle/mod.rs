@@ -312,13 +312,12 @@ impl Handle {
             _ => None,
         };
         negotiated.ok_or_else(|| {
-            Error::usage(
-                Errno::EINVAL,
-                format!(
-                    "invalid state: {}: the server never sent the export's details",
-                    state.name()
-                ),
-            )
+            let why = match state {
+                // (After shutdown() the details stay: that case never gets here.)
+                State::Closed => "the handle was closed, and the export's details with it",
+                _ => "the server never sent the export's details",
+            };
+            Error::usage(Errno::EINVAL, format!("invalid state: {}: {why}", state.name()))
         })
     }
 
