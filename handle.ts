@@ -1090,7 +1090,7 @@ for (const name of Object.getOwnPropertyNames(Handle.prototype)) {
   const wrapped = {
     [name](this: unknown, ...args: unknown[]): unknown {
       if (this instanceof Handle) return method.apply(this, args)
-      const e = invalid(name, `${name}() was called without its Handle: call it as handle.${name}(…), or bind it first`)
+      const e = invalid(name, `called without its Handle: call it as handle.${name}(…), or bind it first`)
       if (returnsPromise) return Promise.reject(e)
       throw e
     },
