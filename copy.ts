@@ -6,7 +6,11 @@
  *   name their export with {@link Handle.getUri}, local files or block devices, or `'null:'`.
  *   Bytes move in Rust with no JavaScript per request; for a `Handle` the engine opens its
  *   own connections to the same export (from `getUri()`, which carries the TLS settings),
- *   because the handle's own connection is driven from the JavaScript thread.
+ *   because the handle's own connection is driven from the JavaScript thread. A server that
+ *   serves one client at a time (qemu-nbd without `--shared`) leaves those unanswered while
+ *   the handle is connected: when the engine's first connection to a handle's export has
+ *   not finished its handshake within {@link HANDLE_CONNECT_WAIT_MS}, the javascript engine
+ *   copies through the handle itself instead.
  * - **javascript**, used when one end is a Node stream, or a `Handle` that no URI describes
  *   (connected with `connectSocket`, `connectCommand`, …): it drives `pread`/`pwrite`/`zero`
  *   of the handles with many requests in flight and moves stream data in `requestSize`
@@ -43,7 +47,12 @@ export interface CopyProgress {
 
 /** Options of {@link copy}; the defaults are nbdcopy's, but `flush` is on. */
 export interface CopyOptions {
-  /** Connections per NBD side (native engine); default 4, at most one per CPU (as nbdcopy), where multi-conn is safe (canMultiConn, or a read-only source), else 1. */
+  /**
+   * Connections per NBD side (native engine); default 4, at most one per CPU (as nbdcopy),
+   * where multi-conn is safe (canMultiConn, or a read-only source), else 1. If the server
+   * refuses the extra connections or leaves them unanswered, the copy goes on with one by
+   * default, and fails (`ETIMEDOUT` for connections left unanswered) when a number was given.
+   */
   connections?: number
   /** Requests in flight per connection; default 64. */
   requests?: number
@@ -146,6 +155,12 @@ function settle(options: CopyOptions | undefined): Settled {
 
 type NativeEndpoint = Binding.NativeCopyEndpoint
 
+/**
+ * Milliseconds the native engine waits for its own connection to a `Handle`'s export before
+ * the copy goes through the handle instead (the server may serve one client at a time).
+ */
+const HANDLE_CONNECT_WAIT_MS = 3000
+
 /** The native engine's view of an endpoint, or undefined when only the JavaScript engine can serve it. */
 function nativeEndpoint(e: CopyEndpoint, source: boolean): NativeEndpoint | undefined {
   if (typeof e === 'string') {
@@ -163,13 +178,20 @@ function nativeEndpoint(e: CopyEndpoint, source: boolean): NativeEndpoint | unde
       throw fail(`the ${source ? 'source' : 'destination'} handle is ${e.state}, not connected`)
     }
     try {
-      return { kind: 'nbd', uri: e.getUri() }
+      return { kind: 'nbd', uri: e.getUri(), connectTimeout: HANDLE_CONNECT_WAIT_MS }
     } catch {
       return undefined
     }
   }
   if (source ? isReadable(e) : isWritable(e)) return undefined
   throw fail(`the ${source ? 'source' : 'destination'} must be an NBD URI, ${source ? '' : "'null:', "}a path, a Handle or a ${source ? 'Readable' : 'Writable'} stream`)
+}
+
+/** Whether `e` says the native engine's first connection to a side given as a Handle timed out. */
+function unansweredHandleSide(e: unknown, source: CopyEndpoint, destination: CopyEndpoint): boolean {
+  if (!(e instanceof NbdError) || e.code !== 'ETIMEDOUT') return false
+  return (source instanceof Handle && /connecting to the source/.test(e.message)) ||
+    (destination instanceof Handle && /connecting to the destination/.test(e.message))
 }
 
 /** Calls onProgress at most every 100 ms, and once more at the end. */
@@ -223,7 +245,14 @@ export async function copy(source: CopyEndpoint, destination: CopyEndpoint, opti
   if (isWritable(destination) && (destination.destroyed || destination.writableEnded)) {
     throw fail('the destination stream was destroyed or ended before the copy', 'EPIPE')
   }
-  const run = (settled: Settled) => (src !== undefined && dst !== undefined ? copyNative(src, dst, settled) : copyJs(source, destination, settled))
+  const run = (settled: Settled) => (src !== undefined && dst !== undefined
+    ? copyNative(src, dst, settled).catch((e: unknown) => {
+      // The engine's own connection to a handle's export went unanswered: copy through
+      // the handle. (Nothing was read or written yet: the sides are opened first.)
+      if (!unansweredHandleSide(e, source, destination)) throw e
+      return copyJs(source, destination, settled)
+    })
+    : copyJs(source, destination, settled))
   if (!s.onProgress) return run(s)
   // An onProgress that throws stops the copy, which rejects with what it threw: the engines
   // see an abort of their own signal.

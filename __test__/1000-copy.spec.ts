@@ -185,6 +185,42 @@ test('Handle endpoints: with a URI the native engine, with connectSocket the Jav
   t.is(bySocket.state, 'ready', 'a handle passed in stays open')
 })
 
+test('a server that serves one client at a time (qemu-nbd --shared=1): a read-only URI source copies over one connection, a connected Handle through itself', async (t) => {
+  if (!requireTool(t, 'qemu-io')) return
+  const server = await useQemuNbd(t, {
+    format: 'raw',
+    size: 8 * MiB,
+    shared: 1,
+    readOnly: true,
+    prepare: (image) => {
+      const r = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 5 0 1M', '-c', 'write -P 6 5M 512k', image], { encoding: 'utf8' })
+      if (r.status !== 0) throw new Error(`qemu-io: ${r.stderr}`)
+    },
+  })
+  if (!server) return
+  const want = sha(fs.readFileSync(server.image!))
+  const dir = tempDir(t)
+  // Read-only without multi-conn still counts as safe for several connections; the server
+  // leaves all but the first unanswered. With the default number the copy goes on with one;
+  // a number asked for fails, saying why, instead of waiting forever.
+  const a = await copy(server.uri, path.join(dir, 'a.img'), { signal: AbortSignal.timeout(20_000) })
+  t.is(a.engine, 'native')
+  t.is(fileSha(path.join(dir, 'a.img')), want)
+  const asked = await t.throwsAsync(copy(server.uri, 'null:', { connections: 2, signal: AbortSignal.timeout(20_000) }))
+  assertNbdError(t, asked, 'ETIMEDOUT', 'copy')
+  t.regex(asked!.message, /unanswered/)
+  // A handle holding the server's only place: the engine's own connection goes unanswered,
+  // so the copy goes through the handle.
+  const h = await openHandle(t, server)
+  const started = Date.now()
+  const b = await copy(h, path.join(dir, 'b.img'), { signal: AbortSignal.timeout(20_000) })
+  t.is(b.engine, 'javascript')
+  t.is(fileSha(path.join(dir, 'b.img')), want)
+  t.true(Date.now() - started < 15_000, `${Date.now() - started} ms`)
+  t.is(h.state, 'ready', 'a handle passed in stays open')
+  t.is(b.dataBytes + b.zeroBytes, 8 * MiB)
+})
+
 test('streams: Readable → NBD and file, NBD → Writable (holes as zeroes), in order', async (t) => {
   const server = await sparseSource(t, '8M')
   const dest = await useNbdkit(t, ['memory', '8M'])

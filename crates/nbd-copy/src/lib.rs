@@ -12,7 +12,11 @@
 //!    (nbdcopy does the same); a block device or an export smaller than the source is
 //!    refused.
 //! 2. More connections are opened where that is safe (the server advertises multi-conn, or
-//!    the source is read-only): one worker task per connection.
+//!    the source is read-only): one worker task per connection. If the server refuses any
+//!    of them, or leaves one unanswered for ten times as long as the first ones took (from
+//!    half a second to ten seconds), the copy goes on with one connection per side when
+//!    the number was the default, and fails (`ETIMEDOUT` for one left unanswered) when it
+//!    was asked for.
 //! 3. The export is cut into work units that the workers take in turn. For each unit the
 //!    worker asks the source for its extents (block status, or `SEEK_DATA`/`SEEK_HOLE` for
 //!    a file); request-sized pieces that are all zero extents become one zero request, the
@@ -38,7 +42,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nbd_client::consts::{FLAG_CAN_MULTI_CONN, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_WRITE_ZEROES, STATE_ZERO};
 use nbd_client::{CancelToken, Settings, Errno, Error, Fault, Handle, Result, SourceBuf};
@@ -71,7 +75,9 @@ pub enum Endpoint {
 pub struct Options {
     /// Connections per NBD side; `None` for 4 (at most one per CPU, as nbdcopy) where
     /// multi-conn is safe. Forced to 1 where it is not (a writable source without
-    /// multi-conn, or a destination without multi-conn).
+    /// multi-conn, or a destination without multi-conn). `None` also drops to 1 when the
+    /// server does not serve the extra connections, where a number asked for fails the copy
+    /// (see the module documentation).
     pub connections: Option<usize>,
     /// Requests in flight per connection.
     pub requests: usize,
@@ -926,6 +932,12 @@ pub async fn copy(src: Endpoint, dst: Endpoint, options: Options, progress: Arc<
     outcome.await.unwrap_or_else(|_| Err(Error::io(Errno::EIO, "the copy's thread ended without a result")))
 }
 
+/// How long the extra connections may take to open: ten times what the first ones took,
+/// from half a second to ten seconds.
+fn lane_wait(opened_in: Duration) -> Duration {
+    (opened_in * 10).clamp(Duration::from_millis(500), Duration::from_secs(10))
+}
+
 /// The CPUs this process may use (1 when unknown).
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -952,15 +964,30 @@ async fn copy_here(src: Endpoint, dst: Endpoint, options: Options, progress: Arc
             return Err(e);
         }
     };
-    let plan = tokio::select! {
+    // How long the sides took to open: the measure of how long the extra connections may
+    // take before the server is taken not to serve them.
+    let opened_in = started.elapsed();
+    let mut plan = tokio::select! {
         r = prepare(&mut src, &mut dst, &options, &progress) => r,
         _ = cancel.cancelled() => Err(cancelled()),
     };
     // The connections the workers use: on threads of their own when there are several.
     let mut handles = src.handles();
     handles.extend(dst.handles());
-    let lanes = match &plan {
-        Ok(p) if p.connections > 1 => Lanes::start(&mut src, &mut dst, p.connections, &cancel).await.map(Some),
+    let lanes = match &mut plan {
+        Ok(p) if p.connections > 1 => match Lanes::start(&mut src, &mut dst, p.connections, &cancel, lane_wait(opened_in)).await {
+            Ok(lanes) => Ok(Some(lanes)),
+            // A server may serve fewer clients than multi-conn would allow (qemu-nbd serves
+            // one unless told `--shared`; a read-only export counts as safe without the
+            // flag), refusing the other connections or leaving them unanswered. With the
+            // default number, the copy goes on with the connections it has: one per side, on
+            // this runtime. A number asked for is kept to: the copy fails, saying why.
+            Err(_) if options.connections.is_none() && !cancel.is_cancelled() => {
+                p.connections = 1;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        },
         _ => Ok(None),
     };
     if let Ok(Some(_)) = &lanes {
@@ -1024,7 +1051,11 @@ impl Lanes {
     /// Starts `count` lanes, each connecting to the NBD sides, and hands their connections
     /// to `src` and `dst` in lane order. On failure every connection made is closed and every
     /// thread has ended.
-    async fn start(src: &mut Opened, dst: &mut Opened, count: usize, cancel: &CancelToken) -> Result<Lanes> {
+    ///
+    /// A connection not made within `wait` (counted from the start) fails the start with
+    /// `ETIMEDOUT`: the server is taken not to serve it.
+    async fn start(src: &mut Opened, dst: &mut Opened, count: usize, cancel: &CancelToken, wait: Duration) -> Result<Lanes> {
+        let deadline = tokio::time::Instant::now() + wait;
         let (src_at, dst_at) = (nbd_endpoint(src), nbd_endpoint(dst));
         let mut lanes = Lanes { lanes: Vec::with_capacity(count) };
         let mut connected = Vec::with_capacity(count);
@@ -1040,10 +1071,14 @@ impl Lanes {
         let mut pairs = Vec::with_capacity(count);
         let mut first_error = None;
         for c in connected {
-            match c.await {
-                Ok(Ok(pair)) => pairs.push(pair),
-                Ok(Err(e)) => first_error = first_error.or(Some(e)),
-                Err(_) => first_error = first_error.or(Some(Error::io(Errno::EIO, "a copy thread ended while connecting"))),
+            match tokio::time::timeout_at(deadline, c).await {
+                Ok(Ok(Ok(pair))) => pairs.push(pair),
+                Ok(Ok(Err(e))) => first_error = first_error.or(Some(e)),
+                Ok(Err(_)) => first_error = first_error.or(Some(Error::io(Errno::EIO, "a copy thread ended while connecting"))),
+                Err(_) => {
+                    let e = Error::io(Errno::ETIMEDOUT, format!("the server left another connection unanswered for {wait:?}"));
+                    first_error = first_error.or(Some(e));
+                }
             }
         }
         if let Some(e) = first_error {

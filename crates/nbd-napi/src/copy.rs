@@ -21,6 +21,9 @@ pub struct NativeCopyEndpoint {
     pub kind: String,
     pub uri: Option<String>,
     pub path: Option<String>,
+    /// `nbd`: milliseconds for the engine's first connection and its handshake, which then
+    /// fails with `ETIMEDOUT` (copy.ts sets it for a `Handle`'s export); none by default.
+    pub connect_timeout: Option<f64>,
 }
 
 /// Options, already checked by `copy.ts`.
@@ -62,6 +65,9 @@ fn endpoint(e: NativeCopyEndpoint) -> nbd_client::Result<Endpoint> {
             let mut settings = Box::<Settings>::default();
             // As nbdcopy: a URI may name TLS files.
             settings.uri_policy.allow_local_file = true;
+            if let Some(ms) = e.connect_timeout.filter(|ms| ms.is_finite() && *ms > 0.0) {
+                settings.connect_timeout = Some(std::time::Duration::from_secs_f64(ms / 1000.0));
+            }
             Ok(Endpoint::Nbd { uri, settings })
         }
         "file" => Ok(Endpoint::File(PathBuf::from(e.path.ok_or_else(|| invalid("a file endpoint needs a path"))?))),
