@@ -768,14 +768,18 @@ async function copyJs(source: CopyEndpoint, destination: CopyEndpoint, s: Settle
           const b = typeof chunk === 'string' ? Buffer.from(chunk) : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength)
           pending.push(b)
           pendingLength += b.length
-          while (pendingLength >= request) {
-            const all = Buffer.concat(pending, pendingLength)
-            const block = all.subarray(0, request)
-            pending = [all.subarray(request)]
-            pendingLength = all.length - request
-            yield { offset, data: block }
-            offset += block.length
+          if (pendingLength < request) continue
+          // Joined once (not again for every block cut off: a large chunk would be copied
+          // over and over), then cut into whole blocks; the rest waits for the next chunk.
+          const all = pending.length === 1 ? pending[0]! : Buffer.concat(pending, pendingLength)
+          let at = 0
+          while (all.length - at >= request) {
+            yield { offset, data: all.subarray(at, at + request) }
+            at += request
+            offset += request
           }
+          pending = at < all.length ? [all.subarray(at)] : []
+          pendingLength = all.length - at
         }
         if (pendingLength > 0) {
           yield { offset, data: Buffer.concat(pending, pendingLength) }
