@@ -29,8 +29,10 @@ export interface ReadStreamOptions {
    * Bytes per read request and the stream's buffer threshold, as in fs.createReadStream
    * (default 256 KiB). A request is never larger than `getBlockSize('payload')` or the
    * server's advertised maximum. Unlike fs, which reads one request at a time, up to 16
-   * requests are in flight (for throughput): a consumer that pauses may find up to 16 ×
-   * `highWaterMark` bytes buffered, as the reads in flight complete.
+   * requests are in flight or read ahead (for throughput), so up to 16 × `highWaterMark`
+   * bytes may be held while a consumer pauses; as fs, the stream still hands out one
+   * request's bytes per chunk (also to `for await`, whose `read()` would otherwise join all
+   * that is buffered).
    */
   highWaterMark?: number
   /** Destroys the stream with an `AbortError` (and drops the reads in flight). */
@@ -223,12 +225,19 @@ export class NbdReadStream extends Readable {
 
   override _read(): void {
     this.#wanted = true
-    this.#issue()
+    // Not pushed from inside _read: `read()`, which calls it, would hand out what is pushed
+    // now together with what it was already returning (two chunks joined).
+    queueMicrotask(this.#deliverNow)
   }
 
-  /** Starts reads until READ_DEPTH are in flight or the range is all requested. */
+  readonly #deliverNow = (): void => this.#deliver()
+
+  /**
+   * Starts reads until READ_DEPTH are in flight or waiting to be pushed, or the range is all
+   * requested, whether or not the consumer wants more yet: they are the read-ahead.
+   */
   #issue(): void {
-    while (this.#wanted && this.#slots.length < READ_DEPTH && this.#pos < this.#limit) {
+    while (this.#slots.length < READ_DEPTH && this.#pos < this.#limit) {
       const min = BigInt(this.#minimum)
       // Aligned down (the range ends within the export, so the position is inside it).
       const from = this.#pos - (this.#pos % min)
@@ -264,10 +273,16 @@ export class NbdReadStream extends Readable {
     }
   }
 
-  /** Pushes the reads that are complete, in order; the first failed one destroys the stream. */
+  /**
+   * Pushes the reads that are complete, in order, while the consumer wants more (as fs pushes
+   * one chunk per `_read`): the rest wait in their slots, so that Node's buffer holds no more
+   * than about `highWaterMark` bytes and `read()` (which async iteration calls) hands out
+   * chunks of that size, not all the read-ahead joined. The first failed read destroys the
+   * stream.
+   */
   #deliver(): void {
     if (this.destroyed) return
-    for (;;) {
+    while (this.#wanted) {
       const head = this.#slots[0]
       if (head === undefined || (head.data === undefined && head.error === undefined)) break
       this.#slots.shift()

@@ -169,6 +169,22 @@ test('reads keep several requests in flight, each at most highWaterMark bytes', 
   t.true(reads.every((c) => c.count === 64 * KiB))
 })
 
+test('chunks are at most highWaterMark bytes, as fs gives them, also to for await (whose read() joins what is buffered)', async (t) => {
+  const server = await useNbdkit(t, ['pattern', String(2 * MiB)])
+  if (!server) return
+  const h = await openHandle(t, server)
+  for (const highWaterMark of [1000, 64 * KiB, undefined]) {
+    const limit = highWaterMark ?? 256 * KiB
+    const chunks: Buffer[] = []
+    for await (const c of h.createReadStream({ highWaterMark, end: 2 * MiB - 2 })) chunks.push(c as Buffer)
+    t.true(Buffer.concat(chunks).equals(patternBytes(0, 2 * MiB - 1)))
+    const largest = Math.max(...chunks.map((c) => c.length))
+    t.true(largest <= limit, `highWaterMark ${limit}: a chunk of ${largest} bytes`)
+    // The read-ahead still runs: more than one request's worth was fetched at a time.
+    t.true(chunks.length >= Math.floor((2 * MiB - 1) / limit), `${chunks.length} chunks`)
+  }
+})
+
 test('requests follow the server\'s block sizes: aligned to the minimum, within the maximum (blocksize-policy error)', async (t) => {
   const size = 2 * MiB
   const server = await useNbdkit(t, ['--filter=blocksize-policy', 'memory', String(size),
