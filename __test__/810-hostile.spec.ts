@@ -935,6 +935,32 @@ for (const how of ['close', 'reset'] as const) {
   })
 }
 
+test.serial('transmission: a reply naming no command is blamed on the oldest command still awaited, not on an aborted one', async (t) => {
+  let bothArrived!: () => void
+  const arrived = new Promise<void>((resolve) => (bothArrived = resolve))
+  let sendBad!: () => void
+  const server = await useFake(t, {
+    onCommand: holdThen(3, (held, conn) => {
+      bothArrived()
+      sendBad = () => conn.send(simpleReply(held[0]!.cookie, 0, undefined, { magic: 0x12345678 }))
+    }),
+  })
+  const h = await openFake(t, server)
+  const ac = new AbortController()
+  const aborted = h.pread(4096, 0, { signal: ac.signal })
+  const awaited = [h.pread(4096, 8192), h.pread(4096, 16384)]
+  // All three are on the wire before the first is aborted (a queued one would never be sent).
+  await arrived
+  ac.abort()
+  await t.throwsAsync(aborted, { name: 'AbortError' })
+  sendBad()
+  const outcomes = await Promise.allSettled(awaited)
+  const codes = outcomes.map((o) => (o.status === 'rejected' ? (o.reason as NbdError).code : 'resolved'))
+  t.deepEqual(codes, ['EPROTO', 'ENOTCONN'])
+  t.regex(((outcomes[0] as PromiseRejectedResult).reason as Error).message, /unknown magic 0x12345678/)
+  t.is(h.state, 'dead')
+})
+
 test.serial('transmission: a server that stops answering leaves commands pending until close, which rejects them', async (t) => {
   const server = await useFake(t, { onCommand: () => 'stall' })
   const h = await openFake(t, server)

@@ -917,6 +917,14 @@ fn unknown_magic_blames_the_oldest_command() {
     // With nothing in flight there is nobody to blame.
     let (f, _, _) = run_fatal(true, &[], &input);
     assert!(f.command.is_none());
+    // Commands the driver spares (their callers stopped waiting) are passed over.
+    let mut d = decoder(true, &[(1, write(0, 1)), (2, write(0, 1)), (3, read(0, 10))]);
+    d.spare_from_blame(|user| *user < 30);
+    let f = d.decode(&input).expect_err("a bad magic");
+    assert_eq!(f.command, Some((3, 30)));
+    let mut d = decoder(true, &[(1, write(0, 1))]);
+    d.spare_from_blame(|_| true);
+    assert!(d.decode(&input).expect_err("a bad magic").command.is_none());
 }
 
 #[test]

@@ -200,7 +200,11 @@ impl<U: CommandData> Connection<U> {
         let mut input = vec![0; INPUT_SIZE.max(t.early.len())];
         input[..t.early.len()].copy_from_slice(&t.early);
         Connection {
-            decoder: ReplyDecoder::new(&t.session.negotiated),
+            decoder: {
+                let mut d = ReplyDecoder::new(&t.session.negotiated);
+                d.spare_from_blame(|e: &Entry<U>| e.user.cancelled());
+                d
+            },
             fd: t.fd,
             session: t.session,
             queued: VecDeque::new(),

@@ -175,7 +175,8 @@ impl Driver {
         let (requests, request_rx) = mpsc::unbounded_channel();
         let (register, register_rx) = mpsc::unbounded_channel();
         let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
-        let decoder = ReplyDecoder::new(&session.negotiated);
+        let mut decoder = ReplyDecoder::new(&session.negotiated);
+        decoder.spare_from_blame(|f: &InFlight| f.cancel.as_ref().is_some_and(CancelToken::is_cancelled));
         let reader_task = tokio::spawn(
             ReplyReader {
                 reader,

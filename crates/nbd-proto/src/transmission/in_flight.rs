@@ -168,10 +168,10 @@ impl<T> InFlightTable<T> {
         self.map.len()
     }
 
-    /// The command sent first of those in flight (cookies are handed out in increasing
-    /// order), if any.
-    pub fn oldest(&self) -> Option<u64> {
-        self.map.keys().min().copied()
+    /// The command sent first (cookies are handed out in increasing order) of those in
+    /// flight whose user data passes `keep`, if any.
+    pub fn oldest_where(&self, keep: impl Fn(&T) -> bool) -> Option<u64> {
+        self.map.iter().filter(|(_, e)| keep(&e.user)).map(|(c, _)| *c).min()
     }
 
     pub fn is_empty(&self) -> bool {

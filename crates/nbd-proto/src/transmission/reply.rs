@@ -70,6 +70,8 @@ pub struct ReplyDecoder<T> {
     in_payload: Option<(u64, bool)>,
     /// A command whose final chunk has been consumed and whose `Done` is still to report.
     finished: Option<u64>,
+    /// Commands not to blame for a reply that names none (see [`ReplyDecoder::spare_from_blame`]).
+    spared: Option<fn(&T) -> bool>,
 }
 
 const SIMPLE_HEADER: usize = 16;
@@ -112,7 +114,15 @@ impl<T> ReplyDecoder<T> {
             table: InFlightTable::new(),
             in_payload: None,
             finished: None,
+            spared: None,
         }
+    }
+
+    /// Tells which commands a protocol violation that names no command in flight must not be
+    /// blamed on: those whose caller has stopped waiting (aborted), who would never hear of
+    /// it. The oldest of the others takes the blame.
+    pub fn spare_from_blame(&mut self, spared: fn(&T) -> bool) {
+        self.spared = Some(spared);
     }
 
     /// Records a command about to be sent.
@@ -683,10 +693,14 @@ impl<T> ReplyDecoder<T> {
     }
 
     /// A protocol violation, blamed on `cookie`'s command; with no cookie (the bytes name no
-    /// command in flight), on the oldest command in flight, which a reply in order would
-    /// have answered: the caller waiting longest sees `EPROTO`, not only `ENOTCONN`.
+    /// command in flight), on the oldest command in flight (not spared), which a reply in
+    /// order would have answered: the caller waiting longest sees `EPROTO`, not only
+    /// `ENOTCONN`.
     fn fatal(&mut self, cookie: Option<u64>, message: impl Into<String>) -> Fatal<T> {
-        let cookie = cookie.or_else(|| self.table.oldest());
+        let cookie = cookie.or_else(|| match self.spared {
+            Some(spared) => self.table.oldest_where(|user| !spared(user)),
+            None => self.table.oldest_where(|_| true),
+        });
         let command = cookie.and_then(|c| self.table.remove(c).map(|user| (c, user)));
         Fatal {
             error: Error::protocol(message),
