@@ -247,8 +247,10 @@ export async function copy(source: CopyEndpoint, destination: CopyEndpoint, opti
   }
   const run = (settled: Settled) => (src !== undefined && dst !== undefined
     ? copyNative(src, dst, settled).catch((e: unknown) => {
-      // The engine's own connection to a handle's export went unanswered: copy through
-      // the handle. (Nothing was read or written yet: the sides are opened first.)
+      // The engine's own first connection to a handle's export went unanswered: copy
+      // through the handle. (Nothing was read or written yet: the sides are opened first,
+      // and the extra connections, opened after a file destination was truncated, do not
+      // carry this timeout.)
       if (!unansweredHandleSide(e, source, destination)) throw e
       return copyJs(source, destination, settled)
     })

@@ -14,7 +14,7 @@
 //! 2. More connections are opened where that is safe (the server advertises multi-conn, or
 //!    the source is read-only): one worker task per connection. If the server refuses any
 //!    of them, or leaves one unanswered for ten times as long as the first ones took (from
-//!    half a second to ten seconds), the copy goes on with one connection per side when
+//!    one second to ten), the copy goes on with one connection per side when
 //!    the number was the default, and fails (`ETIMEDOUT` for one left unanswered) when it
 //!    was asked for.
 //! 3. The export is cut into work units that the workers take in turn. For each unit the
@@ -933,9 +933,9 @@ pub async fn copy(src: Endpoint, dst: Endpoint, options: Options, progress: Arc<
 }
 
 /// How long the extra connections may take to open: ten times what the first ones took,
-/// from half a second to ten seconds.
+/// from one second to ten.
 fn lane_wait(opened_in: Duration) -> Duration {
-    (opened_in * 10).clamp(Duration::from_millis(500), Duration::from_secs(10))
+    (opened_in * 10).clamp(Duration::from_secs(1), Duration::from_secs(10))
 }
 
 /// The CPUs this process may use (1 when unknown).
@@ -1040,9 +1040,15 @@ impl Drop for Lane {
 }
 
 /// An NBD side's URI and settings, for another connection to it.
+/// The side's own connect timeout is not carried over: the extra connections have the wait
+/// of [`Lanes::start`], and their failure must not read as the first connection's.
 fn nbd_endpoint(side: &Opened) -> Option<(String, Box<Settings>)> {
     match (&side.side, &side.endpoint) {
-        (Side::Nbd { .. }, Endpoint::Nbd { uri, settings }) => Some((uri.clone(), settings.clone())),
+        (Side::Nbd { .. }, Endpoint::Nbd { uri, settings }) => {
+            let mut settings = settings.clone();
+            settings.connect_timeout = None;
+            Some((uri.clone(), settings))
+        }
         _ => None,
     }
 }
