@@ -237,6 +237,7 @@ export class NbdReadStream extends Readable {
    * requested, whether or not the consumer wants more yet: they are the read-ahead.
    */
   #issue(): void {
+    if (this.destroyed) return
     while (this.#slots.length < READ_DEPTH && this.#pos < this.#limit) {
       const min = BigInt(this.#minimum)
       // Aligned down (the range ends within the export, so the position is inside it).
@@ -274,28 +275,44 @@ export class NbdReadStream extends Readable {
   }
 
   /**
-   * Pushes the reads that are complete, in order, while the consumer wants more (as fs pushes
-   * one chunk per `_read`): the rest wait in their slots, so that Node's buffer holds no more
-   * than about `highWaterMark` bytes and `read()` (which async iteration calls) hands out
-   * chunks of that size, not all the read-ahead joined. The first failed read destroys the
-   * stream.
+   * Hands the consumer the next chunk when it wants one: at most `highWaterMark` bytes of
+   * the oldest read, once per `_read` (as fs, whose chunks are one read each), so that Node's
+   * buffer holds no more than that and `read()` (which async iteration calls) never joins
+   * several. The rest of the read-ahead waits in its slots. A failed read with only finished
+   * reads before it fails the stream at once, after their bytes, also while the consumer is
+   * paused.
    */
   #deliver(): void {
     if (this.destroyed) return
-    while (this.#wanted) {
-      const head = this.#slots[0]
-      if (head === undefined || (head.data === undefined && head.error === undefined)) break
-      this.#slots.shift()
-      if (head.error !== undefined) {
-        this.destroy(head.error as Error)
-        return
+    const failed = this.#slots.findIndex((slot) => slot.error !== undefined)
+    if (failed >= 0 && this.#slots.slice(0, failed).every((slot) => slot.data !== undefined)) {
+      for (const slot of this.#slots.slice(0, failed)) {
+        while (slot.keep > 0 && !this.destroyed) this.push(this.#take(slot))
       }
-      const data = head.data!
-      const piece = head.skip === 0 && head.keep === data.length ? data : data.subarray(head.skip, head.skip + head.keep)
-      this.bytesRead += piece.length
-      if (!this.push(piece)) this.#wanted = false
+      if (!this.destroyed) this.destroy(this.#slots[failed]!.error as Error)
+      return
+    }
+    const head = this.#slots[0]
+    if (this.#wanted && head?.data !== undefined) {
+      const piece = this.#take(head)
+      if (head.keep === 0) this.#slots.shift()
+      this.#wanted = false
+      // In flowing mode this emits 'data' at once, and its handler may destroy the stream.
+      this.push(piece)
+      if (this.destroyed) return
     }
     this.#issue()
+  }
+
+  /** The next chunk of a finished read: at most `highWaterMark` bytes. */
+  #take(slot: ReadSlot): Buffer {
+    const data = slot.data!
+    const n = Math.min(slot.keep, this.#chunk)
+    const piece = slot.skip === 0 && n === data.length ? data : data.subarray(slot.skip, slot.skip + n)
+    slot.skip += n
+    slot.keep -= n
+    this.bytesRead += n
+    return piece
   }
 
   override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {

@@ -170,19 +170,66 @@ test('reads keep several requests in flight, each at most highWaterMark bytes', 
 })
 
 test('chunks are at most highWaterMark bytes, as fs gives them, also to for await (whose read() joins what is buffered)', async (t) => {
-  const server = await useNbdkit(t, ['pattern', String(2 * MiB)])
+  // A minimum block of 512 bytes: requests of 1000 bytes are widened, an unaligned start too.
+  const server = await useNbdkit(t, ['--filter=blocksize-policy', 'pattern', String(2 * MiB), 'blocksize-minimum=512'])
   if (!server) return
   const h = await openHandle(t, server)
-  for (const highWaterMark of [1000, 64 * KiB, undefined]) {
+  t.is(h.getBlockSize('minimum'), 512)
+  for (const [highWaterMark, start] of [[1000, 0], [64 * KiB, 100], [100, 3], [undefined, 777]] as const) {
     const limit = highWaterMark ?? 256 * KiB
     const chunks: Buffer[] = []
-    for await (const c of h.createReadStream({ highWaterMark, end: 2 * MiB - 2 })) chunks.push(c as Buffer)
-    t.true(Buffer.concat(chunks).equals(patternBytes(0, 2 * MiB - 1)))
+    const sent = recordCommands(h)
+    let sentAtFirst = 0
+    for await (const c of h.createReadStream({ highWaterMark, start, end: MiB - 2 })) {
+      if (chunks.length === 0) sentAtFirst = sent.length
+      chunks.push(c as Buffer)
+    }
+    t.true(Buffer.concat(chunks).equals(patternBytes(start, MiB - 1 - start)), `highWaterMark ${limit}, start ${start}`)
     const largest = Math.max(...chunks.map((c) => c.length))
-    t.true(largest <= limit, `highWaterMark ${limit}: a chunk of ${largest} bytes`)
-    // The read-ahead still runs: more than one request's worth was fetched at a time.
-    t.true(chunks.length >= Math.floor((2 * MiB - 1) / limit), `${chunks.length} chunks`)
+    t.true(largest <= limit, `highWaterMark ${limit}, start ${start}: a chunk of ${largest} bytes`)
+    // The read-ahead still runs while the chunks are handed out one at a time: by the first
+    // chunk, several reads had been sent.
+    t.true(sentAtFirst >= 2, `highWaterMark ${limit}: ${sentAtFirst} reads sent by the first chunk`)
   }
+})
+
+test('a paused read stream still fails when its reads do (the handle closed): error and close come at once', async (t) => {
+  const server = await useNbdkit(t, ['--filter=delay', 'pattern', String(64 * MiB), 'rdelay=50ms'])
+  if (!server) return
+  const h = await openHandle(t, server)
+  const rs = h.createReadStream({ highWaterMark: 64 * KiB })
+  const first = await new Promise<Buffer>((resolve) => rs.once('data', resolve))
+  rs.pause()
+  t.is(first.length, 64 * KiB)
+  t.true(await waitFor(() => h.inFlight > 0, 5000), 'reads ahead in flight while paused')
+  const errored = new Promise<unknown>((resolve) => rs.once('error', resolve))
+  const closed = new Promise<void>((resolve) => rs.once('close', resolve))
+  await h.close()
+  const error = await errored
+  await closed
+  assertNbdError(t, error, 'ENOTCONN')
+  t.true(rs.destroyed)
+})
+
+test('a read stream destroyed from its data handler starts no more reads', async (t) => {
+  const server = await useNbdkit(t, ['pattern', String(16 * MiB)])
+  if (!server) return
+  const h = await openHandle(t, server)
+  const sent = recordCommands(h)
+  const rs = h.createReadStream({ highWaterMark: 64 * KiB })
+  let chunks = 0
+  rs.on('data', () => {
+    if (++chunks === 3) rs.destroy()
+  })
+  await new Promise((resolve) => rs.once('close', resolve))
+  await debugSettled()
+  const reads = sent.filter((c) => c.kind === 'READ').length
+  // The read-ahead at the time of the destroy, and nothing after it.
+  t.true(reads <= 3 + 16, `${reads} reads sent`)
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  await debugSettled()
+  t.is(sent.filter((c) => c.kind === 'READ').length, reads)
+  t.is(chunks, 3)
 })
 
 test('requests follow the server\'s block sizes: aligned to the minimum, within the maximum (blocksize-policy error)', async (t) => {
