@@ -1082,18 +1082,20 @@ const SELF_CHECKING = new Set(['pread', 'preadInto', 'pwrite'])
 // methods that are not `async`. Each is wrapped once here so that such a call fails as the
 // API promises: an `NbdError` (`EINVAL`) that says what happened, as a rejection from the
 // methods that return a promise and thrown from the others.
-for (const name of Object.getOwnPropertyNames(Handle.prototype)) {
-  const d = Object.getOwnPropertyDescriptor(Handle.prototype, name)
-  if (name === 'constructor' || SELF_CHECKING.has(name) || d === undefined || typeof d.value !== 'function') continue
+for (const key of [...Object.getOwnPropertyNames(Handle.prototype), asyncDispose]) {
+  const d = Object.getOwnPropertyDescriptor(Handle.prototype, key)
+  if (key === 'constructor' || SELF_CHECKING.has(key as string) || d === undefined || typeof d.value !== 'function') continue
   const method = d.value as (this: unknown, ...args: unknown[]) => unknown
+  // `[Symbol.asyncDispose]` is close() under another name.
+  const name = typeof key === 'string' ? key : 'close'
   const returnsPromise = PROMISE_METHODS.has(name)
-  const wrapped = {
-    [name](this: unknown, ...args: unknown[]): unknown {
+  const named: Record<string | symbol, (this: unknown, ...args: unknown[]) => unknown> = {
+    [key](this: unknown, ...args: unknown[]): unknown {
       if (this instanceof Handle) return method.apply(this, args)
       const e = invalid(name, `called without its Handle: call it as handle.${name}(…), or bind it first`)
       if (returnsPromise) return Promise.reject(e)
       throw e
     },
-  }[name]!
-  Object.defineProperty(Handle.prototype, name, { ...d, value: wrapped })
+  }
+  Object.defineProperty(Handle.prototype, key, { ...d, value: named[key] })
 }

@@ -253,7 +253,8 @@ test('a method taken off its handle fails with EINVAL: rejected where it returns
     let result: unknown
     let thrown: unknown
     try {
-      result = method(4096, 0)
+      // Arguments the buffer-taking calls accept, so that only `this` is wrong.
+      result = name === 'preadInto' || name === 'pwrite' ? method(Buffer.alloc(4096), 0) : method(4096, 0)
     } catch (e) {
       thrown = e
     }
@@ -266,6 +267,10 @@ test('a method taken off its handle fails with EINVAL: rejected where it returns
     t.is((thrown as NbdError).code, 'EINVAL', name)
     t.is((thrown as NbdError).operation, name, name)
   }
+  // [Symbol.asyncDispose] is close() by another name.
+  const dispose = (h as unknown as Record<symbol, () => Promise<void>>)[Symbol.asyncDispose ?? Symbol.for('nodejs.asyncDispose')]!
+  const disposed = await dispose().then(() => undefined, (e: unknown) => e)
+  assertNbdError(t, disposed, 'EINVAL', 'close')
   // The handle itself was never touched.
   t.is(h.state, 'ready')
   t.is(h.inFlight, 0)
