@@ -282,9 +282,14 @@ test("'allow' uses TLS when the server offers it; a plaintext client is refused 
   t.teardown(() => allow.close())
   await connectTo(allow, server)
   t.true(allow.getTlsNegotiated())
+  t.regex(allow.getUri(), /^nbds\+unix:/)
+  // The URI still says TLS once the handle is closed and its session gone.
+  await allow.close()
+  t.regex(allow.getUri(), /^nbds\+unix:/)
   const plain = new Handle()
   t.teardown(() => plain.close())
-  const err = await expectReject(t, () => connectTo(plain, server), 'EPERM', 'connectUnix')
+  // NBD_REP_ERR_TLS_REQD: ENOTSUP, as libnbd.
+  const err = await expectReject(t, () => connectTo(plain, server), 'ENOTSUP', 'connectUnix')
   t.regex(err?.message ?? '', /requires TLS/)
 })
 

@@ -73,9 +73,43 @@ pub fn server_text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The server's own words for one of our error messages: at most [`MAX_STRING`] bytes of
+/// them (the protocol's limit for a string; what is cut is counted), with control characters
+/// escaped (`\u{1b}`), so that a hostile server cannot fill a log line with megabytes or
+/// drive the terminal an error is printed on.
+///
+/// [`MAX_STRING`]: crate::consts::MAX_STRING
+pub fn server_message(bytes: &[u8]) -> String {
+    let limit = crate::consts::MAX_STRING;
+    let shown = &bytes[..bytes.len().min(limit)];
+    let mut out = String::with_capacity(shown.len());
+    for c in String::from_utf8_lossy(shown).chars() {
+        if (c.is_control() && c != '\t') || c == '\u{7f}' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if bytes.len() > limit {
+        out.push_str(&format!("… ({} more bytes)", bytes.len() - limit));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_messages_are_bounded_and_escaped() {
+        assert_eq!(server_message(b"disk on fire"), "disk on fire");
+        assert_eq!(server_message(b"a\x1b[2Jb\0c\td\x7f"), "a\\u{1b}[2Jb\\u{0}c\td\\u{7f}");
+        assert_eq!(server_message(&[0xff, b'x']), "\u{fffd}x");
+        let long = vec![b'a'; 5000];
+        let m = server_message(&long);
+        assert!(m.starts_with(&"a".repeat(4096)));
+        assert!(m.ends_with("… (904 more bytes)"), "{m}");
+    }
 
     #[test]
     fn reader_reports_short_input() {

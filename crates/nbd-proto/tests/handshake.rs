@@ -313,7 +313,7 @@ fn go_unknown_export_fails_with_enoent_and_the_server_message() {
 fn go_refusals_map_to_errnos() {
     for (reply, errno) in [
         (REP_ERR_POLICY, Errno::EPERM),
-        (REP_ERR_TLS_REQD, Errno::EPERM),
+        (REP_ERR_TLS_REQD, Errno::ENOTSUP),
         (REP_ERR_PLATFORM, Errno::ENOTSUP),
         (REP_ERR_SHUTDOWN, Errno::ESHUTDOWN),
         (REP_ERR_TOO_BIG, Errno::ERANGE),

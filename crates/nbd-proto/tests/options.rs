@@ -221,6 +221,59 @@ fn a_list_entry_with_a_name_longer_than_its_reply_is_a_protocol_error() {
 }
 
 #[test]
+fn list_entries_and_lists_are_bounded() {
+    let entry = |name: &[u8], desc: &[u8]| {
+        let mut p = be32(name.len() as u32).to_vec();
+        p.extend_from_slice(name);
+        p.extend_from_slice(desc);
+        opt_reply(OPT_LIST, REP_SERVER, &p)
+    };
+    let failed = |server: &[u8]| {
+        let mut hs = opt_mode_machine();
+        hs.request(OptRequest::List).unwrap();
+        match feed(&mut hs, server).1.as_slice() {
+            [Outcome::Failed(e)] if e.fault() == Fault::Protocol => e.message().to_string(),
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+    };
+    // Strings are at most 4096 bytes: a name or a description over that is refused.
+    assert!(failed(&entry(&[b'n'; 4097], b"")).contains("name of 4097 bytes"));
+    assert!(failed(&entry(b"disk", &[b'd'; 4097])).contains("description of 4097 bytes"));
+    // Within the limit, many large entries stop at 16 MiB of text rather than gigabytes.
+    let big = entry(&[b'n'; 4096], &[b'd'; 4096]);
+    let mut server = Vec::new();
+    for _ in 0..2100 {
+        server.extend_from_slice(&big);
+    }
+    assert!(failed(&server).contains("bytes of names"));
+    // The largest legal entry alone is fine.
+    let mut hs = opt_mode_machine();
+    hs.request(OptRequest::List).unwrap();
+    let mut server = big.clone();
+    server.extend(opt_reply(OPT_LIST, REP_ACK, &[]));
+    assert!(matches!(feed(&mut hs, &server).1.as_slice(), [Outcome::Reply(Ok(OptReply::List(l)))] if l.len() == 1));
+}
+
+#[test]
+fn a_refusal_shows_at_most_4096_bytes_of_the_servers_message_with_control_characters_escaped() {
+    let mut hs = opt_mode_machine();
+    hs.request(OptRequest::Info).unwrap();
+    let mut text = b"go away\x1b[2J\0".to_vec();
+    text.extend(vec![b'x'; 5000]);
+    let (_, events) = feed(&mut hs, &opt_reply(OPT_INFO, REP_ERR_POLICY, &text));
+    match &events[..] {
+        [Outcome::Reply(Err(e))] => {
+            let m = e.message();
+            assert!(m.contains("go away\\u{1b}[2J\\u{0}"), "{m}");
+            assert!(!m.contains('\u{1b}'));
+            assert!(m.ends_with("(916 more bytes)"), "{}", &m[m.len() - 40..]);
+            assert!(m.len() < 4300);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
 fn option_mode_info_failure_stays_negotiating_then_go_succeeds() {
     let mut hs = opt_mode_machine();
     hs.config_mut().export_name = "missing".into();

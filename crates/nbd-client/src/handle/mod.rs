@@ -73,6 +73,9 @@ struct Inner {
     event_loop: AtomicBool,
     /// Where the handle connected, for `get_uri`.
     target: Mutex<Option<UriTransport>>,
+    /// Whether the connection that entered transmission negotiated TLS: `get_uri` still
+    /// says `nbds` after `close()`, when the session is gone.
+    tls_negotiated: AtomicBool,
     /// The server process of `connect_command` / socket activation. Declared after
     /// `phase` so that on drop the socket closes first (a server on stdin then sees end of
     /// file and exits by itself); dropping it ends and reaps the process.
@@ -158,6 +161,7 @@ impl Handle {
                 closing: watch::channel(false).0,
                 debug_sink: Arc::default(),
                 event_loop: AtomicBool::new(false),
+                tls_negotiated: AtomicBool::new(false),
                 target: Mutex::new(None),
                 child: Mutex::new(None),
             }),
@@ -390,7 +394,7 @@ impl Handle {
         let s = self.settings();
         let tls = match self.negotiated_so_far() {
             Ok(n) => n.tls,
-            Err(_) => s.tls.mode == TlsMode::Require,
+            Err(_) => s.tls.mode == TlsMode::Require || self.inner.tls_negotiated.load(Ordering::Relaxed),
         };
         let u = NbdUri::describing(transport, s.negotiation.export_name, &s.tls, tls);
         Ok(uri::format(&u))
@@ -685,6 +689,7 @@ impl Handle {
             negotiated,
             early,
         } = ready;
+        self.inner.tls_negotiated.store(negotiated.tls, Ordering::Relaxed);
         if self.inner.event_loop.load(Ordering::Relaxed) && !matches!(stream, Stream::Layered(_)) {
             // The stream is a registered duplicate of `socket`: dropping it leaves the
             // socket to the event-loop driver alone.

@@ -5,7 +5,7 @@
 use crate::consts::*;
 use crate::errno::Errno;
 use crate::error::{Error, Result};
-use crate::wire::{server_text, FieldReader};
+use crate::wire::{server_message, FieldReader};
 
 use super::config::TlsMode;
 use super::options::OptReply;
@@ -108,7 +108,7 @@ impl Handshake {
         match (purpose, reply) {
             (Purpose::SetMeta { contexts, .. }, REP_META_CONTEXT) => contexts.add(payload, true),
             (Purpose::ListMeta { contexts }, REP_META_CONTEXT) => contexts.add(payload, false),
-            (Purpose::List { exports }, REP_SERVER) => add_export(exports, payload),
+            (Purpose::List { exports, bytes }, REP_SERVER) => add_export(exports, bytes, payload),
             (Purpose::GoInfo { details, .. }, REP_INFO) => details.add(payload),
             _ => Err(Error::protocol(format!(
                 "unexpected {} ({reply}) in answer to {}",
@@ -159,7 +159,7 @@ impl Handshake {
                 self.reply(Ok(OptReply::MetaContexts(names)));
                 Ok(())
             }
-            Purpose::List { exports } => {
+            Purpose::List { exports, .. } => {
                 self.reply(Ok(OptReply::List(exports)));
                 Ok(())
             }
@@ -257,8 +257,9 @@ impl Handshake {
     fn option_refused(&mut self, option: u32, purpose: &Purpose, reply: u32, payload: &[u8]) -> Result<()> {
         let errno = match reply {
             REP_ERR_UNKNOWN => Errno::ENOENT,
-            REP_ERR_POLICY | REP_ERR_TLS_REQD => Errno::EPERM,
-            REP_ERR_PLATFORM | REP_ERR_UNSUP => Errno::ENOTSUP,
+            REP_ERR_POLICY => Errno::EPERM,
+            // As libnbd: TLS is what the server requires and the client did not do.
+            REP_ERR_PLATFORM | REP_ERR_UNSUP | REP_ERR_TLS_REQD => Errno::ENOTSUP,
             REP_ERR_SHUTDOWN => Errno::ESHUTDOWN,
             REP_ERR_TOO_BIG => Errno::ERANGE,
             _ => Errno::EINVAL,
@@ -296,6 +297,6 @@ fn server_says(payload: &[u8]) -> String {
     if payload.is_empty() {
         String::new()
     } else {
-        format!(": {}", server_text(payload))
+        format!(": {}", server_message(payload))
     }
 }

@@ -15,6 +15,10 @@ use super::negotiated::{BlockSize, ExportEntry, ExportInfo, MetaContext};
 
 /// Most entries accepted in one list reply (exports, meta contexts).
 const MAX_LIST_ENTRIES: usize = 65_536;
+/// The most bytes of names (and export descriptions) one list may bring: with each string
+/// at most 4096 bytes and 65,536 entries, a server could otherwise make the client hold
+/// gigabytes.
+const MAX_LIST_BYTES: usize = 16 << 20;
 
 /// Where the machine is: what it waits for next.
 #[derive(Debug, PartialEq, Eq)]
@@ -63,7 +67,8 @@ pub(super) enum Purpose {
     /// `NBD_OPT_GO` or `NBD_OPT_INFO` (`option`).
     GoInfo { option: u32, auto: bool, details: ExportReplies },
     /// `NBD_OPT_LIST`.
-    List { exports: Vec<ExportEntry> },
+    /// `bytes`: of the names and descriptions so far (see [`MAX_LIST_BYTES`]).
+    List { exports: Vec<ExportEntry>, bytes: usize },
     /// `NBD_OPT_ABORT`.
     Abort,
 }
@@ -86,7 +91,7 @@ impl Purpose {
 
     /// `LIST`.
     pub fn list() -> Purpose {
-        Purpose::List { exports: Vec::new() }
+        Purpose::List { exports: Vec::new(), bytes: 0 }
     }
 }
 
@@ -127,7 +132,7 @@ pub(super) struct MetaAnswer {
 
 /// The `NBD_REP_META_CONTEXT` replies of one SET or LIST request, in the order they came.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct MetaReplies(Vec<MetaContext>);
+pub(super) struct MetaReplies(Vec<MetaContext>, usize);
 
 impl MetaReplies {
     /// Adds one reply. `set`: ids name contexts for block status, so one id given twice
@@ -144,7 +149,8 @@ impl MetaReplies {
                 name.len()
             )));
         }
-        check_room(self.0.len(), "meta contexts")?;
+        self.1 += name.len();
+        check_room(self.0.len(), self.1, "meta contexts")?;
         if set && self.0.iter().any(|m| m.id == id) {
             return Err(Error::protocol(format!(
                 "server gave meta context id {id} to two contexts"
@@ -166,7 +172,8 @@ impl MetaReplies {
 }
 
 /// Adds one `NBD_REP_SERVER` reply to the exports of a LIST.
-pub(super) fn add_export(exports: &mut Vec<ExportEntry>, payload: &[u8]) -> Result<()> {
+/// `bytes` counts the names and descriptions of the list so far.
+pub(super) fn add_export(exports: &mut Vec<ExportEntry>, bytes: &mut usize, payload: &[u8]) -> Result<()> {
     let mut r = FieldReader::new(payload);
     let Some(n) = r.u32() else {
         return Err(Error::protocol("NBD_REP_SERVER shorter than its name length"));
@@ -176,18 +183,35 @@ pub(super) fn add_export(exports: &mut Vec<ExportEntry>, payload: &[u8]) -> Resu
             "NBD_REP_SERVER name claims {n} bytes, more than the reply holds"
         )));
     };
-    check_room(exports.len(), "exports")?;
+    let description = r.rest();
+    for (what, text) in [("name", name), ("description", description)] {
+        if text.len() > MAX_STRING {
+            return Err(Error::protocol(format!(
+                "NBD_REP_SERVER {what} of {} bytes, longer than {MAX_STRING}",
+                text.len()
+            )));
+        }
+    }
+    *bytes += name.len() + description.len();
+    check_room(exports.len(), *bytes, "exports")?;
     exports.push(ExportEntry {
         name: server_text(name),
-        description: server_text(r.rest()),
+        description: server_text(description),
     });
     Ok(())
 }
 
-fn check_room(len: usize, what: &str) -> Result<()> {
+/// Refuses a list that has grown past [`MAX_LIST_ENTRIES`] entries or [`MAX_LIST_BYTES`]
+/// bytes of text.
+fn check_room(len: usize, bytes: usize, what: &str) -> Result<()> {
     if len >= MAX_LIST_ENTRIES {
         return Err(Error::protocol(format!(
             "server listed more than {MAX_LIST_ENTRIES} {what}"
+        )));
+    }
+    if bytes > MAX_LIST_BYTES {
+        return Err(Error::protocol(format!(
+            "server listed {what} with more than {MAX_LIST_BYTES} bytes of names"
         )));
     }
     Ok(())

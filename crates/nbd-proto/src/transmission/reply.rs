@@ -6,7 +6,7 @@ use crate::consts::*;
 use crate::errno::Errno;
 use crate::error::{Error, Result};
 use crate::handshake::Negotiated;
-use crate::wire::{server_text, FieldReader};
+use crate::wire::{server_message, FieldReader};
 
 use super::command::{Command, CommandKind};
 use super::in_flight::{ChunkStatus, ContextExtents, Detail, Extent, InFlightTable, Tracking};
@@ -489,7 +489,7 @@ impl<T> ReplyDecoder<T> {
         );
         if !msg.is_empty() {
             message.push_str(": ");
-            message.push_str(&server_text(msg));
+            message.push_str(&server_message(msg));
         }
         Ok(Error::server(errno, message))
     }
