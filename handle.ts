@@ -204,7 +204,10 @@ export class Handle {
    * `socket=`, else `nc localhost PORT` for `nbd-port=` (default 10809); `compress=true` adds
    * `-C`. ssh must log in without a password prompt (keys or an agent), and the remote host
    * needs `nc`. {@link Handle.getSubprocessPid} is ssh's pid. The
-   * URI's settings replace the handle's (export name, TLS). What a URI may ask for is
+   * URI's settings replace the handle's: the export name, and what it says of TLS (`nbds`
+   * requires it; its files, user and host name). As in libnbd, a plain `nbd` scheme does not
+   * turn off a `tls` mode set on the handle: with `'allow'` a server that offers TLS still
+   * gets it. What a URI may ask for is
    * limited by {@link Handle.setUriAllowTransports}, {@link Handle.setUriAllowTls} and
    * {@link Handle.setUriAllowLocalFile} (refusals: `EPERM`); a malformed URI rejects with
    * `EINVAL` naming the fault.
