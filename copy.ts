@@ -187,7 +187,11 @@ function nativeEndpoint(e: CopyEndpoint, source: boolean): NativeEndpoint | unde
   throw fail(`the ${source ? 'source' : 'destination'} must be an NBD URI, ${source ? '' : "'null:', "}a path, a Handle or a ${source ? 'Readable' : 'Writable'} stream`)
 }
 
-/** Whether `e` says the native engine's first connection to a side given as a Handle timed out. */
+/**
+ * Whether `e` says the native engine's first connection to a side given as a Handle timed out.
+ * Only that connection carries a connect timeout; the extra connections' own wait fails with
+ * a message of its own ("left another connection unanswered"), so the two cannot be confused.
+ */
 function unansweredHandleSide(e: unknown, source: CopyEndpoint, destination: CopyEndpoint): boolean {
   if (!(e instanceof NbdError) || e.code !== 'ETIMEDOUT') return false
   return (source instanceof Handle && /connecting to the source/.test(e.message)) ||

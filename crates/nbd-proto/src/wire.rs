@@ -84,7 +84,7 @@ pub fn server_message(bytes: &[u8]) -> String {
     let shown = &bytes[..bytes.len().min(limit)];
     let mut out = String::with_capacity(shown.len());
     for c in String::from_utf8_lossy(shown).chars() {
-        if (c.is_control() && c != '\t') || c == '\u{7f}' {
+        if c.is_control() && c != '\t' {
             out.extend(c.escape_default());
         } else {
             out.push(c);

@@ -71,7 +71,7 @@ pub struct ReplyDecoder<T> {
     /// A command whose final chunk has been consumed and whose `Done` is still to report.
     finished: Option<u64>,
     /// Commands not to blame for a reply that names none (see [`ReplyDecoder::spare_from_blame`]).
-    spared: Option<fn(&T) -> bool>,
+    spared: fn(&T) -> bool,
 }
 
 const SIMPLE_HEADER: usize = 16;
@@ -114,7 +114,7 @@ impl<T> ReplyDecoder<T> {
             table: InFlightTable::new(),
             in_payload: None,
             finished: None,
-            spared: None,
+            spared: |_| false,
         }
     }
 
@@ -122,7 +122,7 @@ impl<T> ReplyDecoder<T> {
     /// blamed on: those whose caller has stopped waiting (aborted), who would never hear of
     /// it. The oldest of the others takes the blame.
     pub fn spare_from_blame(&mut self, spared: fn(&T) -> bool) {
-        self.spared = Some(spared);
+        self.spared = spared;
     }
 
     /// Records a command about to be sent.
@@ -697,10 +697,8 @@ impl<T> ReplyDecoder<T> {
     /// order would have answered: the caller waiting longest sees `EPROTO`, not only
     /// `ENOTCONN`.
     fn fatal(&mut self, cookie: Option<u64>, message: impl Into<String>) -> Fatal<T> {
-        let cookie = cookie.or_else(|| match self.spared {
-            Some(spared) => self.table.oldest_where(|user| !spared(user)),
-            None => self.table.oldest_where(|_| true),
-        });
+        let spared = self.spared;
+        let cookie = cookie.or_else(|| self.table.oldest_where(|user| !spared(user)));
         let command = cookie.and_then(|c| self.table.remove(c).map(|user| (c, user)));
         Fatal {
             error: Error::protocol(message),
