@@ -720,3 +720,100 @@ async fn a_connect_or_option_future_dropped_does_not_leave_the_handle_busy() {
     assert_eq!(h.state(), State::Ready);
     h.close().await;
 }
+
+// ---- the event-loop driver's connection ----
+
+/// The test's own commands on an event-loop connection: flushes, with no buffers.
+struct NoBuffers;
+
+impl nbd_client::event_loop::CommandData for NoBuffers {
+    fn dest(&mut self) -> Option<(*mut u8, usize)> {
+        None
+    }
+
+    fn source(&mut self) -> Option<(*const u8, usize)> {
+        None
+    }
+
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+fn submit_flush(c: &mut nbd_client::event_loop::Connection<NoBuffers>) {
+    use nbd_client::event_loop::{Payload, Submission};
+    let sub = Submission {
+        cmd: nbd_client::Command {
+            kind: nbd_client::CommandKind::Flush,
+            offset: 0,
+            length: 0,
+            flags: 0,
+        },
+        filter: None,
+        record_chunks: false,
+        payload: Payload::None,
+        user: NoBuffers,
+    };
+    assert!(c.submit(sub, STRICT_MASK).is_ok(), "a flush is accepted");
+}
+
+/// While its owner settles a batch of replies, an event-loop connection holds the requests
+/// issued meanwhile until 16 wait, except while the server has fewer than 16 left to work
+/// on, and never tries the socket again once it was found full.
+#[tokio::test]
+async fn event_loop_connection_sends_mid_batch_only_when_it_helps() {
+    use std::io::{Read, Write};
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.write_all(&oldstyle_greeting(HAND_SIZE, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH)).unwrap();
+    let h = Handle::new(Settings {
+        max_in_flight: 1 << 20,
+        ..Default::default()
+    });
+    h.set_event_loop_driver(true);
+    h.connect_socket(OwnedFd::from(theirs).into_raw_fd()).await.unwrap();
+    let mut c = nbd_client::event_loop::Connection::<NoBuffers>::new(h.take_transmission().expect("handed over"));
+
+    // Fewer than 16 on the wire: each request should go at once.
+    for on_wire in 0..16 {
+        submit_flush(&mut c);
+        assert_eq!(c.unsent_requests(), 1);
+        assert!(c.should_send_now(), "with {on_wire} on the wire");
+        c.flush();
+        assert_eq!(c.unsent_requests(), 0);
+    }
+    // 16 on the wire: requests wait until 16 of them can go together.
+    for waiting in 1..16 {
+        submit_flush(&mut c);
+        assert_eq!(c.unsent_requests(), waiting);
+        assert!(!c.should_send_now(), "with {waiting} waiting");
+    }
+    submit_flush(&mut c);
+    assert!(c.should_send_now());
+    c.flush();
+    assert!(!c.wants_write());
+
+    // The server reads nothing: write until the socket is full.
+    while !c.wants_write() {
+        for _ in 0..16 {
+            submit_flush(&mut c);
+        }
+        c.flush();
+    }
+    assert!(!c.is_ended());
+    for _ in 0..16 {
+        submit_flush(&mut c);
+    }
+    assert!(c.unsent_requests() >= 16);
+    assert!(!c.should_send_now(), "the socket was found full");
+
+    // Once the server reads, writing goes on and the rule applies again.
+    ours.set_nonblocking(true).unwrap();
+    let mut sink = vec![0u8; 1 << 20];
+    while ours.read(&mut sink).is_ok() {}
+    c.flush();
+    assert!(!c.wants_write());
+    submit_flush(&mut c);
+    assert!(!c.should_send_now(), "thousands on the wire, one waiting");
+    drop(c);
+    h.close().await;
+}

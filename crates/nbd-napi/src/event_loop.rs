@@ -1,8 +1,9 @@
 //! The event-loop driver's Node side: libuv polls the connection's socket on the
 //! JavaScript thread, and each wake-up reads, decodes and settles promises there, inside
-//! one callback scope, so the awaiting JavaScript runs at once and the requests it issues
-//! leave together when the scope closes. No thread, channel or threadsafe function is
-//! involved (see `nbd_client::event_loop` for the connection itself).
+//! one callback scope, so the awaiting JavaScript runs at once; the requests it issues
+//! leave in groups as they pile up, and the rest when the wake-up ends. No thread,
+//! channel or threadsafe function is involved (see `nbd_client::event_loop` for the
+//! connection itself).
 //!
 //! The poll handle is referenced (keeps the process alive) only while replies are owed,
 //! and closed before its environment goes away (worker threads), through an environment
@@ -209,12 +210,17 @@ impl LoopDriver {
         Ok(driver)
     }
 
-    /// After a command was submitted from JavaScript: inside a wake-up it leaves with the
-    /// others when the wake-up ends; otherwise the socket is watched for writability and
-    /// every request issued until then leaves in one system call.
+    /// After a command was submitted from JavaScript. Outside a wake-up, the socket is
+    /// watched for writability and every request issued until then leaves in one system
+    /// call. Inside one, requests leave as the settled code issues them when the
+    /// connection says so ([`Connection::should_send_now`]), and the rest when the wake-up
+    /// ends.
     pub(crate) fn submitted(&self) {
         if !self.in_turn.get() {
             self.update();
+        } else if self.conn.borrow().should_send_now() {
+            // A write failing here completes commands, which the wake-up settles next.
+            self.conn.borrow_mut().flush();
         }
     }
 
