@@ -740,13 +740,15 @@ impl nbd_client::event_loop::CommandData for NoBuffers {
     }
 }
 
-fn submit_flush(c: &mut nbd_client::event_loop::Connection<NoBuffers>) {
+type LoopConnection = nbd_client::event_loop::Connection<NoBuffers>;
+
+fn submit(c: &mut LoopConnection, kind: nbd_client::CommandKind, length: u64) {
     use nbd_client::event_loop::{Payload, Submission};
     let sub = Submission {
         cmd: nbd_client::Command {
-            kind: nbd_client::CommandKind::Flush,
+            kind,
             offset: 0,
-            length: 0,
+            length,
             flags: 0,
         },
         filter: None,
@@ -754,15 +756,17 @@ fn submit_flush(c: &mut nbd_client::event_loop::Connection<NoBuffers>) {
         payload: Payload::None,
         user: NoBuffers,
     };
-    assert!(c.submit(sub, STRICT_MASK).is_ok(), "a flush is accepted");
+    assert!(c.submit(sub, STRICT_MASK).is_ok(), "{kind:?} is accepted");
 }
 
-/// While its owner settles a batch of replies, an event-loop connection holds the requests
-/// issued meanwhile until 16 wait, except while the server has fewer than 16 left to work
-/// on, and never tries the socket again once it was found full.
-#[tokio::test]
-async fn event_loop_connection_sends_mid_batch_only_when_it_helps() {
-    use std::io::{Read, Write};
+fn submit_flush(c: &mut LoopConnection) {
+    submit(c, nbd_client::CommandKind::Flush, 0)
+}
+
+/// An event-loop connection over a socketpair to the returned end, where the test is the
+/// server (after an oldstyle greeting), with no limit on commands in flight to speak of.
+async fn loop_connection() -> (Handle, std::os::unix::net::UnixStream, LoopConnection) {
+    use std::io::Write;
     let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     ours.write_all(&oldstyle_greeting(HAND_SIZE, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH)).unwrap();
     let h = Handle::new(Settings {
@@ -771,9 +775,20 @@ async fn event_loop_connection_sends_mid_batch_only_when_it_helps() {
     });
     h.set_event_loop_driver(true);
     h.connect_socket(OwnedFd::from(theirs).into_raw_fd()).await.unwrap();
-    let mut c = nbd_client::event_loop::Connection::<NoBuffers>::new(h.take_transmission().expect("handed over"));
+    let c = LoopConnection::new(h.take_transmission().expect("handed over"));
+    (h, ours, c)
+}
 
-    // Fewer than 16 on the wire: each request should go at once.
+/// While its owner settles a batch of replies, an event-loop connection holds the requests
+/// issued meanwhile until 16 wait, except while the server has less than 64 KiB of work
+/// left (a flush counts as 4 KiB, a read as its length), and never tries the socket again
+/// once it was found full.
+#[tokio::test]
+async fn event_loop_connection_sends_mid_batch_only_when_it_helps() {
+    use std::io::Read;
+    let (h, mut ours, mut c) = loop_connection().await;
+
+    // Fewer than 16 flushes on the wire: each request should go at once.
     for on_wire in 0..16 {
         submit_flush(&mut c);
         assert_eq!(c.unsent_requests(), 1);
@@ -814,6 +829,31 @@ async fn event_loop_connection_sends_mid_batch_only_when_it_helps() {
     assert!(!c.wants_write());
     submit_flush(&mut c);
     assert!(!c.should_send_now(), "thousands on the wire, one waiting");
+    drop(c);
+    h.close().await;
+}
+
+/// The server's remaining work is counted in bytes: one large read on the wire is enough
+/// to keep the next requests waiting for their group.
+#[tokio::test]
+async fn event_loop_connection_counts_a_large_read_as_enough_work() {
+    use nbd_client::CommandKind;
+    let (h, _ours, mut c) = loop_connection().await;
+    submit(&mut c, CommandKind::Read, 48 * 1024);
+    assert!(c.should_send_now(), "nothing on the wire");
+    c.flush();
+    submit_flush(&mut c);
+    assert!(c.should_send_now(), "48 KiB on the wire");
+    c.flush();
+    submit(&mut c, CommandKind::Read, 256 * 1024);
+    assert!(c.should_send_now(), "52 KiB on the wire");
+    c.flush();
+    for waiting in 1..16 {
+        submit_flush(&mut c);
+        assert!(!c.should_send_now(), "308 KiB on the wire, {waiting} waiting");
+    }
+    submit_flush(&mut c);
+    assert!(c.should_send_now(), "16 waiting");
     drop(c);
     h.close().await;
 }
