@@ -325,7 +325,9 @@ impl<U: CommandData> Connection<U> {
         if unsent == 0 {
             return false;
         }
-        let on_the_wire = self.registered_work - self.unsent_work;
+        // The unsent figures are kept since the queue was last empty, so they may still
+        // count a request that was answered early or dropped: never below zero.
+        let on_the_wire = self.registered_work.saturating_sub(self.unsent_work);
         unsent >= SEND_BATCH || on_the_wire < SERVER_LOW_WATER
     }
 
