@@ -332,6 +332,11 @@ const HAND_SIZE: u64 = 16 * MIB;
 /// A handle connected over a socketpair to the returned end, where the test is the server
 /// (after a valid oldstyle greeting). The client's socket sits at an fd at or above `min_fd`.
 async fn hand_played(config: Settings, min_fd: RawFd) -> (Handle, UnixStream, RawFd) {
+    hand_played_by(Handle::new(config), min_fd).await
+}
+
+/// As [`hand_played`], for a handle set up by the caller.
+async fn hand_played_by(h: Handle, min_fd: RawFd) -> (Handle, UnixStream, RawFd) {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let fd = high_fd(OwnedFd::from(theirs), min_fd);
     ours.set_nonblocking(true).unwrap();
@@ -339,7 +344,6 @@ async fn hand_played(config: Settings, min_fd: RawFd) -> (Handle, UnixStream, Ra
     ours.write_all(&oldstyle_greeting(HAND_SIZE, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH))
         .await
         .unwrap();
-    let h = Handle::new(config);
     h.connect_socket(fd).await.unwrap();
     assert_eq!(h.negotiated().unwrap().protocol, Protocol::Oldstyle);
     (h, ours, fd)
@@ -763,18 +767,15 @@ fn submit_flush(c: &mut LoopConnection) {
     submit(c, nbd_client::CommandKind::Flush, 0)
 }
 
-/// An event-loop connection over a socketpair to the returned end, where the test is the
-/// server (after an oldstyle greeting), with no limit on commands in flight to speak of.
-async fn loop_connection() -> (Handle, std::os::unix::net::UnixStream, LoopConnection) {
-    use std::io::Write;
-    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    ours.write_all(&oldstyle_greeting(HAND_SIZE, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH)).unwrap();
+/// An event-loop connection to a hand-played server (see [`hand_played`]), with no limit
+/// on commands in flight to speak of.
+async fn loop_connection(min_fd: RawFd) -> (Handle, UnixStream, LoopConnection) {
     let h = Handle::new(Settings {
         max_in_flight: 1 << 20,
         ..Default::default()
     });
     h.set_event_loop_driver(true);
-    h.connect_socket(OwnedFd::from(theirs).into_raw_fd()).await.unwrap();
+    let (h, ours, _) = hand_played_by(h, min_fd).await;
     let c = LoopConnection::new(h.take_transmission().expect("handed over"));
     (h, ours, c)
 }
@@ -785,8 +786,7 @@ async fn loop_connection() -> (Handle, std::os::unix::net::UnixStream, LoopConne
 /// once it was found full.
 #[tokio::test]
 async fn event_loop_connection_sends_mid_batch_only_when_it_helps() {
-    use std::io::Read;
-    let (h, mut ours, mut c) = loop_connection().await;
+    let (h, ours, mut c) = loop_connection(6200).await;
 
     // Fewer than 16 flushes on the wire: each request should go at once.
     for on_wire in 0..16 {
@@ -822,9 +822,10 @@ async fn event_loop_connection_sends_mid_batch_only_when_it_helps() {
     assert!(!c.should_send_now(), "the socket was found full");
 
     // Once the server reads, writing goes on and the rule applies again.
-    ours.set_nonblocking(true).unwrap();
+    use std::io::Read;
+    let mut ours = ours.into_std().unwrap();
     let mut sink = vec![0u8; 1 << 20];
-    while ours.read(&mut sink).is_ok() {}
+    while ours.read(&mut sink).is_ok_and(|n| n > 0) {}
     c.flush();
     assert!(!c.wants_write());
     submit_flush(&mut c);
@@ -838,7 +839,7 @@ async fn event_loop_connection_sends_mid_batch_only_when_it_helps() {
 #[tokio::test]
 async fn event_loop_connection_counts_a_large_read_as_enough_work() {
     use nbd_client::CommandKind;
-    let (h, _ours, mut c) = loop_connection().await;
+    let (h, _ours, mut c) = loop_connection(6300).await;
     submit(&mut c, CommandKind::Read, 48 * 1024);
     assert!(c.should_send_now(), "nothing on the wire");
     c.flush();
