@@ -14,6 +14,8 @@
 //!   [`Connection::wants_write`] is true.
 //! * [`Connection::on_readable`] when the socket is readable: reads replies in large
 //!   batches, moves read data into each command's destination and collects completions.
+//!   The poll must be level-triggered: a call stops at a short read and leaves anything
+//!   newer to the next wake-up.
 //! * [`Connection::take_completions`] afterwards, and settles them.
 //!
 //! The per-command value `U` owns the command's buffers and is asked for them again
@@ -136,8 +138,8 @@ struct InPayload {
 /// What one read into the input buffer brought.
 enum Fill {
     Eof,
-    /// Some bytes (or an interrupted call); `full` when they filled the room offered.
-    Data { full: bool },
+    /// Some bytes (or an interrupted call); a short read also sets `drained`.
+    Data,
     /// Nothing to read now.
     Empty,
 }
@@ -201,6 +203,10 @@ pub struct Connection<U: CommandData> {
     registered_work: usize,
     /// The last write found the socket full.
     write_blocked: bool,
+    /// A read during this call of [`Connection::on_readable`] came back short: the socket
+    /// had nothing more at that moment, so the call ends rather than read again only to
+    /// see `EAGAIN` (the owner's poll is level-triggered and reports anything newer).
+    drained: bool,
 }
 
 /// What the handle hands to an event-loop driver when the handshake is done.
@@ -249,6 +255,7 @@ impl<U: CommandData> Connection<U> {
             unsent_work: 0,
             registered_work: 0,
             write_blocked: false,
+            drained: false,
         }
     }
 
@@ -694,9 +701,12 @@ impl<U: CommandData> Connection<U> {
     // ---- reading ----
 
     /// Reads and decodes what the server sent; completions gather for
-    /// [`Connection::take_completions`].
+    /// [`Connection::take_completions`]. Returns after the first read that comes back
+    /// short, having decoded what it brought, without a last read only to see `EAGAIN`:
+    /// the owner must poll level-triggered (libuv's poll handles are), so that data which
+    /// came meanwhile wakes it again at once.
     pub fn on_readable(&mut self) {
-        let mut drained = false;
+        self.drained = false;
         while !self.ended {
             if self.payload.is_some() {
                 match self.continue_payload() {
@@ -723,7 +733,9 @@ impl<U: CommandData> Connection<U> {
                     consumed: 0,
                     event: None,
                 } => {
-                    if drained {
+                    // A short read means the socket is empty for now: what came is
+                    // decoded, then the next wake-up brings more.
+                    if self.drained {
                         return;
                     }
                     match self.fill() {
@@ -731,9 +743,7 @@ impl<U: CommandData> Connection<U> {
                             self.end_of_stream();
                             return;
                         }
-                        // A short read means the socket is empty for now: decode what came
-                        // and wait for the next wake-up rather than ask again.
-                        Ok(Fill::Data { full }) => drained = !full,
+                        Ok(Fill::Data) => {}
                         Ok(Fill::Empty) => return,
                         Err(e) => {
                             self.fail(e, None);
@@ -783,10 +793,11 @@ impl<U: CommandData> Connection<U> {
             Ok(n) => {
                 self.end += n;
                 self.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
-                Ok(Fill::Data { full: n == room })
+                self.drained = n < room;
+                Ok(Fill::Data)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::Empty),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Fill::Data { full: true }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Fill::Data),
             Err(e) => Err(crate::transport::io_error("reading from the server", e)),
         }
     }
@@ -914,6 +925,10 @@ impl<U: CommandData> Connection<U> {
                 p.done += buffered;
                 continue;
             }
+            if self.drained {
+                self.payload = Some(p);
+                return Ok(false);
+            }
             let left = p.len - p.done;
             let result = match dest {
                 Some(ptr) if left >= DIRECT_READ_MIN || (self.large_reads && left >= SMALL_FILL) => {
@@ -923,6 +938,7 @@ impl<U: CommandData> Connection<U> {
                         Ok(n) => {
                             self.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                             p.done += n;
+                            self.drained = n < left;
                             Ok(n)
                         }
                         Err(e) => Err(e),
@@ -930,7 +946,7 @@ impl<U: CommandData> Connection<U> {
                 }
                 _ => match self.fill() {
                     Ok(Fill::Eof) => Ok(0),
-                    Ok(Fill::Data { .. }) => Ok(1),
+                    Ok(Fill::Data) => Ok(1),
                     Ok(Fill::Empty) => Err(io::ErrorKind::WouldBlock.into()),
                     Err(e) => {
                         self.payload = Some(p);
