@@ -23,11 +23,16 @@
  * Usage:
  *   libnbd-bench --socket PATH --op pread|pwrite --bs BYTES --depth N
  *                [--ops N | --seconds S] [--size BYTES] [--warmup N]
+ *                [--busy-ns N]
  *
  * --size defaults to the export size (and may not exceed it); offsets run
  * over [0, size rounded down to a multiple of bs).  --seconds runs for
  * roughly that long instead of a fixed op count (the count actually done is
- * reported).  Any failure prints a message on stderr and exits 1.
+ * reported).  --busy-ns makes the client spin for N nanoseconds each time it
+ * is about to issue commands, as if it had that much more work per refill:
+ * an experiment on what client CPU on each command's path costs (see
+ * bench/README.md); run.js never passes it.  Any failure prints a message on
+ * stderr and exits 1.
  */
 
 #define _GNU_SOURCE
@@ -66,6 +71,7 @@ static struct slot *slots;
 static unsigned *free_slots;    /* stack of idle slot indexes */
 static unsigned n_free;
 static void *write_buf;         /* shared by every pwrite: it is only read */
+static uint64_t busy_ns;        /* --busy-ns: spin this long before each refill */
 
 /* Progress of the current phase, updated by the completion callback. */
 static uint64_t completed;
@@ -128,6 +134,12 @@ run_phase (uint64_t n, double max_seconds)
         now_seconds () >= deadline)
       stop_issuing = true;
 
+    if (busy_ns > 0 && n_free > 0 && !stop_issuing) {
+      double until = now_seconds () + (double) busy_ns * 1e-9;
+
+      while (now_seconds () < until)
+        ;
+    }
     while (n_free > 0 && !stop_issuing && (timed || issued < n)) {
       issue (&slots[free_slots[--n_free]]);
       issued++;
@@ -153,7 +165,7 @@ usage (FILE *fp, int status)
            "usage: libnbd-bench --socket PATH --op pread|pwrite --bs BYTES "
            "--depth N\n"
            "                    [--ops N | --seconds S] [--size BYTES] "
-           "[--warmup N]\n");
+           "[--warmup N] [--busy-ns N]\n");
   exit (status);
 }
 
@@ -169,6 +181,7 @@ main (int argc, char *argv[])
     { "seconds", required_argument, NULL, 't' },
     { "size",    required_argument, NULL, 's' },
     { "warmup",  required_argument, NULL, 'w' },
+    { "busy-ns", required_argument, NULL, 'B' },
     { "psk-file", required_argument, NULL, 'P' },
     { "psk-user", required_argument, NULL, 'u' },
     { "help",    no_argument,       NULL, 'h' },
@@ -193,6 +206,7 @@ main (int argc, char *argv[])
     case 'n': ops = parse_u64 ("--ops", optarg); break;
     case 's': size = parse_u64 ("--size", optarg); break;
     case 'w': warmup = parse_u64 ("--warmup", optarg); break;
+    case 'B': busy_ns = parse_u64 ("--busy-ns", optarg); break;
     case 't': {
       char *end;
       errno = 0;
