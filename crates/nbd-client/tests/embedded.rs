@@ -858,3 +858,81 @@ async fn event_loop_connection_counts_a_large_read_as_enough_work() {
     drop(c);
     h.close().await;
 }
+
+/// A read destination owned by the test's command (the connection writes into it).
+struct VecDest(Vec<u8>);
+
+impl nbd_client::event_loop::CommandData for VecDest {
+    fn dest(&mut self) -> Option<(*mut u8, usize)> {
+        Some((self.0.as_mut_ptr(), self.0.len()))
+    }
+
+    fn source(&mut self) -> Option<(*const u8, usize)> {
+        None
+    }
+
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Replies that come in pieces, with the owner's wake-ups in between: each call of
+/// `on_readable` takes what is there and returns at the first short read, and the next
+/// call goes on where it stopped, also in the middle of a large read's data and when one
+/// piece holds the end of one reply and the start of the next.
+#[tokio::test]
+async fn event_loop_connection_reads_replies_that_come_in_pieces() {
+    use nbd_client::event_loop::{Connection, Payload, Submission};
+    const LEN: usize = 64 * 1024;
+    let h = Handle::new(Settings::default());
+    h.set_event_loop_driver(true);
+    let (h, mut ours, _) = hand_played_by(h, 6400).await;
+    let mut c: Connection<VecDest> = Connection::new(h.take_transmission().expect("handed over"));
+    for i in 0..2u64 {
+        let sub = Submission {
+            cmd: nbd_client::Command {
+                kind: nbd_client::CommandKind::Read,
+                offset: i * LEN as u64,
+                length: LEN as u64,
+                flags: 0,
+            },
+            filter: None,
+            record_chunks: false,
+            payload: Payload::None,
+            user: VecDest(vec![0; LEN]),
+        };
+        assert!(c.submit(sub, STRICT_MASK).is_ok());
+    }
+    c.flush();
+    let (a, b) = (next_request(&mut ours).await, next_request(&mut ours).await);
+    let mut wire = simple_reply(0, a.cookie);
+    wire.extend(pattern(1, LEN));
+    wire.extend(simple_reply(0, b.cookie));
+    wire.extend(pattern(2, LEN));
+    // The first reply's header and the start of its data; then its data in two pieces (the
+    // first read straight into the destination); then its end with the second reply's
+    // header; then the rest of the second reply.
+    let cuts = [16 + 20_000, 16 + 40_000, 16 + LEN + 10, wire.len()];
+    let mut from = 0;
+    let mut done = Vec::new();
+    for (i, &to) in cuts.iter().enumerate() {
+        ours.write_all(&wire[from..to]).await.unwrap();
+        from = to;
+        c.on_readable();
+        assert!(!c.is_ended(), "after piece {i}");
+        done.extend(c.take_completions());
+        let expected = match i {
+            0 | 1 => 0,
+            2 => 1,
+            _ => 2,
+        };
+        assert_eq!(done.len(), expected, "completions after piece {i}");
+    }
+    for (i, d) in done.into_iter().enumerate() {
+        assert!(d.result.is_ok(), "read {i}: {:?}", d.result);
+        assert!(d.user.0 == pattern(i + 1, LEN), "read {i}'s data");
+    }
+    assert!(!c.owes_replies());
+    drop(c);
+    h.close().await;
+}
