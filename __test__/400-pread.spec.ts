@@ -260,7 +260,7 @@ test('closing the handle with a preadInto pending rejects it and the buffer is n
 // Loading the addon sets glibc malloc's thresholds (crates/nbd-napi/src/alloc.rs) so that
 // the memory of large read Buffers, once the collector frees it, is reused rather than given
 // back and faulted in again. Seen from outside: 12 MiB of 1 MiB Buffers freed by a collection
-// stay in the process (under the 16 MiB trim threshold; without the tuning each is a mapping
+// stay in the process (under the 64 MiB trim threshold; without the tuning each is a mapping
 // of its own, unmapped when freed), and NBD_CLIENT_MALLOC=default leaves glibc as it was.
 test('loading the addon keeps freed read-sized memory for reuse on glibc, unless NBD_CLIENT_MALLOC=default', (t) => {
   const report = process.report.getReport() as { header?: { glibcVersionRuntime?: string } }
