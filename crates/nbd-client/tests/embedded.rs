@@ -746,21 +746,32 @@ impl nbd_client::event_loop::CommandData for NoBuffers {
 
 type LoopConnection = nbd_client::event_loop::Connection<NoBuffers>;
 
-fn submit(c: &mut LoopConnection, kind: nbd_client::CommandKind, length: u64) {
+/// Submits a command without a payload to write, owned by `user`; it must be accepted.
+fn submit_as<U: nbd_client::event_loop::CommandData>(
+    c: &mut nbd_client::event_loop::Connection<U>,
+    kind: nbd_client::CommandKind,
+    offset: u64,
+    length: u64,
+    user: U,
+) {
     use nbd_client::event_loop::{Payload, Submission};
     let sub = Submission {
         cmd: nbd_client::Command {
             kind,
-            offset: 0,
+            offset,
             length,
             flags: 0,
         },
         filter: None,
         record_chunks: false,
         payload: Payload::None,
-        user: NoBuffers,
+        user,
     };
     assert!(c.submit(sub, STRICT_MASK).is_ok(), "{kind:?} is accepted");
+}
+
+fn submit(c: &mut LoopConnection, kind: nbd_client::CommandKind, length: u64) {
+    submit_as(c, kind, 0, length, NoBuffers)
 }
 
 fn submit_flush(c: &mut LoopConnection) {
@@ -882,26 +893,15 @@ impl nbd_client::event_loop::CommandData for VecDest {
 /// piece holds the end of one reply and the start of the next.
 #[tokio::test]
 async fn event_loop_connection_reads_replies_that_come_in_pieces() {
-    use nbd_client::event_loop::{Connection, Payload, Submission};
+    use nbd_client::event_loop::Connection;
     const LEN: usize = 64 * 1024;
     let h = Handle::new(Settings::default());
     h.set_event_loop_driver(true);
     let (h, mut ours, _) = hand_played_by(h, 6400).await;
     let mut c: Connection<VecDest> = Connection::new(h.take_transmission().expect("handed over"));
     for i in 0..2u64 {
-        let sub = Submission {
-            cmd: nbd_client::Command {
-                kind: nbd_client::CommandKind::Read,
-                offset: i * LEN as u64,
-                length: LEN as u64,
-                flags: 0,
-            },
-            filter: None,
-            record_chunks: false,
-            payload: Payload::None,
-            user: VecDest(vec![0; LEN]),
-        };
-        assert!(c.submit(sub, STRICT_MASK).is_ok());
+        let read = nbd_client::CommandKind::Read;
+        submit_as(&mut c, read, i * LEN as u64, LEN as u64, VecDest(vec![0; LEN]));
     }
     c.flush();
     let (a, b) = (next_request(&mut ours).await, next_request(&mut ours).await);
